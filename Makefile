@@ -1,0 +1,56 @@
+# opskit: every target installs what it needs first, so a fresh clone needs nothing else.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TARGET  ?=
+CONFIG  ?=
+BASELINE ?=
+
+.PHONY: install test pytest lint loadtest dashboards check-alerts stack drill bench clean
+
+install: $(STAMP) system-deps
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Prometheus and Alertmanager come from Debian; they are run on loopback by the tests, never as services.
+.PHONY: system-deps
+system-deps:
+	@scripts/install-system-deps.sh
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory check-alerts
+
+pytest: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+loadtest: install
+	$(BIN)/opskit loadtest $(if $(TARGET),--target $(TARGET)) $(if $(CONFIG),--config $(CONFIG)) \
+		$(if $(BASELINE),--baseline $(BASELINE))
+
+dashboards: install
+	$(BIN)/python -m dashboards.build
+
+check-alerts: install
+	@if [ -x alerts/check.sh ]; then alerts/check.sh; else echo "alerts/check.sh not present yet"; fi
+
+stack: install
+	$(BIN)/opskit stack up
+
+drill: install
+	$(BIN)/opskit drill
+
+bench: install
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) reports .stack build *.egg-info

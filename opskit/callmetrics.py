@@ -1,0 +1,74 @@
+"""Prometheus series for LLM calls, built from the catalogue into a registry that is passed in.
+
+Every source (metering proxy, active probe) reports through one `CallMetrics`: `started()` when a
+call begins and `finished(record)` when it ends, so counts, histograms, in-flight and rate-limit
+gauges are all derived from the same `CallRecord`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from opskit import catalog
+from opskit.catalog import Metric
+from opskit.records import CallRecord
+
+
+def make(metric: Metric, registry: CollectorRegistry, labels: Iterable[str] | None = None):
+    """A prometheus_client metric for a catalogue entry, registered in `registry`."""
+    labelnames = tuple(metric.labels if labels is None else labels)
+    kw = {"registry": registry, "labelnames": labelnames}
+    if metric.type == catalog.COUNTER:
+        return Counter(metric.name, metric.help, **kw)
+    if metric.type == catalog.HISTOGRAM:
+        return Histogram(metric.name, metric.help, buckets=metric.buckets, **kw)
+    return Gauge(metric.name, metric.help, **kw)
+
+
+class CallMetrics:
+    """Call series for a set of targets; `models` maps target name -> the models it may label."""
+
+    def __init__(self, registry: CollectorRegistry, models: Mapping[str, Iterable[str]]) -> None:
+        self._models = {t: frozenset(ms) for t, ms in models.items()}
+        self.requests = make(catalog.LLM_REQUESTS, registry)
+        self.duration = make(catalog.LLM_DURATION, registry)
+        self.ttft = make(catalog.LLM_TTFT, registry)
+        self.tpot = make(catalog.LLM_TPOT, registry)
+        self.tokens = make(catalog.LLM_TOKENS, registry)
+        self.in_flight = make(catalog.LLM_IN_FLIGHT, registry)
+        self.rl_requests = make(catalog.LLM_RL_REQUESTS, registry)
+        self.rl_tokens = make(catalog.LLM_RL_TOKENS, registry)
+
+    def model_label(self, target: str, model: str | None) -> str:
+        """`model` capped to the target's configured models, else `other`."""
+        return catalog.cap_model(model, self._models.get(target, frozenset()))
+
+    def started(self, target: str, source: str) -> None:
+        self.in_flight.labels(target, source).inc()
+
+    def finished(self, record: CallRecord) -> None:
+        """Account a finished call that was announced with started()."""
+        self.in_flight.labels(record.target, record.source).dec()
+        self.observe(record)
+
+    def observe(self, r: CallRecord) -> None:
+        """Account a finished call."""
+        model = self.model_label(r.target, r.model)
+        base = (r.target, r.source, model)
+        self.requests.labels(*base, str(r.code), r.error_type).inc()
+        self.duration.labels(*base).observe(r.duration_s)
+        if r.ttft_s is not None:
+            self.ttft.labels(*base).observe(r.ttft_s)
+        tpot = r.tpot_s
+        if tpot is not None and r.streamed:
+            self.tpot.labels(*base).observe(tpot)
+        if r.input_tokens:
+            self.tokens.labels(*base, "input").inc(r.input_tokens)
+        if r.output_tokens:
+            self.tokens.labels(*base, "output").inc(r.output_tokens)
+        if r.ratelimit_remaining_requests is not None:
+            self.rl_requests.labels(r.target, r.source).set(r.ratelimit_remaining_requests)
+        if r.ratelimit_remaining_tokens is not None:
+            self.rl_tokens.labels(r.target, r.source).set(r.ratelimit_remaining_tokens)

@@ -1,0 +1,123 @@
+"""The catalogue: every series opskit exports, with its type, unit, help, labels and buckets.
+
+The exporter builds its metrics from these entries; the dashboards and alert rules may only name
+series defined here (tests check it). Names follow Prometheus conventions: `opskit_` prefix, base
+units, `_total` on counters, `_ratio` for 0-1 values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opskit.thresholds import Thresholds
+
+COUNTER, GAUGE, HISTOGRAM, INFO = "counter", "gauge", "histogram", "info"
+
+# Bucket edges. Every default threshold (0.5 s TTFT, 2 s duration) sits exactly on an edge so that
+# histogram_quantile() interpolation never blurs an alert; tests check this for the live thresholds.
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75,
+                1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0,
+                    15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+                0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+PROBE_BUCKETS = DURATION_BUCKETS
+
+GPU_LABELS = ("gpu", "uuid")
+CALL_LABELS = ("target", "source", "model")
+ERROR_TYPES = ("", "rate_limited", "client_error", "server_error", "timeout", "connection",
+               "stream_broken", "client_disconnect")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One exported series family. `name` is the family name as it appears in /metrics (for
+    counters, including `_total`)."""
+
+    name: str
+    type: str
+    unit: str
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        """Every sample name this family produces in the exposition format."""
+        if self.type == HISTOGRAM:
+            return (f"{self.name}_bucket", f"{self.name}_sum", f"{self.name}_count")
+        return (self.name,)
+
+
+def _m(*args, **kw) -> Metric:
+    return Metric(*args, **kw)
+
+
+GPU_UTILIZATION = _m("opskit_gpu_utilization_ratio", GAUGE, "ratio",
+                     "GPU busy time over NVML's last sample period, 0-1.", GPU_LABELS)
+GPU_MEMORY_USED = _m("opskit_gpu_memory_used_bytes", GAUGE, "bytes", "GPU memory in use.", GPU_LABELS)
+GPU_MEMORY_TOTAL = _m("opskit_gpu_memory_total_bytes", GAUGE, "bytes", "GPU memory installed.", GPU_LABELS)
+GPU_TEMPERATURE = _m("opskit_gpu_temperature_celsius", GAUGE, "celsius", "GPU core temperature.", GPU_LABELS)
+GPU_POWER = _m("opskit_gpu_power_watts", GAUGE, "watts", "GPU power draw.", GPU_LABELS)
+GPU_INFO = _m("opskit_gpu_info", GAUGE, "", "GPU identity; always 1.",
+              ("gpu", "uuid", "name", "driver_version"))
+GPU_UP = _m("opskit_gpu_up", GAUGE, "", "1 when NVML answered at this scrape, else 0.")
+GPU_COLLECT_ERRORS = _m("opskit_gpu_collect_errors_total", COUNTER, "",
+                        "NVML errors while collecting, by reason.", ("reason",))
+
+LLM_REQUESTS = _m("opskit_llm_requests_total", COUNTER, "",
+                  "LLM API calls by HTTP status (0 = transport failure) and error type (empty = success).",
+                  CALL_LABELS + ("code", "error_type"))
+LLM_DURATION = _m("opskit_llm_request_duration_seconds", HISTOGRAM, "seconds",
+                  "Request sent to last response byte.", CALL_LABELS, DURATION_BUCKETS)
+LLM_TTFT = _m("opskit_llm_time_to_first_token_seconds", HISTOGRAM, "seconds",
+              "Request sent to the first event carrying generated text (content or reasoning).",
+              CALL_LABELS, TTFT_BUCKETS)
+LLM_TPOT = _m("opskit_llm_time_per_output_token_seconds", HISTOGRAM, "seconds",
+              "(duration - TTFT) / (output tokens - 1), per streamed call.", CALL_LABELS, TPOT_BUCKETS)
+LLM_TOKENS = _m("opskit_llm_tokens_total", COUNTER, "",
+                "Tokens by type, from the server's usage or else counted text chunks.",
+                CALL_LABELS + ("token_type",))
+LLM_IN_FLIGHT = _m("opskit_llm_requests_in_flight", GAUGE, "", "Calls started and not yet finished.",
+                   ("target", "source"))
+LLM_RL_REQUESTS = _m("opskit_llm_ratelimit_remaining_requests", GAUGE, "",
+                     "Last x-ratelimit-remaining-requests seen from the target.", ("target", "source"))
+LLM_RL_TOKENS = _m("opskit_llm_ratelimit_remaining_tokens", GAUGE, "",
+                   "Last x-ratelimit-remaining-tokens seen from the target.", ("target", "source"))
+LLM_QUOTA_LIMIT = _m("opskit_llm_quota_limit_requests", GAUGE, "",
+                     "Configured daily request quota of the target (absent when none is configured).",
+                     ("target",))
+
+PROBE_SUCCESS = _m("opskit_probe_success", GAUGE, "", "1 when the last canary call succeeded.", ("target",))
+PROBE_DURATION = _m("opskit_probe_duration_seconds", GAUGE, "seconds",
+                    "Duration of the last canary call.", ("target",))
+BUILD_INFO = _m("opskit_build_info", GAUGE, "", "opskit build; always 1.", ("version",))
+
+ALL: tuple[Metric, ...] = (
+    GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER, GPU_INFO, GPU_UP,
+    GPU_COLLECT_ERRORS, LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_IN_FLIGHT,
+    LLM_RL_REQUESTS, LLM_RL_TOKENS, LLM_QUOTA_LIMIT, PROBE_SUCCESS, PROBE_DURATION, BUILD_INFO,
+)
+BY_NAME: dict[str, Metric] = {m.name: m for m in ALL}
+
+
+def all_series() -> set[str]:
+    """Every sample name opskit can export (what rules and dashboards may reference), plus `up`."""
+    names = {s for m in ALL for s in m.series}
+    names.add("up")
+    return names
+
+
+def threshold_edges(t: Thresholds) -> dict[str, tuple[float, tuple[float, ...]]]:
+    """Thresholds that must sit on a histogram bucket edge, with the buckets they must sit in."""
+    return {
+        "ttft_p95_seconds": (t.ttft_p95_seconds, TTFT_BUCKETS),
+        "duration_p90_seconds": (t.duration_p90_seconds, DURATION_BUCKETS),
+    }
+
+
+def cap_model(model: str | None, allowed: frozenset[str] | set[str]) -> str:
+    """A model label bounded to the configured models; anything else is `other`."""
+    if model and model in allowed:
+        return model
+    return "other"

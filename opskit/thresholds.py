@@ -1,0 +1,79 @@
+"""Every alert and SLO threshold, in one place.
+
+The alert rules (alerts/), the dashboards' threshold lines (dashboards/) and the load-test gate
+(opskit.loadtest.slo) all read these values; tests fail when any of them drifts. Values are in base
+units: seconds and 0-1 ratios. Durations (`for:`) are Prometheus duration strings.
+
+An operator may override values with a YAML file of the same field names
+(`OPSKIT_THRESHOLDS=/path/thresholds.yaml`); generated rules and dashboards are then rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Agreed thresholds. Field names are stable: they appear in override files."""
+
+    # Time to first token, p95, seconds.
+    ttft_p95_seconds: float = 0.5
+    ttft_for: str = "5m"
+    # Request duration, p90, seconds.
+    duration_p90_seconds: float = 2.0
+    duration_for: str = "5m"
+    # Share of requests that fail (any error_type), warning and critical.
+    error_ratio: float = 0.02
+    error_for: str = "5m"
+    error_ratio_critical: float = 0.15
+    error_critical_for: str = "2m"
+    # GPU utilization (0-1) and memory use (used/total).
+    gpu_utilization_ratio: float = 0.9
+    gpu_utilization_for: str = "5m"
+    gpu_memory_ratio: float = 0.95
+    gpu_memory_for: str = "10m"
+    # Share of requests answered 429.
+    rate_limited_ratio: float = 0.05
+    rate_limited_for: str = "10m"
+    # Share of a configured daily quota used.
+    quota_used_ratio: float = 0.8
+    # Probe failing for this long.
+    probe_failing_for: str = "5m"
+    # Exporter scrape target down / GPU series missing.
+    exporter_down_for: str = "2m"
+    gpu_missing_for: str = "10m"
+    # Availability SLO (share of requests without a server-side error) over 30 days.
+    availability_slo: float = 0.99
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Thresholds:
+    """Defaults, overridden by a YAML file (argument, else $OPSKIT_THRESHOLDS) when one is given."""
+    path = path or os.environ.get("OPSKIT_THRESHOLDS")
+    if not path:
+        return Thresholds()
+    import yaml
+
+    from opskit.config import ConfigError
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(p), "", f"a readable YAML mapping ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), "", "a mapping of threshold names to values")
+    fields = {f.name: f for f in dataclasses.fields(Thresholds)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(str(p), key, f"one of {', '.join(sorted(fields))}")
+        want = str if fields[key].type == "str" else float
+        if want is float and not isinstance(value, int | float) or want is str and not isinstance(value, str):
+            raise ConfigError(str(p), key, "a number" if want is float else "a duration such as '5m'")
+    return dataclasses.replace(Thresholds(), **data)
+
+
+THRESHOLDS = load()

@@ -1,0 +1,98 @@
+"""Shared fixtures: real servers on loopback, started as subprocesses and always stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class MockServer:
+    """A running `opskit mock`: `url` is its root (append /v1 for SDKs), `admin_url` its admin root."""
+
+    url: str
+    admin_url: str
+    proc: subprocess.Popen
+
+    @property
+    def api(self) -> str:
+        return self.url + "/v1"
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> dict:
+    """Wait until a process writes its JSON ready file; fail with its stderr if it dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                pass
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"process exited {proc.returncode} before it was ready: {err[-2000:]}")
+        time.sleep(0.02)
+    raise TimeoutError(f"{path} not written within {timeout}s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def start_mock(tmp_path):
+    """Factory: start_mock(*flags) -> MockServer, stopped at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*flags: str) -> MockServer:
+        ready = tmp_path / f"mock-ready-{len(procs)}.json"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opskit", "mock", "--listen", "127.0.0.1:0", "--ready-file", str(ready), *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+        )
+        procs.append(proc)
+        info = wait_for_file(ready, proc)
+        return MockServer(info["url"], info["admin_url"], proc)
+
+    yield start
+    for p in procs:
+        stop(p)
+
+
+@pytest.fixture
+def mock_server(start_mock) -> MockServer:
+    """One mock with default settings (fast, no faults)."""
+    return start_mock()
+
+
+def need_binary(name: str) -> str:
+    """Path of a system binary, or skip the test naming the missing package."""
+    path = shutil.which(name)
+    if not path:
+        pytest.skip(f"{name} not installed (make install installs it from Debian)")
+    return path
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """An environment without opskit's variables, so tests don't see the developer's settings."""
+    for var in list(os.environ):
+        if var.startswith("OPSKIT_"):
+            monkeypatch.delenv(var)
