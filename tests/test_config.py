@@ -1,0 +1,112 @@
+"""Config loading: targets from YAML, env and flags; one-line errors; secrets never shown."""
+
+import pytest
+from click.testing import CliRunner
+
+from opskit import config
+from opskit.config import ConfigError, Secret
+
+
+def write(tmp_path, text):
+    p = tmp_path / "opskit.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_full_config(tmp_path):
+    keyfile = tmp_path / "key"
+    keyfile.write_text("sk-file-secret\n")
+    p = write(tmp_path, f"""
+targets:
+  - name: deepseek
+    base_url: https://api.deepseek.com/
+    kind: hosted
+    models: [deepseek-chat, deepseek-reasoner]
+    daily_quota_requests: 1000
+    auth: {{scheme: bearer, api_key_file: {keyfile}}}
+  - name: cluster
+    base_url: http://vllm.svc:8000/v1
+    auth: {{scheme: hmac, api_key_env: KID, secret_key_env: SEC}}
+  - name: sso
+    base_url: http://127.0.0.1:1/v1
+    auth: {{scheme: oauth2, token_url: http://127.0.0.1:1/oauth/token, client_id: app, client_secret_env: CS}}
+probe: {{interval_s: 30, max_tokens: 4}}
+""")
+    cfg = config.load(p, env={"KID": "kid", "SEC": "s3cret", "CS": "cs"})
+    ds, cl, sso = cfg.targets
+    assert ds.base_url == "https://api.deepseek.com" and ds.kind == "hosted"
+    assert ds.auth.api_key.reveal() == "sk-file-secret"
+    assert ds.daily_quota_requests == 1000
+    assert cl.kind == "private" and cl.auth.secret_key.reveal() == "s3cret"
+    assert sso.auth.client_secret.reveal() == "cs" and sso.auth.client_id == "app"
+    assert cfg.probe.interval_s == 30 and cfg.probe.max_tokens == 4
+    assert cfg.target("cluster") is cl
+
+
+@pytest.mark.parametrize("text,key,expected", [
+    ("targets: {}", "targets", "a list"),
+    ("targets: [{name: a}]", "targets[0].base_url", "http"),
+    ("targets: [{name: a, base_url: ftp://x}]", "targets[0].base_url", "http"),
+    ("targets: [{name: a, base_url: 'http://x', kind: cloud}]", "targets[0].kind", "hosted | private"),
+    ("targets: [{name: a, base_url: 'http://x', auth: {scheme: bearer, api_key: sk-inline}}]",
+     "targets[0].auth.api_key", "api_key_env or api_key_file"),
+    ("targets: [{name: a, base_url: 'http://x', auth: {scheme: bearer, api_key_env: NOPE}}]",
+     "targets[0].auth.api_key_env", "$NOPE to be set"),
+    ("targets: [{name: a, base_url: 'http://x'}, {name: a, base_url: 'http://y'}]", "targets", "unique"),
+    ("probe: {interval_s: -1}", "probe.interval_s", "positive"),
+    ("bogus: 1", "bogus", "only targets"),
+    ("targets: [\n  - name: [", "line", "valid YAML"),
+])
+def test_bad_config_names_file_key_and_expectation(tmp_path, text, key, expected):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        config.load(p, env={})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"config error: {p}: ")
+    assert key in msg and expected in msg
+
+
+def test_inline_secret_is_refused_without_echoing_it(tmp_path):
+    p = write(tmp_path, "targets: [{name: a, base_url: 'http://x', auth: {scheme: bearer, api_key: sk-LEAK}}]")
+    with pytest.raises(ConfigError) as err:
+        config.load(p, env={})
+    assert "sk-LEAK" not in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected a readable file"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_target_from_env_and_flag(tmp_path):
+    cfg = config.load(env={"OPSKIT_TARGET_URL": "http://127.0.0.1:8000/v1", "OPSKIT_API_KEY": "sk-env"})
+    t = cfg.target()
+    assert t.name == "default" and t.kind == "private" and t.auth.scheme == "bearer"
+    assert t.auth.api_key.reveal() == "sk-env"
+    cfg = config.load(target_url="https://api.example.test", env={})
+    assert cfg.target().kind == "hosted" and cfg.target().auth.scheme == "none"
+
+
+def test_no_target_is_a_config_error():
+    with pytest.raises(ConfigError, match="at least one target"):
+        config.load(env={}).target()
+
+
+def test_secret_never_shows_itself():
+    s = Secret("sk-very-secret")
+    assert "sk-very" not in repr(s) and "sk-very" not in str(s) and "sk-very" not in f"{s}"
+    t = config.AuthConfig(scheme="bearer", api_key=s)
+    assert "sk-very" not in repr(t)
+
+
+def test_cli_version_and_help():
+    from opskit import __version__
+    from opskit.cli import main
+
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0 and "Examples" in r.output
+    r = CliRunner().invoke(main, ["no-such-command"])
+    assert r.exit_code == 2

@@ -1,0 +1,118 @@
+"""SSE parsing and stream accounting: the realities of streams on the wire."""
+
+import json
+
+import pytest
+
+from opskit.sse import DONE, SSEParser, StreamMeter, completion_usage
+
+
+def chunk(content=None, reasoning=None, role=None, usage=None, finish=None):
+    delta = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    if reasoning is not None:
+        delta["reasoning_content"] = reasoning
+    obj = {"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta,
+                                                                      "finish_reason": finish}]}
+    if usage is not None:
+        obj = {"id": "x", "choices": [], "usage": usage}
+    return json.dumps(obj)
+
+
+STREAM = (
+    f"data: {chunk(role='assistant', content='')}\n\n"
+    f"data: {chunk(content='Hel')}\n\n"
+    ": keep-alive\n\n"
+    f"data: {chunk(content='lo')}\n\n"
+    f"data: {chunk(usage={'prompt_tokens': 7, 'completion_tokens': 2, 'total_tokens': 9})}\n\n"
+    "data: [DONE]\n\n"
+).encode()
+
+
+def parse_all(pieces):
+    p = SSEParser()
+    out = []
+    for piece in pieces:
+        out.extend(p.feed(piece))
+    out.extend(p.close())
+    return out
+
+
+def test_whole_stream_in_one_read():
+    events = parse_all([STREAM])
+    assert len(events) == 5
+    assert events[-1] == DONE
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
+def test_events_split_across_reads_at_every_size(size):
+    pieces = [STREAM[i:i + size] for i in range(0, len(STREAM), size)]
+    assert parse_all(pieces) == parse_all([STREAM])
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\r"])
+def test_other_line_endings(eol):
+    data = STREAM.replace(b"\n", eol)
+    pieces = [data[i:i + 5] for i in range(0, len(data), 5)]  # \r\n split across reads too
+    assert parse_all(pieces) == parse_all([STREAM])
+
+
+def test_multiline_data_and_other_fields():
+    p = SSEParser()
+    assert p.feed(b"event: x\nid: 3\nretry: 10\ndata: a\ndata:b\n\n") == ["a\nb"]
+
+
+def test_unterminated_last_event_is_delivered_on_close():
+    p = SSEParser()
+    assert p.feed(b"data: [DONE]") == []
+    assert p.close() == [DONE]
+
+
+def test_meter_counts_ttft_from_first_text_not_role_chunk():
+    m = StreamMeter(t0=10.0, keep_gaps=True)
+    m.on_data(chunk(role="assistant", content=""), 10.1)
+    m.on_data(chunk(content="Hel"), 10.25)
+    m.on_data(chunk(content="lo"), 10.30)
+    m.on_data(chunk(usage={"prompt_tokens": 7, "completion_tokens": 2}), 10.31)
+    m.on_data(DONE, 10.32)
+    assert m.ttft == pytest.approx(0.25)
+    assert m.ttfot == pytest.approx(0.25)
+    assert m.gaps == [pytest.approx(0.05)]
+    assert m.tokens == (7, 2, True)
+    assert m.done and m.malformed == 0
+
+
+def test_meter_reasoning_then_content():
+    m = StreamMeter(t0=0.0)
+    m.on_data(chunk(reasoning="think"), 0.2)
+    m.on_data(chunk(content="answer"), 0.5)
+    assert m.ttft == pytest.approx(0.2)
+    assert m.ttfot == pytest.approx(0.5)
+    assert m.tokens == (0, 2, False)  # no usage: counted text chunks
+
+
+def test_meter_counts_malformed_and_stream_errors():
+    m = StreamMeter(t0=0.0)
+    m.on_data("{not json", 0.1)
+    m.on_data("[1, 2]", 0.1)
+    m.on_data(json.dumps({"error": {"type": "server_error", "message": "boom"}}), 0.2)
+    assert m.malformed == 2
+    assert m.stream_error == "server_error"
+    assert m.ttft is None
+
+
+def test_completions_text_chunks_count():
+    m = StreamMeter(t0=0.0)
+    m.on_data(json.dumps({"choices": [{"index": 0, "text": "hi"}]}), 0.1)
+    assert m.ttft == pytest.approx(0.1)
+
+
+def test_completion_usage_from_json_body():
+    body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "hi"}}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode()
+    assert completion_usage(body) == (3, 1, True, True)
+    assert completion_usage(b"not json") == (0, 0, False, False)
+    assert completion_usage(b'{"choices": []}') == (0, 0, False, False)
