@@ -110,3 +110,19 @@ def test_cli_version_and_help():
     assert r.exit_code == 0 and "Examples" in r.output
     r = CliRunner().invoke(main, ["no-such-command"])
     assert r.exit_code == 2
+
+
+def test_config_error_in_any_command_is_one_line_exit_2(tmp_path, monkeypatch):
+    import click
+
+    from opskit import cli
+
+    @click.command()
+    def boom():
+        config.load(tmp_path / "missing.yaml")
+
+    monkeypatch.setitem(cli.COMMANDS, "boom", f"{__name__}:_boom")
+    monkeypatch.setitem(globals(), "_boom", boom)
+    r = CliRunner().invoke(cli.main, ["boom"])
+    assert r.exit_code == 2
+    assert r.output.strip().count("\n") == 0 and "config error" in r.output and "missing.yaml" in r.output
