@@ -96,3 +96,13 @@ def clean_env(monkeypatch):
     for var in list(os.environ):
         if var.startswith("OPSKIT_"):
             monkeypatch.delenv(var)
+
+
+@pytest.fixture(scope="session")
+def fake_nvml(tmp_path_factory) -> Path:
+    """The fake libnvidia-ml.so.1 (tests/fakenvml), built once per session; skips without gcc."""
+    from tests.fakenvml import build_fake_nvml
+
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        pytest.skip("gcc not installed (needed to build the fake NVML library)")
+    return build_fake_nvml(tmp_path_factory.mktemp("fakenvml"))

@@ -1,0 +1,94 @@
+"""A fake NVIDIA Management Library for tests, loaded by the real pynvml binding.
+
+`build_fake_nvml(dest_dir)` compiles `fake_nvml.c` with gcc into `dest_dir/libnvidia-ml.so.1`;
+point a process at it with `LD_LIBRARY_PATH=dest_dir` at its start (or `opskit exporter --nvml-lib`).
+The GPUs it reports come from the state file named by `$FAKE_NVML_STATE`, which `write_state()`
+writes atomically and may rewrite between scrapes; the format is documented in fake_nvml.c.
+
+    lib = build_fake_nvml(tmp)
+    write_state(tmp / "gpus", fake_gpus(8))                     # 8 idle H100s
+    write_state(tmp / "gpus", fake_gpus(2, util=95))            # now 2 at 95 %
+    env = {**os.environ, "LD_LIBRARY_PATH": str(lib.parent), "FAKE_NVML_STATE": str(tmp / "gpus")}
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sysconfig
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("fake_nvml.c")
+LIB_NAME = "libnvidia-ml.so.1"
+STATE_ENV = "FAKE_NVML_STATE"
+NOT_SUPPORTED = "-"     # a field value: that query returns NVML_ERROR_NOT_SUPPORTED
+UNKNOWN_ERROR = "!"     # a field value: that query returns NVML_ERROR_UNKNOWN
+GIB = 1 << 30
+
+Field = int | str
+
+
+@dataclass
+class FakeGpu:
+    """One fake GPU. Numeric fields may be NOT_SUPPORTED, UNKNOWN_ERROR or "!<nvml code>"."""
+
+    index: int
+    uuid: str
+    name: str = "NVIDIA H100 80GB HBM3"
+    util: Field = 0         # percent busy
+    mem_used: Field = 1 * GIB
+    mem_total: Field = 80 * GIB
+    temp: Field = 40        # celsius
+    power_mw: Field = 100_000
+    lost: bool = False
+
+    def line(self) -> str:
+        fields = (self.util, self.mem_used, self.mem_total, self.temp, self.power_mw, int(self.lost))
+        return " ".join([str(self.index), self.uuid, self.name.replace(" ", "_"), *map(str, fields)])
+
+
+def uuid_for(index: int) -> str:
+    """A stable, well-formed GPU UUID for a fake GPU index."""
+    return f"GPU-00000000-0000-0000-0000-{index:012d}"
+
+
+def fake_gpus(n: int, **fields) -> list[FakeGpu]:
+    """`n` fake GPUs with indexes 0..n-1, each with the given field values."""
+    return [FakeGpu(index=i, uuid=uuid_for(i), **fields) for i in range(n)]
+
+
+def find_nvml_header() -> Path:
+    """nvml.h from the nvidia-nvml-dev wheel (the `dev` extra)."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    found = sorted(site.glob("nvidia/*/include/nvml.h"))
+    if not found:
+        raise FileNotFoundError(f"nvml.h not found under {site}/nvidia/*/include (pip install -e '.[dev]')")
+    return found[-1]
+
+
+def build_fake_nvml(dest_dir: str | os.PathLike[str]) -> Path:
+    """Compile the fake library into `dest_dir/libnvidia-ml.so.1` and return its path."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise FileNotFoundError("gcc not found (apt-get install gcc)")
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / LIB_NAME
+    cmd = [gcc, "-shared", "-fPIC", "-O2", "-pthread", "-Wno-deprecated-declarations",
+           f"-I{find_nvml_header().parent}", "-o", str(out), str(SOURCE)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    return out
+
+
+def write_state(path: str | os.PathLike[str], gpus: Iterable[FakeGpu], driver: str = "550.54.15",
+                init_code: int = 0) -> Path:
+    """Write the fake's state file atomically (temp file + rename), so a reader never sees half."""
+    path = Path(path)
+    lines = [f"driver {driver}", f"init {init_code}", *(g.line() for g in gpus)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path

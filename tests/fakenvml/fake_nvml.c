@@ -1,0 +1,317 @@
+/*
+ * A fake libnvidia-ml.so.1 for tests: the real pynvml binding loads it and calls it exactly as it
+ * would call NVIDIA's library, so opskit's whole NVML path (ctypes, error codes, structs) is exercised
+ * on a machine without a GPU. Built against the nvml.h of the nvidia-nvml-dev wheel:
+ *
+ *     gcc -shared -fPIC -O2 -pthread -I<site-packages>/nvidia/cu13/include \
+ *         -o libnvidia-ml.so.1 fake_nvml.c
+ *
+ * (tests/fakenvml/__init__.py: build_fake_nvml(dest_dir) does this.)
+ *
+ * STATE FILE. The GPUs come from the text file named by $FAKE_NVML_STATE, re-read whenever it changes
+ * (compared by inode, size and mtime), so a test can rewrite it between scrapes; write it atomically
+ * (write a temp file, rename it over) — tests.fakenvml.write_state(path, gpus) does. Format, one item
+ * per line, fields separated by blanks, `#` starts a comment line:
+ *
+ *     driver 550.54.15          optional: what nvmlSystemGetDriverVersion returns (default 999.99)
+ *     init 0                    optional: the code nvmlInitWithFlags returns (e.g. 9 = driver not loaded)
+ *     <index> <uuid> <name> <util_pct> <mem_used_bytes> <mem_total_bytes> <temp_c> <power_mw> <lost>
+ *
+ * One GPU line per device, index 0, 1, 2, ... in order (a gap makes nvmlDeviceGetCount fail with
+ * NVML_ERROR_UNKNOWN). <name> uses `_` for spaces (NVIDIA_H100_80GB_HBM3). <lost> 1 makes every call
+ * on that GPU return NVML_ERROR_GPU_IS_LOST (15), as a GPU that fell off the bus does; the device
+ * count still includes it, as real NVML's does. Any numeric field may instead be `-` (that query
+ * returns NVML_ERROR_NOT_SUPPORTED, 3), `!` (NVML_ERROR_UNKNOWN, 999) or `!<code>` (that NVML code).
+ * A missing or unreadable state file makes nvmlInitWithFlags return NVML_ERROR_DRIVER_NOT_LOADED.
+ *
+ * Example, 2 GPUs, GPU 1 at 95 % utilization with no power reading:
+ *     driver 550.54.15
+ *     0 GPU-00000000-0000-0000-0000-000000000000 NVIDIA_H100_80GB_HBM3 12 1073741824 85899345920 41 120000 0
+ *     1 GPU-00000000-0000-0000-0000-000000000001 NVIDIA_H100_80GB_HBM3 95 1073741824 85899345920 67 - 0
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "nvml.h"
+
+#define MAX_GPUS 64
+#define STR_LEN 96
+#define NFIELDS 6 /* util, mem_used, mem_total, temp, power, lost */
+
+enum { F_UTIL, F_MEM_USED, F_MEM_TOTAL, F_TEMP, F_POWER, F_LOST };
+
+typedef struct {
+    char uuid[STR_LEN];
+    char name[STR_LEN];
+    unsigned long long value[NFIELDS];
+    nvmlReturn_t err[NFIELDS]; /* NVML_SUCCESS, or what querying that field returns */
+} fake_gpu;
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int initialized;
+static fake_gpu gpus[MAX_GPUS];
+static int gpu_count;
+static int state_ok;        /* the state file was read and is well formed */
+static int state_bad_index; /* GPU lines out of order */
+static nvmlReturn_t init_code;
+static char driver[STR_LEN] = "999.99";
+static struct stat last_stat;
+
+static int same_file(const struct stat *a, const struct stat *b) {
+    return a->st_ino == b->st_ino && a->st_size == b->st_size &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec;
+}
+
+/* One numeric field: a number, `-` (not supported), `!` (unknown error) or `!<code>`. */
+static void parse_field(const char *tok, unsigned long long *value, nvmlReturn_t *err) {
+    *value = 0;
+    *err = NVML_SUCCESS;
+    if (strcmp(tok, "-") == 0) {
+        *err = NVML_ERROR_NOT_SUPPORTED;
+    } else if (tok[0] == '!') {
+        *err = tok[1] ? (nvmlReturn_t)strtol(tok + 1, NULL, 10) : NVML_ERROR_UNKNOWN;
+    } else {
+        *value = strtoull(tok, NULL, 10);
+    }
+}
+
+static void parse_gpu_line(char *line) {
+    char *save = NULL;
+    char *tok = strtok_r(line, " \t\r\n", &save);
+    if (gpu_count >= MAX_GPUS || tok == NULL)
+        return;
+    if (strtol(tok, NULL, 10) != gpu_count)
+        state_bad_index = 1;
+    fake_gpu *g = &gpus[gpu_count];
+    memset(g, 0, sizeof(*g));
+    char *uuid = strtok_r(NULL, " \t\r\n", &save);
+    char *name = strtok_r(NULL, " \t\r\n", &save);
+    snprintf(g->uuid, STR_LEN, "%s", uuid ? uuid : "GPU-missing");
+    snprintf(g->name, STR_LEN, "%s", name ? name : "missing");
+    for (char *p = g->name; *p; p++)
+        if (*p == '_')
+            *p = ' ';
+    for (int f = 0; f < NFIELDS; f++) {
+        char *v = strtok_r(NULL, " \t\r\n", &save);
+        parse_field(v ? v : "0", &g->value[f], &g->err[f]);
+    }
+    gpu_count++;
+}
+
+static void parse_state(FILE *fp) {
+    char line[1024];
+    gpu_count = 0;
+    state_bad_index = 0;
+    init_code = NVML_SUCCESS;
+    snprintf(driver, STR_LEN, "999.99");
+    while (fgets(line, sizeof(line), fp)) {
+        char word[STR_LEN];
+        if (sscanf(line, " %95s", word) != 1 || word[0] == '#')
+            continue;
+        if (strcmp(word, "driver") == 0) {
+            sscanf(line, " driver %95s", driver);
+        } else if (strcmp(word, "init") == 0) {
+            int code = 0;
+            sscanf(line, " init %d", &code);
+            init_code = (nvmlReturn_t)code;
+        } else {
+            parse_gpu_line(line);
+        }
+    }
+}
+
+/* Re-read the state file if it changed. Called with the lock held. */
+static void refresh(void) {
+    const char *path = getenv("FAKE_NVML_STATE");
+    struct stat st;
+    if (path == NULL || stat(path, &st) != 0) {
+        state_ok = 0;
+        memset(&last_stat, 0, sizeof(last_stat));
+        return;
+    }
+    if (state_ok && same_file(&st, &last_stat))
+        return;
+    FILE *fp = fopen(path, "r");
+    if (fp == NULL) {
+        state_ok = 0;
+        return;
+    }
+    parse_state(fp);
+    fclose(fp);
+    last_stat = st;
+    state_ok = 1;
+}
+
+/* Lock, refresh, and resolve a handle to its GPU; returns NVML_SUCCESS and sets *out, or an error. */
+static nvmlReturn_t enter_device(nvmlDevice_t device, fake_gpu **out) {
+    pthread_mutex_lock(&lock);
+    if (!initialized)
+        return NVML_ERROR_UNINITIALIZED;
+    refresh();
+    uintptr_t i = (uintptr_t)device;
+    if (i == 0 || (int)i > gpu_count)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *out = &gpus[i - 1];
+    if ((*out)->value[F_LOST])
+        return NVML_ERROR_GPU_IS_LOST;
+    return NVML_SUCCESS;
+}
+
+static nvmlReturn_t leave(nvmlReturn_t ret) {
+    pthread_mutex_unlock(&lock);
+    return ret;
+}
+
+static nvmlReturn_t copy_str(char *dst, unsigned int length, const char *src) {
+    if (dst == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (strlen(src) + 1 > length)
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    memcpy(dst, src, strlen(src) + 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
+    (void)flags;
+    pthread_mutex_lock(&lock);
+    refresh();
+    if (!state_ok)
+        return leave(NVML_ERROR_DRIVER_NOT_LOADED);
+    if (init_code != NVML_SUCCESS)
+        return leave(init_code);
+    initialized++;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
+
+nvmlReturn_t nvmlShutdown(void) {
+    pthread_mutex_lock(&lock);
+    if (!initialized)
+        return leave(NVML_ERROR_UNINITIALIZED);
+    initialized--;
+    return leave(NVML_SUCCESS);
+}
+
+const char *nvmlErrorString(nvmlReturn_t result) {
+    switch (result) {
+    case NVML_SUCCESS: return "Success";
+    case NVML_ERROR_UNINITIALIZED: return "Uninitialized";
+    case NVML_ERROR_INVALID_ARGUMENT: return "Invalid Argument";
+    case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
+    case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
+    case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+    default: return "Unknown Error";
+    }
+}
+
+nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    pthread_mutex_lock(&lock);
+    if (!initialized)
+        return leave(NVML_ERROR_UNINITIALIZED);
+    refresh();
+    return leave(copy_str(version, length, driver));
+}
+
+nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount) {
+    pthread_mutex_lock(&lock);
+    if (!initialized)
+        return leave(NVML_ERROR_UNINITIALIZED);
+    if (deviceCount == NULL)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    refresh();
+    if (!state_ok)
+        return leave(NVML_ERROR_DRIVER_NOT_LOADED);
+    if (state_bad_index)
+        return leave(NVML_ERROR_UNKNOWN);
+    *deviceCount = (unsigned int)gpu_count;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
+    fake_gpu *g;
+    if (device == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    /* A handle is the 1-based index; 0 would look like NULL to callers. */
+    nvmlReturn_t ret = enter_device((nvmlDevice_t)(uintptr_t)(index + 1), &g);
+    if (ret == NVML_SUCCESS)
+        *device = (nvmlDevice_t)(uintptr_t)(index + 1);
+    return leave(ret);
+}
+
+nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
+    fake_gpu *g;
+    nvmlReturn_t ret = enter_device(device, &g);
+    return leave(ret != NVML_SUCCESS ? ret : copy_str(uuid, length, g->uuid));
+}
+
+nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
+    fake_gpu *g;
+    nvmlReturn_t ret = enter_device(device, &g);
+    return leave(ret != NVML_SUCCESS ? ret : copy_str(name, length, g->name));
+}
+
+/* Fetch one numeric field of a device, or the error the state file asks for. */
+static nvmlReturn_t get_field(nvmlDevice_t device, int field, unsigned long long *value) {
+    fake_gpu *g;
+    nvmlReturn_t ret = enter_device(device, &g);
+    if (ret == NVML_SUCCESS) {
+        ret = g->err[field];
+        *value = g->value[field];
+    }
+    return leave(ret);
+}
+
+nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization) {
+    unsigned long long v;
+    if (utilization == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = get_field(device, F_UTIL, &v);
+    if (ret == NVML_SUCCESS) {
+        utilization->gpu = (unsigned int)v;
+        utilization->memory = (unsigned int)(v / 2);
+    }
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
+    unsigned long long used, total;
+    if (memory == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = get_field(device, F_MEM_USED, &used);
+    if (ret == NVML_SUCCESS)
+        ret = get_field(device, F_MEM_TOTAL, &total);
+    if (ret == NVML_SUCCESS) {
+        memory->used = used;
+        memory->total = total;
+        memory->free = total > used ? total - used : 0;
+    }
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, nvmlTemperatureSensors_t sensorType,
+                                      unsigned int *temp) {
+    unsigned long long v;
+    if (temp == NULL || sensorType != NVML_TEMPERATURE_GPU)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = get_field(device, F_TEMP, &v);
+    if (ret == NVML_SUCCESS)
+        *temp = (unsigned int)v;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power) {
+    unsigned long long v;
+    if (power == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = get_field(device, F_POWER, &v);
+    if (ret == NVML_SUCCESS)
+        *power = (unsigned int)v;
+    return ret;
+}
