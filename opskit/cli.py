@@ -15,6 +15,7 @@ from opskit import __version__
 
 COMMANDS: dict[str, str] = {
     # name:        "module:click command"
+    "stack": "opskit.stack:stack",
 }
 
 

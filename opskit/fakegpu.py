@@ -1,0 +1,52 @@
+"""The tests' fake libnvidia-ml, for running the stack and the drill on a machine without a GPU.
+
+The fake library and its builder live in the source tree under `tests/fakenvml/` (they are test
+tooling, not shipped code); this module only finds them. The exporter still goes through the real
+binding path: pynvml loads the fake `libnvidia-ml.so.1` from LD_LIBRARY_PATH and reads GPU values
+from the JSON state file named by $FAKE_NVML_STATE, which the drill rewrites to inject load.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+STATE_ENV = "FAKE_NVML_STATE"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeGpuUnavailable(Exception):
+    """The fake NVML cannot be used here (no source tree, or no C compiler); one-line message."""
+
+
+def _builder():
+    if not (ROOT / "tests" / "fakenvml").is_dir():
+        raise FakeGpuUnavailable("the fake NVML (tests/fakenvml/) is only in a source checkout")
+    try:
+        return importlib.import_module("tests.fakenvml")
+    except ImportError as exc:
+        raise FakeGpuUnavailable(f"cannot import tests.fakenvml: {exc}") from None
+
+
+def default_gpus(utilization: float = 0.2) -> list[dict]:
+    """One healthy GPU at `utilization` (0-1)."""
+    return [{"name": "Fake H100", "uuid": "GPU-fake-0000", "utilization": round(utilization * 100),
+             "memory_used": 20 * 2**30, "memory_total": 80 * 2**30, "temperature": 45, "power_mw": 150000}]
+
+
+def prepare(dest: Path, utilization: float = 0.2) -> tuple[Path, Path]:
+    """Build the fake library into `dest` and write an initial state: (library dir, state file)."""
+    mod = _builder()
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        lib = Path(mod.build_fake_nvml(dest))
+    except Exception as exc:  # a compiler problem is reported, not raised as a traceback
+        raise FakeGpuUnavailable(f"cannot build the fake NVML: {exc}") from None
+    state = dest / "state.json"
+    set_utilization(state, utilization)
+    return (lib.parent if lib.is_file() else lib), state
+
+
+def set_utilization(state: Path, utilization: float) -> None:
+    """Rewrite the state file so that the (single) fake GPU reports `utilization` (0-1)."""
+    _builder().write_state(state, default_gpus(utilization))

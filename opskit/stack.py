@@ -1,0 +1,384 @@
+"""`opskit stack up|down|status`: the whole monitoring loop on loopback ports.
+
+    receiver <── Alertmanager <── Prometheus ──scrape──> exporter (proxy, probe, GPU) ──> mock or target
+
+`up` starts each part detached (its own process group, logs under the state dir), waits until each
+is ready (Prometheus until its first scrape of the exporter succeeded) and records them in
+`<state dir>/state.json`; it returns while they keep running. A second `up` while the stack runs
+starts nothing, prints the status and exits 0. `down` stops every process group it recorded, so
+nothing is left running; `status` shows each part, its pid and URL, and exits 1 when any is down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from opskit import stackconf, supervise
+from opskit.stackconf import Timing
+from opskit.supervise import Child, SuperviseError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STATE_DIR = ".stack"
+PROMETHEUS = "prometheus"
+ALERTMANAGER = "prometheus-alertmanager"
+GPU_MODES = ("auto", "fake", "off")
+
+
+class StackError(Exception):
+    """The stack could not be brought up or down; the message is one line."""
+
+
+class AlreadyUp(StackError):
+    """`up` found the stack of this state dir running."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        super().__init__(f"stack already up (state dir {stack.state_dir}); `opskit stack down` stops it")
+
+
+@dataclass
+class StackSpec:
+    """What to start. `rules` maps file name -> rule file text (None: the project's alerts/)."""
+
+    state_dir: Path
+    config: str | None = None          # opskit config naming a real target
+    target: str | None = None          # or a real target's URL
+    timing: Timing = field(default_factory=Timing)
+    probe_interval_s: float = 15.0
+    rules: dict[str, str] | None = None
+    alertmanager_yml: str | None = None  # None: the project's alerts/alertmanager.yml, else a plain route
+    gpu: str = "auto"                  # auto: real NVML if any; fake: tests' fake NVML; off
+    models: tuple[str, ...] = ("deepseek-chat", "deepseek-reasoner")
+    daily_quota_requests: int = 100000
+    mock_flags: tuple[str, ...] = ()
+    ready_timeout_s: float = 60.0
+
+
+@dataclass
+class Component:
+    """A running part of the stack: the process and the URLs it serves."""
+
+    child: Child
+    urls: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {**self.child.to_json(), "urls": self.urls}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Component:
+        urls = d.pop("urls", {})
+        return cls(Child(**d), urls)
+
+
+@dataclass
+class Stack:
+    """A started stack, as recorded in state.json."""
+
+    state_dir: Path
+    components: list[Component]
+    files: dict[str, str]
+
+    def url(self, name: str, key: str = "url") -> str:
+        for c in self.components:
+            if c.child.name == name:
+                return c.urls[key]
+        raise KeyError(name)
+
+    def save(self) -> None:
+        data = {"components": [c.to_json() for c in self.components], "files": self.files}
+        tmp = self.state_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.state_dir / "state.json")
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Stack | None:
+        try:
+            data = json.loads((state_dir / "state.json").read_text())
+            comps = [Component.from_json(dict(c)) for c in data["components"]]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StackError(f"{state_dir}/state.json is damaged ({exc.__class__.__name__}); "
+                             f"stop its processes by hand and remove it") from None
+        return cls(state_dir, comps, data.get("files", {}))
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise StackError(f"{name} not found on PATH (make install installs it from Debian)")
+    return path
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+class _Starter:
+    """Starts components one by one, remembering them so a failure can stop what already runs."""
+
+    def __init__(self, spec: StackSpec) -> None:
+        self.spec = spec
+        self.dir = spec.state_dir
+        self.components: list[Component] = []
+        self.files: dict[str, str] = {}
+
+    def with_ready_file(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> dict:
+        ready = self.dir / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        child, proc = supervise.spawn(name, [*argv, "--ready-file", str(ready)], self.dir / "logs" / f"{name}.log",
+                                      env=env, cwd=ROOT)
+        comp = Component(child, {})
+        self.components.append(comp)
+        info = supervise.wait_ready_file(child, proc, ready, self.spec.ready_timeout_s)
+        comp.urls = {k: v for k, v in info.items() if k.endswith("url") and isinstance(v, str)}
+        return info
+
+    def with_port(self, name: str, argv: list[str], port: int, ready_path: str) -> str:
+        url = f"http://127.0.0.1:{port}"
+        child, proc = supervise.spawn(name, argv, self.dir / "logs" / f"{name}.log", cwd=self.dir)
+        self.components.append(Component(child, {"url": url}))
+        supervise.wait_http(child, proc, url + ready_path, self.spec.ready_timeout_s)
+        return url
+
+    def stop_all(self) -> None:
+        for comp in reversed(self.components):
+            supervise.stop(comp.child)
+
+
+def _exporter_config(spec: StackSpec, mock_url: str) -> str:
+    """The exporter's config for the mock target: its models, a daily quota, a fast probe."""
+    import yaml
+
+    return yaml.safe_dump({
+        "targets": [{"name": "mock", "base_url": mock_url + "/v1", "kind": "private",
+                     "models": list(spec.models), "daily_quota_requests": spec.daily_quota_requests}],
+        "probe": {"interval_s": spec.probe_interval_s, "timeout_s": 5.0, "max_tokens": 8},
+    }, sort_keys=False)
+
+
+def _start_target(st: _Starter) -> tuple[str, list[str], dict[str, str]]:
+    """Start the mock unless a real target is configured: (upstream URL, exporter flags, env)."""
+    spec, env = st.spec, dict(os.environ)
+    if spec.config or spec.target:
+        flags = ["--config", spec.config] if spec.config else []
+        if spec.target:
+            env["OPSKIT_TARGET_URL"] = spec.target
+        from opskit import config as cfgmod
+
+        upstream = spec.target or cfgmod.load(spec.config).target().base_url
+        return upstream, flags, env
+    info = st.with_ready_file("mock", _python("-m", "opskit", "mock", "--listen", "127.0.0.1:0", *spec.mock_flags))
+    path = st.dir / "exporter.yaml"
+    path.write_text(_exporter_config(spec, info["url"]))
+    st.files["exporter_config"] = str(path)
+    return info["url"], ["--config", str(path)], env
+
+
+def _gpu_flags(st: _Starter, env: dict[str, str]) -> list[str]:
+    """Exporter flags (and env) for the GPU mode; `fake` loads the tests' fake libnvidia-ml."""
+    if st.spec.gpu == "off":
+        return ["--no-gpu"]
+    if st.spec.gpu == "fake":
+        from opskit import fakegpu
+
+        lib_dir, state = fakegpu.prepare(st.dir / "fakenvml")
+        env["LD_LIBRARY_PATH"] = f"{lib_dir}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(lib_dir)
+        env[fakegpu.STATE_ENV] = str(state)
+        st.files["fake_nvml_state"] = str(state)
+    return ["--gpu"]
+
+
+def _write_rules(spec: StackSpec) -> list[str]:
+    rules_dir = spec.state_dir / "rules"
+    shutil.rmtree(rules_dir, ignore_errors=True)
+    rules_dir.mkdir(parents=True)
+    rules = spec.rules
+    if rules is None:
+        rules = {p.name: p.read_text() for p in sorted((ROOT / "alerts").glob("*.rules.yml"))}
+    for name, text in rules.items():
+        (rules_dir / name).write_text(text)
+    return [str(rules_dir / name) for name in rules]
+
+
+def _alertmanager_text(spec: StackSpec, receiver_url: str) -> str:
+    if spec.alertmanager_yml is not None:
+        return stackconf.retime_alertmanager(spec.alertmanager_yml, receiver_url, spec.timing)
+    project = ROOT / "alerts" / "alertmanager.yml"
+    if project.exists():
+        return stackconf.retime_alertmanager(project.read_text(), receiver_url, spec.timing)
+    return stackconf.alertmanager_yml(receiver_url, spec.timing)
+
+
+def _start_all(st: _Starter) -> None:
+    spec, d = st.spec, st.dir
+    prom_bin, am_bin = _binary(PROMETHEUS), _binary(ALERTMANAGER)
+    out = d / "notifications.jsonl"
+    out.unlink(missing_ok=True)
+    st.files["notifications"] = str(out)
+    rx = st.with_ready_file("receiver", _python("-m", "opskit.receiver", "--listen", "127.0.0.1:0", "--out", str(out)))
+    upstream, flags, env = _start_target(st)
+    flags += _gpu_flags(st, env)
+    exp = st.with_ready_file("exporter", _python(
+        "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
+        "--upstream", upstream, "--probe", *flags), env=env)
+    am_yml = d / "alertmanager.yml"
+    am_yml.write_text(_alertmanager_text(spec, rx["url"] + "/alerts"))
+    am_url = st.with_port("alertmanager", [
+        am_bin, f"--config.file={am_yml}", f"--storage.path={d / 'alertmanager-data'}",
+        f"--web.listen-address=127.0.0.1:{(amp := supervise.free_port())}", "--cluster.listen-address=",
+        "--log.level=warn"], amp, "/-/ready")
+    prom_yml = d / "prometheus.yml"
+    prom_yml.write_text(stackconf.prometheus_yml(exp["url"], am_url, _write_rules(spec), spec.timing))
+    st.with_port("prometheus", [
+        prom_bin, f"--config.file={prom_yml}", f"--storage.tsdb.path={d / 'prometheus-data'}",
+        f"--web.listen-address=127.0.0.1:{(pp := supervise.free_port())}", "--web.enable-lifecycle",
+        "--storage.tsdb.retention.time=1d", "--log.level=warn"], pp, "/-/ready")
+    st.files.update(prometheus_config=str(prom_yml), alertmanager_config=str(am_yml))
+    wait_scraped(f"http://127.0.0.1:{pp}", spec.ready_timeout_s)
+
+
+def query(prom_url: str, promql: str, timeout: float = 5.0) -> list[dict]:
+    """An instant query's result vector (raises StackError on an API error)."""
+    url = f"{prom_url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            body = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        raise StackError(f"query {promql!r} failed: {exc}") from None
+    if body.get("status") != "success":
+        raise StackError(f"query {promql!r}: {body.get('error', 'error')}")
+    return body["data"]["result"]
+
+
+def wait_scraped(prom_url: str, timeout: float) -> None:
+    """Wait until Prometheus has scraped the exporter successfully (its first scrape takes ~5 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r["value"][1] == "1" for r in query(prom_url, f'up{{job="{stackconf.SCRAPE_JOB}"}}')):
+            return
+        time.sleep(0.2)
+    raise StackError(f"Prometheus at {prom_url} has not scraped the exporter within {timeout:.0f}s")
+
+
+def running(state_dir: Path) -> Stack | None:
+    """The recorded stack when at least one of its processes is still running."""
+    stack = Stack.load(state_dir)
+    if stack and any(supervise.alive(c.child) for c in stack.components):
+        return stack
+    return None
+
+
+def up(spec: StackSpec) -> Stack:
+    """Start every component; on any failure stop what was started and raise StackError."""
+    spec.timing.check()
+    if spec.gpu not in GPU_MODES:
+        raise StackError(f"--gpu: expected one of {', '.join(GPU_MODES)}, got {spec.gpu!r}")
+    if existing := running(spec.state_dir):
+        raise AlreadyUp(existing)
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    (spec.state_dir / "state.json").unlink(missing_ok=True)
+    st = _Starter(spec)
+    try:
+        _start_all(st)
+    except BaseException as exc:
+        st.stop_all()
+        if isinstance(exc, SuperviseError | ValueError | OSError):
+            raise StackError(str(exc)) from None
+        raise
+    stack = Stack(spec.state_dir, st.components, st.files)
+    stack.save()
+    return stack
+
+
+def down(state_dir: Path) -> list[str]:
+    """Stop every recorded component (last started first); the names of those that were running."""
+    stack = Stack.load(state_dir)
+    if stack is None:
+        return []
+    stopped = [c.child.name for c in reversed(stack.components) if supervise.stop(c.child)]
+    (state_dir / "state.json").unlink(missing_ok=True)
+    return stopped
+
+
+def status_lines(stack: Stack) -> tuple[list[str], bool]:
+    """One line per component (name, state, pid, URLs) and whether all of them run."""
+    lines, all_up = [], True
+    for c in stack.components:
+        ok = supervise.alive(c.child)
+        all_up &= ok
+        urls = "  ".join(f"{k}={v}" for k, v in sorted(c.urls.items()))
+        lines.append(f"{c.child.name:<13}{'running' if ok else 'DOWN':<9}pid {c.child.pid:<8}{urls}")
+    return lines, all_up
+
+
+@click.group()
+def stack() -> None:
+    """Run the local monitoring stack: mock, exporter, Prometheus, Alertmanager, receiver."""
+
+
+_state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, type=click.Path(path_type=Path),
+                          help="where configs, data, logs and the pid/state file live")
+
+
+@stack.command("up")
+@_state_opt
+@click.option("--config", "config", type=click.Path(), help="opskit config naming a real target (instead of the mock)")
+@click.option("--target", help="a real target's API root (instead of the mock); key from $OPSKIT_API_KEY")
+@click.option("--gpu", type=click.Choice(GPU_MODES), default="auto", show_default=True,
+              help="auto: real NVML when present; fake: the tests' fake libnvidia-ml; off")
+@click.option("--scrape-interval", default="5s", show_default=True, help="Prometheus scrape and rule interval")
+def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, scrape_interval: str) -> None:
+    """Start the stack in the background and print where each part listens (exit 0 if already up)."""
+    timing = Timing(scrape_interval, scrape_interval)
+    spec = StackSpec(state_dir=state_dir, config=config, target=target, gpu=gpu, timing=timing)
+    try:
+        started = up(spec)
+    except AlreadyUp as exc:
+        click.echo(str(exc))
+        started = exc.stack
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    lines, _ = status_lines(started)
+    click.echo("\n".join(lines))
+    click.echo(f"notifications: {started.files.get('notifications', '-')}")
+
+
+@stack.command("down")
+@_state_opt
+def down_cmd(state_dir: Path) -> None:
+    """Stop every process the stack started."""
+    try:
+        stopped = down(state_dir)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running (state dir {state_dir})")
+
+
+@stack.command("status")
+@_state_opt
+def status_cmd(state_dir: Path) -> None:
+    """Show each component, its pid and URLs; exit 1 when the stack is down or partly down."""
+    try:
+        recorded = Stack.load(state_dir)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    if recorded is None:
+        click.echo(f"stack is down (no state in {state_dir})")
+        sys.exit(1)
+    lines, all_up = status_lines(recorded)
+    click.echo("\n".join(lines))
+    if not all_up:
+        sys.exit(1)

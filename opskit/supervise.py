@@ -1,0 +1,164 @@
+"""Process supervision for the local stack: start detached children, wait until they are ready, and
+stop them again, whole process group and all.
+
+Each child runs in its own session (so its process group id is its pid); stopping it signals the
+group, which also takes down anything it forked. A child is identified by pid plus its start time
+from /proc, so a recycled pid is never mistaken for (and never killed as) one of ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+class SuperviseError(Exception):
+    """A child could not be started or did not become ready; the message is one line."""
+
+
+@dataclass
+class Child:
+    """A detached child process: its pid (= process group id), start time and log file."""
+
+    name: str
+    pid: int
+    start_time: int
+    log: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for binaries that cannot bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process start time in clock ticks since boot, or None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # a zombie has finished; it only waits to be reaped
+        return None
+    return int(fields[19])
+
+
+def alive(child: Child) -> bool:
+    """True while the child (the same process, not a recycled pid) is running."""
+    return proc_start_time(child.pid) == child.start_time
+
+
+def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
+          cwd: str | os.PathLike[str] | None = None) -> tuple[Child, subprocess.Popen]:
+    """Start `argv` detached in its own session, stdout and stderr appended to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, cwd=cwd, start_new_session=True)
+        except OSError as exc:
+            raise SuperviseError(f"{name}: cannot run {argv[0]}: {exc.strerror}") from None
+    started = proc_start_time(proc.pid)
+    return Child(name, proc.pid, started if started is not None else -1, str(log)), proc
+
+
+def log_tail(child: Child, lines: int = 3) -> str:
+    """The last lines of a child's log, joined on one line (for one-line error messages)."""
+    try:
+        text = Path(child.log).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])
+
+
+def _died(child: Child, proc: subprocess.Popen | None) -> SuperviseError | None:
+    if proc is not None and proc.poll() is not None or proc is None and not alive(child):
+        code = f" with status {proc.returncode}" if proc is not None else ""
+        return SuperviseError(f"{child.name} exited{code} before it was ready: {log_tail(child)}")
+    return None
+
+
+def wait_ready_file(child: Child, proc: subprocess.Popen | None, path: Path, timeout: float) -> dict:
+    """Wait for the child to write its JSON ready file; error early if it dies first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size:
+            try:
+                return json.loads(path.read_text())
+            except ValueError:
+                pass  # half-written: read again
+        if err := _died(child, proc):
+            raise err
+        time.sleep(0.05)
+    raise SuperviseError(f"{child.name} did not write {path} within {timeout:.0f}s: {log_tail(child)}")
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET url answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def wait_http(child: Child, proc: subprocess.Popen | None, url: str, timeout: float) -> None:
+    """Poll `url` until it answers 2xx; error early if the child dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if http_ok(url, timeout=1.0):
+            return
+        if err := _died(child, proc):
+            raise err
+        time.sleep(0.1)
+    raise SuperviseError(f"{child.name} not ready at {url} within {timeout:.0f}s: {log_tail(child)}")
+
+
+def _reap(pid: int) -> None:
+    # Reap our own children so they do not linger as zombies; others are reaped by init.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _wait_gone(child: Child, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _reap(child.pid)
+        if not alive(child):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop(child: Child, timeout: float = 10.0) -> bool:
+    """SIGTERM the child's process group, SIGKILL it after `timeout`; True if it was running."""
+    if not alive(child):
+        _reap(child.pid)
+        return False
+    _signal_group(child.pid, signal.SIGTERM)
+    if not _wait_gone(child, timeout):
+        _signal_group(child.pid, signal.SIGKILL)
+        _wait_gone(child, 5.0)
+    # Members of the group that outlived its leader (a worker the leader forked) get SIGKILL too.
+    _signal_group(child.pid, signal.SIGKILL)
+    return True

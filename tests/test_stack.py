@@ -1,0 +1,199 @@
+"""The local stack: generated configs (pure), the webhook receiver and process supervision (real
+processes), and `opskit stack up/status/down` against real Prometheus and Alertmanager binaries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from opskit import stackconf, supervise
+from opskit.receiver import read_notifications, summary
+from opskit.stackconf import DRILL_TIMING, Timing
+from tests.conftest import ROOT, stop, wait_for_file
+
+# ---------------------------------------------------------------- generated configs (no I/O)
+
+
+def test_prometheus_yml_scrapes_exporter_and_sends_to_alertmanager():
+    text = stackconf.prometheus_yml("http://127.0.0.1:9464", "http://127.0.0.1:9093", ["/s/rules/a.rules.yml"],
+                                    DRILL_TIMING)
+    cfg = yaml.safe_load(text)
+    assert cfg["global"] == {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+    job = cfg["scrape_configs"][0]
+    assert job["job_name"] == "opskit" and job["metrics_path"] == "/metrics"
+    assert job["static_configs"] == [{"targets": ["127.0.0.1:9464"]}]
+    assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["127.0.0.1:9093"]
+    assert cfg["rule_files"] == ["/s/rules/a.rules.yml"]
+
+
+def test_prometheus_yml_keeps_a_metrics_path_given_in_the_url():
+    cfg = yaml.safe_load(stackconf.prometheus_yml("http://127.0.0.1:1/x/metrics", "http://127.0.0.1:2", [],
+                                                  Timing()))
+    assert cfg["scrape_configs"][0]["metrics_path"] == "/x/metrics"
+
+
+def test_host_port_rejects_a_url_without_port():
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        stackconf.host_port("http://example.com/metrics")
+
+
+def test_alertmanager_yml_routes_everything_to_the_webhook_with_resolved():
+    cfg = yaml.safe_load(stackconf.alertmanager_yml("http://127.0.0.1:5/alerts", DRILL_TIMING))
+    assert cfg["route"]["receiver"] == stackconf.RECEIVER_NAME
+    assert cfg["route"]["group_wait"] == "1s" and cfg["route"]["group_interval"] == "1s"
+    hook = cfg["receivers"][0]["webhook_configs"][0]
+    assert hook == {"url": "http://127.0.0.1:5/alerts", "send_resolved": True}
+
+
+def test_retime_alertmanager_keeps_the_tree_and_replaces_every_receiver():
+    project = {
+        "route": {"receiver": "default", "group_by": ["alertname"], "group_wait": "30s",
+                  "routes": [{"matchers": ['severity="critical"'], "receiver": "pager", "group_wait": "10s"}]},
+        "receivers": [{"name": "default", "email_configs": [{"to": "x@example.com"}]},
+                      {"name": "pager", "webhook_configs": [{"url": "https://pager.example.com/hook"}]}],
+        "inhibit_rules": [{"source_matchers": ['severity="critical"'], "target_matchers": ['severity="warning"'],
+                           "equal": ["target"]}],
+    }
+    cfg = yaml.safe_load(stackconf.retime_alertmanager(yaml.safe_dump(project), "http://127.0.0.1:7/a", DRILL_TIMING))
+    assert cfg["route"]["group_wait"] == "1s" and cfg["route"]["repeat_interval"] == "1h"
+    assert cfg["route"]["routes"][0]["group_wait"] == "1s"
+    assert cfg["route"]["routes"][0]["receiver"] == "pager"
+    assert [r["name"] for r in cfg["receivers"]] == ["default", "pager"]
+    for r in cfg["receivers"]:
+        assert r == {"name": r["name"], "webhook_configs": [{"url": "http://127.0.0.1:7/a", "send_resolved": True}]}
+    assert cfg["inhibit_rules"] == project["inhibit_rules"]
+
+
+def test_timing_check_names_the_bad_field():
+    with pytest.raises(ValueError, match="scrape_interval"):
+        Timing(scrape_interval="fast").check()
+    Timing().check()
+    DRILL_TIMING.check()
+
+
+# ---------------------------------------------------------------- receiver (real HTTP)
+
+
+def _post(url: str, body: bytes) -> int:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_receiver_appends_each_notification_and_rejects_garbage(tmp_path):
+    out, ready = tmp_path / "n.jsonl", tmp_path / "ready.json"
+    proc = subprocess.Popen([sys.executable, "-m", "opskit.receiver", "--out", str(out), "--ready-file", str(ready)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        url = wait_for_file(ready, proc)["url"]
+        payload = {"receiver": "r", "status": "firing", "alerts": [
+            {"status": "firing", "labels": {"alertname": "LLMHighErrorRate", "target": "mock"}}]}
+        assert _post(url + "/alerts", json.dumps(payload).encode()) == 200
+        assert _post(url + "/alerts", b"not json") == 400
+        assert _post(url + "/alerts", b"[1, 2]") == 400
+        got = read_notifications(out)
+        assert len(got) == 1
+        assert got[0]["alerts"] == payload["alerts"] and got[0]["received_at"] > 0
+        with urllib.request.urlopen(url + "/stats", timeout=5) as resp:
+            assert json.loads(resp.read()) == {"received": 1, "rejected": 2}
+    finally:
+        stop(proc)
+    assert "firing LLMHighErrorRate{target=mock}" in proc.stdout.read().decode()
+
+
+def test_receiver_bad_listen_is_one_line_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "opskit.receiver", "--out", str(tmp_path / "x"), "--listen", "nope"],
+                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--listen" in r.stderr
+
+
+def test_read_notifications_skips_a_half_written_last_line(tmp_path):
+    f = tmp_path / "n.jsonl"
+    f.write_text('{"status": "firing", "alerts": []}\n{"status": "res')
+    assert read_notifications(f) == [{"status": "firing", "alerts": []}]
+    assert read_notifications(tmp_path / "missing") == []
+
+
+def test_summary_lists_alerts_with_labels():
+    line = summary({"receiver": "w", "status": "resolved", "alerts": [
+        {"status": "resolved", "labels": {"alertname": "A", "b": "2", "a": "1"}}]})
+    assert line == "[w] resolved: resolved A{a=1,b=2}"
+
+
+# ---------------------------------------------------------------- supervision (real processes)
+
+
+def test_stop_kills_the_whole_process_group(tmp_path):
+    # The child forks a grandchild that ignores SIGTERM: stop() must still leave nothing behind.
+    script = ("import os, signal, subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+              "open(sys.argv[1], 'w').write(str(p.pid))\n"
+              "time.sleep(60)\n")
+    pidfile = tmp_path / "grandchild"
+    child, proc = supervise.spawn("t", [sys.executable, "-c", script, str(pidfile)], tmp_path / "t.log")
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(pidfile.read_text())
+    assert supervise.alive(child) and supervise.proc_start_time(grandchild) is not None
+    assert supervise.stop(child, timeout=1.0) is True
+    proc.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while supervise.proc_start_time(grandchild) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert supervise.proc_start_time(grandchild) is None
+    assert supervise.stop(child) is False
+
+
+def test_a_recycled_pid_is_not_ours(tmp_path):
+    child, proc = supervise.spawn("t", [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "t.log")
+    try:
+        impostor = supervise.Child("t", child.pid, child.start_time + 1, child.log)
+        assert supervise.alive(child) and not supervise.alive(impostor)
+        assert supervise.stop(impostor) is False and proc.poll() is None
+    finally:
+        supervise.stop(child)
+        proc.wait(timeout=5)
+
+
+def test_wait_ready_file_reports_an_early_death_with_the_log(tmp_path):
+    child, proc = supervise.spawn("bad", [sys.executable, "-c", "import sys; print('boom here'); sys.exit(3)"],
+                                  tmp_path / "bad.log")
+    with pytest.raises(supervise.SuperviseError, match="bad exited with status 3 .*boom here"):
+        supervise.wait_ready_file(child, proc, tmp_path / "never.json", timeout=10)
+
+
+def test_spawn_of_a_missing_binary_is_one_line(tmp_path):
+    with pytest.raises(supervise.SuperviseError, match="cannot run /nonexistent/bin"):
+        supervise.spawn("x", ["/nonexistent/bin"], tmp_path / "x.log")
+
+
+def test_cli_status_and_down_without_a_stack(tmp_path):
+    from opskit.cli import main
+
+    runner = CliRunner()
+    r = runner.invoke(main, ["stack", "status", "--state-dir", str(tmp_path)])
+    assert r.exit_code == 1 and "stack is down" in r.output
+    r = runner.invoke(main, ["stack", "down", "--state-dir", str(tmp_path)])
+    assert r.exit_code == 0 and "nothing running" in r.output
+
+
+def test_cli_damaged_state_file_is_one_line(tmp_path):
+    from opskit.cli import main
+
+    (tmp_path / "state.json").write_text("{not json")
+    r = CliRunner().invoke(main, ["stack", "status", "--state-dir", str(tmp_path)])
+    assert r.exit_code == 1 and "damaged" in r.output and "Traceback" not in r.output
+
