@@ -1,0 +1,431 @@
+"""Metering reverse proxy: forwards every request to ONE upstream and meters the LLM calls.
+
+Clients point their base URL at the proxy instead of the API; the proxy forwards each request
+(method, path, query, headers minus hop-by-hop, body) to the configured upstream, rewrites Host to the
+upstream's, and passes the response bytes back unchanged and unbuffered: each chunk is written to the
+client as it arrives. It is a reverse proxy for one upstream, never an open proxy: CONNECT is answered
+405 and absolute-form request targets (`GET http://other/...`) 400; nothing is ever sent elsewhere.
+
+Metered calls: `POST` to a path ending in `/chat/completions` or `/completions`. Each gives exactly one
+CallRecord (source "proxy") describing what the CLIENT got; every other path (`/models`, ...) is
+forwarded but not metered, because it is not a model call and would skew latency histograms.
+
+- duration: request received by the proxy -> last byte written to the client.
+- TTFT: to the arrival of the first SSE event carrying `content` or `reasoning_content`; for a successful
+  non-streamed call it equals the duration. Tokens come from the server's `usage` (else text chunks).
+- error_type: from the status (`records.error_type_for_status`); upstream unreachable -> the client gets
+  502 and the record says 502/connection; no response headers within `timeout_s` -> 504/timeout. After
+  the headers: the upstream cutting the body, an event stream ending without `data: [DONE]`, or an event
+  that is not JSON -> stream_broken (malformed events are still passed through: the client's SDK fails
+  on them, so the call counts as failed); a stream `error` event -> server_error; no byte for
+  `timeout_s` -> timeout; the client going away -> client_disconnect. When the upstream breaks a stream
+  the proxy closes the client connection too, so the client sees the break it would have seen directly.
+- Request bodies over `max_body_bytes` get 413 (Content-Length checked first, then counted while read).
+- Authorization and every other header pass through untouched; headers are never recorded or logged.
+- For metered calls `Accept-Encoding` is narrowed to gzip/deflate/identity so that the proxy can decode
+  a copy of a compressed body for metering; the bytes sent to the client stay the upstream's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import zlib
+from time import perf_counter
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from opskit import records
+from opskit.callmetrics import CallMetrics
+from opskit.records import CallRecord
+from opskit.sse import SSEParser, StreamMeter, completion_usage
+
+log = logging.getLogger("opskit.proxy")
+
+SOURCE = "proxy"
+METERED_SUFFIXES = ("/chat/completions", "/completions")
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
+# Also dropped from requests: the client library computes Host/Content-Length, and Expect would make
+# the upstream wait for a 100-continue that aiohttp's client does not negotiate.
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
+JSON_METER_CAP = 4 * 1024 * 1024  # non-streamed bodies bigger than this are passed but not metered
+
+
+def _dropped(headers, base: frozenset[str]) -> frozenset[str]:
+    """Hop-by-hop names plus any the Connection header lists (RFC 9110 7.6.1)."""
+    conn = headers.get("Connection")
+    if not conn:
+        return base
+    return base | {t.strip().lower() for t in conn.split(",")}
+
+
+def _accept_encoding(value: str) -> str:
+    """The codings of an Accept-Encoding value the meter can decode (identity if none)."""
+    keep = [t for t in value.split(",") if t.split(";")[0].strip().lower() in DECODABLE]
+    return ",".join(keep).strip() or "identity"
+
+
+def _float_header(headers, name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _model_of(body: bytes) -> str | None:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model if isinstance(model, str) else None
+
+
+def _error(status: int, message: str, kind: str, close: bool = False) -> web.Response:
+    """A small OpenAI-style error body produced by the proxy itself."""
+    body = json.dumps({"error": {"message": message, "type": kind, "source": "opskit-proxy"}})
+    resp = web.Response(status=status, text=body, content_type="application/json")
+    if close:
+        resp.force_close()
+    return resp
+
+
+class _Call:
+    """Metering state of one call; the per-chunk path is `feed` and nothing else."""
+
+    __slots__ = ("t0", "model", "code", "error_type", "end", "streamed", "parser", "meter", "body",
+                 "body_len", "decoder", "rl_requests", "rl_tokens")
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.model: str | None = None
+        self.code = 0
+        self.error_type = records.CONNECTION
+        self.end: float | None = None
+        self.streamed = False
+        self.parser: SSEParser | None = None
+        self.meter: StreamMeter | None = None
+        self.body: list[bytes] | None = None
+        self.body_len = 0
+        self.decoder = None
+        self.rl_requests = self.rl_tokens = None
+
+    def begin(self, up: aiohttp.ClientResponse) -> None:
+        """Response headers arrived: pick the meter for the body."""
+        h = up.headers
+        self.code = up.status
+        self.error_type = records.error_type_for_status(up.status)
+        self.rl_requests = _float_header(h, "x-ratelimit-remaining-requests")
+        self.rl_tokens = _float_header(h, "x-ratelimit-remaining-tokens")
+        coding = h.get("Content-Encoding", "identity").strip().lower()
+        if coding in ("gzip", "x-gzip"):
+            self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self.decoder = zlib.decompressobj()
+        elif coding != "identity":
+            return  # a coding the meter cannot read: the bytes still pass, tokens stay unknown
+        if h.get("Content-Type", "").startswith("text/event-stream"):
+            self.streamed = True
+            self.parser, self.meter = SSEParser(), StreamMeter(self.t0)
+        else:
+            self.body = []
+
+    def feed(self, chunk: bytes, now: float) -> None:
+        """Account one chunk that arrived at `now` (already written to the client)."""
+        if self.decoder is not None:
+            try:
+                chunk = self.decoder.decompress(chunk)
+            except zlib.error:
+                self.decoder = self.parser = self.body = None
+                return
+        if self.parser is not None:
+            on_data = self.meter.on_data
+            for payload in self.parser.feed(chunk):
+                on_data(payload, now)
+        elif self.body is not None:
+            self.body_len += len(chunk)
+            if self.body_len > JSON_METER_CAP:
+                self.body = None
+            else:
+                self.body.append(chunk)
+
+    def fail(self, error_type: str) -> None:
+        """The call failed after its headers; the first failure seen is the one recorded."""
+        if self.error_type == records.OK:
+            self.error_type = error_type
+
+    def record(self, target: str, model: str) -> CallRecord:
+        """The CallRecord of this call (call when it is over)."""
+        end = self.end if self.end is not None else perf_counter()
+        rec = CallRecord(target=target, source=SOURCE, model=model, code=self.code, error_type=self.error_type,
+                         duration_s=end - self.t0, streamed=self.streamed,
+                         ratelimit_remaining_requests=self.rl_requests, ratelimit_remaining_tokens=self.rl_tokens)
+        if self.meter is not None:
+            self._stream_result(rec)
+        elif self.body is not None:
+            inp, out, from_usage, has_text = completion_usage(b"".join(self.body))
+            rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = inp, out, from_usage
+            if has_text and rec.ok:
+                rec.ttft_s = rec.ttfot_s = rec.duration_s
+                rec.text_chunks = 1
+        return rec
+
+    def _stream_result(self, rec: CallRecord) -> None:
+        m = self.meter
+        if self.parser is not None:
+            for payload in self.parser.close():
+                m.on_data(payload, self.end or perf_counter())
+        rec.ttft_s, rec.ttfot_s, rec.text_chunks = m.ttft, m.ttfot, m.text_chunks
+        rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = m.tokens
+        if rec.ok and self.code == 200:
+            if m.malformed or not m.done:
+                rec.error_type = records.STREAM_BROKEN
+            elif m.stream_error:
+                rec.error_type = records.SERVER_ERROR
+
+
+class ProxyServer:
+    """A running proxy. `port` is the bound port; `close()` drains and stops it."""
+
+    def __init__(self, proxy: _Proxy, runner: web.ServerRunner, port: int) -> None:
+        self._proxy, self._runner, self.port = proxy, runner, port
+        self._closed = False
+
+    async def close(self, grace_s: float = 10) -> None:
+        """Stop accepting, let in-flight calls finish for up to `grace_s`, cut the rest, close.
+
+        Calls cut at the deadline are recorded as stream_broken: the client sees its stream break.
+        Closing twice is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for site in list(self._runner.sites):
+            await site.stop()
+        tasks = set(self._proxy.tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace_s)
+            self._proxy.closing = True
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        await self._runner.cleanup()
+        await self._proxy.session.close()
+
+
+class _Proxy:
+    """The request handler and its upstream session."""
+
+    def __init__(self, upstream: str, target: str, metrics: CallMetrics, max_body_bytes: int,
+                 timeout_s: float, connect_timeout_s: float) -> None:
+        url = URL(upstream)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
+        # userinfo in the upstream URL would be a secret: it is never sent as a path or logged
+        self.base = str(url.with_user(None).with_query(None).with_fragment(None)).rstrip("/")
+        self.target, self.metrics, self.max_body = target, metrics, max_body_bytes
+        self.tasks: set[asyncio.Task] = set()
+        self.closing = False
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s)
+        # No cookie jar (clients' cookies must not mix), no decompression (bytes pass unchanged),
+        # no connection limit (the clients' concurrency is the limit), TLS verification on (the default).
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"), trust_env=False)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Entry point for every request the proxy receives."""
+        t0 = perf_counter()
+        if request.method == "CONNECT":
+            return _error(405, "CONNECT is not supported: this is a reverse proxy", "method_not_allowed", True)
+        if not request.raw_path.startswith("/"):
+            return _error(400, "absolute-form request targets are refused: this proxy forwards only to its "
+                          "configured upstream", "invalid_request", True)
+        if request.method != "POST" or not request.path.endswith(METERED_SUFFIXES):
+            return await self._forward(request, None)
+        call = _Call(t0)
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        self.metrics.started(self.target, SOURCE)
+        try:
+            return await self._forward(request, call)
+        finally:
+            self.tasks.discard(task)
+            self.metrics.finished(call.record(self.target, self.metrics.model_label(self.target, call.model)))
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
+        """The request body, or None when it is over the limit."""
+        length = request.content_length
+        if length is not None and length > self.max_body:
+            return None
+        if not request.body_exists:
+            return b""
+        parts, size = [], 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def _forward(self, request: web.BaseRequest, call: _Call | None) -> web.StreamResponse:
+        body = await self._read_body(request)
+        if body is None:
+            if call is not None:
+                call.code, call.error_type, call.end = 413, records.CLIENT_ERROR, perf_counter()
+            return _error(413, f"request body over {self.max_body} bytes", "request_too_large", True)
+        drop = _dropped(request.headers, REQUEST_DROP)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
+        if call is not None:
+            call.model = _model_of(body)
+            headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
+        url = URL(self.base + request.raw_path, encoded=True)
+        try:
+            up = await self.session.request(request.method, url, headers=headers, data=body or None,
+                                            allow_redirects=False)
+        except TimeoutError:
+            return self._failed(call, 504, records.TIMEOUT, "upstream did not answer in time", "upstream_timeout")
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("upstream %s unreachable: %s", self.target, type(exc).__name__)
+            return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable")
+        try:
+            return await self._relay(request, up, call)
+        finally:
+            up.release()
+
+    def _failed(self, call: _Call | None, status: int, error_type: str, msg: str, kind: str) -> web.Response:
+        if call is not None:
+            call.code, call.error_type, call.end = status, error_type, perf_counter()
+        return _error(status, msg, kind)
+
+    async def _relay(self, request: web.BaseRequest, up: aiohttp.ClientResponse,
+                     call: _Call | None) -> web.StreamResponse:
+        """Stream the upstream response to the client chunk by chunk."""
+        drop = _dropped(up.headers, RESPONSE_DROP)
+        out = CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in drop)
+        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=out)
+        if up.content_length is not None and "chunked" not in up.headers.get("Transfer-Encoding", ""):
+            resp.content_length = up.content_length
+        if call is not None:
+            call.begin(up)
+        feed = call.feed if call is not None and (call.parser is not None or call.body is not None) else None
+        try:
+            await resp.prepare(request)
+            await self._pump(request, up, resp, call, feed)
+        except ConnectionError:
+            self._cut(call, records.CLIENT_DISCONNECT, up, None)
+        except asyncio.CancelledError:
+            # only close() cancels a handler (aiohttp's handler_cancellation is off)
+            self._cut(call, records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT, up, request)
+            raise
+        return resp
+
+    async def _pump(self, request, up, resp, call, feed) -> None:
+        read, write = up.content.readany, resp.write
+        while True:
+            try:
+                chunk = await read()
+            except TimeoutError:
+                return self._cut(call, records.TIMEOUT, up, request)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                return self._cut(call, records.STREAM_BROKEN, up, request)
+            if not chunk:
+                break
+            now = perf_counter()
+            await write(chunk)
+            if feed is not None:
+                feed(chunk, now)
+        await resp.write_eof()
+        if call is not None:
+            call.end = perf_counter()
+
+    @staticmethod
+    def _cut(call: _Call | None, error_type: str, up: aiohttp.ClientResponse, request) -> None:
+        """End a relayed call early: drop the upstream connection and, if given, the client's."""
+        if call is not None:
+            call.fail(error_type)
+            call.end = perf_counter()
+        up.close()
+        transport = request.transport if request is not None else None
+        if transport is not None:
+            transport.close()  # flushes what was written, then FIN: the client sees an unfinished body
+
+
+async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,
+                      max_body_bytes: int = 10 * 1024 * 1024, timeout_s: float = 300,
+                      connect_timeout_s: float = 10) -> ProxyServer:
+    """Start the metering proxy on host:port (0 = a free port) in the running event loop.
+
+    `timeout_s` bounds the wait for the upstream's response headers and every gap between body reads;
+    a stream may last longer as long as it keeps sending.
+    """
+    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s)
+    runner = web.ServerRunner(web.Server(proxy.handle, access_log=None), shutdown_timeout=1.0)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        await proxy.session.close()
+        raise
+    return ProxyServer(proxy, runner, site._server.sockets[0].getsockname()[1])
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """A standalone runner (benchmarks, debugging): python -m opskit.proxy --upstream URL."""
+    ap = argparse.ArgumentParser(prog="python -m opskit.proxy", description=_main.__doc__)
+    ap.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 = free)")
+    ap.add_argument("--upstream", required=True)
+    ap.add_argument("--target", default="default")
+    ap.add_argument("--ready-file", help="write {url, port, pid} as JSON here once listening")
+    args = ap.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    if not port.isdigit():
+        ap.error(f"--listen: expected host:port, got {args.listen!r}")
+    with contextlib.suppress(ImportError):
+        import uvloop
+        uvloop.install()
+    asyncio.run(_serve(host or "127.0.0.1", int(port), args))
+
+
+async def _serve(host: str, port: int, args: argparse.Namespace) -> None:
+    import gc
+    import os
+    import signal
+
+    from prometheus_client import CollectorRegistry
+    metrics = CallMetrics(CollectorRegistry(), {args.target: ()})
+    try:
+        server = await start_proxy(host, port, args.upstream, args.target, metrics)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"opskit proxy: {exc}") from None
+    gc.freeze()  # long-lived server: keep start-up objects out of the collector's scans (DESIGN.md)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    if args.ready_file:
+        info = {"url": f"http://{host}:{server.port}", "port": server.port, "pid": os.getpid()}
+        with open(args.ready_file + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.replace(args.ready_file + ".tmp", args.ready_file)
+    await stop.wait()
+    await server.close(grace_s=5)
+
+
+if __name__ == "__main__":
+    _main()

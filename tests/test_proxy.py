@@ -1,0 +1,332 @@
+"""The metering proxy over real loopback HTTP.
+
+First against a small aiohttp upstream written here (it can misbehave on purpose in ways that need
+exact control: cut bodies, gzip, echoing what it received), then against the real `opskit mock` with
+the real openai SDK as the client. The proxy runs in-process on an event loop in a thread, with a
+fresh CollectorRegistry per test, so values are read with get_sample_value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from opskit.callmetrics import CallMetrics
+from opskit.proxy import start_proxy
+
+TARGET = "t1"
+MODEL = "deepseek-chat"
+TIMEOUT = httpx.Timeout(10.0)
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; `run(coro)` runs a coroutine on it and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 20.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.run(self._cancel_all())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+    @staticmethod
+    async def _cancel_all() -> None:
+        """Cancel what is left (the upstream's deliberately hanging handlers) so the loop closes clean."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Proxied:
+    """A running proxy and the registry it reports to."""
+
+    def __init__(self, lt: LoopThread, upstream: str, **kw) -> None:
+        self.lt, self.registry = lt, CollectorRegistry()
+        self.metrics = CallMetrics(self.registry, {TARGET: [MODEL]})
+        self.server = lt.run(start_proxy("127.0.0.1", 0, upstream, TARGET, self.metrics, **kw))
+        self.url = f"http://127.0.0.1:{self.server.port}"
+
+    def count(self, code: int | str, error_type: str = "", model: str = MODEL) -> float:
+        v = self.registry.get_sample_value("opskit_llm_requests_total", {
+            "target": TARGET, "source": "proxy", "model": model, "code": str(code), "error_type": error_type})
+        return v or 0.0
+
+    def total(self) -> float:
+        """All metered calls, over every label combination."""
+        return sum(s.value for m in self.registry.collect() if m.name == "opskit_llm_requests"
+                   for s in m.samples if s.name == "opskit_llm_requests_total")
+
+    def settle(self, n: int, timeout: float = 5.0) -> float:
+        """Wait until `n` calls are recorded: a client may read the last byte before the proxy's
+        handler has returned and recorded the call."""
+        deadline = time.monotonic() + timeout
+        while self.total() < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.total()
+
+    def value(self, name: str, **labels) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+def loop_thread():
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+@pytest.fixture
+def proxy_factory(loop_thread):
+    made: list[Proxied] = []
+
+    def make(upstream: str, **kw) -> Proxied:
+        p = Proxied(loop_thread, upstream, **kw)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        loop_thread.run(p.server.close(grace_s=1))
+
+
+# ---------------------------------------------------------------- a small upstream that misbehaves on cue
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _delta(text: str) -> bytes:
+    return _sse({"choices": [{"index": 0, "delta": {"content": text}}]})
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    mode = request.headers.get("x-test-mode", "stream")
+    if mode == "hang":
+        await asyncio.sleep(30)
+    if mode in ("json", "gzip"):
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "hi"}}],
+                              "usage": {"prompt_tokens": 5, "completion_tokens": 1}}).encode()
+        headers = {"x-ratelimit-remaining-requests": "41", "x-ratelimit-remaining-tokens": "999"}
+        if mode == "gzip":
+            payload, headers["Content-Encoding"] = gzip.compress(payload), "gzip"
+        return web.Response(body=payload, content_type="application/json", headers=headers)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-echo-model": body["model"]})
+    await resp.prepare(request)
+    await resp.write(_sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}))
+    for i in range(3):
+        await resp.write(_delta(f"w{i} "))
+        if mode == "slow":
+            await asyncio.sleep(0.2)
+    if mode == "cut":
+        request.transport.close()  # mid-stream, no terminating chunk
+        return resp
+    if mode == "stall":
+        await asyncio.sleep(30)
+    if mode == "malformed":
+        await resp.write(b"data: {not json\n\n")
+    await resp.write(_sse({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}))
+    if mode != "nodone":
+        await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _echo(request: web.Request) -> web.Response:
+    body = await request.read()
+    return web.json_response({"method": request.method, "path": request.raw_path, "len": len(body),
+                              "headers": [[k, v] for k, v in request.headers.items()]},
+                             headers={"X-Multi": "a", "Connection": "keep-alive, X-Hop", "X-Hop": "secret-hop"})
+
+
+@pytest.fixture
+def upstream(loop_thread):
+    """The small upstream's root URL."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_route("*", "/echo/{tail:.*}", _echo)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+
+    port = loop_thread.run(start())
+    yield f"http://127.0.0.1:{port}"
+    loop_thread.run(runner.cleanup())
+
+
+def _post(url: str, mode: str = "stream", **kw) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": []},
+                      headers={"x-test-mode": mode}, timeout=TIMEOUT, **kw)
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data
+
+
+# ---------------------------------------------------------------- forwarding
+
+def test_forwards_request_and_strips_hop_by_hop(upstream, proxy_factory):
+    p = proxy_factory(upstream)
+    r = httpx.request("PUT", p.url + "/echo/a%2Fb?q=1&r=%20", content=b"x" * 1000, timeout=TIMEOUT,
+                      headers={"Authorization": "Bearer sk-test-secret", "X-Custom": "1", "Connection": "X-Drop",
+                               "X-Drop": "gone", "Proxy-Authorization": "Basic zzz"})
+    assert r.status_code == 200
+    seen = r.json()
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert seen["method"] == "PUT" and seen["path"] == "/echo/a%2Fb?q=1&r=%20" and seen["len"] == 1000
+    assert headers["authorization"] == "Bearer sk-test-secret" and headers["x-custom"] == "1"
+    assert headers["host"] == upstream.removeprefix("http://")
+    assert "x-drop" not in headers and "proxy-authorization" not in headers
+    # response: end-to-end headers kept, hop-by-hop (and those Connection names) dropped
+    assert r.headers["x-multi"] == "a" and "x-hop" not in r.headers
+    assert p.total() == 0  # not an LLM call: forwarded, not metered
+
+
+def test_refuses_absolute_form_and_connect(upstream, proxy_factory):
+    p = proxy_factory(upstream)
+    host = upstream.removeprefix("http://")
+    absolute = _raw(p.server.port, f"GET {upstream}/echo/x HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    assert absolute.startswith(b"HTTP/1.1 400 ")
+    connect = _raw(p.server.port, f"CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    assert connect.startswith(b"HTTP/1.1 405 ")
+    assert b"opskit-proxy" in absolute and b"opskit-proxy" in connect
+
+
+def test_body_over_limit_gets_413(upstream, proxy_factory):
+    p = proxy_factory(upstream, max_body_bytes=1000)
+    big = json.dumps({"model": MODEL, "pad": "x" * 2000}).encode()
+    r = httpx.post(p.url + "/v1/chat/completions", content=big, timeout=TIMEOUT)
+    assert r.status_code == 413
+
+    def chunked():  # no Content-Length: counted while reading
+        for _ in range(5):
+            yield b"x" * 400
+
+    r = httpx.post(p.url + "/v1/chat/completions", content=chunked(), timeout=TIMEOUT)
+    assert r.status_code == 413
+    assert p.settle(2) == 2 and p.count(413, "client_error", model="other") == 2
+    assert _post(p.url).status_code == 200  # small bodies still pass
+
+
+# ---------------------------------------------------------------- metering
+
+def test_stream_bytes_unchanged_and_metered(upstream, proxy_factory):
+    p = proxy_factory(upstream)
+    direct, proxied = _post(upstream), _post(p.url)
+    assert proxied.status_code == 200 and proxied.content == direct.content
+    assert proxied.headers["content-type"] == "text/event-stream"
+    assert p.settle(1) == 1
+    assert p.count(200) == 1
+    labels = {"target": TARGET, "source": "proxy", "model": MODEL}
+    assert p.value("opskit_llm_tokens_total", token_type="output", **labels) == 3
+    assert p.value("opskit_llm_tokens_total", token_type="input", **labels) == 7
+    assert p.value("opskit_llm_time_to_first_token_seconds_count", **labels) == 1
+    assert p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy") == 0
+
+
+def test_json_and_gzip_responses_metered(upstream, proxy_factory):
+    p = proxy_factory(upstream)
+    plain = _post(p.url, "json")
+    assert plain.json()["usage"]["completion_tokens"] == 1
+    raw = httpx.post(p.url + "/v1/chat/completions", json={"model": MODEL}, timeout=TIMEOUT,
+                     headers={"x-test-mode": "gzip", "Accept-Encoding": "gzip, br"})
+    assert raw.headers["content-encoding"] == "gzip" and json.loads(raw.content)["usage"]  # httpx decoded it
+    labels = {"target": TARGET, "source": "proxy", "model": MODEL}
+    assert p.settle(2) == 2 and p.count(200) == 2
+    assert p.value("opskit_llm_tokens_total", token_type="input", **labels) == 10
+    assert p.value("opskit_llm_ratelimit_remaining_requests", target=TARGET, source="proxy") == 41
+    assert p.value("opskit_llm_ratelimit_remaining_tokens", target=TARGET, source="proxy") == 999
+
+
+def test_upstream_down_gives_502(proxy_factory):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    p = proxy_factory(f"http://127.0.0.1:{dead}", connect_timeout_s=2)
+    r = _post(p.url)
+    assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_unreachable"
+    assert p.settle(1) == 1 and p.count(502, "connection") == 1
+
+
+def test_upstream_hang_gives_504(upstream, proxy_factory):
+    p = proxy_factory(upstream, timeout_s=0.3)
+    r = _post(p.url, "hang")
+    assert r.status_code == 504
+    assert p.settle(1) == 1 and p.count(504, "timeout") == 1
+
+
+@pytest.mark.parametrize("mode, error_type, client_sees_break", [
+    ("cut", "stream_broken", True), ("nodone", "stream_broken", False),
+    ("malformed", "stream_broken", False), ("stall", "timeout", True)])
+def test_broken_streams(upstream, proxy_factory, mode, error_type, client_sees_break):
+    p = proxy_factory(upstream, timeout_s=0.5)
+    broke = False
+    try:
+        with httpx.stream("POST", p.url + "/v1/chat/completions", json={"model": MODEL}, timeout=TIMEOUT,
+                          headers={"x-test-mode": mode}) as r:
+            body = b"".join(r.iter_raw())
+        assert b"w2" in body
+    except httpx.RemoteProtocolError:
+        broke = True
+    assert broke == client_sees_break
+    assert p.settle(1) == 1 and p.count(200, error_type) == 1
+
+
+def test_client_disconnect_counted(upstream, proxy_factory):
+    p = proxy_factory(upstream)
+    with httpx.stream("POST", p.url + "/v1/chat/completions", json={"model": MODEL}, timeout=TIMEOUT,
+                      headers={"x-test-mode": "slow"}) as r:
+        next(r.iter_raw())  # read the first bytes, then hang up mid-stream
+    assert p.settle(1) == 1 and p.count(200, "client_disconnect") == 1
+
+
+def test_close_drains_then_cuts(upstream, proxy_factory, loop_thread):
+    p = proxy_factory(upstream)
+    results: list[str] = []
+
+    def client():
+        try:
+            with httpx.stream("POST", p.url + "/v1/chat/completions", json={"model": MODEL},
+                              headers={"x-test-mode": "stall"}, timeout=TIMEOUT) as r:
+                b"".join(r.iter_raw())
+            results.append("complete")
+        except httpx.HTTPError as exc:
+            results.append(type(exc).__name__)
+
+    t = threading.Thread(target=client)
+    t.start()
+    for _ in range(100):
+        if p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy"):
+            break
+        threading.Event().wait(0.02)
+    loop_thread.run(p.server.close(grace_s=0.3))
+    t.join(5)
+    assert results == ["RemoteProtocolError"]
+    assert p.settle(1) == 1 and p.count(200, "stream_broken") == 1
