@@ -15,7 +15,9 @@ from opskit import __version__
 
 COMMANDS: dict[str, str] = {
     # name:        "module:click command"
+    "mock": "opskit.mock.cli:mock",
     "stack": "opskit.stack:stack",
+    "exporter": "opskit.exporter:exporter_command",
 }
 
 

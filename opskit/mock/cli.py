@@ -1,0 +1,140 @@
+"""`opskit mock`: flags -> settings -> run the API and admin listeners until SIGTERM/SIGINT.
+
+Examples:
+    opskit mock --listen 127.0.0.1:8000
+    opskit mock --listen 127.0.0.1:0 --ready-file /tmp/mock.json --seed 1 --error-rate 500=0.05
+    OPSKIT_MOCK_API_KEYS=sk-a,sk-b opskit mock --listen 127.0.0.1:8000 --auth bearer --rpm 60
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from opskit.mock.auth import ServerAuth, parse_pairs
+from opskit.mock.settings import Faults, Latency, Limits, SettingsError, parse_error_rates
+from opskit.mock.state import DEFAULT_MODELS, MockState
+
+ENV_KEYS = "OPSKIT_MOCK_API_KEYS"
+
+
+class OneLineCommand(click.Command):
+    """Usage errors print as one line (`Error: ...`) with exit status 2, without the usage block."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise click.UsageError(exc.format_message().replace("\n", " ")) from None
+
+
+def _fail(message: str) -> None:
+    raise click.UsageError(message)
+
+
+def parse_hostport(value: str, flag: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        _fail(f"{flag}: expected HOST:PORT (port 0 picks a free one), got {value!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _auth(scheme: str, api_keys: tuple[str, ...], clients: tuple[str, ...], ttl: float) -> ServerAuth:
+    keys = [k for k in api_keys if k] + [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+    try:
+        if scheme == "bearer":
+            if not keys:
+                _fail(f"--auth bearer needs at least one --api-key (or ${ENV_KEYS})")
+            return ServerAuth("bearer", api_keys=frozenset(keys))
+        if scheme == "hmac":
+            pairs = parse_pairs(keys, "--api-key")
+            if not pairs:
+                _fail(f"--auth hmac needs at least one --api-key KEYID:SECRET (or ${ENV_KEYS})")
+            return ServerAuth("hmac", hmac_keys=pairs)
+        if scheme == "oauth2":
+            pairs = parse_pairs(list(clients), "--client")
+            if not pairs:
+                _fail("--auth oauth2 needs at least one --client ID:SECRET")
+            return ServerAuth("oauth2", clients=pairs, token_ttl_s=ttl)
+    except ValueError as exc:
+        _fail(str(exc))
+    return ServerAuth("none")
+
+
+def _settings(o: dict) -> tuple[Latency, Faults, Limits]:
+    latency, faults, limits = Latency(), Faults(), Limits()
+    rates: dict[str, float] = {}
+    for item in o["error_rate"]:
+        status, sep, rate = item.partition("=")
+        try:
+            rates[status] = float(rate)
+        except ValueError:
+            _fail(f"--error-rate: expected STATUS=RATE like 500=0.05, got {item!r}")
+        if not sep:
+            _fail(f"--error-rate: expected STATUS=RATE like 500=0.05, got {item!r}")
+    try:
+        parse_error_rates(rates)
+        latency.update({k: o[k] for k in ("ttft_ms", "ttft_jitter_ms", "itl_ms", "itl_jitter_ms",
+                                           "output_tokens_mean", "output_tokens_spread", "tokens_per_chunk",
+                                           "capacity")})
+        faults.update({"error_rate": rates, "hang_rate": o["hang_rate"], "cut_rate": o["cut_rate"],
+                       "malformed_rate": o["malformed_rate"], "extra_ttft_ms": o["extra_ttft_ms"]})
+        limits.update({"rpm": o["rpm"], "tpm": o["tpm"], "daily_quota": o["daily_quota"],
+                       "window_s": o["rate_window_s"]})
+    except SettingsError as exc:
+        _fail(f"--{str(exc).replace('_', '-')}")
+    return latency, faults, limits
+
+
+@click.command(cls=OneLineCommand)
+@click.option("--listen", required=True, help="API address HOST:PORT (port 0 = a free port).")
+@click.option("--admin-listen", default="127.0.0.1:0", show_default=True, help="Admin address; loopback only.")
+@click.option("--ready-file", type=click.Path(dir_okay=False), help="Written (atomically) once listening: JSON url/admin_url/pid.")
+@click.option("--seed", type=int, help="Seed for the latency model and fault dice (reproducible runs).")
+@click.option("--ttft-ms", type=float, default=50.0, show_default=True)
+@click.option("--ttft-jitter-ms", type=float, default=10.0, show_default=True)
+@click.option("--itl-ms", type=float, default=10.0, show_default=True, help="Inter-token latency.")
+@click.option("--itl-jitter-ms", type=float, default=2.0, show_default=True)
+@click.option("--output-tokens-mean", type=float, default=64.0, show_default=True)
+@click.option("--output-tokens-spread", type=float, default=16.0, show_default=True)
+@click.option("--tokens-per-chunk", type=int, default=1, show_default=True)
+@click.option("--capacity", type=int, default=256, show_default=True, help="Concurrent generations; the rest queue.")
+@click.option("--error-rate", multiple=True, metavar="STATUS=RATE", help="Injected errors, e.g. 500=0.05 (500/502/503).")
+@click.option("--hang-rate", type=float, default=0.0, help="Fraction of requests never answered.")
+@click.option("--cut-rate", type=float, default=0.0, help="Fraction of streams closed half-way without [DONE].")
+@click.option("--malformed-rate", type=float, default=0.0, help="Fraction of streams with one chunk of invalid JSON.")
+@click.option("--extra-ttft-ms", type=float, default=0.0, help="Added to every TTFT.")
+@click.option("--rpm", type=int, help="Requests per window per API key (or client IP).")
+@click.option("--tpm", type=int, help="Tokens (prompt + output) per window per API key (or client IP).")
+@click.option("--rate-window-s", type=float, default=60.0, show_default=True, help="Rate-limit window length.")
+@click.option("--daily-quota", type=int, help="Requests per UTC day per API key; then 403 quota_exhausted.")
+@click.option("--auth", "auth_scheme", type=click.Choice(["none", "bearer", "oauth2", "hmac"]), default="none",
+              show_default=True)
+@click.option("--api-key", multiple=True, help=f"Bearer key, or KEYID:SECRET for hmac (also ${ENV_KEYS}, comma-separated).")
+@click.option("--client", multiple=True, metavar="ID:SECRET", help="OAuth2 client credentials.")
+@click.option("--token-ttl-s", type=float, default=3600.0, show_default=True, help="OAuth2 token lifetime.")
+@click.option("--model", "models", multiple=True, help="Served model names (default: deepseek-chat, deepseek-reasoner).")
+def mock(**o) -> None:
+    """Run the embedded OpenAI-compatible mock LLM server (fast and healthy by default)."""
+    host, port = parse_hostport(o["listen"], "--listen")
+    admin_host, admin_port = parse_hostport(o["admin_listen"], "--admin-listen")
+    if not is_loopback(admin_host):
+        _fail(f"--admin-listen: the admin API is loopback-only; got {admin_host!r}")
+    if o["token_ttl_s"] <= 0:
+        _fail("--token-ttl-s: expected a positive number")
+    latency, faults, limits = _settings(o)
+    auth = _auth(o["auth_scheme"], o["api_key"], o["client"], o["token_ttl_s"])
+    state = MockState(latency, faults, limits, auth, seed=o["seed"], models=tuple(o["models"]) or DEFAULT_MODELS)
+    from opskit.mock.run import serve  # aiohttp/uvloop only when actually serving
+    try:
+        serve(state, (host, port), (admin_host, admin_port), o["ready_file"])
+    except OSError as exc:
+        click.echo(f"Error: cannot listen: {exc.strerror or exc}", err=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,147 @@
+"""One generation, transport-agnostic: checks, fault dice, admission, schedule, playback.
+
+The HTTP (SSE and JSON) and WebSocket handlers share this path, so limits, faults and counters mean
+the same on every transport. Order: quota (403) -> rate limits (429) -> injected error (5xx) -> hang
+-> wait for capacity -> sample the schedule -> headers -> play it against absolute deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from opskit.mock.model import Schedule
+from opskit.mock.state import REASONING_MODELS, FaultDraw, MockState
+from opskit.mock.wire import Encoder, GenRequest, error_body
+
+_ERRORS = {
+    500: ("The server had an error while processing your request.", "server_error", "internal_error"),
+    502: ("Bad gateway.", "server_error", "bad_gateway"),
+    503: ("The engine is currently overloaded, please try again later.", "server_error", "overloaded"),
+}
+
+
+class Refused(Exception):
+    """A request answered with an error instead of a generation."""
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status)
+        self.status, self.body, self.headers = status, body, headers or {}
+
+
+class StreamCut(Exception):
+    """The cut fault fired: the transport must be closed without the end of the stream."""
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request holding a capacity slot (release it with `state.gate.release()`)."""
+
+    rid: str
+    req: GenRequest
+    sched: Schedule
+    enc: Encoder
+    admitted: float          # loop time the slot was taken
+    faults: FaultDraw
+    headers: dict[str, str]  # rate-limit and ground-truth headers
+
+
+def check(state: MockState, req: GenRequest, identity: str) -> tuple[dict[str, str], FaultDraw]:
+    """Quota, rate limits and injected errors; raises Refused. Returns rate headers and the fault draw."""
+    if req.model not in state.models:
+        raise Refused(400, error_body(f"The model '{req.model}' does not exist; available: "
+                                      f"{', '.join(state.models)}.", "invalid_request_error",
+                                      "model_not_found", "model"))
+    lim = state.limiter
+    if not lim.quota_available(identity):
+        raise Refused(403, error_body(f"Daily quota exhausted ({state.limits.daily_quota} requests per day); "
+                                      "it resets at 00:00 UTC.", "insufficient_quota", "quota_exhausted"))
+    verdict = lim.check(identity, req.prompt_tokens)
+    if not verdict.allowed:
+        what = verdict.which
+        limit = state.limits.rpm if what == "requests" else state.limits.tpm
+        msg = f"Rate limit reached for {what} per {state.limits.window_s:g} s (limit {limit}); retry after " \
+              f"{verdict.retry_after} s."
+        raise Refused(429, error_body(msg, what, "rate_limit_exceeded"),
+                      {"Retry-After": str(verdict.retry_after), **verdict.headers})
+    lim.quota_use(identity)
+    faults = state.draw_faults(req.stream)
+    if faults.error:
+        msg, type_, code = _ERRORS[faults.error]
+        raise Refused(faults.error, error_body(msg, type_, code), verdict.headers)
+    return verdict.headers, faults
+
+
+async def hang(state: MockState) -> None:
+    """The hang fault: never answer; ends only when the client goes away (the handler is cancelled)."""
+    state.counters.hangs += 1
+    await asyncio.get_running_loop().create_future()
+
+
+async def admit(state: MockState, req: GenRequest, identity: str, arrival: float, rid: str,
+                rate_headers: dict[str, str], faults: FaultDraw) -> Admission:
+    """Wait for capacity, then sample the whole schedule; the caller must release the slot."""
+    await state.gate.acquire()
+    loop_now = asyncio.get_running_loop().time()
+    sched = state.model.sample(req.n, req.max_tokens, state.faults.extra_ttft_ms,
+                               req.kind == "chat" and req.model in REASONING_MODELS)
+    queue = loop_now - arrival
+    state.limiter.charge(identity, sched.output_tokens)
+    state.counters.input_tokens += req.prompt_tokens
+    headers = dict(rate_headers)
+    headers.update({
+        "x-mock-request-id": rid,
+        "x-mock-queue-ms": f"{queue * 1000:.3f}",
+        "x-mock-ttft-ms": f"{(queue + sched.ttft) * 1000:.3f}",
+        "x-mock-output-tokens": str(sched.output_tokens),
+        "x-mock-prompt-tokens": str(req.prompt_tokens),
+    })
+    return Admission(rid, req, sched, Encoder(req, rid, int(time.time())), loop_now, faults, headers)
+
+
+async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitable[None]]) -> None:
+    """Send a stream's chunk payloads on schedule; raises StreamCut when the cut fault fires.
+
+    The caller frames each payload (SSE `data:` event or WebSocket message) and sends the end marker.
+    """
+    loop = asyncio.get_running_loop()
+    sched, enc, counters, t0 = adm.sched, adm.enc, state.counters, adm.admitted
+    plans, times = sched.plans, sched.chunk_times
+    cut_at = len(times) // 2 if adm.faults.cut else -1
+    bad_at = len(times) // 2 if adm.faults.malformed else -1
+    if adm.req.kind == "chat":
+        for c in range(len(plans)):
+            await send(enc.role(c))
+    sleep = asyncio.sleep
+    for j, due in enumerate(times):
+        if j == cut_at:
+            counters.streams_cut += 1
+            raise StreamCut
+        delay = t0 + due - loop.time()
+        if delay > 0:
+            await sleep(delay)
+        for c, plan in enumerate(plans):
+            if j < len(plan):
+                kind, start, count = plan[j]
+                payload = enc.text(c, kind, sched.words(c, start, count))
+                if j == bad_at:
+                    payload = payload[: len(payload) // 2]   # cut mid-object: not valid JSON
+                    counters.malformed_chunks += 1
+                await send(payload)
+                counters.output_tokens += count
+    for c in range(len(plans)):
+        await send(enc.finish(c, enc.finish_reason(sched, c)))
+    if adm.req.include_usage:
+        await send(enc.usage_chunk(sched))
+
+
+async def complete(state: MockState, adm: Admission) -> bytes:
+    """A non-streamed generation: wait until its last token is due, then the whole body."""
+    loop = asyncio.get_running_loop()
+    delay = adm.admitted + adm.sched.end - loop.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+    state.counters.output_tokens += adm.sched.output_tokens
+    return adm.enc.whole(adm.sched)

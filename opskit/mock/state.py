@@ -1,0 +1,119 @@
+"""The mock's shared state: settings, latency model, capacity gate, limits, auth, counters, fault draws.
+
+One event loop owns all of it, so nothing here locks. Counters are exact: every response of the API
+listener is counted by status exactly once, when it is sent (a stream when its headers go out), and a
+request that never gets a response (client went away, hang) is counted by what happened to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from dataclasses import dataclass, field
+
+from opskit.mock.auth import ServerAuth
+from opskit.mock.limits import Gate, RateLimiter
+from opskit.mock.model import LatencyModel
+from opskit.mock.settings import Faults, Latency, Limits
+
+DEFAULT_MODELS = ("deepseek-chat", "deepseek-reasoner")
+REASONING_MODELS = frozenset({"deepseek-reasoner"})
+
+
+@dataclass
+class Counters:
+    """What the API listener did, for `GET /admin/counters` (reconciled against clients and proxies)."""
+
+    requests: dict[str, int] = field(default_factory=dict)   # HTTP status -> responses
+    by_path: dict[str, int] = field(default_factory=dict)    # route path -> responses
+    ws: dict[str, int] = field(default_factory=dict)         # WebSocket requests by equivalent status
+    input_tokens: int = 0
+    output_tokens: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_cut: int = 0
+    malformed_chunks: int = 0
+    client_disconnects: int = 0
+    hangs: int = 0
+    in_flight: int = 0
+
+    def response(self, status: int, path: str) -> None:
+        key = str(status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self.by_path[path] = self.by_path.get(path, 0) + 1
+
+    def reset(self) -> None:
+        """Zero everything but in_flight (those requests are still running)."""
+        in_flight = self.in_flight
+        self.__init__()
+        self.in_flight = in_flight
+
+    def to_json(self) -> dict:
+        return {"requests": dict(sorted(self.requests.items())), "by_path": dict(sorted(self.by_path.items())),
+                "ws": dict(sorted(self.ws.items())),
+                "tokens": {"input": self.input_tokens, "output": self.output_tokens},
+                "streams_started": self.streams_started, "streams_completed": self.streams_completed,
+                "streams_cut": self.streams_cut, "malformed_chunks": self.malformed_chunks,
+                "client_disconnects": self.client_disconnects, "hangs": self.hangs, "in_flight": self.in_flight}
+
+
+@dataclass(frozen=True, slots=True)
+class FaultDraw:
+    """What the fault dice said for one request."""
+
+    error: int = 0          # 0 or the injected status
+    hang: bool = False
+    cut: bool = False
+    malformed: bool = False
+
+
+NO_FAULT = FaultDraw()
+
+
+class MockState:
+    """Everything the API and admin handlers share."""
+
+    def __init__(self, latency: Latency, faults: Faults, limits: Limits, auth: ServerAuth,
+                 seed: int | None = None, models: tuple[str, ...] = DEFAULT_MODELS) -> None:
+        self.latency, self.faults, self.limits, self.auth = latency, faults, limits, auth
+        self.models = models
+        self.model = LatencyModel(latency, seed)
+        # Faults draw from their own RNG, so turning a fault on does not shift the latency sequence.
+        self.fault_rng = random.Random(None if seed is None else seed + 1)
+        self.gate = Gate(latency.capacity)
+        self.limiter = RateLimiter(limits)
+        self.counters = Counters()
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4).hex()
+
+    def request_id(self) -> str:
+        return f"mock-{self._prefix}-{next(self._ids)}"
+
+    def draw_faults(self, stream: bool) -> FaultDraw:
+        """Roll the dice for one request; cut and malformed apply to streams only."""
+        f, rnd = self.faults, self.fault_rng.random
+        if not (f.error_rate or f.hang_rate or f.cut_rate or f.malformed_rate):
+            return NO_FAULT
+        error = 0
+        if f.error_rate:
+            r, acc = rnd(), 0.0
+            for status, rate in sorted(f.error_rate.items()):
+                acc += rate
+                if r < acc:
+                    error = status
+                    break
+        hang = bool(f.hang_rate) and rnd() < f.hang_rate
+        cut = stream and bool(f.cut_rate) and rnd() < f.cut_rate
+        malformed = stream and bool(f.malformed_rate) and rnd() < f.malformed_rate
+        return FaultDraw(error, hang, cut, malformed)
+
+    def apply_latency(self, changes: object) -> None:
+        """Admin update of the latency model; a capacity change takes effect at once."""
+        self.latency.update(changes)
+        self.gate.resize(self.latency.capacity)
+
+    def reset(self) -> None:
+        """`POST /admin/reset`: zero counters and forget rate-limit windows and daily quotas."""
+        self.counters.reset()
+        self.limiter.reset()
