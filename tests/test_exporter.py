@@ -1,0 +1,265 @@
+"""The exporter: registry building in-process, the CLI's errors with CliRunner, and the real
+`opskit exporter` process over HTTP (no NVML, fake NVML, metering proxy in front of the mock)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+from opskit import __version__, catalog, config, exporter
+from opskit.cli import main
+from opskit.gpu import GpuCollector
+from opskit.records import CallRecord
+from tests.conftest import ROOT, need_binary, stop, wait_for_file
+from tests.fakenvml import NOT_SUPPORTED, fake_gpus, uuid_for, write_state
+
+SECRET = "sk-test-must-never-appear-0123456789"
+
+
+# ---------------------------------------------------------------------------------------- in-process
+
+def test_build_registry_is_fresh_and_from_the_catalogue():
+    cfg = config.parse({"targets": [
+        {"name": "ds", "base_url": "https://api.deepseek.com", "models": ["deepseek-chat"],
+         "daily_quota_requests": 5000},
+        {"name": "gpu", "base_url": "http://vllm:8000/v1"},
+    ]}, env={})
+    reg1, calls1 = exporter.build_registry(cfg)
+    reg2, _ = exporter.build_registry(cfg)          # a second one does not clash: no global state
+    assert reg1.get_sample_value("opskit_build_info", {"version": __version__}) == 1
+    assert reg1.get_sample_value("opskit_llm_quota_limit_requests", {"target": "ds"}) == 5000
+    assert reg1.get_sample_value("opskit_llm_quota_limit_requests", {"target": "gpu"}) is None
+    calls1.observe(CallRecord("ds", "proxy", "secret-finetune", 200, "", 0.3, ttft_s=0.1))
+    labels = {"target": "ds", "source": "proxy", "model": "other", "code": "200", "error_type": ""}
+    assert reg1.get_sample_value("opskit_llm_requests_total", labels) == 1
+    assert reg2.get_sample_value("opskit_llm_requests_total", labels) is None
+    names = {f.name for f in reg1.collect()}
+    assert names <= {m.name.removesuffix("_total") for m in catalog.ALL}
+
+
+def test_build_registry_with_gpu_collector(fake_nvml, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_NVML_STATE", str(write_state(tmp_path / "s", fake_gpus(2, util=42))))
+    gpu = GpuCollector(lib_path=str(fake_nvml))
+    try:
+        reg, _ = exporter.build_registry(config.Config(), gpu)
+        labels = {"gpu": "1", "uuid": uuid_for(1)}
+        assert reg.get_sample_value("opskit_gpu_utilization_ratio", labels) == pytest.approx(0.42)
+        assert reg.get_sample_value("opskit_gpu_up") == 1
+    finally:
+        gpu.close()
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("127.0.0.1:0", ("127.0.0.1", 0)), (":9464", ("0.0.0.0", 9464)), ("[::1]:80", ("::1", 80)),
+])
+def test_parse_hostport(value, expected):
+    assert exporter.parse_hostport(value) == expected
+
+
+@pytest.mark.parametrize("value", ["9464", "host:", "host:http", "h:70000"])
+def test_parse_hostport_rejects(value):
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        exporter.parse_hostport(value)
+
+
+def test_urls_for_logs_and_ready_file():
+    assert exporter.redact_url("https://user:pw@api.x.com/v1?key=abc") == "https://api.x.com/v1"
+    assert exporter.local_url("0.0.0.0", 5) == "http://127.0.0.1:5"
+    assert exporter.local_url("::", 5) == "http://[::1]:5"
+    cfg = config.parse({"targets": [{"name": "a", "base_url": "http://h:1/v1"}]}, env={})
+    assert exporter.proxy_target(cfg, None) == ("a", "http://h:1/v1")
+    assert exporter.proxy_target(cfg, "http://h:1/v1/") == ("a", "http://h:1/v1/")
+    assert exporter.proxy_target(cfg, "http://other") == ("default", "http://other")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--listen", "nonsense"], "HOST:PORT"),
+    (["--upstream", "http://x"], "--upstream needs --proxy-listen"),
+    (["--proxy-listen", "127.0.0.1:0", "--upstream", "ftp://x"], "--upstream"),
+    (["--proxy-listen", "127.0.0.1:0"], "targets"),          # nothing to proxy to
+    (["--probe"], "targets"),                                 # nothing to probe
+    (["--config", "/nonexistent/opskit.yaml"], "opskit.yaml"),
+    (["--nvml-lib", "/nonexistent/libnvidia-ml.so.1"], "nvml-lib"),
+    (["--max-body-bytes", "0"], "max-body-bytes"),
+])
+def test_cli_errors_are_one_line_exit_2(args, needle, clean_env):
+    r = CliRunner().invoke(main, ["exporter", *args])
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_help():
+    r = CliRunner().invoke(main, ["exporter", "--help"])
+    assert r.exit_code == 0
+    for flag in ("--listen", "--proxy-listen", "--upstream", "--probe", "--no-gpu", "--nvml-lib",
+                 "--ready-file", "--max-body-bytes"):
+        assert flag in r.output
+
+
+# ------------------------------------------------------------------------------------ real processes
+
+class Running:
+    """A running `opskit exporter` subprocess and what its ready file said."""
+
+    def __init__(self, proc: subprocess.Popen, info: dict) -> None:
+        self.proc, self.info, self.url = proc, info, info["url"]
+
+    def get(self, path: str) -> tuple[int, str, str]:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read().decode()
+
+    def metrics(self) -> str:
+        return self.get("/metrics")[2]
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM; (exit code, stderr)."""
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err.decode()
+
+
+@pytest.fixture
+def start_exporter(tmp_path):
+    """Factory: start_exporter(*flags, env=...) -> Running; killed at teardown if still up."""
+    procs = []
+
+    def start(*flags: str, env: dict | None = None) -> Running:
+        ready = tmp_path / f"exporter-ready-{len(procs)}.json"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--ready-file", str(ready),
+             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+        procs.append(proc)
+        return Running(proc, wait_for_file(ready, proc))
+
+    yield start
+    for p in procs:
+        stop(p)
+
+
+def base_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OPSKIT_", "NVIDIA_", "CUDA_", "FAKE_NVML")) and k != "LD_LIBRARY_PATH"}
+    env.update(extra)
+    return env
+
+
+def sample(text: str, name: str, **labels) -> float | None:
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+def promtool_check(text: str) -> None:
+    out = subprocess.run([need_binary("promtool"), "check", "metrics"], input=text.encode(),
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out
+
+
+@pytest.mark.slow
+def test_exporter_without_nvml_serves_and_stops_cleanly(start_exporter):
+    env = base_env(OPSKIT_API_KEY=SECRET)
+    ex = start_exporter("--target", "https://api.deepseek.com", env=env)
+    assert ex.info["proxy_url"] is None and ex.info["pid"] == ex.proc.pid
+    assert ex.get("/healthz")[:3:2] == (200, "ok")
+    status, ctype, text = ex.get("/metrics")
+    assert status == 200 and ctype.startswith("text/plain")
+    assert sample(text, "opskit_gpu_up") == 0
+    assert sample(text, "opskit_gpu_utilization_ratio") is None
+    assert sample(text, "opskit_build_info", version=__version__) == 1
+    assert "_created" not in text
+    promtool_check(text)
+    ex.metrics()
+    code, err = ex.stop()
+    assert code == 0, err
+    assert err.count("NVML unavailable") == 1       # one line, not one per scrape
+    assert SECRET not in err and SECRET not in text
+    assert "gpu on" in err and "probe off" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_exporter_with_fake_nvml_through_ld_library_path(start_exporter, fake_nvml, tmp_path):
+    state = write_state(tmp_path / "gpus", fake_gpus(8, util=30))
+    env = base_env(LD_LIBRARY_PATH=str(fake_nvml.parent), FAKE_NVML_STATE=str(state))
+    ex = start_exporter(env=env)
+    text = ex.metrics()
+    assert sample(text, "opskit_gpu_up") == 1
+    assert [sample(text, "opskit_gpu_utilization_ratio", gpu=str(i)) for i in range(8)] == [0.3] * 8
+    assert sample(text, "opskit_gpu_info", gpu="0", driver_version="550.54.15") == 1
+    promtool_check(text)
+
+    gpus = fake_gpus(8, util=30)
+    gpus[2].util, gpus[5].lost, gpus[6].power_mw = 95, True, NOT_SUPPORTED
+    write_state(state, gpus)
+    text = ex.metrics()
+    assert sample(text, "opskit_gpu_utilization_ratio", gpu="2") == 0.95
+    assert sample(text, "opskit_gpu_utilization_ratio", gpu="5") is None      # lost: all its series gone
+    assert sample(text, "opskit_gpu_info", gpu="5") is None
+    assert sample(text, "opskit_gpu_power_watts", gpu="6") is None            # unsupported: that one only
+    assert sample(text, "opskit_gpu_temperature_celsius", gpu="6") == 40
+    assert sample(text, "opskit_gpu_collect_errors_total", reason="gpu_is_lost") == 1
+    promtool_check(text)
+    assert ex.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_exporter_nvml_lib_flag_and_visible_devices(start_exporter, fake_nvml, tmp_path):
+    state = write_state(tmp_path / "gpus", fake_gpus(4, util=10))
+    env = base_env(FAKE_NVML_STATE=str(state), NVIDIA_VISIBLE_DEVICES=f"0,{uuid_for(3)}")
+    ex = start_exporter("--nvml-lib", str(fake_nvml), env=env)
+    text = ex.metrics()
+    present = [i for i in range(4) if sample(text, "opskit_gpu_utilization_ratio", gpu=str(i)) is not None]
+    assert present == [0, 3]
+    assert ex.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_exporter_no_gpu_flag(start_exporter):
+    ex = start_exporter("--no-gpu", env=base_env())
+    text = ex.metrics()
+    assert "opskit_gpu_up" not in text
+    promtool_check(text)
+    code, err = ex.stop()
+    assert code == 0 and "gpu off" in err and "NVML" not in err
+
+
+@pytest.mark.slow
+def test_exporter_meters_calls_through_the_proxy(start_exporter, mock_server):
+    openai = pytest.importorskip("openai")
+    ex = start_exporter("--no-gpu", "--proxy-listen", "127.0.0.1:0", "--upstream", mock_server.url,
+                        env=base_env())
+    client = openai.OpenAI(base_url=ex.info["proxy_url"] + "/v1", api_key=SECRET, timeout=20, max_retries=0)
+    stream = client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, stream_options={"include_usage": True}, max_tokens=8)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    text = ex.metrics()
+    assert sample(text, "opskit_llm_requests_total", target="default", source="proxy", code="200",
+                  error_type="") == 1
+    assert sample(text, "opskit_llm_time_to_first_token_seconds_count", target="default") == 1
+    assert SECRET not in text
+    promtool_check(text)
+    code, err = ex.stop()
+    assert code == 0 and SECRET not in err and "proxy http://127.0.0.1:" in err
+
+
+@pytest.mark.slow
+def test_exporter_port_in_use_is_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "opskit", "exporter", "--no-gpu", "--listen",
+                              f"127.0.0.1:{port}"], capture_output=True, timeout=30, cwd=ROOT, env=base_env())
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "cannot listen" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
