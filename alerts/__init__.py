@@ -1,0 +1,1 @@
+"""Prometheus alert rules and Alertmanager routing for opskit, generated from opskit.thresholds."""

@@ -1,0 +1,194 @@
+"""Alert rules and Alertmanager config: generated from the thresholds, only catalogue series,
+complete annotations, promtool-tested on both sides of every `for:`, and routed/inhibited by a
+real Alertmanager."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from alerts import alertmanager, generate, rules
+from alerts.promql import series_names
+from opskit import catalog, thresholds
+from tests.conftest import need_binary
+
+ALERTS_DIR = Path(__file__).resolve().parent.parent / "alerts"
+T = thresholds.Thresholds()
+
+
+def _rules(text: str) -> list[dict]:
+    return [r for g in yaml.safe_load(text)["groups"] for r in g["rules"]]
+
+
+def _alert_rules(text: str) -> dict[str, dict]:
+    return {r["alert"]: r for r in _rules(text) if "alert" in r}
+
+
+def test_committed_files_are_what_the_generator_writes():
+    # THRESHOLDS is what `python -m alerts.generate` uses; a changed threshold must be regenerated.
+    for name, text in generate.outputs(thresholds.THRESHOLDS).items():
+        assert (ALERTS_DIR / name).read_text() == text, f"alerts/{name} is stale: run python -m alerts.generate"
+
+
+def test_rules_name_only_catalogue_series_or_own_recordings():
+    known = catalog.all_series() | rules.recording_names()
+    seen = set()
+    for rule in _rules(generate.render_rules(T)):
+        names = series_names(rule["expr"])
+        assert names, f"no series found in {rule['expr']!r}"
+        assert names <= known, f"{rule.get('alert') or rule['record']} names unknown series {names - known}"
+        seen |= names
+    # The scanner must be finding real names, not skipping everything.
+    assert {"opskit_llm_requests_total", "opskit_gpu_up", "up", rules.TTFT_P95} <= seen
+
+
+def test_series_scanner_ignores_functions_labels_and_keywords():
+    expr = ('histogram_quantile(0.9, sum by (target, le) (rate(a_bucket{x=~"b|c"}[5m]))) '
+            '/ on(target) group_left(model) b_total offset 1h > bool 1e3 and c unless d{e=""}')
+    assert series_names(expr) == {"a_bucket", "b_total", "c", "d"}
+
+
+def test_recording_rule_names_follow_level_metric_operation():
+    for name in rules.recording_names():
+        assert re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", name), name
+
+
+def test_thresholds_sit_on_bucket_edges():
+    for field, (value, buckets) in catalog.threshold_edges(thresholds.THRESHOLDS).items():
+        assert value in buckets, f"{field}={value} is not a bucket edge of {buckets}"
+
+
+def test_every_alert_has_severity_annotations_and_a_runbook_section():
+    runbook = (ALERTS_DIR / "runbook.md").read_text()
+    anchors = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, re.M)}
+    alerts = _alert_rules(generate.render_rules(T, runbook_base="https://wiki.example/runbook"))
+    assert len(alerts) >= 13
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in alertmanager.SEVERITY_RECEIVER, name
+        ann = rule["annotations"]
+        assert ann["summary"] and ann["description"], name
+        assert "$value" in ann["description"] or "for" in rule, name
+        assert "$labels.target" in ann["description"] or "$labels.instance" in ann["description"], name
+        assert ann["runbook_url"] == f"https://wiki.example/runbook#{name.lower()}"
+        assert name.lower() in anchors, f"runbook.md has no section for {name}"
+
+
+def test_required_alerts_and_their_thresholds():
+    alerts = _alert_rules(generate.render_rules(T))
+    assert alerts["LLMHighTimeToFirstToken"]["expr"].endswith("> 0.5")
+    assert alerts["LLMHighTimeToFirstToken"]["for"] == "5m"
+    assert alerts["LLMHighRequestLatency"]["expr"].endswith("> 2")
+    assert alerts["LLMHighErrorRate"]["labels"]["severity"] == "warning"
+    assert alerts["LLMErrorRateCritical"]["labels"]["severity"] == "critical"
+    assert alerts["LLMErrorRateCritical"]["for"] == "2m"
+    assert alerts["GPUHighUtilization"]["expr"].endswith("> 0.9")
+    assert "opskit_llm_quota_limit_requests" in alerts["LLMQuotaNearlyExhausted"]["expr"]
+    # 99% SLO: budget 1%, so 14.4x is 0.144.
+    assert "> 0.144" in alerts["LLMErrorBudgetFastBurn"]["expr"]
+
+
+def _promtool_tests() -> list[dict]:
+    return [yaml.safe_load(p.read_text()) for p in sorted((ALERTS_DIR / "tests").glob("*.yml"))]
+
+
+def test_every_alert_is_promtool_tested_on_both_sides_of_for():
+    quiet, fired = {}, {}
+    for doc in _promtool_tests():
+        for case in doc["tests"]:
+            for t in case.get("alert_rule_test", []):
+                bucket = fired if t.get("exp_alerts") else quiet
+                bucket.setdefault(t["alertname"], []).append(t["eval_time"])
+    for name, rule in _alert_rules(generate.render_rules(T)).items():
+        assert name in fired, f"no promtool test sees {name} fire"
+        assert name in quiet, f"no promtool test checks {name} stays quiet"
+        if "for" in rule:
+            # Some quiet check must sit one evaluation step (1m) before a firing check.
+            before = {_minutes(f) - 1 for f in fired[name]}
+            assert before & {_minutes(q) for q in quiet[name]}, f"{name}: no check one step before firing"
+
+
+def _minutes(duration: str) -> int:
+    value, unit = int(duration[:-1]), duration[-1]
+    return value * {"m": 1, "h": 60}[unit]
+
+
+def test_promtool_tests_fix_the_group_order():
+    groups = [g.name for g in rules.groups(T)]
+    for doc in _promtool_tests():
+        assert doc["group_eval_order"] == groups
+
+
+def test_short_for_replaces_every_for_and_is_valid_for_promtool(tmp_path):
+    text = generate.render_rules(T, short_for="30s", eval_interval="5s", exporter_job="drill-exporter")
+    alerts = _alert_rules(text)
+    assert {r["for"] for r in alerts.values() if "for" in r} == {"30s"}
+    assert 'up{job=~"drill-exporter"}' in alerts["OpskitExporterDown"]["expr"]
+    assert all(g["interval"] == "5s" for g in yaml.safe_load(text)["groups"])
+    path = tmp_path / "drill.rules.yml"
+    path.write_text(text)
+    proc = subprocess.run([need_binary("promtool"), "check", "rules", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("kw", [{"short_for": "soon"}, {"eval_interval": "5"}])
+def test_bad_durations_are_rejected(kw):
+    with pytest.raises(ValueError, match="not a Prometheus duration"):
+        generate.render_rules(T, **kw)
+
+
+def test_cli_writes_checks_and_reports_staleness(tmp_path, clean_env):
+    runner = CliRunner()
+    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--check"])
+    assert res.exit_code == 1 and "out of date" in res.output
+    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--receiver-url", "http://127.0.0.1:9/hook"])
+    assert res.exit_code == 0, res.output
+    am = yaml.safe_load((tmp_path / "alertmanager.yml").read_text())
+    assert {c["url"] for r in am["receivers"] for c in r["webhook_configs"]} == {"http://127.0.0.1:9/hook"}
+    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--check", "--receiver-url",
+                                        "http://127.0.0.1:9/hook"])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, clean_env):
+    runner = CliRunner()
+    bad = tmp_path / "t.yaml"
+    bad.write_text("ttft_p95_seconds: fast\n")
+    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--thresholds", str(bad)])
+    assert res.exit_code == 2 and "ttft_p95_seconds" in res.output and "Traceback" not in res.output
+    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--short-for", "quick"])
+    assert res.exit_code == 2 and "not a Prometheus duration" in res.output
+    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--pager-url", "ftp://x"])
+    assert res.exit_code == 2 and "pager receiver URL" in res.output
+
+
+def test_threshold_override_file_changes_the_rules(tmp_path, clean_env):
+    override = tmp_path / "t.yaml"
+    override.write_text("ttft_p95_seconds: 0.75\nerror_ratio: 0.05\nerror_for: 7m\n")
+    alerts = _alert_rules(generate.render_rules(thresholds.load(override)))
+    assert alerts["LLMHighTimeToFirstToken"]["expr"].endswith("> 0.75")
+    assert "750ms" in alerts["LLMHighTimeToFirstToken"]["annotations"]["description"]
+    assert alerts["LLMHighErrorRate"]["expr"].endswith("> 0.05") and alerts["LLMHighErrorRate"]["for"] == "7m"
+    slo = dataclasses.replace(T, availability_slo=0.999)
+    assert "> 0.0144" in _alert_rules(generate.render_rules(slo))["LLMErrorBudgetFastBurn"]["expr"]
+
+
+def test_alertmanager_config_with_custom_urls_passes_amtool(tmp_path):
+    urls = {"pager": "https://pager.example/hook", "chat": "http://127.0.0.1:8080/chat"}
+    path = tmp_path / "am.yml"
+    path.write_text(generate.render_alertmanager(urls=urls, group_wait="1s"))
+    amtool = need_binary("amtool")
+    proc = subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = subprocess.run([amtool, "config", "routes", "test", f"--config.file={path}",
+                           "--verify.receivers=pager", "severity=critical", "target=api"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with pytest.raises(ValueError, match="unknown receiver"):
+        alertmanager.config(urls={"sms": "http://x"})
