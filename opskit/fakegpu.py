@@ -28,25 +28,19 @@ def _builder():
         raise FakeGpuUnavailable(f"cannot import tests.fakenvml: {exc}") from None
 
 
-def default_gpus(utilization: float = 0.2) -> list[dict]:
-    """One healthy GPU at `utilization` (0-1)."""
-    return [{"name": "Fake H100", "uuid": "GPU-fake-0000", "utilization": round(utilization * 100),
-             "memory_used": 20 * 2**30, "memory_total": 80 * 2**30, "temperature": 45, "power_mw": 150000}]
-
-
 def prepare(dest: Path, utilization: float = 0.2) -> tuple[Path, Path]:
     """Build the fake library into `dest` and write an initial state: (library dir, state file)."""
     mod = _builder()
-    dest.mkdir(parents=True, exist_ok=True)
     try:
         lib = Path(mod.build_fake_nvml(dest))
-    except Exception as exc:  # a compiler problem is reported, not raised as a traceback
+    except Exception as exc:  # no gcc, no nvml.h: reported in one line, not as a traceback
         raise FakeGpuUnavailable(f"cannot build the fake NVML: {exc}") from None
-    state = dest / "state.json"
+    state = dest / "gpus.state"
     set_utilization(state, utilization)
-    return (lib.parent if lib.is_file() else lib), state
+    return lib.parent, state
 
 
 def set_utilization(state: Path, utilization: float) -> None:
-    """Rewrite the state file so that the (single) fake GPU reports `utilization` (0-1)."""
-    _builder().write_state(state, default_gpus(utilization))
+    """Rewrite the state file so that the (single, otherwise healthy) fake GPU is `utilization` busy."""
+    mod = _builder()
+    mod.write_state(state, mod.fake_gpus(1, util=round(utilization * 100), mem_used=20 * mod.GIB))
