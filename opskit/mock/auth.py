@@ -22,6 +22,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from opskit.auth import WS_PATH, sign  # one definition of the signature, shared with the client
+
 SCHEMES = ("none", "bearer", "oauth2", "hmac")
 MAX_SKEW_S = 300.0
 
@@ -136,15 +138,6 @@ class ServerAuth:
         if not isinstance(cred, str) or not cred:
             raise AuthError("invalid_api_key", "auth message needs api_key (or token for oauth2).")
         return self.check_bearer(cred)
-
-
-WS_PATH = "/v1/chat/stream"
-
-
-def sign(secret: str, stamp: str, method: str, path: str, body: bytes) -> str:
-    """hex HMAC-SHA256(secret, TIMESTAMP + METHOD + PATH + BODY): the scheme's signature."""
-    msg = stamp.encode() + method.upper().encode() + path.encode() + body
-    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
 
 
 def parse_pairs(values: list[str], what: str) -> dict[str, str]:

@@ -1,0 +1,163 @@
+"""Client-side authentication for any transport: bearer keys, OAuth2 client credentials, HMAC signing.
+
+Build one `Authenticator` per target from its `opskit.config.AuthConfig` and ask it for the headers
+of each request; it does no I/O of its own except fetching OAuth2 tokens.
+
+    auth = Authenticator(target.auth)
+    headers = auth.headers("POST", "/v1/chat/completions", body)          # requests / gevent (sync)
+    headers = await auth.aheaders("POST", "/v1/chat/completions", body)   # aiohttp (asyncio)
+    ws.send(json.dumps(auth.ws_auth_message()))                           # WebSocket transport
+
+Schemes (AuthConfig.scheme):
+- none:   no headers.
+- bearer: `Authorization: Bearer <api_key>`.
+- oauth2: `Authorization: Bearer <token>`; the token comes from a client-credentials grant
+  (`POST token_url`, form body `grant_type=client_credentials[&scope=...]`, the client id and secret
+  as HTTP Basic), made with the standard library, cached, and fetched again when less than 10 % of its
+  lifetime (at most 60 s) is left. Fetches are serialised by a lock, so threads and greenlets share
+  one token; `aheaders()` runs a fetch in a worker thread so the event loop never blocks.
+  `invalidate()` drops the cached token (call it after a 401, then retry once).
+- hmac:   `X-DS-APIKey: <api_key>`, `X-DS-Timestamp: <unix seconds>`, `X-DS-Signature: hex
+  HMAC-SHA256(secret_key, TIMESTAMP + METHOD + PATH + BODY)`, PATH being the path as sent on the wire
+  (query string included). The WebSocket auth message signs `TIMESTAMP + "GET" + WS_PATH`.
+
+A failed token fetch raises `AuthError` with one line naming the URL and the HTTP status or network
+reason; no secret ever appears in an error, a log line or a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+
+from opskit.config import AuthConfig
+
+WS_PATH = "/v1/chat/stream"
+REFRESH_FRACTION = 0.1    # refresh when this share of the token's lifetime is left...
+REFRESH_MAX_S = 60.0      # ...but never earlier than this before expiry
+
+
+class AuthError(Exception):
+    """Credentials could not be obtained; the message is one line and holds no secret."""
+
+
+def sign(secret: str, timestamp: str, method: str, path: str, body: bytes) -> str:
+    """hex HMAC-SHA256(secret, TIMESTAMP + METHOD + PATH + BODY)."""
+    msg = timestamp.encode() + method.upper().encode() + path.encode() + body
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+
+
+class Authenticator:
+    """Request headers for one target's auth scheme; thread-safe, shareable across requests."""
+
+    def __init__(self, config: AuthConfig, clock: Callable[[], float] = time.time, timeout_s: float = 10.0) -> None:
+        self.config = config
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._refresh_at = 0.0
+
+    def __repr__(self) -> str:
+        return f"Authenticator(scheme={self.config.scheme!r})"
+
+    @property
+    def scheme(self) -> str:
+        return self.config.scheme
+
+    def headers(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+        """The auth headers for one request (may fetch an OAuth2 token: blocking)."""
+        cfg = self.config
+        if cfg.scheme == "bearer":
+            return {"Authorization": f"Bearer {cfg.api_key.reveal()}"}
+        if cfg.scheme == "oauth2":
+            return {"Authorization": f"Bearer {self.token()}"}
+        if cfg.scheme == "hmac":
+            stamp = str(int(self.clock()))
+            return {"X-DS-APIKey": cfg.api_key.reveal(), "X-DS-Timestamp": stamp,
+                    "X-DS-Signature": sign(cfg.secret_key.reveal(), stamp, method, path, body)}
+        return {}
+
+    async def aheaders(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+        """`headers()` for asyncio callers: a token fetch runs in a worker thread."""
+        if self.config.scheme == "oauth2" and not self._fresh():
+            await asyncio.to_thread(self.token)
+        return self.headers(method, path, body)
+
+    def ws_auth_message(self) -> dict[str, str]:
+        """The first message of the WebSocket transport: `{"type": "auth", ...credentials}`."""
+        cfg, msg = self.config, {"type": "auth"}
+        if cfg.scheme == "bearer":
+            msg["api_key"] = cfg.api_key.reveal()
+        elif cfg.scheme == "oauth2":
+            msg["token"] = self.token()
+        elif cfg.scheme == "hmac":
+            stamp = str(int(self.clock()))
+            msg.update(api_key=cfg.api_key.reveal(), timestamp=stamp,
+                       signature=sign(cfg.secret_key.reveal(), stamp, "GET", WS_PATH, b""))
+        return msg
+
+    def _fresh(self) -> bool:
+        return self._token is not None and self.clock() < self._refresh_at
+
+    def token(self) -> str:
+        """The cached OAuth2 access token, fetched or refreshed when needed."""
+        if self._fresh():
+            return self._token
+        with self._lock:
+            if not self._fresh():      # another thread may have fetched it while we waited
+                token, lifetime = self._fetch()
+                margin = min(REFRESH_MAX_S, lifetime * REFRESH_FRACTION)
+                self._token, self._refresh_at = token, self.clock() + lifetime - margin
+            return self._token
+
+    def invalidate(self) -> None:
+        """Forget the cached token (after the server refused it)."""
+        with self._lock:
+            self._token, self._refresh_at = None, 0.0
+
+    def _fetch(self) -> tuple[str, float]:
+        cfg = self.config
+        form = {"grant_type": "client_credentials"}
+        if cfg.scope:
+            form["scope"] = cfg.scope
+        basic = base64.b64encode(f"{cfg.client_id}:{cfg.client_secret.reveal()}".encode()).decode()
+        req = urllib.request.Request(cfg.token_url, data=urllib.parse.urlencode(form).encode(), method="POST",
+                                     headers={"Authorization": f"Basic {basic}", "Accept": "application/json",
+                                              "Content-Type": "application/x-www-form-urlencoded"})
+        where = f"oauth2 token request to {cfg.token_url}"
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                raw = resp.read(1 << 20)
+        except urllib.error.HTTPError as exc:
+            raise AuthError(f"{where} failed: HTTP {exc.code}{_oauth_error(exc)}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise AuthError(f"{where} failed: {str(reason).splitlines()[0] if str(reason) else type(exc).__name__}") from None
+        try:
+            body = json.loads(raw)
+            token = body["access_token"]
+            lifetime = float(body.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError):
+            raise AuthError(f"{where} returned no access_token") from None
+        if not isinstance(token, str) or not token or lifetime <= 0:
+            raise AuthError(f"{where} returned an unusable token")
+        return token, lifetime
+
+
+def _oauth_error(exc: urllib.error.HTTPError) -> str:
+    """` (invalid_client)`: the OAuth2 error code from the body, when there is one (never a secret)."""
+    try:
+        code = json.loads(exc.read(4096)).get("error")
+    except (ValueError, AttributeError, OSError):
+        return ""
+    return f" ({code})" if isinstance(code, str) and code.replace("_", "").isalnum() else ""
