@@ -9,6 +9,7 @@ from the JSON state file named by $FAKE_NVML_STATE, which the drill rewrites to 
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 STATE_ENV = "FAKE_NVML_STATE"
@@ -22,6 +23,8 @@ class FakeGpuUnavailable(Exception):
 def _builder():
     if not (ROOT / "tests" / "fakenvml").is_dir():
         raise FakeGpuUnavailable("the fake NVML (tests/fakenvml/) is only in a source checkout")
+    if str(ROOT) not in sys.path:  # `opskit` run from an installed entry point, not from pytest
+        sys.path.append(str(ROOT))
     try:
         return importlib.import_module("tests.fakenvml")
     except ImportError as exc:

@@ -167,22 +167,24 @@ def _exporter_config(spec: StackSpec, mock_url: str) -> str:
     }, sort_keys=False)
 
 
-def _start_target(st: _Starter) -> tuple[str, list[str], dict[str, str]]:
-    """Start the mock unless a real target is configured: (upstream URL, exporter flags, env)."""
+def _start_target(st: _Starter) -> tuple[list[str], dict[str, str]]:
+    """Start the mock unless a real target is configured: (exporter flags, its environment).
+
+    The proxy forwards to the first configured target's base URL, so proxy and probe series share
+    that target's name; a client calls the proxy as it would call the target's API root.
+    """
     spec, env = st.spec, dict(os.environ)
     if spec.config or spec.target:
-        flags = ["--config", spec.config] if spec.config else []
-        if spec.target:
-            env["OPSKIT_TARGET_URL"] = spec.target
         from opskit import config as cfgmod
 
-        upstream = spec.target or cfgmod.load(spec.config).target().base_url
-        return upstream, flags, env
+        cfgmod.load(spec.config, spec.target).target()  # ConfigError now, not in the exporter's log
+        return [*(["--config", spec.config] if spec.config else []),
+                *(["--target", spec.target] if spec.target else [])], env
     info = st.with_ready_file("mock", _python("-m", "opskit", "mock", "--listen", "127.0.0.1:0", *spec.mock_flags))
     path = st.dir / "exporter.yaml"
     path.write_text(_exporter_config(spec, info["url"]))
     st.files["exporter_config"] = str(path)
-    return info["url"], ["--config", str(path)], env
+    return ["--config", str(path)], env
 
 
 def _gpu_flags(st: _Starter, env: dict[str, str]) -> list[str]:
@@ -227,11 +229,11 @@ def _start_all(st: _Starter) -> None:
     out.unlink(missing_ok=True)
     st.files["notifications"] = str(out)
     rx = st.with_ready_file("receiver", _python("-m", "opskit.receiver", "--listen", "127.0.0.1:0", "--out", str(out)))
-    upstream, flags, env = _start_target(st)
+    flags, env = _start_target(st)
     flags += _gpu_flags(st, env)
     exp = st.with_ready_file("exporter", _python(
-        "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
-        "--upstream", upstream, "--probe", *flags), env=env)
+        "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--probe",
+        *flags), env=env)
     am_yml = d / "alertmanager.yml"
     am_yml.write_text(_alertmanager_text(spec, rx["url"] + "/alerts"))
     am_url = st.with_port("alertmanager", [
@@ -293,7 +295,9 @@ def up(spec: StackSpec) -> Stack:
         _start_all(st)
     except BaseException as exc:
         st.stop_all()
-        if isinstance(exc, SuperviseError | ValueError | OSError):
+        from opskit.fakegpu import FakeGpuUnavailable
+
+        if isinstance(exc, SuperviseError | FakeGpuUnavailable | ValueError | OSError):
             raise StackError(str(exc)) from None
         raise
     stack = Stack(spec.state_dir, st.components, st.files)

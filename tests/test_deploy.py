@@ -227,3 +227,18 @@ def test_dockerfile_runs_opskit_as_a_numeric_non_root_user():
     assert 'ENTRYPOINT ["opskit"]' in lines
     for needed in ("pyproject.toml", "opskit", "loadtests"):
         assert any(ln.startswith("COPY") and needed in ln for ln in lines), needed
+
+
+def test_locust_params_are_run_params_aimed_at_the_metering_proxy():
+    import dataclasses
+
+    from opskit.loadtest.params import RunParams
+
+    fields = {f.name for f in dataclasses.fields(RunParams)}
+    for cm in by_kind("ConfigMap"):
+        if "OPSKIT_LT_PARAMS" not in cm.get("data", {}):
+            continue
+        params = json.loads(cm["data"]["OPSKIT_LT_PARAMS"])
+        assert set(params) <= fields, set(params) - fields
+        # The model server's proxy forwards to <base_url of its target>, which already ends in /v1.
+        assert params["base_url"] == "http://llm-server:8000" and params["path"] == "/chat/completions"

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 
 from opskit import stackconf, supervise
 from opskit.receiver import read_notifications, summary
+from opskit.stack import Stack, StackError, StackSpec, query, up
 from opskit.stackconf import DRILL_TIMING, Timing
-from tests.conftest import ROOT, stop, wait_for_file
+from tests.conftest import ROOT, need_binary, stop, wait_for_file
 
 # ---------------------------------------------------------------- generated configs (no I/O)
 
@@ -197,3 +198,87 @@ def test_cli_damaged_state_file_is_one_line(tmp_path):
     r = CliRunner().invoke(main, ["stack", "status", "--state-dir", str(tmp_path)])
     assert r.exit_code == 1 and "damaged" in r.output and "Traceback" not in r.output
 
+
+
+# ---------------------------------------------------------------- the whole stack (real binaries)
+
+
+def _pids(state_dir) -> list[supervise.Child]:
+    data = json.loads((state_dir / "state.json").read_text())
+    return [supervise.Child(**{k: v for k, v in c.items() if k != "urls"}) for c in data["components"]]
+
+
+@pytest.mark.slow
+def test_stack_up_status_down_leaves_nothing_running(tmp_path):
+    from opskit.cli import main
+
+    need_binary("prometheus")
+    need_binary("prometheus-alertmanager")
+    state = tmp_path / "stack"
+    runner = CliRunner()
+    r = runner.invoke(main, ["stack", "up", "--state-dir", str(state), "--gpu", "fake", "--scrape-interval", "1s"])
+    try:
+        assert r.exit_code == 0, r.output
+        children = _pids(state)
+        assert [c.name for c in children] == ["receiver", "mock", "exporter", "alertmanager", "prometheus"]
+        assert all(supervise.alive(c) for c in children)
+        stack = Stack.load(state)
+        prom = stack.url("prometheus")
+        # Prometheus scrapes the exporter, which reads the fake GPU through pynvml and loads the rules.
+        gpu = query(prom, "opskit_gpu_utilization_ratio")
+        assert gpu and gpu[0]["metric"]["job"] == "opskit" and float(gpu[0]["value"][1]) == pytest.approx(0.2)
+        with urllib.request.urlopen(prom + "/api/v1/rules", timeout=5) as resp:
+            names = {ru["name"] for g in json.loads(resp.read())["data"]["groups"] for ru in g["rules"]}
+        assert {"LLMHighErrorRate", "GPUHighUtilization"} <= names
+        assert supervise.http_ok(stack.url("alertmanager") + "/-/ready")
+        r = runner.invoke(main, ["stack", "status", "--state-dir", str(state)])
+        assert r.exit_code == 0 and r.output.count("running") == 5 and prom in r.output
+        r = runner.invoke(main, ["stack", "up", "--state-dir", str(state)])
+        assert r.exit_code == 0 and "already up" in r.output
+        assert [c.pid for c in _pids(state)] == [c.pid for c in children]  # nothing new started
+    finally:
+        r = runner.invoke(main, ["stack", "down", "--state-dir", str(state)])
+    assert r.exit_code == 0 and "stopped: prometheus, alertmanager, exporter, mock, receiver" in r.output
+    assert not any(supervise.alive(c) for c in children)
+    r = runner.invoke(main, ["stack", "status", "--state-dir", str(state)])
+    assert r.exit_code == 1 and "down" in r.output
+
+
+@pytest.mark.slow
+def test_a_component_failing_at_start_stops_the_others(tmp_path):
+    need_binary("prometheus")
+    need_binary("prometheus-alertmanager")
+    bad = {"bad.rules.yml": "groups:\n- name: x\n  rules:\n  - alert: A\n    expr: 'sum(('\n"}
+    spec = StackSpec(state_dir=tmp_path, rules=bad, gpu="off", ready_timeout_s=30)
+    with pytest.raises(StackError, match="prometheus exited") as err:
+        up(spec)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "state.json").exists()
+    # Every process it had started (by the pids in their logs' ready files) is gone.
+    for name in ("receiver", "mock", "exporter"):
+        pid = json.loads((tmp_path / f"{name}.ready.json").read_text())["pid"]
+        assert supervise.proc_start_time(pid) is None, name
+
+
+def test_missing_binary_is_one_line_and_starts_nothing(tmp_path, monkeypatch):
+    from opskit.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    r = CliRunner().invoke(main, ["stack", "up", "--state-dir", str(tmp_path / "s")])
+    assert r.exit_code == 1
+    assert "prometheus not found on PATH" in r.output and r.output.strip().count("\n") == 0
+    assert not (tmp_path / "s" / "state.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpu", "maybe"], "Invalid value for '--gpu'"),
+    (["--scrape-interval", "soon"], "scrape_interval"),
+    (["--target", "ftp://x"], "config error"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    from opskit.cli import main
+
+    r = CliRunner().invoke(main, ["stack", "up", "--state-dir", str(tmp_path), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "state.json").exists()
