@@ -1,0 +1,116 @@
+"""The "LLM API" dashboard: traffic, errors, latency, tokens, rate limits and probes per target/model.
+
+Threshold lines are the alert thresholds (opskit.thresholds), passed in so a changed threshold moves
+the line and the alert together. `dashboard` is the grafanalib convention for generate-dashboard.
+"""
+
+from __future__ import annotations
+
+from dashboards.panels import (
+    RATE,
+    gauge_panel,
+    matchers,
+    quantile_panel,
+    rate_panel,
+    target,
+    timeseries,
+    unit_of,
+    variable,
+)
+from dashboards.panels import (
+    dashboard as make_dashboard,
+)
+from opskit import catalog as c
+from opskit.thresholds import THRESHOLDS, Thresholds
+
+SEL = matchers("target", "model")
+REQ = c.LLM_REQUESTS.name
+
+
+def _share(selector: str) -> str:
+    """Share of the selected requests among all, per target; 0 rather than absent when none match."""
+    part = f'sum by (target) (rate({REQ}{{target=~"$target",model=~"$model",{selector}}}[{RATE}]))'
+    whole = f"sum by (target) (rate({REQ}{SEL}[{RATE}]))"
+    return f"({part} or {whole} * 0) / {whole}"
+
+
+def traffic(t: Thresholds) -> list:
+    """Request rate, error ratio and errors by type."""
+    return [
+        rate_panel(c.LLM_REQUESTS, "Request rate by status code", "target, code", SEL, "{{target}} {{code}}",
+                   description="Calls per second by HTTP status (0 = transport failure), from the metering "
+                               "proxy and the canary probe."),
+        timeseries("Error ratio", f"Share of calls that failed (any error type) over {RATE}. Lines: the "
+                   f"warning ({t.error_ratio:.0%}) and critical ({t.error_ratio_critical:.0%}) alert thresholds.",
+                   "percentunit", [target(_share('error_type!=""'), "{{target}}")],
+                   (("orange", t.error_ratio), ("red", t.error_ratio_critical))),
+        rate_panel(c.LLM_REQUESTS, "Errors by type", "target, error_type",
+                   matchers("target", "model", extra='error_type!=""'), "{{target}} {{error_type}}",
+                   description="Failed calls per second by error type: rate_limited, client_error, "
+                               "server_error, timeout, connection, stream_broken, client_disconnect."),
+        gauge_panel(c.LLM_IN_FLIGHT, "Requests in flight", matchers("target"), "{{target}} {{source}} {{instance}}"),
+    ]
+
+
+def latency(t: Thresholds) -> list:
+    """TTFT, duration and TPOT quantiles."""
+    return [
+        quantile_panel(c.LLM_TTFT, "Time to first token", (0.5, 0.95, 0.99), SEL, line=t.ttft_p95_seconds),
+        quantile_panel(c.LLM_DURATION, "Request duration", (0.5, 0.9, 0.99), SEL, line=t.duration_p90_seconds),
+        quantile_panel(c.LLM_TPOT, "Time per output token", (0.5, 0.95), SEL),
+        gauge_panel(c.PROBE_DURATION, "Probe duration", matchers("target", "instance"),
+                    "{{target}} {{instance}}"),
+    ]
+
+
+def tokens(t: Thresholds) -> list:
+    """Token throughput in and out."""
+    return [
+        rate_panel(c.LLM_TOKENS, "Tokens per second, in and out", "target, model, token_type", SEL,
+                   "{{target}} {{model}} {{token_type}}", unit="suffix: tok/s",
+                   description="Input (prompt) and output (completion) tokens per second. " + c.LLM_TOKENS.help),
+        timeseries("Output tokens per request", "Mean completion tokens per successful call: longer answers "
+                   "explain longer durations at a normal time per output token.", "short",
+                   [target(f'sum by (target, model) (rate({c.LLM_TOKENS.name}{{target=~"$target",model=~"$model",'
+                           f'token_type="output"}}[{RATE}])) / sum by (target, model) (rate({REQ}'
+                           f'{{target=~"$target",model=~"$model",error_type=""}}[{RATE}]))', "{{target}} {{model}}")]),
+    ]
+
+
+def limits(t: Thresholds) -> list:
+    """429s, rate-limit headroom, quota and probe success."""
+    quota = (f'sum by (target) (increase({REQ}{{target=~"$target"}}[24h])) / max by (target) '
+             f'({c.LLM_QUOTA_LIMIT.name}{{target=~"$target"}} > 0)')
+    return [
+        timeseries("429 share", f"Share of calls answered 429 (rate limited) over {RATE}. Line: the alert "
+                   f"threshold ({t.rate_limited_ratio:.0%}).", "percentunit",
+                   [target(_share('code="429"'), "{{target}}")], (("red", t.rate_limited_ratio),)),
+        timeseries("Rate-limit headroom", "Last x-ratelimit-remaining-requests and -tokens the target "
+                   "returned; near zero means 429s are coming.", unit_of(c.LLM_RL_REQUESTS),
+                   [target(f"min by (target) ({c.LLM_RL_REQUESTS.name}{matchers('target')})", "{{target}} requests"),
+                    target(f"min by (target) ({c.LLM_RL_TOKENS.name}{matchers('target')})", "{{target}} tokens")]),
+        timeseries("Daily quota used", f"Calls in the last 24h over the configured daily quota. Line: the "
+                   f"alert threshold ({t.quota_used_ratio:.0%}).", "percentunit",
+                   [target(quota, "{{target}}")], (("red", t.quota_used_ratio),)),
+        timeseries("Probe success", f"Share of canary probes that succeeded over {RATE}. "
+                   + c.PROBE_SUCCESS.help, "percentunit",
+                   [target(f"avg by (target, instance) (avg_over_time({c.PROBE_SUCCESS.name}"
+                           f"{matchers('target', 'instance')}[{RATE}]))", "{{target}} {{instance}}")]),
+    ]
+
+
+def build(t: Thresholds) -> object:
+    """The LLM API dashboard for thresholds `t`."""
+    return make_dashboard(
+        "LLM API", "opskit-llm-api",
+        "Calls to OpenAI-compatible LLM APIs seen by opskit's metering proxy and canary probe, per target "
+        "and model. Generated by dashboards/build.py; edit the code, not the JSON.",
+        [variable("target", "Target", c.LLM_REQUESTS),
+         variable("model", "Model", c.LLM_REQUESTS, '{target=~"$target"}'),
+         variable("instance", "Exporter", c.BUILD_INFO)],
+        [("Traffic and errors", traffic(t)), ("Latency", latency(t)), ("Tokens", tokens(t)),
+         ("Rate limits, quota and probes", limits(t))],
+    )
+
+
+dashboard = build(THRESHOLDS)
