@@ -43,7 +43,7 @@ class Admission:
     req: GenRequest
     sched: Schedule
     enc: Encoder
-    admitted: float          # loop time the slot was taken
+    admitted: float          # time.perf_counter() when the slot was taken
     faults: FaultDraw
     headers: dict[str, str]  # rate-limit and ground-truth headers
 
@@ -84,7 +84,7 @@ async def admit(state: MockState, req: GenRequest, identity: str, arrival: float
                 rate_headers: dict[str, str], faults: FaultDraw) -> Admission:
     """Wait for capacity, then sample the whole schedule; the caller must release the slot."""
     await state.gate.acquire()
-    loop_now = asyncio.get_running_loop().time()
+    loop_now = time.perf_counter()
     sched = state.model.sample(req.n, req.max_tokens, state.faults.extra_ttft_ms,
                                req.kind == "chat" and req.model in REASONING_MODELS)
     queue = loop_now - arrival
@@ -106,7 +106,7 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
 
     The caller frames each payload (SSE `data:` event or WebSocket message) and sends the end marker.
     """
-    loop = asyncio.get_running_loop()
+    clock = time.perf_counter   # not loop.time(): uvloop's clock has only millisecond resolution
     sched, enc, counters, t0 = adm.sched, adm.enc, state.counters, adm.admitted
     plans, times = sched.plans, sched.chunk_times
     cut_at = len(times) // 2 if adm.faults.cut else -1
@@ -119,7 +119,7 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
         if j == cut_at:
             counters.streams_cut += 1
             raise StreamCut
-        delay = t0 + due - loop.time()
+        delay = t0 + due - clock()
         if delay > 0:
             await sleep(delay)
         for c, plan in enumerate(plans):
@@ -139,8 +139,7 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
 
 async def complete(state: MockState, adm: Admission) -> bytes:
     """A non-streamed generation: wait until its last token is due, then the whole body."""
-    loop = asyncio.get_running_loop()
-    delay = adm.admitted + adm.sched.end - loop.time()
+    delay = adm.admitted + adm.sched.end - time.perf_counter()
     if delay > 0:
         await asyncio.sleep(delay)
     state.counters.output_tokens += adm.sched.output_tokens

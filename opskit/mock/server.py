@@ -55,7 +55,7 @@ class Api:
     async def generate(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
         """Chat or text completion, streamed or not."""
         state, counters = self.state, self.state.counters
-        arrival = asyncio.get_running_loop().time()
+        arrival = time.perf_counter()
         rid = state.request_id()
         counters.in_flight += 1
         try:

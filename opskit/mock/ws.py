@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from aiohttp import WSMsgType, web
 
@@ -86,7 +87,7 @@ async def _serve(request: web.Request, sock: web.WebSocketResponse, state: MockS
                  body: object) -> bool:
     """One request on the socket; False when the connection is gone (cut or client left)."""
     counters = state.counters
-    arrival = asyncio.get_running_loop().time()
+    arrival = time.perf_counter()
     counters.in_flight += 1
     try:
         try:
