@@ -16,6 +16,8 @@ from opskit import __version__
 COMMANDS: dict[str, str] = {
     # name:        "module:click command"
     "mock": "opskit.mock.cli:mock",
+    "loadtest": "opskit.loadtest.cli:loadtest",
+    "report": "opskit.loadtest.cli:report",
     "stack": "opskit.stack:stack",
     "exporter": "opskit.exporter:exporter_command",
 }

@@ -1,0 +1,156 @@
+"""`opskit loadtest` and `opskit report compare`: thin printing over gate, report and compare."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from opskit.config import ConfigError
+
+
+def _progress_printer():
+    """Overwrite one line on a terminal; elsewhere (make, CI logs) print a line every 5 s."""
+    tty = sys.stderr.isatty()
+    state = {"n": 0}
+
+    def progress(line: str) -> None:
+        state["n"] += 1
+        if tty:
+            click.echo("\r" + line.ljust(100)[:120], nl=False, err=True)
+        elif state["n"] % 5 == 1:
+            click.echo(line, err=True)
+
+    def echo(line: str) -> None:
+        if tty and state["n"]:
+            click.echo("\r" + " " * 120 + "\r", nl=False, err=True)
+        click.echo(line, err=True)
+
+    return progress, echo
+
+
+@click.command()
+@click.argument("scenarios", nargs=-1)
+@click.option("--target", "target_url", help="API root of the target (else $OPSKIT_TARGET_URL, else the embedded mock).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config with targets and auth.")
+@click.option("--target-name", help="Which configured target (default: the first).")
+@click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True, help="Seconds per scenario.")
+@click.option("--rate", type=click.FloatRange(min=0.01), help="qps: offered requests/s (default 20).")
+@click.option("--arrival", type=click.Choice(["fixed", "poisson", "ramp"]), default="fixed", show_default=True,
+              help="qps: arrival process.")
+@click.option("--users", type=click.IntRange(min=1), help="Concurrent users (streaming 50, conversation 10, throttling 8).")
+@click.option("--processes", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="Locust processes (>1: a master and this many workers).")
+@click.option("--stream/--no-stream", default=True, show_default=True, help="Streamed (SSE) or plain JSON responses.")
+@click.option("--transport", type=click.Choice(["sse", "ws"]), default="sse", show_default=True,
+              help="ws: the mock's WebSocket transport (sent direct, not through the proxy).")
+@click.option("--model", help="Model name (default: the target's first model).")
+@click.option("--input-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Prompt length, mean.")
+@click.option("--input-spread", type=click.IntRange(min=0), default=16, show_default=True)
+@click.option("--output-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="max_tokens, mean.")
+@click.option("--output-spread", type=click.IntRange(min=0), default=16, show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="JSONL file of prompts instead.")
+@click.option("--mock-args", default="", help='Flags for the embedded mock, e.g. "--error-rate 500=0.05".')
+@click.option("--proxy/--no-proxy", default=True, show_default=True, help="Route through opskit's metering proxy.")
+@click.option("--limit-requests", type=click.FloatRange(min=1), help="throttling: requests the target allows per window.")
+@click.option("--limit-window-s", type=click.FloatRange(min=0.1), help="throttling: the limit's window (default 60).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Per-request timeout, seconds.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
+              show_default=True, help="Run directories go under here.")
+@click.option("--slo", "slo_file", type=click.Path(dir_okay=False), help="SLO override file (default loadtests/slo.yaml).")
+@click.option("--baseline", type=click.Path(), help="A previous run directory: compare and fail on regression.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.10, show_default=True,
+              help="Relative change counted as a regression against --baseline.")
+def loadtest(scenarios, target_url, config_file, target_name, duration, rate, arrival, users, processes, stream,
+             transport, model, input_tokens, input_spread, output_tokens, output_spread, prompts_file, mock_args,
+             proxy, limit_requests, limit_window_s, timeout_s, seed, out_dir, slo_file, baseline, tolerance) -> None:
+    """Run load-test scenarios against a target and gate on SLOs.
+
+    \b
+    SCENARIOS: qps streaming throttling conversation (default: all four).
+    Exit status: 0 pass, 1 an SLO missed (or a regression against --baseline), 2 usage/config error.
+    Examples:
+      opskit loadtest                                   # all scenarios against the embedded mock
+      opskit loadtest qps --rate 100 --arrival poisson --processes 2
+      opskit loadtest streaming --mock-args "--extra-ttft-ms 1000"     # must fail: ttft_p95
+      opskit loadtest --config opskit.yaml --target-name deepseek throttling --limit-requests 60
+    """
+    from opskit.loadtest import compare, gate, report, runner
+    from opskit.loadtest.prompts import PromptSpec, load_file
+
+    if prompts_file:
+        load_file(prompts_file)  # a bad file is a config error now, not in every Locust process
+    try:
+        extra = shlex.split(mock_args)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--mock-args") from None
+    if extra and (target_url or config_file):
+        raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    base = compare.load_summary(baseline) if baseline else None
+    prompt = PromptSpec(input_tokens, input_spread, output_tokens, output_spread, prompts_file).__dict__
+    opts = runner.Options(scenarios=tuple(scenarios) or runner.DEFAULT_SCENARIOS, target_url=target_url,
+                          config=config_file, target_name=target_name, duration=duration, rate=rate,
+                          arrival=arrival, users=users, processes=processes, stream=stream, transport=transport,
+                          model=model, prompt=prompt, mock_args=extra, proxy=proxy, limit_requests=limit_requests,
+                          window_s=limit_window_s, timeout_s=timeout_s, seed=seed, out_dir=out_dir)
+    progress, echo = _progress_printer()
+    try:
+        verdict, run_dir = gate.run(opts, echo, progress, slo_file)
+    except (runner.RunError, runner.procs.ProcError) as exc:
+        echo(f"opskit loadtest: {exc}")
+        sys.exit(2)
+    click.echo(report.render(verdict))
+    click.echo(f"report: {run_dir / 'report.html'}")
+    code = 0 if verdict.passed else 1
+    if base is not None:
+        new = compare.load_summary(run_dir)
+        click.echo(compare.render(compare.compare(base, new, tolerance), compare.only_in_one(base, new)))
+        if compare.compare(base, new, tolerance)["regressed"].any():
+            code = 1
+    sys.exit(code)
+
+
+@click.group()
+def report() -> None:
+    """Work with load-test run directories (reports/<run>/)."""
+
+
+@report.command("compare")
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("new", type=click.Path(exists=True))
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.10, show_default=True,
+              help="Relative worsening of a latency or throughput counted as a regression.")
+@click.option("--error-tolerance", type=click.FloatRange(min=0), default=0.005, show_default=True,
+              help="Absolute rise of the error ratio counted as a regression.")
+def compare_cmd(base, new, tolerance, error_tolerance) -> None:
+    """Compare two runs: a table of metric changes; exit 1 on a regression.
+
+    BASE and NEW are run directories (or their summary.json).
+    """
+    from opskit.loadtest import compare
+
+    b, n = compare.load_summary(base), compare.load_summary(new)
+    table = compare.compare(b, n, tolerance, error_tolerance)
+    click.echo(compare.render(table, compare.only_in_one(b, n)))
+    sys.exit(1 if table["regressed"].any() else 0)
+
+
+@report.command("show")
+@click.argument("run", type=click.Path(exists=True))
+def show_cmd(run) -> None:
+    """Print a finished run's verdict table again (from its summary.json); exit 0 pass, 1 fail."""
+    from opskit.loadtest import compare
+    from opskit.loadtest.report import render
+    from opskit.loadtest.slo import Check, Verdict
+
+    data = compare.load_summary(run)
+    try:
+        verdict = Verdict(checks=[Check(**c) for c in data.get("checks", [])], summaries=data["scenarios"])
+    except TypeError:
+        raise ConfigError(str(run), "checks", "checks written by opskit loadtest") from None
+    click.echo(render(verdict))
+    sys.exit(0 if verdict.passed else 1)

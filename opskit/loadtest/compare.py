@@ -1,0 +1,100 @@
+"""Compare two runs (their summary.json): a table of metric changes and a regression verdict. Pandas.
+
+A metric regresses when it gets worse by more than the tolerance: latencies and error ratio going up,
+throughput going down. Latencies and throughput use a relative tolerance (default 10 %); the error
+ratio an absolute one (default 0.5 percentage points), since relative change of a near-zero ratio means
+little. Scenarios present in only one run are listed and not judged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from opskit.config import ConfigError
+
+# (metric label, path in a scenario summary, higher_is_better)
+METRICS = (
+    ("ttft_p50_s", ("ttft_s", "p50"), False), ("ttft_p95_s", ("ttft_s", "p95"), False),
+    ("ttft_p99_s", ("ttft_s", "p99"), False), ("duration_p50_s", ("duration_s", "p50"), False),
+    ("duration_p90_s", ("duration_s", "p90"), False), ("duration_p99_s", ("duration_s", "p99"), False),
+    ("itl_p50_s", ("itl_s", "p50"), False), ("itl_p99_s", ("itl_s", "p99"), False),
+    ("tpot_p50_s", ("tpot_s", "p50"), False), ("throughput_rps", ("throughput_rps",), True),
+    ("output_tokens_s", ("output_tokens_s",), True), ("error_ratio", ("error_ratio",), False),
+)
+
+
+def load_summary(path: str | Path) -> dict:
+    """summary.json of a run directory (or the file itself); ConfigError when unreadable."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "summary.json"
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(p), "", f"a run's summary.json ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("scenarios"), dict):
+        raise ConfigError(str(p), "scenarios", "a summary written by opskit loadtest")
+    return data
+
+
+def _get(summary: dict, path: tuple[str, ...]) -> float | None:
+    value: object = summary
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def compare(base: dict, new: dict, tolerance: float = 0.10, error_tolerance: float = 0.005) -> pd.DataFrame:
+    """One row per (scenario, metric): base, new, change, and whether it regressed."""
+    rows = []
+    for scenario in sorted(set(base["scenarios"]) & set(new["scenarios"])):
+        b, n = base["scenarios"][scenario], new["scenarios"][scenario]
+        for label, path, higher_better in METRICS:
+            vb, vn = _get(b, path), _get(n, path)
+            if vb is None or vn is None:
+                continue
+            rel = (vn - vb) / vb if vb else (0.0 if vn == vb else float("inf"))
+            if label == "error_ratio":
+                regressed = vn - vb > error_tolerance
+            elif higher_better:
+                regressed = rel < -tolerance
+            else:
+                regressed = rel > tolerance
+            rows.append({"scenario": scenario, "metric": label, "base": vb, "new": vn, "change": rel,
+                         "regressed": bool(regressed)})
+    return pd.DataFrame(rows, columns=["scenario", "metric", "base", "new", "change", "regressed"])
+
+
+def only_in_one(base: dict, new: dict) -> list[str]:
+    """Scenarios that only one of the runs has."""
+    return sorted(set(base["scenarios"]) ^ set(new["scenarios"]))
+
+
+def _fmt(metric: str, v: float) -> str:
+    if metric.endswith("_s") and not metric.endswith("tokens_s"):
+        return f"{v * 1000:.2f} ms"
+    if metric == "error_ratio":
+        return f"{v * 100:.2f} %"
+    return f"{v:.2f}"
+
+
+def render(table: pd.DataFrame, missing: list[str] | None = None) -> str:
+    """The change table and a one-line verdict."""
+    if table.empty:
+        return "no scenario in common: nothing to compare"
+    lines = [f"{'SCENARIO':<13} {'METRIC':<16} {'BASE':>12} {'NEW':>12} {'CHANGE':>9}  RESULT"]
+    for r in table.itertuples():
+        change = "n/a" if r.change in (float("inf"), float("-inf")) else f"{r.change * 100:+.1f}%"
+        lines.append(f"{r.scenario:<13} {r.metric:<16} {_fmt(r.metric, r.base):>12} {_fmt(r.metric, r.new):>12} "
+                     f"{change:>9}  {'REGRESSED' if r.regressed else 'ok'}")
+    if missing:
+        lines.append("only in one run (not compared): " + ", ".join(missing))
+    bad = table[table["regressed"]]
+    if bad.empty:
+        lines.append("COMPARE: no regression")
+    else:
+        lines.append("COMPARE: REGRESSION in " + ", ".join(f"{r.scenario} {r.metric}" for r in bad.itertuples()))
+    return "\n".join(lines)

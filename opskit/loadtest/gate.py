@@ -1,0 +1,130 @@
+"""The release gate: run the scenarios, judge them, write reports/<timestamp>/, return the exit status.
+
+A run directory holds summary.json (per-scenario numbers and every check), report.html (verdict
+first, then plots, self-contained), log/ (opskit's per-request log, JSONL) and locust/ (Locust's own
+CSVs, HTML report and output). Exit status: 0 all objectives met, 1 an objective missed (or a
+regression against --baseline), 2 a usage or config error (raised, printed by the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pandas as pd
+
+from opskit import config
+from opskit.loadtest import procs, results, runner, slo
+from opskit.loadtest.slo import Check, Verdict
+
+DEFAULT_SLO_FILE = runner.LOCUSTFILES / "slo.yaml"
+
+
+def _public(url: str) -> str:
+    """A URL safe to print: no user:password part."""
+    u = urlsplit(url)
+    return urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else "") if u.hostname else u.netloc,
+                       u.path, "", ""))
+
+
+def new_run_dir(out_dir: Path) -> Path:
+    """reports/<UTC timestamp>/, with a suffix if two runs start in the same second."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for i in range(100):
+        d = out_dir / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            continue
+    raise runner.RunError(f"cannot create a run directory under {out_dir}")
+
+
+def reconcile(scenario: str, df: pd.DataFrame, before: dict, after: dict) -> Check:
+    """Client counts by status == the proxy's opskit_llm_requests_total delta by code."""
+    proxy = {c: after.get(c, 0) - before.get(c, 0) for c in set(after) | set(before)}
+    proxy = {c: int(v) for c, v in proxy.items() if v}
+    sent = df[df["t_sent"].notna()]
+    client = {str(k): int(v) for k, v in sent["status"].value_counts().items()}
+    diff = sum(abs(client.get(c, 0) - proxy.get(c, 0)) for c in set(client) | set(proxy))
+    note = f"client {sum(client.values())} / proxy {sum(proxy.values())}"
+    if diff:
+        note += f"; by code client {dict(sorted(client.items()))} proxy {dict(sorted(proxy.items()))}"
+    return Check(scenario, "proxy_reconciled", diff, "==", 0, diff == 0, note)
+
+
+def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Target, model: str,
+              table: dict, echo: Callable[[str], None], progress: Callable[[str], None]) -> tuple[Verdict, dict]:
+    locustfile = opts.locustfiles / f"{name}.py"
+    params = runner.scenario_params(opts, name, run_dir, target, model)
+    metered = target.metrics_url is not None and params.transport != "ws"
+    if params.transport == "ws":
+        params = replace(params, base_url=target.url)  # the proxy meters HTTP, not WebSocket
+    if name == "throttling" and target.admin_url:
+        procs.http_json("PUT", target.admin_url + "/admin/limits",
+                        {"rpm": int(params.limit_requests), "window_s": params.window_s})
+        procs.http_json("POST", target.admin_url + "/admin/reset")
+    before = procs.requests_by_code(target.metrics_url) if metered else {}
+    try:
+        rc = runner.run_locust(params, locustfile, run_dir, progress)
+    finally:
+        if name == "throttling" and target.admin_url:
+            procs.http_json("PUT", target.admin_url + "/admin/limits", {"rpm": None})
+    after = procs.requests_by_code(target.metrics_url) if metered else {}
+    df = results.load(run_dir)
+    df = df[df["scenario"] == name] if len(df) else df
+    if not len(df) and rc != 0:
+        raise runner.RunError(f"locust failed for {name} (status {rc}): "
+                              f"{procs.tail(run_dir / 'locust' / f'{name}.log') or 'no output'}")
+    meta = runner.meta_for(params)
+    verdict = slo.evaluate(df, slo.for_scenario(table, name), meta)
+    if metered and len(df):
+        verdict.checks.append(reconcile(name, df, before, after))
+    echo(f"[{name}] done: {len(df)} requests")
+    return verdict, meta
+
+
+def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[str], None],
+        slo_file: str | None = None) -> tuple[Verdict, Path]:
+    """Run every scenario and write the run directory. ConfigError / RunError for usage problems."""
+    for name in opts.scenarios:
+        if not (opts.locustfiles / f"{name}.py").is_file():
+            raise runner.RunError(f"unknown scenario {name!r} (have: {', '.join(runner.SCENARIOS)})")
+    table = slo.load(slo_file or (DEFAULT_SLO_FILE if DEFAULT_SLO_FILE.exists() else None))
+    cfg = config.load(opts.config, opts.target_url)
+    tgt = cfg.target(opts.target_name) if cfg.targets else None
+    model = opts.model or (tgt.models[0] if tgt else "deepseek-chat")
+    run_dir = new_run_dir(opts.out_dir)
+    target = runner.open_target(opts, run_dir, tgt.base_url if tgt else None)
+    verdict, metas = Verdict(), {}
+    try:
+        for note in target.notes:
+            echo(f"note: {note}")
+        echo(f"target {_public(target.url)}{' via metering proxy' if target.metrics_url else ''}; "
+             f"run directory {run_dir}")
+        for name in opts.scenarios:
+            v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress)
+            verdict.extend(v)
+    finally:
+        target.close()
+    write(run_dir, verdict, metas, _public(target.url), target.notes)
+    return verdict, run_dir
+
+
+def write(run_dir: Path, verdict: Verdict, metas: dict, target: str, notes: list[str]) -> None:
+    """summary.json and report.html."""
+    from opskit.loadtest import plots, report
+
+    summary = {"run": run_dir.name, "target": target, "passed": verdict.passed, "notes": notes,
+               "checks": [c.__dict__ for c in verdict.checks], "params": metas, "scenarios": verdict.summaries}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    df = results.load(run_dir)
+    figures = plots.all_figures(df) if len(df) else {}
+    page = report.html(verdict, figures, title=f"opskit load test {run_dir.name}",
+                       meta={"target": target, "python": sys.version.split()[0]})
+    (run_dir / "report.html").write_text(page)

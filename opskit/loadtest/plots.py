@@ -1,0 +1,123 @@
+"""Report plots with matplotlib (Agg backend, no display), returned as base64 PNGs for data URIs.
+
+One figure per scenario, six panels: latency and TTFT over time (points and a rolling p95), the
+percentile curve, histograms, throughput per second, errors by type per second, and the ITL histogram.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+
+from opskit.loadtest.results import itl_gaps
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=72, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _over_time(ax, df: pd.DataFrame) -> None:
+    ok = df[df["ok"]].sort_values("t")
+    for col, label, color in (("duration_s", "duration", "tab:blue"), ("ttft_s", "TTFT", "tab:orange")):
+        s = ok[["t", col]].dropna()
+        if s.empty:
+            continue
+        ax.plot(s["t"], s[col] * 1000, ".", ms=2, alpha=0.3, color=color)
+        window = max(1, min(200, len(s) // 20))
+        ax.plot(s["t"], s[col].rolling(window, min_periods=1).quantile(0.95) * 1000, color=color,
+                label=f"{label} (rolling p95)")
+    ax.set(title="latency over time", xlabel="s since start", ylabel="ms")
+    ax.legend(fontsize=7)
+
+
+def _percentiles(ax, df: pd.DataFrame) -> None:
+    ok = df[df["ok"]]
+    qs = np.array([50, 75, 90, 95, 99, 99.9])
+    for col, label in (("duration_s", "duration"), ("ttft_s", "TTFT")):
+        s = ok[col].dropna()
+        if len(s):
+            ax.plot(range(len(qs)), np.percentile(s, qs) * 1000, "o-", label=label)
+    ax.set_xticks(range(len(qs)), [f"p{q:g}" for q in qs])
+    ax.set(title="percentiles", ylabel="ms")
+    ax.legend(fontsize=7)
+
+
+def _histograms(ax, df: pd.DataFrame) -> None:
+    ok = df[df["ok"]]
+    for col, label in (("duration_s", "duration"), ("ttft_s", "TTFT")):
+        s = ok[col].dropna()
+        if len(s):
+            ax.hist(s * 1000, bins=40, alpha=0.6, label=label)
+    ax.set(title="histogram", xlabel="ms", ylabel="requests")
+    ax.legend(fontsize=7)
+
+
+def _throughput(ax, df: pd.DataFrame) -> None:
+    ok = df[df["ok"]]
+    end = (ok["t"] + ok["duration_s"]).dropna().astype(int)
+    per_s = end.value_counts().sort_index()
+    ax.bar(per_s.index, per_s.values, width=0.9, label="completed req/s")
+    tok = ok.assign(sec=end).groupby("sec")["output_tokens"].sum()
+    if tok.sum() > 0:
+        ax2 = ax.twinx()
+        ax2.plot(tok.index, tok.values, color="tab:green", label="output tokens/s")
+        ax2.set_ylabel("tokens/s")
+        ax2.legend(fontsize=7, loc="lower right")
+    ax.set(title="throughput", xlabel="s since start", ylabel="req/s")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _errors(ax, df: pd.DataFrame) -> None:
+    bad = df[~df["ok"] | (df["status"] == 429)]
+    if bad.empty:
+        ax.text(0.5, 0.5, "no errors", ha="center", va="center", transform=ax.transAxes)
+    else:
+        kinds = bad["error_type"].replace("", "other")
+        table = pd.crosstab(bad["t"].astype(int), kinds)
+        bottom = np.zeros(len(table))
+        for kind in table.columns:
+            ax.bar(table.index, table[kind].values, bottom=bottom, width=0.9, label=kind)
+            bottom += table[kind].values
+        ax.legend(fontsize=7)
+    ax.set(title="errors by type", xlabel="s since start", ylabel="per s")
+
+
+def _itl(ax, df: pd.DataFrame) -> None:
+    gaps = itl_gaps(df)
+    if gaps.empty:
+        ax.text(0.5, 0.5, "no streamed tokens", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.hist(gaps * 1000, bins=50, color="tab:purple")
+    ax.set(title="inter-token latency", xlabel="ms", ylabel="gaps")
+
+
+def scenario_figure(df: pd.DataFrame, scenario: str) -> str:
+    """The six panels for one scenario as a base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for fn, ax in zip((_over_time, _percentiles, _histograms, _throughput, _errors, _itl), axes.flat,
+                      strict=True):
+        fn(ax, df)
+    fig.suptitle(scenario)
+    fig.tight_layout()
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def all_figures(df: pd.DataFrame) -> dict[str, list[tuple[str, str]]]:
+    """scenario -> [(caption, base64 PNG)] for report.html."""
+    out = {}
+    for scenario, part in df.groupby("scenario"):
+        out[str(scenario)] = [("latency, percentiles, throughput, errors, ITL", scenario_figure(part, str(scenario)))]
+    return out

@@ -1,0 +1,113 @@
+"""Verdicts as text (the table `opskit loadtest` prints) and as a self-contained HTML page.
+
+`render(verdict)` is pure string building. `html(...)` puts the verdict first, then the key numbers
+per scenario, then the plots from `plots` embedded as base64 PNG data URIs (no CDN, no external file),
+so report.html can be mailed or attached to a release ticket as it is.
+"""
+
+from __future__ import annotations
+
+import html as _html
+
+from opskit.loadtest.slo import Check, Verdict
+
+_TIMES = ("ttft_p95", "duration_p90")
+_RATIOS = ("error_ratio", "achieved_rate_ratio")
+
+
+def fmt_value(name: str, value: float | None) -> str:
+    """A check's value in the unit people read: ms for times, % for ratios, plain counts."""
+    if value is None:
+        return "-"
+    if name in _TIMES:
+        return f"{value * 1000:.1f} ms"
+    if name in _RATIOS:
+        return f"{value * 100:.2f} %"
+    return f"{value:g}"
+
+
+def _limit(c: Check) -> str:
+    return f"{c.op} {fmt_value(c.name, c.limit)}" if c.limit is not None else "-"
+
+
+def render(verdict: Verdict) -> str:
+    """The verdict table, then one line naming every missed objective."""
+    rows = [("SCENARIO", "CHECK", "VALUE", "LIMIT", "RESULT", "NOTE")]
+    for c in verdict.checks:
+        rows.append((c.scenario, c.name, fmt_value(c.name, c.value), _limit(c), "pass" if c.passed else "FAIL",
+                     c.note))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(5)) + ("  " + r[5] if r[5] else "") for r in rows]
+    if verdict.passed:
+        lines.append(f"VERDICT: PASS ({len(verdict.checks)} checks)")
+    else:
+        missed = ", ".join(f"{c.scenario} {c.name}" for c in verdict.missed) or "no checks ran"
+        lines.append(f"VERDICT: FAIL (missed: {missed})")
+    return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}"
+
+
+def key_numbers(summary: dict) -> list[tuple[str, str]]:
+    """(label, value) pairs shown under each scenario's heading."""
+    s = summary
+    rows = [("requests (ok)", f"{s['requests']} ({s['ok']})"), ("throughput", f"{s['throughput_rps']:.2f} req/s"),
+            ("output tokens/s (aggregate)", f"{s['output_tokens_s']:.1f}"),
+            ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none")]
+    for key, label in (("ttft_s", "TTFT"), ("ttfot_s", "TTFOT"), ("duration_s", "duration"), ("itl_s", "ITL"),
+                       ("tpot_s", "TPOT")):
+        q = s[key]
+        rows.append((f"{label} p50/p95/p99 ms", f"{_ms(q['p50'])} / {_ms(q['p95'])} / {_ms(q['p99'])}"))
+    if s.get("tokens_from_usage_ratio") is not None and s["tokens_from_usage_ratio"] < 1:
+        rows.append(("tokens", f"counted from text chunks for {100 * (1 - s['tokens_from_usage_ratio']):.0f} % "
+                               "of requests (no usage from the server)"))
+    if s.get("requested_rate"):
+        rows.append(("rate achieved / requested", f"{s['achieved_rate']:.2f} / {s['requested_rate']:.2f} req/s"))
+        rows.append(("send lag p99 ms", _ms(s["send_lag_s"]["p99"])))
+    if s.get("throttling"):
+        t = s["throttling"]
+        rows += [("accepted (max per window)", f"{t['accepted']} ({t['max_accepted_in_window']}, limit "
+                                              f"{t['limit_requests']}/{t['window_s']:g}s)"),
+                 ("429 share", f"{100 * t['rate_limited_ratio']:.1f} %"),
+                 ("recovery p50/max s", f"{t['recover_s']['p50'] or 0:.2f} / {t['recover_s']['max'] or 0:.2f} "
+                                        f"({t['recovered']} recovered)"),
+                 ("goodput tokens/s", f"{t['goodput_tokens_s']:.1f}")]
+    if s.get("ground_truth"):
+        g = s["ground_truth"]
+        rows.append(("vs mock ground truth", f"TTFT |err| p99 {_ms(g['ttft_abs_err_p99_s'])} ms, "
+                                             f"token mismatches {g['output_tokens_mismatch']}"))
+    return rows
+
+
+_CSS = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.pass{color:#070}.fail{color:#b00;"
+        "font-weight:bold}img{max-width:100%}h1 .fail,h1 .pass{font-size:1em}")
+
+
+def html(verdict: Verdict, plots: dict[str, list[tuple[str, str]]], title: str = "opskit load test",
+         meta: dict | None = None) -> str:
+    """The whole page. `plots`: scenario -> [(caption, base64 PNG)]."""
+    e = _html.escape
+    word = "PASS" if verdict.passed else "FAIL"
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+           f"<style>{_CSS}</style></head><body>",
+           f"<h1>{e(title)}: <span class='{word.lower()}'>{word}</span></h1>"]
+    if meta:
+        out.append("<p>" + e(", ".join(f"{k}: {v}" for k, v in meta.items())) + "</p>")
+    out.append("<h2>Verdict</h2><table><tr><th>scenario</th><th>check</th><th>value</th><th>limit</th>"
+               "<th>result</th><th>note</th></tr>")
+    for c in verdict.checks:
+        cls = "pass" if c.passed else "fail"
+        out.append(f"<tr><td>{e(c.scenario)}</td><td>{e(c.name)}</td><td>{e(fmt_value(c.name, c.value))}</td>"
+                   f"<td>{e(_limit(c))}</td><td class='{cls}'>{cls.upper()}</td><td>{e(c.note)}</td></tr>")
+    out.append("</table>")
+    for name, summary in verdict.summaries.items():
+        out.append(f"<h2>{e(name)}</h2><table>")
+        out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in key_numbers(summary)]
+        out.append("</table>")
+        for caption, b64 in plots.get(name, []):
+            out.append(f"<h3>{e(caption)}</h3><img alt='{e(caption)}' src='data:image/png;base64,{b64}'>")
+    out.append("</body></html>")
+    return "\n".join(out)

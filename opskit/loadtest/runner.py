@@ -1,0 +1,202 @@
+"""Run scenarios: target (or the embedded mock), metering proxy, Locust subprocesses, results, verdict.
+
+Locust always runs as a subprocess (never imported here): one standalone process, or with
+`processes > 1` a master plus that many workers, each told its share of the work through
+$OPSKIT_LT_PARAMS. A live progress line comes from Locust's own stats-history CSV, which the master
+rewrites every second. The numbers that decide the verdict come from opskit's own request log.
+
+Requests go through `opskit exporter`'s metering proxy unless `proxy=False`; at the end of each
+scenario the client's counts by HTTP status are reconciled with the proxy's
+opskit_llm_requests_total (nothing lost, nothing invented). When the exporter cannot start, the run
+goes direct and says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import opskit
+from opskit.loadtest import procs, shapes
+from opskit.loadtest.params import ENV, RunParams
+
+SCENARIOS = ("qps", "streaming", "throttling", "conversation")
+DEFAULT_SCENARIOS = SCENARIOS
+LOCUSTFILES = Path(opskit.__file__).resolve().parent.parent / "loadtests"
+
+
+@dataclass
+class Options:
+    """Everything `opskit loadtest` was asked for. None = the scenario's default."""
+
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
+    target_url: str | None = None
+    config: str | None = None
+    target_name: str | None = None
+    duration: float = 20.0
+    rate: float | None = None
+    arrival: str = "fixed"
+    users: int | None = None
+    processes: int = 1
+    stream: bool = True
+    transport: str = "sse"
+    model: str | None = None
+    prompt: dict = field(default_factory=dict)
+    mock_args: list[str] = field(default_factory=list)
+    proxy: bool = True
+    limit_requests: float | None = None
+    window_s: float | None = None
+    timeout_s: float = 30.0
+    seed: int = 1
+    out_dir: Path = Path("reports")
+    locustfiles: Path = LOCUSTFILES
+
+
+# Defaults per scenario, sized so all four run in well under make loadtest's 3 minutes on 2 cores.
+SCENARIO_DEFAULTS = {
+    "qps": {"rate": 20.0},
+    "streaming": {"users": 50},
+    "throttling": {"users": 8, "limit_requests": 20, "window_s": 5.0},
+    "conversation": {"users": 10},
+}
+
+
+@dataclass
+class Target:
+    """Where requests go, and what helpers were started for it."""
+
+    url: str                      # the real target (or the embedded mock)
+    send_url: str                 # where Locust sends: the proxy when metering, else `url`
+    admin_url: str | None = None  # the embedded mock's admin API
+    metrics_url: str | None = None
+    children: list[subprocess.Popen] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for p in reversed(self.children):
+            procs.stop(p)
+
+
+def open_target(opts: Options, run_dir: Path, target_url: str | None) -> Target:
+    """Start the embedded mock when there is no target, then the metering proxy in front of it."""
+    admin = None
+    children: list[subprocess.Popen] = []
+    if target_url is None:
+        mock, info = procs.start_mock(run_dir, opts.mock_args)
+        children.append(mock)
+        target_url, admin = info["url"], info["admin_url"]
+    t = Target(url=target_url, send_url=target_url, admin_url=admin, children=children)
+    if opts.proxy:
+        try:
+            exp, info = procs.start_exporter(run_dir, target_url, opts.config)
+            t.children.append(exp)
+            t.send_url, t.metrics_url = info["proxy_url"], info["url"]
+        except procs.ProcError as exc:
+            t.notes.append(f"metering proxy unavailable, going direct ({exc})")
+    return t
+
+
+def scenario_params(opts: Options, scenario: str, run_dir: Path, target: Target, model: str) -> RunParams:
+    """The RunParams every Locust process of this scenario gets (worker index set per process)."""
+    d = SCENARIO_DEFAULTS.get(scenario, {})
+    users = opts.users or d.get("users", 10)
+    rate = opts.rate or d.get("rate", 10.0)
+    limit = opts.limit_requests or (d.get("limit_requests") if target.admin_url else None)
+    window = opts.window_s or (d.get("window_s") if target.admin_url else None) or 60.0
+    if scenario == "qps":
+        users = opts.processes  # one scheduler per process
+    return RunParams(scenario=scenario, run_dir=str(run_dir), base_url=target.send_url, config_path=opts.config,
+                     target_url=opts.target_url, target_name=opts.target_name, model=model,
+                     duration=opts.duration, users=users, workers=opts.processes, seed=opts.seed,
+                     timeout_s=opts.timeout_s, stream=opts.stream, transport=opts.transport, prompt=opts.prompt,
+                     arrival={"kind": opts.arrival, "rate": rate, "seed": opts.seed}, limit_requests=limit,
+                     window_s=window)
+
+
+def meta_for(p: RunParams) -> dict:
+    """What the results need to know about what was asked."""
+    meta = {"scenario": p.scenario, "duration": p.duration, "users": p.users, "processes": p.workers,
+            "stream": p.stream, "transport": p.transport, "model": p.model}
+    if p.scenario == "qps":
+        spec = shapes.ArrivalSpec(**p.arrival)
+        meta.update(arrival=spec.kind, requested_rate=shapes.expected_count(spec, p.duration) / p.duration)
+    if p.scenario == "throttling":
+        meta.update(limit_requests=p.limit_requests, window_s=p.window_s, overdrive=p.overdrive)
+    return meta
+
+
+def _locust_argv(p: RunParams, locustfile: Path, prefix: Path, role: list[str]) -> list[str]:
+    run_time = math.ceil(p.duration) + (1 if p.scenario == "qps" else 0)
+    return [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", str(p.users),
+            "-r", str(max(p.users, 1)), "--run-time", f"{run_time}s", "--stop-timeout", str(int(p.timeout_s) + 2),
+            "--csv", str(prefix), "--html", str(prefix) + ".html", "--only-summary", "--loglevel", "WARNING",
+            "--exit-code-on-error", "0", *role]
+
+
+def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable[[str], None]) -> int:
+    """Run one scenario's Locust processes to the end; returns the master's exit status."""
+    ldir = run_dir / "locust"
+    prefix = ldir / p.scenario
+    env = dict(os.environ)
+    children: list[subprocess.Popen] = []
+    try:
+        if p.workers <= 1:
+            env[ENV] = p.to_env()
+            master = procs.start(_locust_argv(p, locustfile, prefix, []), ldir / f"{p.scenario}.log", env)
+        else:
+            port = procs.free_port()
+            env[ENV] = p.to_env()
+            role = ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+                    "--expect-workers", str(p.workers), "--expect-workers-max-wait", "30"]
+            master = procs.start(_locust_argv(p, locustfile, prefix, role), ldir / f"{p.scenario}.log", env)
+            for i in range(p.workers):
+                wenv = {**env, ENV: replace(p, worker=i).to_env()}
+                children.append(procs.start([sys.executable, "-m", "locust", "-f", str(locustfile), "--worker",
+                                             "--master-host", "127.0.0.1", "--master-port", str(port),
+                                             "--loglevel", "WARNING"], ldir / f"{p.scenario}-worker{i}.log", wenv))
+        children.insert(0, master)
+        _watch(master, p, Path(str(prefix) + "_stats_history.csv"), progress)
+        return master.returncode
+    finally:
+        for c in children:
+            procs.stop(c)
+
+
+def _watch(master: subprocess.Popen, p: RunParams, history: Path, progress: Callable[[str], None]) -> None:
+    """Wait for the master, reporting progress every second; kill it if it overruns badly."""
+    start = time.monotonic()
+    limit = p.duration + p.timeout_s + 60
+    while master.poll() is None:
+        elapsed = time.monotonic() - start
+        if elapsed > limit:
+            procs.stop(master)
+            break
+        progress(progress_line(p.scenario, elapsed, p.duration, history))
+        time.sleep(1.0)
+
+
+def progress_line(scenario: str, elapsed: float, duration: float, history: Path) -> str:
+    """`[qps] 12s/20s (8s left)  48.9 req/s  p95 123 ms  errors 0` from Locust's history CSV."""
+    line = f"[{scenario}] {elapsed:4.0f}s/{duration:g}s ({max(0.0, duration - elapsed):.0f}s left)"
+    try:
+        with history.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return line
+    if rows:
+        last = rows[-1]
+        p95 = last.get("95%") or "N/A"
+        line += (f"  {float(last.get('Requests/s') or 0):.1f} req/s  p95 {p95} ms"
+                 f"  errors {last.get('Total Failure Count', '0')}/{last.get('Total Request Count', '0')}")
+    return line
+
+
+class RunError(Exception):
+    """A usage problem found while running (unknown scenario, Locust would not start): exit 2."""

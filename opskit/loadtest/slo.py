@@ -1,0 +1,158 @@
+"""Service level objectives for the release gate and their evaluation. Pure computation.
+
+Defaults come from opskit.thresholds (the same values the alerts use): p95 TTFT < 500 ms, p90 request
+duration < 2 s, error ratio < 2 %. A YAML file (loadtests/slo.yaml) overrides them per scenario:
+
+    defaults:   {ttft_p95_s: 0.5, duration_p90_s: 2.0, error_ratio: 0.02}
+    scenarios:
+      qps:        {achieved_rate_ratio_min: 0.95}
+      throttling: {limit_tolerance: 0.05}
+      conversation: {ttft_p95_s: 0.8}
+
+`null` switches an objective off. In the throttling scenario 429s are expected and are not errors;
+its own checks apply: the target accepts no more than its limit per window, every 429 carries
+Retry-After, no 5xx, and the load really went above the limit (at least one 429).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from opskit.config import ConfigError
+from opskit.loadtest import results
+from opskit.thresholds import THRESHOLDS
+
+KEYS = ("ttft_p95_s", "duration_p90_s", "error_ratio", "achieved_rate_ratio_min", "limit_tolerance")
+
+
+def defaults() -> dict[str, float | None]:
+    """The gate's objectives before any override: the shared thresholds."""
+    return {"ttft_p95_s": THRESHOLDS.ttft_p95_seconds, "duration_p90_s": THRESHOLDS.duration_p90_seconds,
+            "error_ratio": THRESHOLDS.error_ratio, "achieved_rate_ratio_min": 0.95, "limit_tolerance": 0.05}
+
+
+def _section(data: object, source: str, key: str) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, key, "a mapping of objective names to numbers")
+    for k, v in data.items():
+        if k not in KEYS:
+            raise ConfigError(source, f"{key}.{k}", f"one of {', '.join(KEYS)}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
+            raise ConfigError(source, f"{key}.{k}", "a non-negative number or null")
+    return dict(data)
+
+
+def load(path: str | Path | None) -> dict[str, dict]:
+    """Objectives per scenario ("*" = defaults) from an override file; ConfigError when malformed."""
+    table: dict[str, dict] = {"*": defaults()}
+    if path is None:
+        return table
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(p), "", f"a readable YAML file ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or set(data) - {"defaults", "scenarios"}:
+        raise ConfigError(str(p), "", "a mapping with `defaults` and/or `scenarios`")
+    table["*"].update(_section(data.get("defaults"), str(p), "defaults"))
+    scenarios = data.get("scenarios") or {}
+    if not isinstance(scenarios, dict):
+        raise ConfigError(str(p), "scenarios", "a mapping of scenario names")
+    for name, section in scenarios.items():
+        table[str(name)] = _section(section, str(p), f"scenarios.{name}")
+    return table
+
+
+def for_scenario(table: dict[str, dict], scenario: str) -> dict[str, float | None]:
+    """Defaults overlaid with the scenario's own values."""
+    return {**table.get("*", defaults()), **table.get(scenario, {})}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One objective checked: `value op limit` must hold."""
+
+    scenario: str
+    name: str
+    value: float | None
+    op: str
+    limit: float | None
+    passed: bool
+    note: str = ""
+
+
+@dataclass
+class Verdict:
+    """All checks of a run, and the numbers behind them (per-scenario summaries)."""
+
+    checks: list[Check] = field(default_factory=list)
+    summaries: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def missed(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def extend(self, other: Verdict) -> Verdict:
+        self.checks += other.checks
+        self.summaries.update(other.summaries)
+        return self
+
+
+def _check(scenario: str, name: str, value: float | None, op: str, limit: float | None, note: str = "") -> Check:
+    if value is None:
+        return Check(scenario, name, None, op, limit, False, note or "no data")
+    ok = {"<": value < limit, "<=": value <= limit, ">=": value >= limit, "==": value == limit}[op]
+    return Check(scenario, name, float(value), op, limit, bool(ok), note)
+
+
+def check_summary(s: dict, objectives: dict[str, float | None]) -> list[Check]:
+    """The checks for one scenario's summary (from results.summarize)."""
+    sc, o = s["scenario"], objectives
+    if not s["requests"]:
+        return [Check(sc, "requests", 0, ">=", 1, False, "no request completed")]
+    checks = []
+    if o.get("ttft_p95_s") is not None and (sc != "throttling"):
+        checks.append(_check(sc, "ttft_p95", s["ttft_s"]["p95"], "<", o["ttft_p95_s"]))
+    if o.get("duration_p90_s") is not None and sc != "throttling":
+        checks.append(_check(sc, "duration_p90", s["duration_s"]["p90"], "<", o["duration_p90_s"]))
+    if o.get("error_ratio") is not None:
+        note = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items()))
+        checks.append(_check(sc, "error_ratio", s["error_ratio"], "<", o["error_ratio"], note))
+    if s.get("requested_rate") and o.get("achieved_rate_ratio_min") is not None:
+        checks.append(_check(sc, "achieved_rate_ratio", s["achieved_rate"] / s["requested_rate"], ">=",
+                             o["achieved_rate_ratio_min"], f"{s['achieved_rate']:.1f}/{s['requested_rate']:.1f} req/s"))
+    if "throttling" in s:
+        checks += _throttling_checks(sc, s["throttling"], o.get("limit_tolerance") or 0.0)
+    return checks
+
+
+def _throttling_checks(sc: str, t: dict, tolerance: float) -> list[Check]:
+    limit = t.get("limit_requests")
+    per_window = None if limit is None else float(limit) * (1 + tolerance)
+    note = f"{t['max_accepted_in_window']} accepted in {t['window_s']:g}s, limit {limit}"
+    return [
+        _check(sc, "accepted_within_limit", t["max_accepted_in_window"] if limit else None, "<=", per_window,
+               note if limit else "limit unknown: pass --limit-requests (or the target sends x-ratelimit-limit-requests)"),
+        _check(sc, "retry_after_on_429", t["missing_retry_after"], "==", 0, "429s without Retry-After"),
+        _check(sc, "no_5xx_when_throttled", t["server_errors"], "==", 0),
+        _check(sc, "throttled", t["rate_limited"], ">=", 1, "the load must go above the limit"),
+    ]
+
+
+def evaluate(df: pd.DataFrame, objectives: dict[str, float | None] | None = None,
+             meta: dict | None = None) -> Verdict:
+    """Summarise one scenario's log rows and check them against its objectives."""
+    summary = results.summarize(df, meta)
+    checks = check_summary(summary, objectives or defaults())
+    return Verdict(checks=checks, summaries={summary["scenario"]: summary})

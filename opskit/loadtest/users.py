@@ -1,0 +1,257 @@
+"""Locust users for opskit's scenarios. Imported ONLY by the locustfiles in loadtests/ (it imports locust).
+
+Every request goes through `ChatClient` (opskit's own timing), is written to the per-request log and is
+reported to Locust's event hook with its full duration, so Locust's CSVs, HTML report and web UI show
+whole-stream times instead of time-to-headers.
+
+Open loop (qps): Locust is closed-loop by design (a user waits for its response before the next task).
+`OpenLoopUser` is therefore a *scheduler*: one per Locust process, it walks this process's share of the
+arrival schedule (opskit.loadtest.shapes) and, at each scheduled time, spawns a greenlet for that
+request, without waiting for earlier ones. A slow target thus meets the same offered rate and its
+slowness shows in the latency, which is measured from the scheduled time (no coordinated omission).
+The alternative, `constant_pacing` with many users, silently lowers the rate once responses take
+longer than the pacing interval, which is the very case a release gate must see.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import time
+
+import gevent
+import gevent.pool
+import locust.stats
+from locust import User, constant, constant_pacing, events, task
+from locust.exception import StopUser
+
+from opskit import records
+from opskit.loadtest import shapes
+from opskit.loadtest.client import ChatClient
+from opskit.loadtest.log import RequestLog
+from opskit.loadtest.params import RunParams
+from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, filler
+
+# the runner's live progress line reads the stats-history CSV: have Locust write it every second
+locust.stats.CSV_STATS_FLUSH_INTERVAL_SEC = 1
+
+perf = time.perf_counter
+WALL0 = time.time() - perf()   # perf_counter -> epoch seconds, for plots against clock time
+
+
+class RequestFailure(Exception):
+    """What Locust records as a failure: the error type and status, a bounded set of strings."""
+
+
+class Process:
+    """Per-Locust-process state: params, the shared HTTP client and the request log."""
+
+    def __init__(self, params: RunParams) -> None:
+        self.params = params
+        auth, ws_auth = _auth(params)
+        pool = max(params.users, 16) if params.scenario != "qps" else params.max_inflight
+        self.client = ChatClient(params.base_url, params.path, auth=auth, timeout_s=params.timeout_s,
+                                 pool_size=pool, ws_auth=ws_auth)
+        self.log = RequestLog(os.path.join(params.run_dir, "log"), params.scenario, params.worker)
+        self.user_ids = itertools.count()
+
+
+_PROC: Process | None = None
+
+
+def proc() -> Process:
+    """This process's state, created on first use (in workers, after Locust forked nothing: plain start)."""
+    global _PROC
+    if _PROC is None:
+        _PROC = Process(RunParams.from_env())
+    return _PROC
+
+
+def _auth(p: RunParams):
+    """Header function and WebSocket auth message for the target's scheme (secrets stay in this process)."""
+    if not (p.config_path or p.target_url):
+        return None, None
+    from opskit import config
+
+    target = config.load(p.config_path, p.target_url).target(p.target_name)
+    if target.auth.scheme == "none":
+        return None, None
+    from opskit.auth import Authenticator
+
+    authenticator = Authenticator(target.auth)
+    ws = authenticator.ws_auth_message() if hasattr(authenticator, "ws_auth_message") else None
+    return authenticator.headers, ws
+
+
+@events.test_stop.add_listener
+def _flush(**_kw) -> None:
+    if _PROC is not None:
+        _PROC.log.flush()
+
+
+@events.quitting.add_listener
+def _close(**_kw) -> None:
+    if _PROC is not None:
+        _PROC.log.close()
+
+
+def report(environment, row: dict, name: str) -> None:
+    """Write a row to opskit's log and tell Locust about it."""
+    p = proc()
+    row["wall"] = WALL0 + row["t_sched"]
+    p.log.write(row)
+    exc = None
+    if row.get("error_type"):
+        exc = RequestFailure(f"{row['error_type']} (HTTP {row.get('status', 0)})")
+    environment.events.request.fire(request_type="POST", name=name, response_time=row["duration_s"] * 1000.0,
+                                    response_length=row.get("bytes") or 0, exception=exc, context={})
+
+
+class ChatUser(User):
+    """Base user: builds a request body from the prompt source and sends it through the shared client."""
+
+    abstract = True
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.p = proc()
+        self.uid = next(self.p.user_ids)
+        seed = self.p.params.seed * 100_000 + self.p.params.worker * 1000 + self.uid
+        self.prompts = PromptSource(PromptSpec(**self.p.params.prompt), seed=seed)
+        self.rng = random.Random(seed)
+        self.seq = 0
+
+    def body(self, messages: list[dict], max_tokens: int) -> dict:
+        prm = self.p.params
+        body = {"model": prm.model, "messages": messages, "max_tokens": max_tokens, "stream": prm.stream}
+        if prm.stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def send(self, body: dict, t_sched: float | None = None, **extra) -> dict:
+        """One request, logged and reported. A run stopped mid-request logs it as a client disconnect."""
+        prm = self.p.params
+        self.seq += 1
+        base = {"scenario": prm.scenario, "worker": prm.worker, "user": self.uid, "seq": self.seq, **extra}
+        transport = prm.transport if prm.stream else "sse"
+        try:
+            row = self.p.client.call(body, t_sched, transport)
+        except gevent.GreenletExit:
+            now = perf()
+            t0 = now if t_sched is None else t_sched
+            report(self.environment, {**base, "t_sched": t0, "t_sent": t0, "t_end": now, "duration_s": now - t0,
+                                      "status": 0, "error_type": records.CLIENT_DISCONNECT,
+                                      "error": "run stopped"}, prm.scenario)
+            raise
+        row.update(base)
+        report(self.environment, row, prm.scenario)
+        return row
+
+
+class OpenLoopUser(ChatUser):
+    """The open-loop scheduler: one per process, a greenlet per request at its scheduled time."""
+
+    abstract = True
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.done = False
+
+    @task
+    def run_schedule(self) -> None:
+        if self.done:  # schedule finished: idle until Locust's run time ends and it stops us
+            gevent.sleep(0.05)
+            return
+        prm = self.p.params
+        spec = shapes.ArrivalSpec(**prm.arrival)
+        pool = gevent.pool.Pool()
+        start = perf()
+        for offset in shapes.arrivals(spec, prm.duration, prm.worker, prm.workers):
+            t = start + offset
+            delay = t - perf()
+            if delay > 0:
+                gevent.sleep(delay)
+            if len(pool) >= prm.max_inflight:
+                self._dropped(t)
+                continue
+            messages, max_tokens = self.prompts.next()
+            pool.spawn(self.send, self.body(messages, max_tokens), t)
+        pool.join(timeout=prm.timeout_s + 5)
+        self.done = True
+
+    def _dropped(self, t: float) -> None:
+        """Too many requests in flight: counted as a client-side failure, never silently skipped."""
+        self.seq += 1
+        now = perf()
+        report(self.environment, {"scenario": self.p.params.scenario, "worker": self.p.params.worker,
+                                  "user": self.uid, "seq": self.seq, "t_sched": t, "t_sent": None, "t_end": now,
+                                  "duration_s": now - t, "status": 0, "error_type": records.CONNECTION,
+                                  "error": "dropped: max in-flight reached"}, self.p.params.scenario)
+
+
+class StreamingUser(ChatUser):
+    """Closed loop: each user streams one chat after another (SSE, or WebSocket with transport=ws)."""
+
+    abstract = True
+
+    @task
+    def chat(self) -> None:
+        messages, max_tokens = self.prompts.next()
+        self.send(self.body(messages, max_tokens))
+
+
+class ConversationUser(ChatUser):
+    """Multi-turn chats: each turn sends system + the last N turns + a new question, so context grows."""
+
+    abstract = True
+    wait_time = constant(0.05)
+
+    @task
+    def conversation(self) -> None:
+        prm = self.p.params
+        turns: list[tuple[str, str]] = []
+        for turn in range(1, prm.turns + 1):
+            question = self.prompts.user_text()
+            messages = conversation_messages(self.prompts.spec.system, turns, question, prm.keep_turns)
+            row = self.send(self.body(messages, self.prompts.output_tokens()), turn=turn)
+            if row.get("error_type"):
+                return  # a broken turn ends the chat; the next one starts afresh
+            # the reply's content does not change the server's cost: replay filler of the same length
+            turns.append((question, filler(max(1, row.get("output_tokens") or 1), self.rng)))
+
+
+class ThrottledUser(ChatUser):
+    """Drives above the advertised limit and backs off on 429: Retry-After, else capped jittered back-off.
+
+    Each logical request is retried until it succeeds or `max_attempts` is reached; every attempt is
+    logged with its attempt number, so the throttling checks can see accepted rate, 429 share, missing
+    Retry-After headers and how long each client took to recover.
+    """
+
+    abstract = True
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.deadline = perf() + self.p.params.duration
+
+    def wait_time(self) -> float:  # pacing so that all users together offer overdrive x the limit
+        prm = self.p.params
+        offered = prm.overdrive * (prm.limit_requests or 60.0) / min(prm.window_s, prm.duration)
+        return constant_pacing(max(1, prm.users) / offered)(self)
+
+    @task
+    def throttled(self) -> None:
+        prm = self.p.params
+        messages, max_tokens = self.prompts.next()
+        body = self.body(messages, max_tokens)
+        logical = self.seq + 1
+        for attempt in range(1, prm.max_attempts + 1):
+            row = self.send(body, attempt=attempt, logical=logical)
+            if row.get("status") != 429:
+                return
+            wait = shapes.backoff_delay(attempt, shapes.parse_retry_after(row.get("retry_after")), self.rng,
+                                        prm.backoff_base_s, prm.backoff_cap_s)
+            if perf() + wait > self.deadline:
+                raise StopUser()  # would wait past the end of the run: this client is done
+            gevent.sleep(wait)
