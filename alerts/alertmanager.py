@@ -36,8 +36,8 @@ def inhibit_rules() -> list[dict]:
     return [
         {
             "source_matchers": ['alertname="OpskitExporterDown"'],
-            # instance=~".+": alerts aggregated by target carry no instance, and `equal` treats two
-            # missing labels as equal, which would mute every target's alerts.
+            # Only alerts of an instance: those aggregated by target carry no instance label and
+            # stay live, since other exporters may still report the same target.
             "target_matchers": ['alertname!="OpskitExporterDown"', 'instance=~".+"'],
             "equal": ["instance"],
         },

@@ -5,8 +5,14 @@ real Alertmanager."""
 from __future__ import annotations
 
 import dataclasses
+import http.server
+import json
 import re
+import socket
 import subprocess
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +22,7 @@ from click.testing import CliRunner
 from alerts import alertmanager, generate, rules
 from alerts.promql import series_names
 from opskit import catalog, thresholds
-from tests.conftest import need_binary
+from tests.conftest import need_binary, stop
 
 ALERTS_DIR = Path(__file__).resolve().parent.parent / "alerts"
 T = thresholds.Thresholds()
@@ -192,3 +198,107 @@ def test_alertmanager_config_with_custom_urls_passes_amtool(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with pytest.raises(ValueError, match="unknown receiver"):
         alertmanager.config(urls={"sms": "http://x"})
+
+
+# --- a real Alertmanager: routing by severity and inhibition while an exporter is down ---------
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    """Webhook receiver: records (path, alertnames+labels) of every notification."""
+
+    received: list[tuple[str, dict]] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        for alert in body["alerts"]:
+            self.received.append((self.path, alert["labels"]))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+@pytest.fixture
+def webhook():
+    _Hook.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", _Hook.received
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def alertmanager_url(tmp_path, webhook):
+    binary = need_binary("prometheus-alertmanager")
+    base, _ = webhook
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(generate.render_alertmanager(
+        urls={name: f"{base}/{name}" for name in alertmanager.RECEIVERS}, group_wait="1s", group_interval="1s"))
+    port = _free_port()
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                pytest.fail(f"alertmanager did not start: {proc.stderr.read().decode()[-1000:]}")
+            time.sleep(0.1)
+    yield url
+    stop(proc)
+
+
+def _alert(name: str, severity: str, **labels) -> dict:
+    return {"labels": {"alertname": name, "severity": severity, **labels},
+            "annotations": {"summary": name}, "generatorURL": "http://127.0.0.1/test"}
+
+
+@pytest.mark.slow
+def test_alertmanager_routes_by_severity_and_inhibits(alertmanager_url, webhook):
+    _, received = webhook
+    alerts = [
+        _alert("LLMErrorRateCritical", "critical", target="api"),
+        _alert("LLMHighErrorRate", "warning", target="api"),           # muted by its critical twin
+        _alert("LLMHighTimeToFirstToken", "warning", target="api"),    # no instance: never muted by a down exporter
+        _alert("OpskitExporterDown", "warning", instance="node1:9464", job="opskit"),
+        _alert("GPUHighUtilization", "warning", instance="node1:9464", gpu="0"),   # muted: its exporter is down
+        _alert("GPUHighUtilization", "warning", instance="node2:9464", gpu="0"),   # other instance: delivered
+        _alert("LLMErrorBudgetSlowBurn", "ticket", target="api", slo="availability"),
+    ]
+    req = urllib.request.Request(f"{alertmanager_url}/api/v2/alerts", data=json.dumps(alerts).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(req, timeout=5).close()
+    expected = {
+        ("/pager", "LLMErrorRateCritical", None), ("/chat", "LLMHighTimeToFirstToken", None),
+        ("/chat", "OpskitExporterDown", "node1:9464"), ("/chat", "GPUHighUtilization", "node2:9464"),
+        ("/ticket", "LLMErrorBudgetSlowBurn", None),
+    }
+    deadline = time.monotonic() + 20
+    got: set = set()
+    while time.monotonic() < deadline and got != expected:
+        got = {(path, labels["alertname"], labels.get("instance")) for path, labels in list(received)}
+        time.sleep(0.2)
+    assert got == expected
+    states = {(a["labels"]["alertname"], a["labels"].get("instance")): a["status"]
+              for a in _get(f"{alertmanager_url}/api/v2/alerts")}
+    assert states[("LLMHighErrorRate", None)]["state"] == "suppressed"
+    assert states[("GPUHighUtilization", "node1:9464")]["inhibitedBy"]
+    assert states[("GPUHighUtilization", "node2:9464")]["state"] == "active"
