@@ -57,6 +57,36 @@ def test_build_registry_with_gpu_collector(fake_nvml, tmp_path, monkeypatch):
         gpu.close()
 
 
+def test_fast_exposition_equals_generate_latest(fake_nvml, tmp_path, monkeypatch):
+    import prometheus_client
+    from prometheus_client import Counter, Gauge, Histogram, generate_latest
+
+    from opskit.exposition import Renderer
+
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)  # as the exporter runs
+    monkeypatch.setenv("FAKE_NVML_STATE", str(write_state(tmp_path / "s", fake_gpus(3, util=42))))
+    cfg = config.parse({"targets": [{"name": "t", "base_url": "http://h/v1", "daily_quota_requests": 7}]}, env={})
+    gpu = GpuCollector(lib_path=str(fake_nvml))
+    reg, calls = exporter.build_registry(cfg, gpu)
+    calls.started("t", "proxy")
+    calls.observe(CallRecord("t", "probe", "deepseek-chat", 200, "", 1.25, ttft_s=0.2, output_tokens=9,
+                             input_tokens=3, streamed=True, ratelimit_remaining_requests=12345678.0))
+    odd = Gauge("odd_values", 'help with \\ and "quotes"\nand a newline', ["a", "z", "b"], registry=reg)
+    for i, v in enumerate([float("nan"), float("inf"), -float("inf"), 1e7, 1.5e-9, -3.0, 0.0, 123456789.0]):
+        odd.labels(f'quote" back\\slash\nnewline é {i}', "", "x").set(v)
+    Counter("plain_events_total", "no labels", registry=reg).inc(3)
+    Histogram("neg_buckets", "starts below zero", ["k"], buckets=(-1, 0, 1), registry=reg).labels("v").observe(-2)
+    Histogram("empty_hist", "no children yet", ["k"], registry=reg)
+    try:
+        r = Renderer(reg)
+        for _ in range(2):  # the second render uses the cached prefixes
+            assert r.render() == generate_latest(reg)
+        calls.observe(CallRecord("t", "probe", "other-model", 500, "server_error", 0.5))
+        assert r.render() == generate_latest(reg)
+    finally:
+        gpu.close()
+
+
 @pytest.mark.parametrize("value, expected", [
     ("127.0.0.1:0", ("127.0.0.1", 0)), (":9464", ("0.0.0.0", 9464)), ("[::1]:80", ("::1", 80)),
 ])

@@ -1,0 +1,172 @@
+"""Scrape cost and memory of `opskit exporter`: /metrics with 8 GPUs and 10 targets' call series.
+
+Targets: a scrape <= 10 ms, exporter RSS <= 80 MB. The exporter runs as its own process on the fake
+NVML (tests/fakenvml, 8 GPUs, loaded through LD_LIBRARY_PATH by the real pynvml binding) with a
+config of 10 targets x 2 models; before it reports ready it is filled with call series for every
+target x source (proxy, probe) x model (2 configured + other) x outcome (200, 429, 500), which is
+more label sets than a sidecar normally has. The client times /metrics over one keep-alive
+connection; the server's CPU per scrape comes from its own /proc accounting. Server and client are
+pinned to different cores when there are two.
+
+    .venv/bin/python bench/exporter_scrape.py [--scrapes 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGETS = 10
+MODELS = ("model-a", "model-b")
+
+
+def write_config(path: Path) -> None:
+    lines = ["targets:"]
+    for i in range(TARGETS):
+        lines += [f"  - name: target-{i}", f"    base_url: http://127.0.0.1:{9000 + i}/v1",
+                  f"    models: [{', '.join(MODELS)}]", "    daily_quota_requests: 100000"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def populate(metrics, cfg) -> None:
+    """Call series for every target x source x model x outcome, with tokens and latencies."""
+    from opskit.records import CallRecord
+
+    outcomes = ((200, ""), (429, "rate_limited"), (500, "server_error"))
+    for t in cfg.targets:
+        for source in ("proxy", "probe"):
+            for model in (*MODELS, "unlisted-model"):
+                for code, err in outcomes:
+                    for k in range(5):
+                        metrics.observe(CallRecord(
+                            t.name, source, model, code, err, duration_s=0.2 + 0.3 * k, ttft_s=0.05 * (k + 1),
+                            input_tokens=100, output_tokens=50, streamed=True, ratelimit_remaining_requests=99))
+
+
+def serve(config_path: str, ready: str) -> None:
+    """The exporter process: the real Exporter, filled with synthetic call series, until SIGTERM."""
+    import asyncio
+    import gc
+    import logging
+
+    import prometheus_client
+
+    from opskit import config, exporter
+    from opskit.gpu import visible_from_env
+
+    logging.basicConfig(level=logging.WARNING)
+    prometheus_client.disable_created_metrics()
+    cfg = config.load(config_path)
+    opts = exporter.Options(listen=("127.0.0.1", 0), visible_devices=visible_from_env(os.environ))
+
+    async def main() -> None:
+        ex = exporter.Exporter(cfg, opts)
+        await ex.start()
+        populate(ex.metrics, cfg)
+        gc.freeze()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        exporter.write_ready_file(Path(ready), ex.ready_info())
+        await stop.wait()
+        await ex.close()
+
+    exporter._run(main())
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+def pin(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if (os.cpu_count() or 1) >= 2 and os.path.exists("/usr/bin/taskset") else []
+
+
+def measure(scrapes: int) -> None:
+    from tests.fakenvml import build_fake_nvml, fake_gpus, write_state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        lib = build_fake_nvml(tmp / "lib")
+        state = write_state(tmp / "gpus", fake_gpus(8, util=55))
+        write_config(tmp / "opskit.yaml")
+        env = {**os.environ, "LD_LIBRARY_PATH": str(lib.parent), "FAKE_NVML_STATE": str(state)}
+        ready = tmp / "ready.json"
+        proc = subprocess.Popen([*pin(1), sys.executable, __file__, "--serve", str(tmp / "opskit.yaml"),
+                                 str(ready)], env=env, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 30
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("exporter did not start")
+                time.sleep(0.05)
+            info = json.loads(ready.read_text())
+            report(info, proc.pid, scrapes)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+
+
+def report(info: dict, pid: int, scrapes: int) -> None:
+    if pin(0):
+        os.sched_setaffinity(0, {0})
+    host, port = info["url"].removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+
+    def scrape() -> bytes:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200
+        return body
+
+    body = b""
+    for _ in range(20):  # warm-up: first scrapes initialise NVML handles and caches
+        body = scrape()
+    times = []
+    cpu0 = cpu_seconds(pid)
+    for _ in range(scrapes):
+        t0 = time.perf_counter()
+        scrape()
+        times.append(time.perf_counter() - t0)
+    cpu = (cpu_seconds(pid) - cpu0) / scrapes
+    rss, hwm = rss_mb(pid)
+    samples = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+    times.sort()
+    print(f"exporter /metrics, 8 fake GPUs, {TARGETS} targets: {samples} samples, {len(body) / 1024:.0f} KiB")
+    print(f"  scrape wall (client, keep-alive): median {statistics.median(times) * 1e3:.2f} ms, "
+          f"p95 {times[int(0.95 * len(times))] * 1e3:.2f} ms, max {times[-1] * 1e3:.2f} ms  (n={scrapes})")
+    print(f"  exporter CPU per scrape: {cpu * 1e3:.2f} ms")
+    print(f"  exporter RSS: {rss:.1f} MB now, {hwm:.1f} MB peak   (targets: scrape <= 10 ms, RSS <= 80 MB)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scrapes", type=int, default=300)
+    ap.add_argument("--serve", nargs=2, metavar=("CONFIG", "READY"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(*args.serve)
+    else:
+        measure(args.scrapes)
+
+
+if __name__ == "__main__":
+    main()
