@@ -140,12 +140,12 @@ class ServerAuth:
         return self.check_bearer(cred)
 
 
-def parse_pairs(values: list[str], what: str) -> dict[str, str]:
+def parse_pairs(values: list[str], what: str, shape: str = "ID:SECRET") -> dict[str, str]:
     """`ID:SECRET` strings -> {id: secret}; ValueError names the flag, never the secret."""
     out: dict[str, str] = {}
     for i, v in enumerate(values):
         ident, sep, secret = v.partition(":")
         if not sep or not ident or not secret:
-            raise ValueError(f"{what} #{i + 1}: expected ID:SECRET")
+            raise ValueError(f"{what} #{i + 1}: expected {shape}")
         out[ident] = secret
     return out

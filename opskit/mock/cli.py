@@ -19,6 +19,12 @@ from opskit.mock.state import DEFAULT_MODELS, MockState
 ENV_KEYS = "OPSKIT_MOCK_API_KEYS"
 
 
+class FlagError(click.ClickException):
+    """A bad flag: printed as one line (`Error: ...`), exit status 2, no usage block."""
+
+    exit_code = 2
+
+
 class OneLineCommand(click.Command):
     """Usage errors print as one line (`Error: ...`) with exit status 2, without the usage block."""
 
@@ -26,11 +32,11 @@ class OneLineCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
-            raise click.UsageError(exc.format_message().replace("\n", " ")) from None
+            raise FlagError(exc.format_message().replace("\n", " ")) from None
 
 
 def _fail(message: str) -> None:
-    raise click.UsageError(message)
+    raise FlagError(message)
 
 
 def parse_hostport(value: str, flag: str) -> tuple[str, int]:
@@ -54,7 +60,7 @@ def _auth(scheme: str, api_keys: tuple[str, ...], clients: tuple[str, ...], ttl:
                 _fail(f"--auth bearer needs at least one --api-key (or ${ENV_KEYS})")
             return ServerAuth("bearer", api_keys=frozenset(keys))
         if scheme == "hmac":
-            pairs = parse_pairs(keys, "--api-key")
+            pairs = parse_pairs(keys, "--api-key", "KEYID:SECRET")
             if not pairs:
                 _fail(f"--auth hmac needs at least one --api-key KEYID:SECRET (or ${ENV_KEYS})")
             return ServerAuth("hmac", hmac_keys=pairs)

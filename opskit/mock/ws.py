@@ -91,8 +91,8 @@ async def _serve(request: web.Request, sock: web.WebSocketResponse, state: MockS
     counters.in_flight += 1
     try:
         try:
-            req = parse_request(dumps(body), "chat")
-            req.stream = True
+            # WebSocket requests always stream, whatever the body says.
+            req = parse_request(dumps({**body, "stream": True} if isinstance(body, dict) else body), "chat")
             rate_headers, faults = engine.check(state, req, identity)
         except BadRequest as exc:
             _count(state, 400)

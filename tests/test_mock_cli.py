@@ -1,0 +1,124 @@
+"""`opskit mock` as a command: flag errors, the ready file, signals; and pure units (model, limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT
+
+from opskit.cli import main
+from opskit.mock.limits import Gate, RateLimiter
+from opskit.mock.model import CONTENT, REASONING, LatencyModel, plan_chunks
+from opskit.mock.settings import Latency, Limits
+
+BAD_FLAGS = [
+    (["--listen", "nowhere"], "--listen"),
+    (["--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"], "loopback"),
+    (["--listen", "127.0.0.1:0", "--error-rate", "404=0.1"], "error-rate"),
+    (["--listen", "127.0.0.1:0", "--error-rate", "500"], "STATUS=RATE"),
+    (["--listen", "127.0.0.1:0", "--hang-rate", "1.5"], "hang-rate"),
+    (["--listen", "127.0.0.1:0", "--capacity", "0"], "capacity"),
+    (["--listen", "127.0.0.1:0", "--auth", "bearer"], "--api-key"),
+    (["--listen", "127.0.0.1:0", "--auth", "hmac", "--api-key", "no-colon"], "KEYID:SECRET"),
+    (["--listen", "127.0.0.1:0", "--auth", "oauth2"], "--client"),
+    (["--listen", "127.0.0.1:0", "--ttft-ms", "fast"], "ttft-ms"),
+    (["--listen", "127.0.0.1:0", "--no-such-flag"], "no-such-flag"),
+]
+
+
+@pytest.mark.parametrize(("args", "mention"), BAD_FLAGS)
+def test_bad_flags_one_line_exit_2(args, mention, clean_env):
+    result = CliRunner().invoke(main, ["mock", *args])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and mention in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_secret_never_in_flag_errors(clean_env):
+    result = CliRunner().invoke(main, ["mock", "--listen", "127.0.0.1:0", "--auth", "oauth2",
+                                       "--client", "app:sup3rsecret", "--client", "broken"])
+    assert result.exit_code == 2 and "sup3rsecret" not in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_ready_file_and_clean_exit_on_signal(start_mock, sig):
+    mock = start_mock()
+    assert mock.url.startswith("http://127.0.0.1:") and mock.admin_url.startswith("http://127.0.0.1:")
+    mock.proc.send_signal(sig)
+    assert mock.proc.wait(10) == 0
+
+
+@pytest.mark.slow
+def test_port_in_use_is_one_line_exit_2():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "opskit", "mock", "--listen", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "cannot listen" in proc.stderr
+
+
+def test_model_same_seed_same_schedule_and_bounds():
+    lat = Latency(ttft_ms=20, ttft_jitter_ms=5, itl_ms=3, itl_jitter_ms=1, output_tokens_mean=30,
+                  output_tokens_spread=50)
+    a, b = LatencyModel(lat, seed=5), LatencyModel(lat, seed=5)
+    for _ in range(50):
+        sa, sb = a.sample(2, 40, 0.0), b.sample(2, 40, 0.0)
+        assert (sa.chunk_times, sa.lengths, sa.word_offset) == (sb.chunk_times, sb.lengths, sb.word_offset)
+        assert all(1 <= n <= 40 for n in sa.lengths) and sa.ttft >= 0
+        assert sa.chunk_times == sorted(sa.chunk_times) and len(sa.chunk_times) == max(sa.lengths)
+
+
+def test_chunk_plans_and_itl_per_token():
+    assert plan_chunks(5, 2, False) == [(CONTENT, 0, 2), (CONTENT, 2, 2), (CONTENT, 4, 1)]
+    assert plan_chunks(5, 2, True) == [(REASONING, 0, 2), (CONTENT, 2, 2), (CONTENT, 4, 1)]
+    assert plan_chunks(1, 4, True) == [(CONTENT, 0, 1)]
+    lat = Latency(ttft_ms=10, ttft_jitter_ms=0, itl_ms=4, itl_jitter_ms=0, output_tokens_mean=5,
+                  output_tokens_spread=0, tokens_per_chunk=2)
+    s = LatencyModel(lat, seed=1).sample(1, None, extra_ttft_ms=7)
+    # chunk j is due ITL x (tokens in chunk j) after chunk j-1; extra TTFT shifts everything
+    assert s.chunk_times == pytest.approx([0.017, 0.025, 0.029])
+
+
+def test_rate_limiter_fixed_window_with_fake_clock():
+    now = [100.0]
+    rl = RateLimiter(Limits(rpm=2, tpm=None, window_s=10), clock=lambda: now[0], wall=lambda: 0.0)
+    assert rl.check("k", 1).allowed and rl.check("k", 1).allowed
+    refused = rl.check("k", 1)
+    assert not refused.allowed and refused.retry_after == 10 and refused.which == "requests"
+    now[0] += 9.5
+    assert rl.check("k", 1).retry_after == 1
+    now[0] += 0.5
+    ok = rl.check("k", 1)
+    assert ok.allowed and ok.headers["x-ratelimit-remaining-requests"] == "1"
+
+
+def test_gate_is_fifo_and_survives_cancelled_waiters():
+    async def run():
+        gate, order = Gate(1), []
+        await gate.acquire()
+
+        async def worker(i):
+            await gate.acquire()
+            order.append(i)
+            gate.release()
+
+        tasks = [asyncio.create_task(worker(i)) for i in range(4)]
+        await asyncio.sleep(0)
+        tasks[1].cancel()
+        gate.release()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        return order, gate.held
+
+    order, held = asyncio.run(run())
+    assert order == [0, 2, 3] and held == 0
