@@ -119,6 +119,7 @@ def measure(scrapes: int) -> None:
                 time.sleep(0.05)
             info = json.loads(ready.read_text())
             report(info, proc.pid, scrapes)
+            render_ab(tmp / "opskit.yaml")
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(20)
@@ -155,6 +156,30 @@ def report(info: dict, pid: int, scrapes: int) -> None:
           f"p95 {times[int(0.95 * len(times))] * 1e3:.2f} ms, max {times[-1] * 1e3:.2f} ms  (n={scrapes})")
     print(f"  exporter CPU per scrape: {cpu * 1e3:.2f} ms")
     print(f"  exporter RSS: {rss:.1f} MB now, {hwm:.1f} MB peak   (targets: scrape <= 10 ms, RSS <= 80 MB)")
+
+
+def render_ab(config_path: Path, rounds: int = 7) -> None:
+    """In this process: prometheus_client's generate_latest vs opskit.exposition on the same registry."""
+    import timeit
+
+    import prometheus_client
+
+    from opskit import config, exporter
+    from opskit.exposition import Renderer
+
+    prometheus_client.disable_created_metrics()
+    cfg = config.load(config_path)
+    reg, metrics = exporter.build_registry(cfg)
+    populate(metrics, cfg)
+    renderer = Renderer(reg)
+    assert renderer.render() == prometheus_client.generate_latest(reg)
+    a, b = [], []
+    for _ in range(rounds):  # alternate A and B so drift from other load hits both
+        a.append(timeit.timeit(lambda: prometheus_client.generate_latest(reg), number=3) / 3)
+        b.append(timeit.timeit(renderer.render, number=3) / 3)
+    ma, mb = statistics.median(a), statistics.median(b)
+    print(f"  call series render, in-process (median of {rounds}): generate_latest {ma * 1e3:.1f} ms, "
+          f"opskit.exposition {mb * 1e3:.1f} ms ({ma / mb:.0f}x)")
 
 
 def main() -> None:
