@@ -144,9 +144,11 @@ def _throttling_checks(sc: str, t: dict, tolerance: float) -> list[Check]:
     return [
         _check(sc, "accepted_within_limit", t["max_accepted_in_window"] if limit else None, "<=", per_window,
                note if limit else "limit unknown: pass --limit-requests (or the target sends x-ratelimit-limit-requests)"),
-        _check(sc, "retry_after_on_429", t["missing_retry_after"], "==", 0, "429s without Retry-After"),
-        _check(sc, "no_5xx_when_throttled", t["server_errors"], "==", 0),
-        _check(sc, "throttled", t["rate_limited"], ">=", 1, "the load must go above the limit"),
+        _check(sc, "retry_after_on_429", t["missing_retry_after"], "==", 0,
+               f"{t['missing_retry_after']} of {t['rate_limited']} 429s lack Retry-After"),
+        _check(sc, "no_5xx_when_throttled", t["server_errors"], "==", 0, f"{t['server_errors']} answers 5xx"),
+        _check(sc, "throttled", t["rate_limited"], ">=", 1,
+               f"{t['rate_limited']} 429s: the load {'went' if t['rate_limited'] else 'did not go'} above the limit"),
     ]
 
 

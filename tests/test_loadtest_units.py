@@ -1,0 +1,208 @@
+"""Load-test pure parts: arrival schedules, back-off, prompts, results, SLO verdicts, reports, comparison.
+
+No network and no Locust here: synthetic per-request rows go through the same code as real runs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from opskit.cli import main
+from opskit.config import ConfigError
+from opskit.loadtest import compare, report, results, shapes, slo
+from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, load_file
+from opskit.thresholds import THRESHOLDS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# ---- arrival schedules and back-off ----
+
+
+def test_fixed_rate_split_across_workers_is_the_exact_schedule():
+    spec = shapes.ArrivalSpec("fixed", rate=50.0)
+    one = list(shapes.arrivals(spec, 10.0))
+    split = sorted(t for w in range(3) for t in shapes.arrivals(spec, 10.0, w, 3))
+    assert len(one) == 500 == shapes.expected_count(spec, 10.0)
+    assert split == pytest.approx(one)
+    assert one[1] - one[0] == pytest.approx(0.02)
+
+
+def test_poisson_rate_and_ramp_steps():
+    poisson = list(shapes.arrivals(shapes.ArrivalSpec("poisson", rate=200.0, seed=7), 20.0))
+    assert 3700 < len(poisson) < 4300  # 4000 expected, sd ~63
+    gaps = [b - a for a, b in zip(poisson, poisson[1:], strict=False)]
+    assert min(gaps) < 0.0005 < 0.02 < max(gaps)  # exponential gaps, not a fixed grid
+    ramp = list(shapes.arrivals(shapes.ArrivalSpec("ramp", rate=40.0, steps=4), 8.0))
+    per_step = [sum(1 for t in ramp if 2 * j <= t < 2 * (j + 1)) for j in range(4)]
+    assert per_step == [20, 40, 60, 80]
+
+
+def test_retry_after_parsing_and_backoff():
+    assert shapes.parse_retry_after("3") == 3.0
+    assert shapes.parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == pytest.approx(10.0)
+    assert shapes.parse_retry_after(None) is None and shapes.parse_retry_after("soon") is None
+    rng = random.Random(1)
+    assert shapes.backoff_delay(1, 2.0, rng) == 2.0
+    assert shapes.backoff_delay(1, 500.0, rng, cap_s=30.0) == 30.0
+    delays = [shapes.backoff_delay(4, None, rng, base_s=0.5, cap_s=3.0) for _ in range(200)]
+    assert min(delays) >= 0 and max(delays) <= 3.0 and max(delays) > 2.0  # full jitter up to the cap
+
+
+# ---- prompts ----
+
+
+def test_synthetic_prompts_have_the_asked_lengths():
+    src = PromptSource(PromptSpec(input_tokens_mean=100, input_tokens_spread=0, output_tokens_mean=30,
+                                  output_tokens_spread=0), seed=3)
+    messages, max_tokens = src.next()
+    assert max_tokens == 30 and messages[0]["role"] == "system"
+    assert len(messages[1]["content"].split()) == 100
+    assert 380 <= len(messages[1]["content"]) <= 420  # ~4 characters per token
+
+
+def test_prompt_file_and_its_errors(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "hi", "max_tokens": 5}\n\n{"messages": [{"role": "user", "content": "x"}]}\n')
+    assert len(load_file(str(good))) == 2
+    src = PromptSource(PromptSpec(file=str(good)), seed=1)
+    got = [src.next() for _ in range(4)]
+    assert {m[0][-1]["content"] for m in got} == {"hi", "x"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(ConfigError, match="line 2"):
+        load_file(str(bad))
+    with pytest.raises(ConfigError, match="readable"):
+        load_file(str(tmp_path / "missing.jsonl"))
+
+
+def test_conversation_keeps_system_and_last_turns():
+    turns = [(f"q{i}", f"a{i}") for i in range(5)]
+    msgs = conversation_messages("sys", turns, "now", keep_turns=2)
+    assert [m["content"] for m in msgs] == ["sys", "q3", "a3", "q4", "a4", "now"]
+
+
+# ---- results ----
+
+
+def row(scenario="streaming", t=0.0, dur=0.5, ttft=0.1, out=11, status=200, err="", **kw):
+    base = {"scenario": scenario, "worker": 0, "user": 0, "seq": 1, "t_sched": t, "t_sent": t,
+            "t_end": t + dur, "duration_s": dur, "ttft_s": ttft if not err else None, "ttfot_s": ttft,
+            "itl": [0.04] * (out - 1) if not err else None, "status": status, "error_type": err,
+            "input_tokens": 20, "output_tokens": out if not err else 0, "tokens_from_usage": True,
+            "streamed": True}
+    base.update(kw)
+    return base
+
+
+def test_summary_percentiles_tpot_and_error_ratio():
+    rows = [row(t=i * 0.1, dur=0.5 + i * 0.001) for i in range(98)]
+    rows += [row(t=10.0, status=500, err="server_error"), row(t=10.1, status=0, err="timeout")]
+    s = results.summarize(results.frame(rows), {"scenario": "streaming", "duration": 10.0})
+    assert s["requests"] == 100 and s["ok"] == 98
+    assert s["error_ratio"] == pytest.approx(0.02)
+    assert s["errors"] == {"server_error": 1, "timeout": 1}
+    assert s["tpot_s"]["p50"] == pytest.approx((0.5485 - 0.1) / 10, rel=1e-3)
+    assert s["itl_s"]["p99"] == pytest.approx(0.04)
+    assert s["output_tokens"] == 98 * 11 and s["throughput_rps"] == pytest.approx(9.8)
+
+
+def test_throttling_429s_are_not_errors_and_windows_are_counted():
+    rows = [row("throttling", t=i * 0.1, status=200, retry_after=None) for i in range(10)]
+    rows += [row("throttling", t=1.0 + i * 0.1, status=429, err="rate_limited", retry_after="4") for i in range(5)]
+    rows += [row("throttling", t=1.6, status=429, err="rate_limited", retry_after=None)]
+    s = results.summarize(results.frame(rows), {"scenario": "throttling", "duration": 5.0, "window_s": 5.0,
+                                                "limit_requests": 8})
+    assert s["error_ratio"] == 0.0
+    t = s["throttling"]
+    assert (t["accepted"], t["rate_limited"], t["missing_retry_after"], t["max_accepted_in_window"]) == (10, 6, 1, 10)
+    checks = {c.name: c for c in slo.check_summary(s, slo.defaults())}
+    assert not checks["accepted_within_limit"].passed and not checks["retry_after_on_429"].passed
+    assert checks["throttled"].passed and checks["no_5xx_when_throttled"].passed
+
+
+def test_max_in_window_opens_windows_like_a_fixed_window_limiter():
+    import numpy as np
+
+    # 5 at the end of one window and 5 at the start of the next: fine for a 5-per-window limiter
+    times = np.array([0.0, 4.0, 4.2, 4.4, 4.6, 5.0, 5.1, 5.2, 5.3, 5.4])
+    assert results.max_in_window(times, 5.0) == 5
+    assert results.max_in_window(np.array([0.0, 0.1, 0.2]), 5.0) == 3
+
+
+# ---- SLO verdicts and reports ----
+
+
+def test_slo_defaults_come_from_thresholds_and_misses_are_named():
+    assert slo.defaults()["ttft_p95_s"] == THRESHOLDS.ttft_p95_seconds
+    slow = [row(t=i * 0.1, ttft=0.2 + THRESHOLDS.ttft_p95_seconds) for i in range(50)]
+    v = slo.evaluate(results.frame(slow), slo.defaults(), {"scenario": "streaming", "duration": 5})
+    assert not v.passed and [c.name for c in v.missed] == ["ttft_p95"]
+    text = report.render(v)
+    assert "VERDICT: FAIL (missed: streaming ttft_p95)" in text
+    ok = slo.evaluate(results.frame([row(t=i * 0.1) for i in range(50)]), slo.defaults(), {"duration": 5})
+    assert ok.passed and "VERDICT: PASS" in report.render(ok)
+
+
+def test_qps_achieved_rate_is_checked():
+    rows = [row("qps", t=i * 0.1) for i in range(50)]  # 10 req/s sent, 20 asked
+    v = slo.evaluate(results.frame(rows), slo.defaults(), {"scenario": "qps", "duration": 5.0, "requested_rate": 20})
+    assert [c.name for c in v.missed] == ["achieved_rate_ratio"]
+
+
+def test_slo_override_file(tmp_path):
+    f = tmp_path / "slo.yaml"
+    f.write_text("defaults: {error_ratio: 0.1}\nscenarios:\n  qps: {ttft_p95_s: null, duration_p90_s: 3}\n")
+    table = slo.load(f)
+    qps = slo.for_scenario(table, "qps")
+    assert qps["ttft_p95_s"] is None and qps["duration_p90_s"] == 3 and qps["error_ratio"] == 0.1
+    assert slo.for_scenario(table, "streaming")["ttft_p95_s"] == THRESHOLDS.ttft_p95_seconds
+    f.write_text("scenarios:\n  qps: {ttft_p99: 1}\n")
+    with pytest.raises(ConfigError, match="scenarios.qps.ttft_p99"):
+        slo.load(f)
+    assert slo.load(ROOT / "loadtests" / "slo.yaml")  # the shipped file is valid
+
+
+def test_html_report_is_self_contained_verdict_first():
+    v = slo.evaluate(results.frame([row(t=i * 0.1) for i in range(30)]), slo.defaults(), {"duration": 3})
+    page = report.html(v, {"streaming": [("plots", "iVBORw0KGgo=")]})
+    assert page.index("Verdict") < page.index("<img")
+    assert "data:image/png;base64,iVBORw0KGgo=" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+# ---- comparison ----
+
+
+def summary_file(path, ttft_p95, rps, errors=0.0):
+    data = {"scenarios": {"streaming": {"ttft_s": {"p50": 0.05, "p95": ttft_p95, "p99": ttft_p95},
+                                        "throughput_rps": rps, "error_ratio": errors}}}
+    path.mkdir()
+    (path / "summary.json").write_text(json.dumps(data))
+    return path
+
+
+def test_compare_flags_regressions_beyond_tolerance(tmp_path):
+    base = compare.load_summary(summary_file(tmp_path / "a", 0.100, 50.0))
+    same = compare.load_summary(summary_file(tmp_path / "b", 0.105, 48.0))
+    worse = compare.load_summary(summary_file(tmp_path / "c", 0.130, 40.0, errors=0.02))
+    assert not compare.compare(base, same)["regressed"].any()
+    table = compare.compare(base, worse)
+    assert set(table[table["regressed"]]["metric"]) == {"ttft_p95_s", "ttft_p99_s", "throughput_rps", "error_ratio"}
+    assert "COMPARE: REGRESSION in streaming ttft_p95_s" in compare.render(table)
+
+
+def test_report_compare_cli_exit_codes(tmp_path):
+    a, c = summary_file(tmp_path / "a", 0.1, 50.0), summary_file(tmp_path / "c", 0.2, 50.0)
+    runner = CliRunner()
+    assert runner.invoke(main, ["report", "compare", str(a), str(a)]).exit_code == 0
+    res = runner.invoke(main, ["report", "compare", str(a), str(c)])
+    assert res.exit_code == 1 and "REGRESSED" in res.output
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "summary.json").write_text("{not json")
+    res = runner.invoke(main, ["report", "compare", str(a), str(tmp_path / "junk")])
+    assert res.exit_code == 2 and "summary.json" in res.output and "Traceback" not in res.output
