@@ -33,7 +33,9 @@ for tool in "$PROMTOOL" "$AMTOOL"; do
     command -v "$tool" >/dev/null || { echo "alerts/check.sh: $tool not found (run: make system-deps)" >&2; exit 1; }
 done
 
-run "$PY" -m alerts.generate --check
+# The committed Alertmanager config carries the placeholder receivers, whatever this shell exports.
+run env -u OPSKIT_ALERT_RECEIVER_URL -u OPSKIT_ALERT_PAGER_URL -u OPSKIT_ALERT_CHAT_URL \
+    -u OPSKIT_ALERT_TICKET_URL "$PY" -m alerts.generate --check
 run "$PROMTOOL" check rules alerts/*.rules.yml
 run "$PROMTOOL" test rules alerts/tests/*.yml
 run "$AMTOOL" check-config "$AM"
