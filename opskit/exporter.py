@@ -118,6 +118,15 @@ def build_registry(cfg: config.Config, gpu_collector=None,
     return registry, CallMetrics(registry, models)
 
 
+def metrics_table() -> str:
+    """The README's metric list, as a Markdown table generated from the catalogue (a test keeps them equal)."""
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for m in catalog.ALL:
+        labels = ", ".join(f"`{label}`" for label in m.labels) or "-"
+        rows.append(f"| `{m.name}` | {m.type} | {labels} | {m.help.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
 class Exporter:
     """The running exporter: metrics listener, optional proxy and probers, on the current loop."""
 

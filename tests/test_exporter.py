@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -125,6 +126,11 @@ def test_cli_errors_are_one_line_exit_2(args, needle, clean_env):
     assert r.exit_code == 2, r.output
     assert needle in r.output
     assert "Traceback" not in r.output
+
+
+def test_readme_metric_list_is_the_catalogue():
+    readme = (ROOT / "README.md").read_text()
+    assert exporter.metrics_table() in readme, "README metric table is stale: paste exporter.metrics_table()"
 
 
 def test_cli_help():
@@ -280,6 +286,32 @@ def test_exporter_meters_calls_through_the_proxy(start_exporter, mock_server):
     promtool_check(text)
     code, err = ex.stop()
     assert code == 0 and SECRET not in err and "proxy http://127.0.0.1:" in err
+
+
+@pytest.mark.slow
+def test_exporter_probes_every_configured_target(start_exporter, mock_server, tmp_path):
+    import opskit.auth
+    if not hasattr(opskit.auth, "authenticator_for"):  # the probe's auth helper is still being written
+        pytest.skip("opskit.auth.authenticator_for not there yet")
+    cfg = tmp_path / "opskit.yaml"
+    cfg.write_text(f"""targets:
+  - {{name: primary, base_url: "{mock_server.api}", models: [deepseek-chat]}}
+  - {{name: fallback, base_url: "{mock_server.api}", models: [deepseek-chat]}}
+probe: {{interval_s: 60, max_tokens: 4, timeout_s: 10}}
+""")
+    ex = start_exporter("--no-gpu", "--config", str(cfg), "--probe", env=base_env())
+    deadline = time.monotonic() + 20
+    while True:
+        text = ex.metrics()
+        done = [sample(text, "opskit_probe_success", target=t) for t in ("primary", "fallback")]
+        if None not in done or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert done == [1, 1], text
+    assert sample(text, "opskit_llm_requests_total", target="fallback", source="probe", code="200") == 1
+    promtool_check(text)
+    code, err = ex.stop()
+    assert code == 0 and "probe primary,fallback" in err
 
 
 @pytest.mark.slow
