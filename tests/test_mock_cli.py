@@ -74,9 +74,10 @@ def test_model_same_seed_same_schedule_and_bounds():
     a, b = LatencyModel(lat, seed=5), LatencyModel(lat, seed=5)
     for _ in range(50):
         sa, sb = a.sample(2, 40, 0.0), b.sample(2, 40, 0.0)
-        assert (sa.chunk_times, sa.lengths, sa.word_offset) == (sb.chunk_times, sb.lengths, sb.word_offset)
+        ta = list(sa.times())
+        assert (ta, sa.lengths, sa.word_offset) == (list(sb.times()), sb.lengths, sb.word_offset)
         assert all(1 <= n <= 40 for n in sa.lengths) and sa.ttft >= 0
-        assert sa.chunk_times == sorted(sa.chunk_times) and len(sa.chunk_times) == max(sa.lengths)
+        assert ta == sorted(ta) and len(ta) == max(sa.lengths) and sa.end == ta[-1]
 
 
 def test_chunk_plans_and_itl_per_token():
@@ -87,7 +88,12 @@ def test_chunk_plans_and_itl_per_token():
                   output_tokens_spread=0, tokens_per_chunk=2)
     s = LatencyModel(lat, seed=1).sample(1, None, extra_ttft_ms=7)
     # chunk j is due ITL x (tokens in chunk j) after chunk j-1; extra TTFT shifts everything
-    assert s.chunk_times == pytest.approx([0.017, 0.025, 0.029])
+    assert list(s.times()) == pytest.approx([0.017, 0.025, 0.029])
+    for reasoning in (False, True):   # the lazy chunk arithmetic agrees with the plan
+        r = LatencyModel(Latency(tokens_per_chunk=3), seed=2).sample(3, None, 0.0, reasoning=reasoning)
+        for c in range(3):
+            plan = plan_chunks(r.lengths[c], 3, reasoning)
+            assert [r.chunk(c, j) for j in range(r.chunks(c))] == plan
 
 
 def test_rate_limiter_fixed_window_with_fake_clock():

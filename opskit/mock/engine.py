@@ -108,30 +108,31 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
     """
     clock = time.perf_counter   # not loop.time(): uvloop's clock has only millisecond resolution
     sched, enc, counters, t0 = adm.sched, adm.enc, state.counters, adm.admitted
-    plans, times = sched.plans, sched.chunk_times
-    cut_at = len(times) // 2 if adm.faults.cut else -1
-    bad_at = len(times) // 2 if adm.faults.malformed else -1
+    n = len(sched.lengths)
+    counts = [sched.chunks(c) for c in range(n)]
+    cut_at = max(counts) // 2 if adm.faults.cut else -1
+    bad_at = max(counts) // 2 if adm.faults.malformed else -1
     if adm.req.kind == "chat":
-        for c in range(len(plans)):
+        for c in range(n):
             await send(enc.role(c))
     sleep = asyncio.sleep
-    for j, due in enumerate(times):
+    for j, due in enumerate(sched.times()):
         if j == cut_at:
             counters.streams_cut += 1
             raise StreamCut
         delay = t0 + due - clock()
         if delay > 0:
             await sleep(delay)
-        for c, plan in enumerate(plans):
-            if j < len(plan):
-                kind, start, count = plan[j]
+        for c in range(n):
+            if j < counts[c]:
+                kind, start, count = sched.chunk(c, j)
                 payload = enc.text(c, kind, sched.words(c, start, count))
                 if j == bad_at:
                     payload = payload[: len(payload) // 2]   # cut mid-object: not valid JSON
                     counters.malformed_chunks += 1
                 await send(payload)
                 counters.output_tokens += count
-    for c in range(len(plans)):
+    for c in range(n):
         await send(enc.finish(c, enc.finish_reason(sched, c)))
     if adm.req.include_usage:
         await send(enc.usage_chunk(sched))

@@ -11,6 +11,7 @@ The same seed gives the same sequence of schedules (in admission order).
 
 from __future__ import annotations
 
+import collections
 import random
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ REASONING, CONTENT = 1, 0
 
 
 def plan_chunks(length: int, per: int, reasoning: bool) -> list[tuple[int, int, int]]:
-    """(kind, first token, token count) of each chunk of one choice.
+    """(kind, first token, token count) of each chunk of one choice (Schedule.chunk, as a list).
 
     A reasoning model spends the first half of its tokens (rounded down) on `reasoning_content`;
     a chunk never mixes the two kinds, so the boundary may leave one short chunk.
@@ -47,13 +48,21 @@ def plan_chunks(length: int, per: int, reasoning: bool) -> list[tuple[int, int, 
 
 @dataclass(slots=True)
 class Schedule:
-    """One request's sampled plan. Times are seconds after admission."""
+    """One request's sampled plan; times are seconds after admission.
 
-    ttft: float                          # admission -> first text chunk, extra TTFT included
-    chunk_times: list[float]             # due time of every chunk step, chunk_times[0] == ttft
-    lengths: list[int]                   # output tokens of each choice
-    plans: list[list[tuple[int, int, int]]]   # each choice's chunks, see plan_chunks()
-    word_offset: int                     # where in VOCAB this request's text starts
+    Only the numbers that the headers need are drawn up front (TTFT, lengths, a per-request seed);
+    chunks and inter-token gaps are computed as the stream is played, so a long stream costs no
+    memory per token. The per-request RNG is seeded from the model's RNG: same seed, same streams.
+    """
+
+    ttft: float              # admission -> first text chunk, extra TTFT included
+    lengths: list[int]       # output tokens of each choice
+    reasoning: list[int]     # of which reasoning tokens, per choice
+    per: int                 # tokens per chunk
+    itl: float               # mean inter-token gap, seconds
+    jitter: float            # its standard deviation, seconds
+    seed: int                # seeds the gaps' RNG
+    word_offset: int         # where in VOCAB this request's text starts
 
     @property
     def output_tokens(self) -> int:
@@ -61,21 +70,59 @@ class Schedule:
 
     @property
     def reasoning_tokens(self) -> int:
-        return sum(c for plan in self.plans for kind, _, c in plan if kind == REASONING)
+        return sum(self.reasoning)
+
+    def chunks(self, choice: int) -> int:
+        """How many chunks a choice streams."""
+        r, per = self.reasoning[choice], self.per
+        return -(-r // per) + -(-(self.lengths[choice] - r) // per)
+
+    def chunk(self, choice: int, j: int) -> tuple[int, int, int]:
+        """(kind, first token, token count) of chunk j of a choice."""
+        r, per, length = self.reasoning[choice], self.per, self.lengths[choice]
+        rc = -(-r // per)
+        if j < rc:
+            start = j * per
+            return REASONING, start, min(per, r - start)
+        start = r + (j - rc) * per
+        return CONTENT, start, min(per, length - start)
+
+    def times(self):
+        """Due time of every chunk step (those of the choice with the most chunks), lazily."""
+        longest = max(range(len(self.lengths)), key=self.chunks)
+        n = self.chunks(longest)
+        t = self.ttft
+        yield t
+        gauss = random.Random(self.seed).gauss if self.jitter else None
+        mean, jitter = self.itl, self.jitter
+        for j in range(1, n):
+            count = self.chunk(longest, j)[2]
+            if gauss is None:
+                t += mean * count
+            else:
+                for _ in range(count):
+                    g = gauss(mean, jitter)
+                    t += g if g > 0.0 else 0.0
+            yield t
 
     @property
     def end(self) -> float:
-        return self.chunk_times[-1]
+        """Due time of the last chunk (walks the gaps; used by non-streamed responses)."""
+        return collections.deque(self.times(), maxlen=1)[0]
 
     def words(self, choice: int, start: int, count: int) -> bytes:
         """The text of tokens [start, start+count) of a choice, as bytes."""
         base = self.word_offset + choice * 7 + start
         n = len(VOCAB_BYTES)
+        if count == 1:
+            return VOCAB_BYTES[base % n]
         return b"".join(VOCAB_BYTES[(base + i) % n] for i in range(count))
 
     def text(self, choice: int, kind: int) -> str:
         """The whole reasoning or content text of a choice (non-streamed responses)."""
-        return b"".join(self.words(choice, s, c) for k, s, c in self.plans[choice] if k == kind).decode()
+        r = self.reasoning[choice]
+        start, count = (0, r) if kind == REASONING else (r, self.lengths[choice] - r)
+        return self.words(choice, start, count).decode()
 
 
 class LatencyModel:
@@ -91,26 +138,15 @@ class LatencyModel:
         return min(n, max_tokens) if max_tokens else n
 
     def sample(self, n: int, max_tokens: int | None, extra_ttft_ms: float, reasoning: bool = False) -> Schedule:
-        """The whole schedule of a request with `n` choices.
+        """The schedule of a request with `n` choices.
 
         Chunk j is due `ITL x (tokens in chunk j)` after chunk j-1, so that the measured ITL (gap
         divided by the later chunk's tokens) has the configured mean for any tokens-per-chunk.
         """
         lat, rng = self.latency, self.rng
         ttft = max(0.0, rng.gauss(lat.ttft_ms, lat.ttft_jitter_ms)) if lat.ttft_jitter_ms else lat.ttft_ms
-        ttft = (ttft + extra_ttft_ms) / 1000.0
         lengths = [self._length(max_tokens) for _ in range(n)]
-        plans = [plan_chunks(length, lat.tokens_per_chunk, reasoning) for length in lengths]
-        longest = max(plans, key=len)
-        mean, jitter = lat.itl_ms / 1000.0, lat.itl_jitter_ms / 1000.0
-        gauss = rng.gauss
-        times = [ttft]
-        t = ttft
-        for _, _, count in longest[1:]:
-            if jitter:
-                for _ in range(count):
-                    t += max(0.0, gauss(mean, jitter))
-            else:
-                t += mean * count
-            times.append(t)
-        return Schedule(ttft, times, lengths, plans, rng.randrange(len(VOCAB)))
+        split = [length // 2 if reasoning else 0 for length in lengths]
+        return Schedule((ttft + extra_ttft_ms) / 1000.0, lengths, split, lat.tokens_per_chunk,
+                        lat.itl_ms / 1000.0, lat.itl_jitter_ms / 1000.0, rng.getrandbits(64),
+                        rng.randrange(len(VOCAB)))

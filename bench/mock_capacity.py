@@ -1,0 +1,220 @@
+"""How much one `opskit mock` process sustains: non-streamed req/s, and concurrent streams at 20 tokens/s.
+
+    .venv/bin/python bench/mock_capacity.py            # both parts, about a minute
+    .venv/bin/python bench/mock_capacity.py --part rps --seconds 5 --runs 3
+    .venv/bin/python bench/mock_capacity.py --part streams --levels 250,500,1000
+
+The server runs on core 0 and the client on core 1 (taskset). Part 1 drives POST
+/v1/chat/completions (zero latency model, 16 output tokens) with `wrk` when it is installed
+(Debian's `wrk`), else with an aiohttp client pool in a subprocess, and prints the median req/s and
+the server's CPU time per request (from /proc/PID/stat). Part 2 holds N streams at ITL 50 ms (no
+jitter configured) with a raw uvloop client that timestamps every SSE event as it is read, and prints
+the p50/p99 of (gap - 50 ms), i.e. the inter-token jitter the server adds, per N; the capacity is the
+largest N whose p99 stays under 5 ms. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "Benchmark me."}]})
+ITL_S = 0.050
+
+
+def pin(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+
+
+def start_mock(*flags: str) -> tuple[subprocess.Popen, dict]:
+    ready = Path(tempfile.mkdtemp()) / "ready.json"
+    proc = subprocess.Popen([*pin(0), sys.executable, "-m", "opskit", "mock", "--listen", "127.0.0.1:0",
+                             "--ready-file", str(ready), *flags], cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not (ready.exists() and ready.stat().st_size):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("mock did not start")
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def counters(info: dict) -> dict:
+    with urllib.request.urlopen(info["admin_url"] + "/admin/counters", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+# ---------------------------------------------------------------- part 1: non-streamed req/s
+
+def _wrk(url: str, seconds: float, conns: int) -> float:
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f"wrk.body = {json.dumps(BODY)}\n")
+    proc = subprocess.run([*pin(1), "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "-s", str(script),
+                           url], capture_output=True, text=True, timeout=seconds + 30)
+    for line in proc.stdout.splitlines():
+        if line.startswith("Requests/sec:"):
+            return float(line.split()[1])
+    raise SystemExit(f"wrk failed: {(proc.stderr or proc.stdout).strip()[:300]}")
+
+
+async def _pool(url: str, seconds: float, conns: int) -> int:
+    import aiohttp
+    done = 0
+    stop = time.monotonic() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as session:
+        async def worker():
+            nonlocal done
+            while time.monotonic() < stop:
+                async with session.post(url, data=BODY, headers={"Content-Type": "application/json"}) as r:
+                    await r.read()
+                    done += r.status == 200
+        await asyncio.gather(*(worker() for _ in range(conns)))
+    return done
+
+
+def run_rps(seconds: float, runs: int, conns: int) -> None:
+    proc, info = start_mock("--ttft-ms", "0", "--ttft-jitter-ms", "0", "--itl-ms", "0", "--itl-jitter-ms", "0",
+                            "--output-tokens-mean", "16", "--output-tokens-spread", "0", "--capacity", "100000")
+    url = info["url"] + "/v1/chat/completions"
+    tool = "wrk" if shutil.which("wrk") else "aiohttp pool"
+    rates, cpu_per = [], []
+    try:
+        for _ in range(runs):
+            before_cpu, before_n = cpu_seconds(proc.pid), counters(info)["requests"].get("200", 0)
+            if tool == "wrk":
+                rate = _wrk(url, seconds, conns)
+            else:
+                out = subprocess.run([*pin(1), sys.executable, __file__, "--pool-client", url, str(seconds),
+                                      str(conns)], capture_output=True, text=True, timeout=seconds + 60)
+                rate = int(out.stdout.strip()) / seconds
+            n = counters(info)["requests"].get("200", 0) - before_n
+            rates.append(rate)
+            cpu_per.append((cpu_seconds(proc.pid) - before_cpu) / max(n, 1))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(f"non-streamed: {statistics.median(rates):,.0f} req/s median of {runs} x {seconds:g} s "
+          f"({', '.join(f'{r:,.0f}' for r in rates)}), client {tool} with {conns} connections; "
+          f"server CPU {statistics.median(cpu_per) * 1e6:,.0f} us/request")
+
+
+# ---------------------------------------------------------------- part 2: streams at 20 tokens/s
+
+class _StreamProto(asyncio.Protocol):
+    """Counts SSE events (`data: `) per read and keeps the time of each event."""
+
+    def __init__(self, request: bytes, times: list[float]) -> None:
+        self.request, self.times, self.tail = request, times, b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        data = self.tail + data
+        n = data.count(b"data: ")   # the 5-byte tail cannot hold a whole match: none is counted twice
+        self.tail = data[-5:]
+        self.times.extend([now] * n)
+
+
+async def _hold_streams(host: str, port: int, n: int, hold_s: float) -> list[float]:
+    loop = asyncio.get_running_loop()
+    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {{}}\r\n\r\n{{}}")
+    body = json.dumps({"model": "deepseek-chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    raw = req.format(len(body), body).encode()
+    all_times, transports = [], []
+    for _ in range(n):   # spread the openings over one ITL so ticks do not all coincide
+        times: list[float] = []
+        tr, _ = await loop.create_connection(lambda t=times: _StreamProto(raw, t), host, port)
+        transports.append(tr)
+        all_times.append(times)
+        await asyncio.sleep(ITL_S / n)
+    await asyncio.sleep(1.0)                     # let the openings settle
+    marks = [len(t) for t in all_times]
+    await asyncio.sleep(hold_s)
+    for tr in transports:
+        tr.close()
+    gaps = []
+    for times, start in zip(all_times, marks, strict=True):
+        seg = times[start:]
+        gaps += [(b - a - ITL_S) * 1000 for a, b in zip(seg, seg[1:], strict=False)]
+    return gaps
+
+
+def run_streams(levels: list[int], hold_s: float) -> None:
+    print(f"streams at 20 tokens/s (ITL 50 ms, no configured jitter), held {hold_s:g} s each:")
+    best = 0
+    for n in levels:
+        proc, info = start_mock("--ttft-ms", "10", "--ttft-jitter-ms", "0", "--itl-ms", "50", "--itl-jitter-ms",
+                                "0", "--output-tokens-mean", "100000", "--output-tokens-spread", "0",
+                                "--capacity", "100000")
+        try:
+            host, port = info["url"].removeprefix("http://").split(":")
+            cpu0 = cpu_seconds(proc.pid)
+            t0 = time.monotonic()
+            out = subprocess.run([*pin(1), sys.executable, __file__, "--stream-client", host, port, str(n),
+                                  str(hold_s)], capture_output=True, text=True, timeout=hold_s + n / 50 + 60)
+            cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+            gaps = json.loads(out.stdout or "[]")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        if len(gaps) < 2:
+            print(f"  N={n:5d}: no measurements ({out.stderr.strip()[-300:]})")
+            continue
+        q = statistics.quantiles(gaps, n=100)
+        expected = n * hold_s / ITL_S
+        print(f"  N={n:5d}: added ITL jitter p50 {q[49]:6.2f} ms  p99 {q[98]:6.2f} ms  max {max(gaps):7.2f} ms  "
+              f"({len(gaps):,} gaps of ~{expected:,.0f} expected; server CPU {cpu:.0%})")
+        if q[98] < 5.0:
+            best = max(best, n)
+    print(f"streams held with p99 added jitter < 5 ms: {best} (highest level tried: {max(levels)})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["rps", "streams", "all"], default="all")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--conns", type=int, default=64)
+    ap.add_argument("--levels", default="250,500,750,1000,1500")
+    ap.add_argument("--hold", type=float, default=5.0)
+    ap.add_argument("--pool-client", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--stream-client", nargs=4, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.pool_client:
+        url, secs, conns = a.pool_client
+        print(asyncio.run(_pool(url, float(secs), int(conns))))
+        return
+    if a.stream_client:
+        import uvloop
+        host, port, n, hold = a.stream_client
+        print(json.dumps(uvloop.run(_hold_streams(host, int(port), int(n), float(hold)))))
+        return
+    print(f"host: {os.cpu_count()} cores; server pinned to core 0, client to core 1 ({'taskset' if pin(0) else 'no pinning'})")
+    if a.part in ("rps", "all"):
+        run_rps(a.seconds, a.runs, a.conns)
+    if a.part in ("streams", "all"):
+        run_streams([int(x) for x in a.levels.split(",")], a.hold)
+
+
+if __name__ == "__main__":
+    main()
