@@ -192,6 +192,13 @@ class GpuCollector(Collector):
             c.add_metric([why], n)
         yield c
 
+    def describe(self) -> Iterator[Metric]:
+        """The families this collector may yield, without touching NVML (for the registry's name checks)."""
+        for m in (*(metric for metric, _ in _GAUGES), catalog.GPU_INFO, catalog.GPU_UP):
+            yield GaugeMetricFamily(m.name, m.help, labels=m.labels or None)
+        yield CounterMetricFamily(catalog.GPU_COLLECT_ERRORS.name, catalog.GPU_COLLECT_ERRORS.help,
+                                  labels=catalog.GPU_COLLECT_ERRORS.labels)
+
     def close(self) -> None:
         """Shut the NVML session down (the library stays loaded, as pynvml does)."""
         with self._lock:

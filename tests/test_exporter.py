@@ -289,6 +289,29 @@ def test_exporter_meters_calls_through_the_proxy(start_exporter, mock_server):
 
 
 @pytest.mark.slow
+def test_sigterm_drains_an_in_flight_stream_then_exits_0(start_exporter, start_mock):
+    openai = pytest.importorskip("openai")
+    mock = start_mock("--itl-ms", "60", "--itl-jitter-ms", "0", "--output-tokens-mean", "20",
+                      "--output-tokens-spread", "0")
+    ex = start_exporter("--no-gpu", "--proxy-listen", "127.0.0.1:0", "--upstream", mock.url, env=base_env())
+    client = openai.OpenAI(base_url=ex.info["proxy_url"] + "/v1", api_key="x", timeout=20, max_retries=0)
+    stream = client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True, stream_options={"include_usage": True})
+    finish, usage, signalled = None, None, False
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and not signalled:
+            ex.proc.send_signal(signal.SIGTERM)   # mid-stream: ~1 s of tokens still to come
+            signalled = True
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+        usage = chunk.usage or usage
+    assert signalled and finish is not None and usage.completion_tokens == 20   # the stream was not cut
+    _, err = ex.proc.communicate(timeout=30)
+    assert ex.proc.returncode == 0, err.decode()
+    assert "draining" in err.decode()
+
+
+@pytest.mark.slow
 def test_exporter_probes_every_configured_target(start_exporter, mock_server, tmp_path):
     import opskit.auth
     if not hasattr(opskit.auth, "authenticator_for"):  # the probe's auth helper is still being written

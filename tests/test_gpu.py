@@ -215,6 +215,15 @@ def test_driver_level_failure_mid_run_sets_up_zero(state, collect):
     promtool_check(reg)
 
 
+def test_registering_twice_is_refused_without_touching_nvml(tmp_path, caplog):
+    reg = CollectorRegistry()
+    with caplog.at_level(logging.INFO, logger="opskit.gpu"):
+        reg.register(gpu.GpuCollector(lib_path=str(tmp_path / "absent.so")))
+        with pytest.raises(ValueError, match="opskit_gpu_up"):
+            reg.register(gpu.GpuCollector(lib_path=str(tmp_path / "absent.so")))
+    assert not caplog.records   # describe() did not try nvmlInit (which would log the missing library)
+
+
 def test_reason_names_are_short_snake_case():
     import pynvml
 
