@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import json
 import socket
+import sys
 import threading
 import time
 
@@ -55,12 +56,24 @@ class LoopThread:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class RecordingMetrics(CallMetrics):
+    """CallMetrics that also keeps every finished CallRecord, for per-request checks."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.records = []
+
+    def finished(self, record) -> None:
+        self.records.append(record)
+        super().finished(record)
+
+
 class Proxied:
     """A running proxy and the registry it reports to."""
 
     def __init__(self, lt: LoopThread, upstream: str, **kw) -> None:
         self.lt, self.registry = lt, CollectorRegistry()
-        self.metrics = CallMetrics(self.registry, {TARGET: [MODEL]})
+        self.metrics = RecordingMetrics(self.registry, {TARGET: [MODEL]})
         self.server = lt.run(start_proxy("127.0.0.1", 0, upstream, TARGET, self.metrics, **kw))
         self.url = f"http://127.0.0.1:{self.server.port}"
 
@@ -82,15 +95,29 @@ class Proxied:
             time.sleep(0.005)
         return self.total()
 
+    def by_code(self) -> dict[str, int]:
+        """Metered calls by HTTP status, as the mock's /admin/counters reports its responses."""
+        out: dict[str, int] = {}
+        for m in self.registry.collect():
+            for s in m.samples:
+                if s.name == "opskit_llm_requests_total" and s.value:
+                    out[s.labels["code"]] = out.get(s.labels["code"], 0) + int(s.value)
+        return dict(sorted(out.items()))
+
     def value(self, name: str, **labels) -> float | None:
         return self.registry.get_sample_value(name, labels)
 
 
 @pytest.fixture
 def loop_thread():
+    # The proxy's loop thread shares the GIL with the test's client; at the default 5 ms switch
+    # interval a busy client would delay the proxy's clock readings by milliseconds.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)
     lt = LoopThread()
     yield lt
     lt.stop()
+    sys.setswitchinterval(interval)
 
 
 @pytest.fixture
@@ -330,3 +357,125 @@ def test_close_drains_then_cuts(upstream, proxy_factory, loop_thread):
     t.join(5)
     assert results == ["RemoteProtocolError"]
     assert p.settle(1) == 1 and p.count(200, "stream_broken") == 1
+
+
+# ---------------------------------------------------------------- against the real `opskit mock`, real openai SDK
+
+FAST = ("--ttft-ms", "5", "--ttft-jitter-ms", "0", "--itl-ms", "1", "--itl-jitter-ms", "0",
+        "--output-tokens-mean", "12", "--output-tokens-spread", "0")
+
+
+def _sdk(base_url: str):
+    import openai
+    return openai.OpenAI(base_url=base_url, api_key="sk-test-not-a-real-key", max_retries=0, timeout=10)
+
+
+def _admin(mock, method: str, path: str, body: dict | None = None) -> dict:
+    r = httpx.request(method, mock.admin_url + path, json=body, timeout=TIMEOUT)
+    r.raise_for_status()
+    return r.json()
+
+
+def _calls(client, n: int) -> list[str]:
+    """n SDK calls, alternating non-streamed and streamed; the outcome of each, as the SDK saw it."""
+    import openai
+    seen = []
+    for i in range(n):
+        kw = {"model": MODEL, "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 12}
+        try:
+            if i % 2:
+                stream = client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+                try:
+                    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+                    seen.append(f"200:{text}")
+                except (openai.APIError, httpx.HTTPError) as exc:  # cut or malformed stream: headers said 200
+                    seen.append(f"200:broken:{type(exc).__name__}")
+            else:
+                seen.append(f"200:{client.chat.completions.create(**kw).choices[0].message.content}")
+        except openai.APIStatusError as exc:
+            seen.append(str(exc.status_code))
+    return seen
+
+
+def test_sdk_results_identical_direct_and_proxied(start_mock, proxy_factory):
+    # two mocks with the same seed produce the same text for the same sequence of requests
+    direct_mock, proxied_mock = start_mock("--seed", "7", *FAST), start_mock("--seed", "7", *FAST)
+    p = proxy_factory(proxied_mock.url)
+    direct = _calls(_sdk(direct_mock.api), 6)
+    via = _calls(_sdk(p.url + "/v1"), 6)
+    assert via == direct and all(s.startswith("200:") and len(s) > 4 for s in via)
+    assert p.settle(6) == 6 and p.by_code() == {"200": 6}
+    counters = _admin(proxied_mock, "GET", "/admin/counters")
+    labels = {"target": TARGET, "source": "proxy", "model": MODEL}
+    assert p.value("opskit_llm_tokens_total", token_type="output", **labels) == counters["tokens"]["output"]
+    assert p.value("opskit_llm_tokens_total", token_type="input", **labels) == counters["tokens"]["input"]
+
+
+def test_counts_reconcile_with_faults(start_mock, proxy_factory):
+    mock = start_mock("--seed", "3", *FAST, "--error-rate", "500=0.15", "--cut-rate", "0.3", "--rpm", "30")
+    p = proxy_factory(mock.url)
+    seen = _calls(_sdk(p.url + "/v1"), 40)
+    sdk: dict[str, int] = {}
+    for s in seen:
+        sdk[s.split(":")[0]] = sdk.get(s.split(":")[0], 0) + 1
+    assert p.settle(40) == 40
+    counters = _admin(mock, "GET", "/admin/counters")
+    assert sdk == p.by_code() == counters["requests"]
+    assert {"200", "429", "500"} <= set(sdk)  # every injected kind happened
+    broken = sum(":broken:" in s for s in seen)
+    assert broken == counters["streams_cut"] > 0
+    assert p.count(200, "stream_broken") == broken
+    assert p.count(429, "rate_limited") == sdk["429"] and p.count(500, "server_error") == sdk["500"]
+    assert p.value("opskit_llm_ratelimit_remaining_requests", target=TARGET, source="proxy") is not None
+
+
+def test_ttft_matches_mock_ground_truth(start_mock, proxy_factory):
+    # ITL 20 ms: measuring to the role-only chunk, the headers or a later chunk would be >= 20 ms off
+    mock = start_mock("--ttft-ms", "30", "--ttft-jitter-ms", "10", "--itl-ms", "20", "--itl-jitter-ms", "0",
+                      "--output-tokens-mean", "3", "--output-tokens-spread", "0")
+    p = proxy_factory(mock.url)
+    client, truth = _sdk(p.url + "/v1"), []
+    # the proxy is a long-lived sidecar: open its pooled upstream connection first (not a metered call)
+    assert client.models.list().data
+    for i in range(8):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": f"t{i}"}], stream=True)
+        truth.append(float(raw.headers["x-mock-ttft-ms"]) / 1000)
+        assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        p.settle(i + 1)
+    diffs_ms = sorted((r.ttft_s - t) * 1e3 for r, t in zip(p.metrics.records, truth, strict=True))
+    # The proxy sees the first text chunk after the mock sent it: loopback transit plus its own request
+    # forwarding, ~0.5-1.5 ms here. On this shared 2-core box a busy neighbour can delay a process's
+    # wake-up by several ms, so the typical request must be within 2 ms and none may be far off.
+    assert diffs_ms[len(diffs_ms) // 2] < 2.0 and diffs_ms[0] > -0.5 and diffs_ms[-1] < 10.0, diffs_ms
+
+
+def test_mock_hang_gives_504_and_mock_down_502(start_mock, proxy_factory):
+    import openai
+    mock = start_mock(*FAST, "--hang-rate", "1")
+    p = proxy_factory(mock.url, timeout_s=0.5)
+    with pytest.raises(openai.APIStatusError) as info:
+        _sdk(p.url + "/v1").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 504
+    assert p.settle(1) == 1 and p.count(504, "timeout") == 1
+    assert _admin(mock, "GET", "/admin/counters")["hangs"] == 1
+    mock.proc.terminate()
+    mock.proc.wait(10)
+    with pytest.raises(openai.APIStatusError) as info:
+        _sdk(p.url + "/v1").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502
+    assert p.settle(2) == 2 and p.count(502, "connection") == 1
+
+
+def test_client_disconnect_reaches_mock(start_mock, proxy_factory):
+    mock = start_mock("--ttft-ms", "5", "--itl-ms", "50", "--output-tokens-mean", "40", "--output-tokens-spread", "0")
+    p = proxy_factory(mock.url)
+    stream = _sdk(p.url + "/v1").chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True)
+    next(iter(stream))
+    stream.close()  # the client goes away mid-stream
+    assert p.settle(1) == 1 and p.count(200, "client_disconnect") == 1
+    deadline = time.monotonic() + 5
+    while _admin(mock, "GET", "/admin/counters")["client_disconnects"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _admin(mock, "GET", "/admin/counters")["client_disconnects"] == 1  # the upstream call was dropped too

@@ -1,0 +1,248 @@
+"""What the metering proxy costs: direct calls vs the same calls through the proxy, side by side.
+
+Three processes on loopback: `opskit mock` (the upstream), the proxy (`python -m opskit.proxy`, its
+own process so its CPU time can be read from /proc/<pid>/stat) and this script as the load client.
+With taskset available, the proxy gets its own core and the mock and the client share the other.
+Direct (A) and proxied (B) runs alternate, and medians over the rounds are printed:
+
+- streams: N concurrent streaming chat completions (closed loop) for a few seconds. Added TTFT is
+  measured per request against the mock's own ground truth (`x-mock-ttft-ms`, arrival -> first text
+  chunk): overhead = client-seen TTFT - mock TTFT, so the mock's jitter cancels; added TTFT is the
+  proxied minus the direct overhead, at p50 and p99. CPU per chunk is the proxy's CPU time over the
+  run divided by the SSE events it relayed, gross and net of the per-request cost measured below.
+- short: C concurrent non-streamed calls (closed loop, mock latency ~0) to saturation: requests/s
+  direct vs proxied and the proxy's CPU per request.
+
+Usage: python bench/proxy_overhead.py [--streams 100] [--seconds 5] [--rounds 3] [--write-readme]
+Targets (DESIGN.md): added TTFT <= 1 ms p50 / 3 ms p99 at 100 streams, <= 30 us CPU per chunk,
+<= 300 us CPU per request, throughput ratio >= 0.9 where the proxy is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from opskit.sse import SSEParser, StreamMeter  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+README = ROOT / "bench" / "README.md"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (the process's own accounting)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def spawn(args: list[str], core: int | None, ready: Path) -> tuple[subprocess.Popen, dict]:
+    """Start a process (pinned to `core` when taskset exists) and wait for its ready file."""
+    prefix = ["taskset", "-c", str(core)] if core is not None and shutil.which("taskset") else []
+    proc = subprocess.Popen(prefix + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ready.exists() and ready.stat().st_size:
+            return proc, json.loads(ready.read_text())
+        if proc.poll() is not None:
+            sys.exit(f"{args[:4]} exited: {proc.stderr.read().decode()[-500:]}")
+        time.sleep(0.05)
+    proc.kill()
+    sys.exit(f"{args[:4]} not ready in 30 s")
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+async def one_stream(session, url: str, body: bytes, out: dict) -> None:
+    t0 = time.perf_counter()
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        meter, parser = StreamMeter(t0), SSEParser()
+        async for chunk in r.content.iter_any():
+            now = time.perf_counter()
+            for payload in parser.feed(chunk):
+                meter.on_data(payload, now)
+        truth = r.headers.get("x-mock-ttft-ms")
+        if r.status != 200 or not meter.done or meter.ttft is None or truth is None:
+            out["errors"] += 1
+            return
+        out["overhead"].append(meter.ttft - float(truth) / 1000)
+        out["events"] += meter.text_chunks + 3  # role chunk, usage chunk and [DONE] are relayed too
+        out["requests"] += 1
+
+
+async def one_short(session, url: str, body: bytes, out: dict) -> None:
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+        await r.read()
+        out["requests" if r.status == 200 else "errors"] += 1
+
+
+async def load(base: str, kind: str, concurrency: int, seconds: float, tokens: int) -> dict:
+    """Closed-loop load for `seconds`; returns counts, TTFT overheads and elapsed time."""
+    stream = kind == "streams"
+    body = json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "bench"}],
+                       "max_tokens": tokens, "stream": stream, "seed": 1,
+                       **({"stream_options": {"include_usage": True}} if stream else {})}).encode()
+    out = {"overhead": [], "events": 0, "requests": 0, "errors": 0}
+    call = one_stream if stream else one_short
+    url = base + "/v1/chat/completions"
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(session) -> None:
+        while time.perf_counter() < stop_at:
+            try:
+                await call(session, url, body, out)
+            except aiohttp.ClientError:
+                out["errors"] += 1
+
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        out["elapsed"] = time.perf_counter() - t0
+    return out
+
+
+def admin(admin_url: str, section: str, changes: dict) -> None:
+    import urllib.request
+    req = urllib.request.Request(f"{admin_url}/admin/{section}", data=json.dumps(changes).encode(), method="PUT",
+                                 headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+def run_phase(kind: str, args, mock: dict, proxy_url: str, proxy_pid: int) -> dict:
+    """Alternate direct / proxied runs; collect per-round figures."""
+    concurrency = args.streams if kind == "streams" else args.short_concurrency
+    tokens = args.tokens if kind == "streams" else 4
+    rounds: dict[str, list[dict]] = {"direct": [], "proxy": []}
+    for i in range(args.rounds):
+        order = ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct")
+        for mode in order:
+            base = proxy_url if mode == "proxy" else mock["url"]
+            cpu0 = cpu_seconds(proxy_pid)
+            res = asyncio.run(load(base, kind, concurrency, args.seconds, tokens))
+            res["proxy_cpu_s"] = cpu_seconds(proxy_pid) - cpu0
+            rounds[mode].append(res)
+    return rounds
+
+
+def summarize(streams: dict, short: dict) -> dict[str, float]:
+    """Medians over rounds of the figures the targets are stated in."""
+    def med(xs):
+        return statistics.median(xs)
+
+    d_s, p_s, d_q, p_q = streams["direct"], streams["proxy"], short["direct"], short["proxy"]
+    per_req_us = med([r["proxy_cpu_s"] / max(1, r["requests"] + r["errors"]) * 1e6 for r in p_q])
+    f = {
+        "added_ttft_p50_ms": med([pct(p["overhead"], .5) - pct(d["overhead"], .5) for d, p in zip(d_s, p_s, strict=True)]) * 1e3,
+        "added_ttft_p99_ms": med([pct(p["overhead"], .99) - pct(d["overhead"], .99) for d, p in zip(d_s, p_s, strict=True)]) * 1e3,
+        "direct_overhead_p50_ms": med([pct(d["overhead"], .5) for d in d_s]) * 1e3,
+        "proxy_overhead_p50_ms": med([pct(p["overhead"], .5) for p in p_s]) * 1e3,
+        "cpu_per_chunk_gross_us": med([r["proxy_cpu_s"] / max(1, r["events"]) * 1e6 for r in p_s]),
+        "cpu_per_chunk_net_us": med([(r["proxy_cpu_s"] - r["requests"] * per_req_us / 1e6) / max(1, r["events"]) * 1e6
+                                     for r in p_s]),
+        "cpu_per_request_us": per_req_us,
+        "stream_throughput_ratio": med([p["events"] / p["elapsed"] for p in p_s]) / med([d["events"] / d["elapsed"] for d in d_s]),
+        "stream_chunks_per_s": med([p["events"] / p["elapsed"] for p in p_s]),
+        "short_direct_rps": med([d["requests"] / d["elapsed"] for d in d_q]),
+        "short_proxy_rps": med([p["requests"] / p["elapsed"] for p in p_q]),
+        "errors": sum(r["errors"] for r in d_s + p_s + d_q + p_q),
+    }
+    f["short_throughput_ratio"] = f["short_proxy_rps"] / f["short_direct_rps"]
+    return f
+
+
+def report(f: dict[str, float], args, pinned: bool) -> str:
+    ok = {True: "ok", False: "MISSED"}
+    lines = [
+        f"Streams: {args.streams} concurrent, {args.tokens} tokens each at the mock's itl {args.itl_ms} ms; "
+        f"short: {args.short_concurrency} concurrent non-streamed; {args.rounds} alternating rounds of "
+        f"{args.seconds:g} s; pinned: {pinned}; errors: {f['errors']:.0f}",
+        "",
+        "| figure | value | target |",
+        "|---|---|---|",
+        f"| added TTFT p50 | {f['added_ttft_p50_ms']:.2f} ms | <= 1 ms ({ok[f['added_ttft_p50_ms'] <= 1]}) |",
+        f"| added TTFT p99 | {f['added_ttft_p99_ms']:.2f} ms | <= 3 ms ({ok[f['added_ttft_p99_ms'] <= 3]}) |",
+        f"| TTFT overhead over mock truth p50, direct / proxied | {f['direct_overhead_p50_ms']:.2f} / "
+        f"{f['proxy_overhead_p50_ms']:.2f} ms | |",
+        f"| proxy CPU per chunk (gross, incl. per-request share) | {f['cpu_per_chunk_gross_us']:.1f} us | |",
+        f"| proxy CPU per chunk (net of per-request cost) | {f['cpu_per_chunk_net_us']:.1f} us | "
+        f"<= 30 us ({ok[f['cpu_per_chunk_net_us'] <= 30]}) |",
+        f"| proxy CPU per short request | {f['cpu_per_request_us']:.0f} us | "
+        f"<= 300 us ({ok[f['cpu_per_request_us'] <= 300]}) |",
+        f"| stream throughput ratio (chunks/s proxied / direct) | {f['stream_throughput_ratio']:.3f} "
+        f"({f['stream_chunks_per_s']:.0f} chunks/s) | >= 0.9 ({ok[f['stream_throughput_ratio'] >= 0.9]}) |",
+        f"| short calls at saturation: direct / proxied | {f['short_direct_rps']:.0f} / "
+        f"{f['short_proxy_rps']:.0f} req/s (ratio {f['short_throughput_ratio']:.2f}) | see notes |",
+    ]
+    return "\n".join(lines)
+
+
+def write_readme(text: str, command: str) -> None:
+    """Replace the proxy section of bench/README.md (between its markers), or append it."""
+    block = (f"<!-- proxy:begin -->\n## proxy\n\nMeasured by `{command}` on {time.strftime('%Y-%m-%d')}:\n\n"
+             f"{text}\n<!-- proxy:end -->")
+    old = README.read_text() if README.exists() else "# Benchmarks\n"
+    pattern = re.compile(r"<!-- proxy:begin -->.*?<!-- proxy:end -->", re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    README.write_text(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--streams", type=int, default=100)
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--itl-ms", type=float, default=25.0)
+    ap.add_argument("--short-concurrency", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--write-readme", action="store_true", help="put the figures into bench/README.md")
+    args = ap.parse_args()
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    pinned = bool(shutil.which("taskset")) and os.cpu_count() >= 2
+    if pinned:
+        os.sched_setaffinity(0, {0})
+    with tempfile.TemporaryDirectory() as tmp:
+        mock_p, mock = spawn([sys.executable, "-m", "opskit", "mock", "--listen", "127.0.0.1:0", "--ready-file",
+                              f"{tmp}/mock.json"], 0 if pinned else None, Path(tmp, "mock.json"))
+        proxy_p, proxy = spawn([sys.executable, "-m", "opskit.proxy", "--upstream", mock["url"], "--ready-file",
+                                f"{tmp}/proxy.json"], 1 if pinned else None, Path(tmp, "proxy.json"))
+        try:
+            admin(mock["admin_url"], "latency", {"ttft_ms": 50, "ttft_jitter_ms": 5, "itl_ms": args.itl_ms,
+                                                 "itl_jitter_ms": 0, "output_tokens_mean": args.tokens,
+                                                 "output_tokens_spread": 0, "capacity": 100000})
+            streams = run_phase("streams", args, mock, proxy["url"], proxy["pid"])
+            admin(mock["admin_url"], "latency", {"ttft_ms": 0, "ttft_jitter_ms": 0, "itl_ms": 0})
+            short = run_phase("short", args, mock, proxy["url"], proxy["pid"])
+        finally:
+            for p in (proxy_p, mock_p):
+                p.send_signal(signal.SIGTERM)
+                p.wait(10)
+    text = report(summarize(streams, short), args, pinned)
+    print(text)
+    if args.write_readme:
+        write_readme(text, "python bench/proxy_overhead.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
