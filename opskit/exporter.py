@@ -7,10 +7,10 @@ One process, one asyncio event loop, one fresh CollectorRegistry (no global regi
 - the call series (opskit.callmetrics), fed by the metering proxy (`--proxy-listen`, opskit.proxy)
   and by the active probe (`--probe`, opskit.probe), both on the same loop.
 
-/metrics is rendered by opskit.exposition (the bytes of prometheus_client's generate_latest, ~20x
-cheaper for the call histograms) on one worker thread, so a slow NVML call never stalls the proxy's streams on
-the event loop (ctypes releases the GIL while NVML works); one worker also means scrapes never
-overlap. `/healthz` answers 200 "ok" from the loop itself.
+/metrics is rendered by opskit.exposition (the bytes of prometheus_client's generate_latest in the
+text format 0.0.4, ~20x cheaper for the call histograms) on one worker thread, so a slow NVML call
+never stalls the proxy's streams on the event loop (ctypes releases the GIL while NVML works); one
+worker also means scrapes never overlap. `/healthz` answers 200 "ok" from the loop itself.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import click
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from opskit import __version__, catalog, config
 from opskit.callmetrics import CallMetrics, make
@@ -237,8 +238,12 @@ class Exporter:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(self._pool, self._renderer.render)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        try:
+            body = await loop.run_in_executor(self._pool, self._renderer.render)
+        except Exception as exc:  # a collector bug: one line in the log, a 500 to Prometheus (up stays 1)
+            log.error("rendering /metrics failed: %s: %s", type(exc).__name__, exc)
+            return web.Response(status=500, text="metrics rendering failed\n")
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -256,16 +261,16 @@ def write_ready_file(path: Path, info: dict) -> None:
 
 async def serve(cfg: config.Config, opts: Options) -> None:
     """Run the exporter until SIGTERM or SIGINT, then shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before starting: a SIGTERM during start-up is clean too
+        loop.add_signal_handler(sig, stop.set)
     exporter = Exporter(cfg, opts)
     try:
         await exporter.start()
     except BaseException:
         await exporter.close()
         raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     gc.freeze()  # long-lived server: keep start-up objects out of the collector's scans (DESIGN.md)
     log.info("%s", exporter.describe())
     if opts.ready_file is not None:
@@ -335,11 +340,14 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
     import prometheus_client
 
     prometheus_client.disable_created_metrics()  # *_created series double the page and nothing reads them
-    from opskit.gpu import visible_from_env
+    visible = None
+    if gpu:
+        from opskit.gpu import visible_from_env  # pynvml only when GPUs are wanted
 
+        visible = visible_from_env(os.environ)
     opts = Options(listen=listen, proxy_listen=proxy_listen, upstream=upstream, probe=probe, gpu=gpu,
-                   nvml_lib=nvml_lib, visible_devices=visible_from_env(os.environ), ready_file=ready_file,
-                   max_body_bytes=max_body_bytes, drain_s=drain_s)
+                   nvml_lib=os.path.abspath(nvml_lib) if nvml_lib else None, visible_devices=visible,
+                   ready_file=ready_file, max_body_bytes=max_body_bytes, drain_s=drain_s)
     try:
         _run(serve(cfg, opts))
     except OSError as exc:

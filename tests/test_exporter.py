@@ -209,7 +209,7 @@ def test_exporter_without_nvml_serves_and_stops_cleanly(start_exporter):
     assert ex.info["proxy_url"] is None and ex.info["pid"] == ex.proc.pid
     assert ex.get("/healthz")[:3:2] == (200, "ok")
     status, ctype, text = ex.get("/metrics")
-    assert status == 200 and ctype.startswith("text/plain")
+    assert status == 200 and ctype.startswith("text/plain; version=0.0.4")
     assert sample(text, "opskit_gpu_up") == 0
     assert sample(text, "opskit_gpu_utilization_ratio") is None
     assert sample(text, "opskit_build_info", version=__version__) == 1
