@@ -170,6 +170,7 @@ class GpuCollector(Collector):
         self._last_init_error: str | None = None
         self._driver = ""
         self._devices: dict[int, _Device] = {}  # handles, UUIDs and names never change while up
+        self._uuids: dict[int, str] = {}        # index -> UUID, kept when a GPU is lost (visibility)
         self._failing: set[int] = set()         # GPUs whose loss was already logged
         self.errors: dict[str, float] = {}      # reason -> count, persists across scrapes
 
@@ -266,13 +267,18 @@ class GpuCollector(Collector):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             dev = _Device(handle, pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle))
             self._devices[index] = dev
+            self._uuids[index] = dev.uuid
         return dev
 
     def _read(self, index: int) -> GpuSample | None:
         """One GPU's sample, or None when it is not visible here or failed as a whole."""
         sel = self._selectors
-        if sel is not None and str(index) not in sel and not self._by_uuid:
-            return None  # not ours, and no UUID to look up: don't touch it (its errors aren't ours)
+        if sel is not None and str(index) not in sel:
+            # Not ours by index. Without UUID selectors, or with a UUID already known not to match
+            # (also once that GPU is lost), don't touch it: its errors are not this pod's.
+            uuid = self._uuids.get(index)
+            if not self._by_uuid or (uuid is not None and not is_visible(sel, index, uuid)):
+                return None
         try:
             dev = self._device(index)
             if not is_visible(self._selectors, index, dev.uuid):

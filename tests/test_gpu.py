@@ -168,6 +168,21 @@ def test_invisible_lost_gpu_is_not_ours_to_count(state, collect):
     assert c.errors == {}
 
 
+def test_gpu_selected_by_uuid_others_lost_later_are_not_counted(state, collect):
+    gpus = fake_gpus(3)
+    write_state(state, gpus)
+    reg, c = collect(visible=uuid_for(2))
+    assert [val(reg, "opskit_gpu_temperature_celsius", i) for i in range(3)] == [None, None, 40]
+    gpus[0].lost = True            # another pod's GPU falls off the bus
+    write_state(state, gpus)
+    assert val(reg, "opskit_gpu_temperature_celsius", 2) == 40
+    assert c.errors == {}
+    gpus[2].lost = True            # ours does: counted
+    write_state(state, gpus)
+    assert val(reg, "opskit_gpu_temperature_celsius", 2) is None
+    assert c.errors == {"gpu_is_lost": 1}
+
+
 def test_no_library_gpu_absent_up_zero_one_log_and_rate_limited_retry(tmp_path, state, fake_nvml, collect,
                                                                       caplog):
     write_state(state, fake_gpus(2, util=60))
