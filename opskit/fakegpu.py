@@ -31,6 +31,20 @@ def _builder():
         raise FakeGpuUnavailable(f"cannot import tests.fakenvml: {exc}") from None
 
 
+def unavailable_reason() -> str | None:
+    """Why the fake NVML cannot be built here (no source tree, no gcc, no nvml.h), or None."""
+    import shutil
+
+    try:
+        mod = _builder()
+        mod.find_nvml_header()
+    except (FakeGpuUnavailable, FileNotFoundError) as exc:
+        return str(exc)
+    if not (shutil.which("gcc") or shutil.which("cc")):
+        return "no C compiler (gcc) to build the fake NVML"
+    return None
+
+
 def prepare(dest: Path, utilization: float = 0.2) -> tuple[Path, Path]:
     """Build the fake library into `dest` and write an initial state: (library dir, state file)."""
     mod = _builder()
@@ -45,5 +59,12 @@ def prepare(dest: Path, utilization: float = 0.2) -> tuple[Path, Path]:
 
 def set_utilization(state: Path, utilization: float) -> None:
     """Rewrite the state file so that the (single, otherwise healthy) fake GPU is `utilization` busy."""
+    set_gpu(state, util=round(utilization * 100))
+
+
+def set_gpu(state: Path, **fields) -> None:
+    """Rewrite the state file: one healthy fake GPU (20 % busy, 20 of 80 GiB used) with `fields`
+    changed, e.g. util=95 or power_mw="!" (that NVML query fails); see tests/fakenvml."""
     mod = _builder()
-    mod.write_state(state, mod.fake_gpus(1, util=round(utilization * 100), mem_used=20 * mod.GIB))
+    values = {"util": 20, "mem_used": 20 * mod.GIB, **fields}
+    mod.write_state(state, mod.fake_gpus(1, **values))

@@ -61,6 +61,7 @@ class StackSpec:
     models: tuple[str, ...] = ("deepseek-chat", "deepseek-reasoner")
     daily_quota_requests: int = 100000
     mock_flags: tuple[str, ...] = ()
+    probe: bool = True                 # canary calls from the exporter (they cost money on a hosted API)
     ready_timeout_s: float = 60.0
 
 
@@ -232,8 +233,8 @@ def _start_all(st: _Starter) -> None:
     flags, env = _start_target(st)
     flags += _gpu_flags(st, env)
     exp = st.with_ready_file("exporter", _python(
-        "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--probe",
-        *flags), env=env)
+        "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
+        *(["--probe"] if spec.probe else []), *flags), env=env)
     am_yml = d / "alertmanager.yml"
     am_yml.write_text(_alertmanager_text(spec, rx["url"] + "/alerts"))
     am_url = st.with_port("alertmanager", [

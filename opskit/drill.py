@@ -1,0 +1,362 @@
+"""`opskit drill`: an alert fire drill against a live local stack.
+
+It starts a private stack (mock, exporter with the fake GPU, Prometheus with the project's rules
+compressed in time, Alertmanager with the project's routing, webhook receiver), drives light load
+through the exporter's metering proxy, then injects each fault of opskit.drillplan.PHASES through
+the mock's admin API (or the fake GPU's state file). For each it checks that the expected alerts go
+pending, fire, reach the receiver with the right labels and route, and resolve once the fault is
+cleared, and that no other alert fires. At the end every dashboard panel's query must return data
+from the live Prometheus. It prints time to detect, deliver and resolve per alert, exits 1 on any
+miss, and always stops the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import click
+
+from opskit import drillplan, stack
+from opskit.drillplan import PHASES, Phase, Seen
+from opskit.receiver import read_notifications
+from opskit.stackconf import DRILL_TIMING
+
+POLL_S = 0.5
+REQUEST_BODY = {"model": "deepseek-chat", "stream": True, "stream_options": {"include_usage": True},
+                "max_tokens": 16, "messages": [{"role": "user", "content": "Say something short."}]}
+
+
+@dataclass
+class Project:
+    """What the drill takes from the source tree: rules, routing, dashboards (when present)."""
+
+    rules: str
+    severities: dict[str, str]
+    alertmanager_yml: str | None
+    routes: dict[str, str] | None
+    queries: list[tuple[str, str, str]] | None
+
+
+def load_project() -> Project:
+    """The project's rules (rendered from the thresholds), routing and dashboard queries."""
+    from opskit import thresholds
+
+    if str(stack.ROOT) not in sys.path:  # alerts/ and dashboards/ live beside the package, not in it
+        sys.path.append(str(stack.ROOT))
+    try:
+        from alerts import alertmanager, generate
+    except ImportError:
+        raise stack.StackError("the drill needs the alerts/ generator of a source checkout") from None
+    text = drillplan.compress_rules(generate.render_rules(thresholds.load(), short_for=drillplan.SHORT_FOR))
+    try:
+        from dashboards.build import all_queries
+
+        queries = all_queries()
+    except ImportError:
+        queries = None
+    return Project(text, drillplan.alert_severities(text), generate.render_alertmanager(),
+                   dict(alertmanager.SEVERITY_RECEIVER), queries)
+
+
+class Load:
+    """Open-loop streaming chat calls through the proxy at `rps`, counted by HTTP status (0 = none)."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, rps: float, max_in_flight: int = 200) -> None:
+        self.session, self.url, self.rps, self.cap = session, url, rps, max_in_flight
+        self.codes: collections.Counter[int] = collections.Counter()
+        self.in_flight = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                if self.in_flight < self.cap:  # beyond the cap a call is skipped, not queued
+                    t = asyncio.create_task(self._one())
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                due += 1.0 / self.rps
+                await asyncio.sleep(max(0.0, due - loop.time()))
+        finally:
+            for t in list(tasks):
+                t.cancel()
+
+    async def _one(self) -> None:
+        self.in_flight += 1
+        try:
+            async with self.session.post(self.url, json=REQUEST_BODY, timeout=aiohttp.ClientTimeout(total=15)) as r:
+                async for _ in r.content.iter_any():
+                    pass
+                self.codes[r.status] += 1
+        except (aiohttp.ClientError, TimeoutError):
+            self.codes[0] += 1
+        finally:
+            self.in_flight -= 1
+
+
+@dataclass
+class Watcher:
+    """Polls Prometheus' and Alertmanager's alerts and the receiver's file into `Seen` records."""
+
+    session: aiohttp.ClientSession
+    prom: str
+    am: str
+    notifications: str
+    offset: int = 0
+    active: set[str] = field(default_factory=set)
+
+    async def _get(self, url: str):
+        async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return await r.json()
+
+    async def poll(self, seen: dict[str, Seen], cleared_at: float | None) -> None:
+        now = time.time()
+        body = await self._get(self.prom + "/api/v1/alerts")
+        self.active = set()
+        for a in body["data"]["alerts"]:
+            name = a["labels"]["alertname"]
+            s = seen.setdefault(name, Seen())
+            self.active.add(name)
+            s.pending_at = s.pending_at or now
+            if a["state"] == "firing":
+                s.firing_at = s.firing_at or now
+        for name, s in seen.items():
+            s.active = name in self.active
+            if cleared_at is not None:
+                s.inactive_at = (s.inactive_at or now) if not s.active else None
+        for a in await self._get(self.am + "/api/v2/alerts?inhibited=true&silenced=true&unprocessed=true"):
+            if a["status"].get("inhibitedBy") and a["labels"]["alertname"] in seen:
+                s = seen[a["labels"]["alertname"]]
+                s.inhibited_at = s.inhibited_at or now
+        self._read_notifications(seen, cleared_at)
+
+    def _read_notifications(self, seen: dict[str, Seen], cleared_at: float | None) -> None:
+        payloads = read_notifications(self.notifications)
+        for p in payloads[self.offset:]:
+            for a in p.get("alerts", []):
+                s = seen.setdefault(a["labels"].get("alertname", "?"), Seen())
+                at = p["received_at"]
+                if a["status"] == "firing" and s.delivered_at is None:
+                    s.delivered_at, s.receiver, s.labels = at, p.get("receiver"), dict(a["labels"])
+                    s.firing_at = s.firing_at or at  # it fired, even if between two polls
+                elif a["status"] == "resolved" and cleared_at is not None and at >= cleared_at:
+                    s.resolved_at = s.resolved_at or at
+        self.offset = len(payloads)
+
+    def skip_notifications(self) -> None:
+        """Start the next phase after everything received so far."""
+        self.offset = len(read_notifications(self.notifications))
+
+
+async def _admin(session: aiohttp.ClientSession, admin_url: str, section: str, body: dict | None) -> None:
+    if body is None:
+        return
+    async with session.put(f"{admin_url}/admin/{section}", json=body, timeout=aiohttp.ClientTimeout(total=5)) as r:
+        if r.status != 200:
+            raise stack.StackError(f"mock admin PUT /admin/{section} answered {r.status}: {(await r.text())[:200]}")
+
+
+async def apply(phase: Phase, session: aiohttp.ClientSession, admin_url: str, gpu_state: str | None,
+                inject: bool) -> None:
+    """Inject (or clear) a phase's fault."""
+    await _admin(session, admin_url, "faults", phase.faults if inject else phase.clear_faults)
+    await _admin(session, admin_url, "limits", phase.limits if inject else phase.clear_limits)
+    if phase.gpu is not None and gpu_state:
+        from opskit import fakegpu
+
+        fakegpu.set_gpu(Path(gpu_state), **(phase.gpu if inject else {}))
+
+
+def _detected(phase: Phase, seen: dict[str, Seen], started: float) -> bool:
+    if not phase.required:
+        return time.time() - started >= phase.hold_s
+    return all(n in seen and seen[n].firing_at and (seen[n].delivered_at or seen[n].inhibited_at)
+               for n in phase.required)
+
+
+def _resolved(seen: dict[str, Seen]) -> bool:
+    return all(s.inactive_at and (s.delivered_at is None or s.resolved_at) for s in seen.values())
+
+
+async def run_phase(phase: Phase, ctx: dict, timeout_s: float) -> tuple[dict[str, Seen], float, float]:
+    """Inject, watch until detected, clear, watch until resolved: (seen, injected at, cleared at)."""
+    watcher: Watcher = ctx["watcher"]
+    watcher.skip_notifications()
+    seen: dict[str, Seen] = {}
+    t0 = time.time()
+    await apply(phase, ctx["session"], ctx["admin"], ctx["gpu_state"], inject=True)
+    while time.time() - t0 < timeout_s and not _detected(phase, seen, t0):
+        await asyncio.sleep(POLL_S)
+        await watcher.poll(seen, None)
+    t1 = time.time()
+    await apply(phase, ctx["session"], ctx["admin"], ctx["gpu_state"], inject=False)
+    while time.time() - t1 < timeout_s:
+        await asyncio.sleep(POLL_S)
+        await watcher.poll(seen, t1)
+        if _resolved(seen):
+            break
+    return seen, t0, t1
+
+
+def _since(t: float | None, t0: float) -> str:
+    return f"{t - t0:6.1f}s" if t is not None else "     - "
+
+
+def report_phase(phase: Phase, seen: dict[str, Seen], t0: float, t1: float) -> list[str]:
+    """Table rows: alert, role, pending/firing/delivered after injection, resolved after clearing."""
+    rows = []
+    for name in sorted(set(seen) | phase.required):
+        s = seen.get(name, Seen())
+        role = "required" if name in phase.required else "allowed" if name in phase.allowed else "UNEXPECTED"
+        if s.firing_at is None and role != "required":
+            role = "pending only"
+        delivered = _since(s.delivered_at, t0) if s.delivered_at or not s.inhibited_at else "inhibit"
+        rows.append(f"  {name:<26} {role:<12} {_since(s.pending_at, t0)} {_since(s.firing_at, t0)} "
+                    f"{delivered:>7} {_since(s.resolved_at or s.inactive_at, t1)}  {s.receiver or ''}")
+    return rows
+
+
+async def settle(watcher: Watcher, timeout_s: float) -> list[str]:
+    """Wait until no alert is pending or firing; the names still active after `timeout_s`."""
+    deadline = time.time() + timeout_s
+    seen: dict[str, Seen] = {}
+    while True:
+        await watcher.poll(seen, None)
+        if not watcher.active or time.time() > deadline:
+            return sorted(watcher.active)
+        await asyncio.sleep(POLL_S)
+
+
+async def check_dashboards(session: aiohttp.ClientSession, prom: str, queries, gpu: bool) -> tuple[list[str], int]:
+    """(one line per panel query with no data, number of queries run)."""
+    misses, ran = [], 0
+    for board, panel, expr in queries:
+        if not gpu and "opskit_gpu_" in expr:
+            continue
+        ran += 1
+        async with session.get(prom + "/api/v1/query", params={"query": expr},
+                               timeout=aiohttp.ClientTimeout(total=10)) as r:
+            body = await r.json()
+        if body.get("status") != "success" or not body["data"]["result"]:
+            misses.append(f"dashboard {board!r}, panel {panel!r}: no data for {expr}")
+    return misses, ran
+
+
+async def warm_up(session: aiohttp.ClientSession, prom: str, load: Load, timeout_s: float) -> str | None:
+    """Wait until the recording rules see the load (p95 TTFT is a number); a reason on failure."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        async with session.get(prom + "/api/v1/query", params={"query": "target:opskit_llm_ttft_seconds:p95_5m"},
+                               timeout=aiohttp.ClientTimeout(total=5)) as r:
+            result = (await r.json())["data"]["result"]
+        if result and result[0]["value"][1] not in ("NaN", "+Inf"):
+            return None
+        await asyncio.sleep(POLL_S)
+    return f"warm-up: no TTFT reached Prometheus within {timeout_s:.0f}s (calls by status: {dict(load.codes)})"
+
+
+async def drive(st: stack.Stack, project: Project, phases: list[Phase], rps: float, timeout_s: float,
+                gpu: bool, dashboards: bool = True) -> list[str]:
+    """Run the phases against a started stack, then (with `dashboards`) every panel query; every
+    miss, one line each. Panels only all have data after every phase ran (429s, errors, ...)."""
+    misses: list[str] = []
+    async with aiohttp.ClientSession() as session:
+        prom = st.url("prometheus")
+        watcher = Watcher(session, prom, st.url("alertmanager"), st.files["notifications"])
+        load = Load(session, st.url("exporter", "proxy_url") + "/chat/completions", rps)
+        load_task = asyncio.create_task(load.run())
+        try:
+            if reason := await warm_up(session, prom, load, 40.0):
+                return [reason]
+            if left := await settle(watcher, 30.0):
+                return [f"baseline: {', '.join(left)} active with no fault injected"]
+            ctx = {"session": session, "admin": st.url("mock", "admin_url"), "watcher": watcher,
+                   "gpu_state": st.files.get("fake_nvml_state")}
+            for phase in phases:
+                click.echo(f"\n{phase.name}: {phase.what}")
+                click.echo(f"  {'alert':<26} {'role':<12} {'pending':>7} {'firing':>7} {'deliver':>7} "
+                           f"{'resolve':>7}  receiver")
+                seen, t0, t1 = await run_phase(phase, ctx, timeout_s)
+                click.echo("\n".join(report_phase(phase, seen, t0, t1)) or "  (no alert went pending)")
+                found = drillplan.phase_misses(phase, seen, project.severities, project.routes)
+                click.echo("  " + ("; ".join(found) if found else "ok"))
+                misses += [f"{phase.name}: {m}" for m in found]
+                if left := await settle(watcher, timeout_s):
+                    misses.append(f"{phase.name}: {', '.join(left)} still active {timeout_s:.0f}s after clearing")
+            if dashboards and project.queries is not None:
+                bad, ran = await check_dashboards(session, prom, project.queries, gpu)
+                click.echo(f"\ndashboards: {ran - len(bad)}/{ran} panel queries returned data")
+                misses += bad
+            click.echo(f"load: calls by HTTP status {dict(sorted(load.codes.items()))}")
+        finally:
+            load_task.cancel()
+    return misses
+
+
+def _terminate(signum, frame):  # SIGTERM (CI timeout, kill): unwind so the stack is stopped
+    raise SystemExit(128 + signum)
+
+
+@click.command()
+@click.option("--phase", "phase_names", multiple=True, type=click.Choice(drillplan.PHASE_NAMES),
+              help="run only these phases (repeatable); default all")
+@click.option("--rps", type=click.FloatRange(1, 200), default=20.0, show_default=True,
+              help="streaming calls per second through the proxy")
+@click.option("--phase-timeout", type=click.FloatRange(5, 300), default=45.0, show_default=True,
+              help="seconds for a fault's alerts to fire, and again to resolve")
+@click.option("--max-seconds", type=click.FloatRange(30, 3600), default=300.0, show_default=True,
+              help="the whole drill's time limit")
+@click.option("--keep", is_flag=True, help="keep the stack's state dir (configs, logs) even on success")
+def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_seconds: float, keep: bool) -> None:
+    """Fire drill: inject faults into a live stack and check every alert fires, notifies and resolves."""
+    from opskit import fakegpu
+
+    try:
+        project = load_project()
+    except stack.StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    phases = [p for p in PHASES if not phase_names or p.name in phase_names]
+    no_gpu = fakegpu.unavailable_reason()
+    if no_gpu:
+        click.echo(f"GPU phases skipped: {no_gpu}")
+        phases = [p for p in phases if not p.needs_gpu]
+    state_dir = Path(tempfile.mkdtemp(prefix="opskit-drill-"))
+    spec = stack.StackSpec(state_dir=state_dir, timing=DRILL_TIMING, probe_interval_s=1.0,
+                           rules={"drill.rules.yml": project.rules}, alertmanager_yml=project.alertmanager_yml,
+                           gpu="off" if no_gpu else "fake")
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.monotonic()
+    misses: list[str] = []
+    try:
+        st = stack.up(spec)
+        click.echo(f"stack up in {time.monotonic() - started:.1f}s (state dir {state_dir})")
+        everything = len(phases) == len(PHASES)
+        if not everything:
+            click.echo("dashboards: not checked (their panels only all have data after every phase)")
+        misses = asyncio.run(asyncio.wait_for(drive(st, project, phases, rps, phase_timeout, not no_gpu, everything),
+                                              max(1.0, max_seconds - (time.monotonic() - started))))
+    except TimeoutError:
+        misses.append(f"the drill ran past --max-seconds {max_seconds:.0f}")
+    except stack.StackError as exc:
+        misses.append(str(exc))
+    finally:
+        stack.down(state_dir)
+        if misses or keep:
+            click.echo(f"configs and logs kept in {state_dir}")
+        else:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    click.echo(f"\ndrill finished in {time.monotonic() - started:.0f}s: "
+               + ("PASS" if not misses else f"FAIL, {len(misses)} miss(es)"))
+    for m in misses:
+        click.echo(f"  MISS {m}")
+    sys.exit(1 if misses else 0)

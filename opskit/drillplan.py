@@ -1,0 +1,180 @@
+"""The alert fire drill as data: which faults, which alerts each must fire (and which may fire with
+it), how rules are compressed in time, and how one phase's observations become a verdict.
+
+Pure code, no I/O; opskit.drill runs it against a live stack.
+
+Time compression. Production rules use `for:` of minutes and rate windows of 5 minutes to 3 days.
+The drill replaces every `for:` with a few seconds and maps every range window `[d]` to d/30,
+clamped to 10-30 s, so an alert fires within seconds of its fault and resolves within about half
+a minute of its clearing. The thresholds and expressions are otherwise exactly the rules'.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+SHORT_FOR = "3s"
+WINDOW_FACTOR, WINDOW_MIN_S, WINDOW_MAX_S = 30, 10, 30
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+# A range or subquery selector: `[5m]`, `[1h:1m]` (only the range part is compressed).
+_RANGE = re.compile(r"\[((?:\d+(?:ms|s|m|h|d|w|y))+)(?=[\]:])")
+
+
+def seconds(duration: str) -> float:
+    """A Prometheus duration ('1h30m') in seconds."""
+    parts = _PART.findall(duration)
+    if not parts or "".join(n + u for n, u in parts) != duration:
+        raise ValueError(f"not a Prometheus duration: {duration!r}")
+    return sum(int(n) * _UNITS[u] for n, u in parts)
+
+
+def compress_window(duration: str) -> str:
+    """A production range window scaled for the drill: d/30, clamped to 10-30 s."""
+    s = min(max(seconds(duration) / WINDOW_FACTOR, WINDOW_MIN_S), WINDOW_MAX_S)
+    return f"{round(s)}s"
+
+
+def compress_expr(expr: str) -> str:
+    """Every range window in a PromQL expression compressed."""
+    return _RANGE.sub(lambda m: "[" + compress_window(m.group(1)), expr)
+
+
+def compress_rules(text: str, short_for: str = SHORT_FOR) -> str:
+    """A rules file with every window compressed and every `for:` replaced by `short_for`."""
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
+        raise ValueError("rules file: expected a mapping with a list of groups")
+    for group in data["groups"]:
+        group.pop("interval", None)  # evaluate at the stack's (1 s) global interval
+        for rule in group.get("rules", []):
+            rule["expr"] = compress_expr(str(rule["expr"]))
+            if "for" in rule:
+                rule["for"] = short_for
+    return yaml.safe_dump(data, sort_keys=False, width=10_000)
+
+
+def alert_severities(text: str) -> dict[str, str]:
+    """Alert name -> its `severity` label, from a rules file."""
+    data = yaml.safe_load(text) or {}
+    return {r["alert"]: r.get("labels", {}).get("severity", "")
+            for g in data.get("groups", []) for r in g.get("rules", []) if "alert" in r}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One injected fault. `required` alerts must fire, reach the receiver (or be inhibited there
+    by a co-firing alert) and resolve; `allowed` ones may fire with them; any other firing alert
+    fails the phase. `scope` are labels every notification of a required alert must carry."""
+
+    name: str
+    what: str
+    faults: dict | None = None
+    clear_faults: dict | None = None
+    limits: dict | None = None
+    clear_limits: dict | None = None
+    gpu: dict | None = None            # fake GPU fields while the fault lasts (util in %, ...)
+    required: frozenset[str] = frozenset()
+    allowed: frozenset[str] = frozenset()
+    scope: dict[str, str] = field(default_factory=dict)
+    hold_s: float = 0.0                # with no required alert: how long to watch for a false alarm
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.gpu is not None
+
+
+_ERRORS = frozenset({"LLMHighErrorRate", "LLMErrorRateCritical"})
+_BURN = frozenset({"LLMErrorBudgetFastBurn", "LLMErrorBudgetSlowBurn"})
+_TARGET = {"target": "mock"}
+
+PHASES: tuple[Phase, ...] = (
+    # 5 % server errors: above the 2 % warning, far below the 15 % critical. A 5x burn of a 99 %
+    # SLO trips the slow-burn pair; the fast-burn 6x leg (6 %) is within noise of 5 %, so it may.
+    # 1 in 20 probes fails too: three in a row are unlikely but legitimate.
+    Phase("errors", "5 % of calls answered 500",
+          faults={"error_rate": {"500": 0.05}}, clear_faults={"error_rate": {"500": 0}},
+          required=frozenset({"LLMHighErrorRate", "LLMErrorBudgetSlowBurn"}),
+          allowed=frozenset({"LLMErrorBudgetFastBurn", "LLMProbeFailing"}), scope=_TARGET),
+    # +1 s before the first token: p95 TTFT passes 500 ms. Durations grow by the same second
+    # (about 1.2 s here, under the 2 s p90 alert), which may legitimately alert on a slower box.
+    Phase("ttft", "+1 s time to first token",
+          faults={"extra_ttft_ms": 1000}, clear_faults={"extra_ttft_ms": 0},
+          required=frozenset({"LLMHighTimeToFirstToken"}), allowed=frozenset({"LLMHighRequestLatency"}),
+          scope=_TARGET),
+    # A 429 storm: 5 requests per 1 s window against ~20/s offered. 429s are failures (error
+    # ratio, critical above 15 %) but not the server's (no burn alert); the probe is throttled too.
+    Phase("429-storm", "rate limit of 5 requests/s against ~20/s offered",
+          limits={"rpm": 5, "tpm": 10_000_000, "window_s": 1}, clear_limits={"rpm": None, "tpm": None, "window_s": 60},
+          required=frozenset({"LLMRateLimited"}) | _ERRORS,
+          allowed=frozenset({"LLMProbeFailing"}), scope=_TARGET),
+    # The target fails every call, the probe's included: the probe alert fires, and so, rightly,
+    # does every error and burn alert (the critical ones inhibit their warning twins).
+    Phase("probe-failing", "every call (probe included) answered 503",
+          faults={"error_rate": {"503": 1.0}}, clear_faults={"error_rate": {"503": 0}},
+          required=frozenset({"LLMProbeFailing"}) | _ERRORS | _BURN, scope=_TARGET),
+    Phase("gpu-busy", "GPU 0 at 95 % utilization", gpu={"util": 95},
+          required=frozenset({"GPUHighUtilization"}), scope={"gpu": "0"}),
+    # A flaky power sensor: NVML errors are counted (a dashboard panel), yet no alert is due.
+    Phase("nvml-field-error", "NVML power reads fail on GPU 0", gpu={"power_mw": "!"}, hold_s=6.0),
+)
+PHASE_NAMES = tuple(p.name for p in PHASES)
+
+
+@dataclass
+class Seen:
+    """What the drill saw of one alert (by name) during one phase; times are Unix seconds."""
+
+    pending_at: float | None = None
+    firing_at: float | None = None
+    delivered_at: float | None = None
+    receiver: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    inhibited_at: float | None = None
+    active: bool = False               # pending or firing at the last poll
+    resolved_at: float | None = None   # a resolved notification after the fault was cleared
+    inactive_at: float | None = None   # Prometheus stopped reporting it after the fault was cleared
+
+
+def phase_misses(phase: Phase, seen: dict[str, Seen], severities: dict[str, str],
+                 routes: dict[str, str] | None) -> list[str]:
+    """Every way the phase failed, one line each; empty when it passed.
+
+    `routes` maps severity -> receiver name (None: routing is not checked)."""
+    misses = []
+    for name in sorted(phase.required):
+        s = seen.get(name)
+        if name not in severities:
+            misses.append(f"{name}: no such alert in the rules")
+            continue
+        if s is None or s.firing_at is None:
+            state = "was pending but never fired" if s and s.pending_at else "never went pending"
+            misses.append(f"{name}: {state}")
+            continue
+        if s.delivered_at is None and s.inhibited_at is None:
+            misses.append(f"{name}: fired but never reached the receiver")
+        elif s.delivered_at is not None:
+            misses.extend(_label_misses(name, s, phase.scope, severities, routes))
+        if s.inactive_at is None:
+            misses.append(f"{name}: still active after the fault was cleared")
+        elif s.delivered_at is not None and s.resolved_at is None:
+            misses.append(f"{name}: resolved in Prometheus but no resolved notification arrived")
+    for name, s in sorted(seen.items()):
+        if s.firing_at is not None and name not in phase.required | phase.allowed:
+            misses.append(f"{name}: fired, but {phase.name} should not fire it")
+    return misses
+
+
+def _label_misses(name: str, s: Seen, scope: dict[str, str], severities: dict[str, str],
+                  routes: dict[str, str] | None) -> list[str]:
+    want = {"alertname": name, "severity": severities[name], **scope}
+    wrong = {k: s.labels.get(k) for k, v in want.items() if s.labels.get(k) != v}
+    out = [f"{name}: notification labels {wrong} should be {({k: want[k] for k in wrong})}"] if wrong else []
+    if routes is not None:
+        expected = routes.get(severities[name])
+        if expected and s.receiver != expected:
+            out.append(f"{name}: routed to receiver {s.receiver!r}, expected {expected!r}")
+    return out
