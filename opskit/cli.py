@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "loadtest": "opskit.loadtest.cli:loadtest",
     "report": "opskit.loadtest.cli:report",
     "stack": "opskit.stack:stack",
+    "drill": "opskit.drill:drill",
     "exporter": "opskit.exporter:exporter_command",
 }
 
