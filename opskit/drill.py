@@ -349,6 +349,11 @@ def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_se
         misses.append(f"the drill ran past --max-seconds {max_seconds:.0f}")
     except stack.StackError as exc:
         misses.append(str(exc))
+    except (aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
+        # Prometheus, Alertmanager or the mock stopped answering, or answered nonsense.
+        misses.append(f"drill aborted: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    except KeyboardInterrupt:
+        misses.append("interrupted")
     finally:
         stack.down(state_dir)
         if misses or keep:

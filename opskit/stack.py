@@ -145,12 +145,24 @@ class _Starter:
         comp.urls = {k: v for k, v in info.items() if k.endswith("url") and isinstance(v, str)}
         return info
 
-    def with_port(self, name: str, argv: list[str], port: int, ready_path: str) -> str:
-        url = f"http://127.0.0.1:{port}"
-        child, proc = supervise.spawn(name, argv, self.dir / "logs" / f"{name}.log", cwd=self.dir)
-        self.components.append(Component(child, {"url": url}))
-        supervise.wait_http(child, proc, url + ready_path, self.spec.ready_timeout_s)
-        return url
+    def with_port(self, name: str, argv_for, ready_path: str, attempts: int = 3) -> str:
+        """Start a binary that must be given its port (`argv_for(port)`), retrying on a port taken
+        between our probe and its bind (other tests and stacks pick ports concurrently)."""
+        for attempt in range(attempts):
+            port = supervise.free_port()
+            url = f"http://127.0.0.1:{port}"
+            child, proc = supervise.spawn(name, argv_for(port), self.dir / "logs" / f"{name}.log", cwd=self.dir)
+            comp = Component(child, {"url": url})
+            self.components.append(comp)
+            try:
+                supervise.wait_http(child, proc, url + ready_path, self.spec.ready_timeout_s)
+                return url
+            except SuperviseError as exc:
+                if "address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                self.components.remove(comp)
+                supervise.stop(child)
+        raise AssertionError("unreachable")
 
     def stop_all(self) -> None:
         for comp in reversed(self.components):
@@ -176,9 +188,6 @@ def _start_target(st: _Starter) -> tuple[list[str], dict[str, str]]:
     """
     spec, env = st.spec, dict(os.environ)
     if spec.config or spec.target:
-        from opskit import config as cfgmod
-
-        cfgmod.load(spec.config, spec.target).target()  # ConfigError now, not in the exporter's log
         return [*(["--config", spec.config] if spec.config else []),
                 *(["--target", spec.target] if spec.target else [])], env
     info = st.with_ready_file("mock", _python("-m", "opskit", "mock", "--listen", "127.0.0.1:0", *spec.mock_flags))
@@ -237,18 +246,17 @@ def _start_all(st: _Starter) -> None:
         *(["--probe"] if spec.probe else []), *flags), env=env)
     am_yml = d / "alertmanager.yml"
     am_yml.write_text(_alertmanager_text(spec, rx["url"] + "/alerts"))
-    am_url = st.with_port("alertmanager", [
+    am_url = st.with_port("alertmanager", lambda port: [
         am_bin, f"--config.file={am_yml}", f"--storage.path={d / 'alertmanager-data'}",
-        f"--web.listen-address=127.0.0.1:{(amp := supervise.free_port())}", "--cluster.listen-address=",
-        "--log.level=warn"], amp, "/-/ready")
+        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"], "/-/ready")
     prom_yml = d / "prometheus.yml"
     prom_yml.write_text(stackconf.prometheus_yml(exp["url"], am_url, _write_rules(spec), spec.timing))
-    st.with_port("prometheus", [
+    prom_url = st.with_port("prometheus", lambda port: [
         prom_bin, f"--config.file={prom_yml}", f"--storage.tsdb.path={d / 'prometheus-data'}",
-        f"--web.listen-address=127.0.0.1:{(pp := supervise.free_port())}", "--web.enable-lifecycle",
-        "--storage.tsdb.retention.time=1d", "--log.level=warn"], pp, "/-/ready")
+        f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
+        "--storage.tsdb.retention.time=1d", "--log.level=warn"], "/-/ready")
     st.files.update(prometheus_config=str(prom_yml), alertmanager_config=str(am_yml))
-    wait_scraped(f"http://127.0.0.1:{pp}", spec.ready_timeout_s)
+    wait_scraped(prom_url, spec.ready_timeout_s)
 
 
 def query(prom_url: str, promql: str, timeout: float = 5.0) -> list[dict]:
@@ -289,6 +297,10 @@ def up(spec: StackSpec) -> Stack:
         raise StackError(f"--gpu: expected one of {', '.join(GPU_MODES)}, got {spec.gpu!r}")
     if existing := running(spec.state_dir):
         raise AlreadyUp(existing)
+    if spec.config or spec.target:
+        from opskit import config as cfgmod
+
+        cfgmod.load(spec.config, spec.target).target()  # ConfigError (exit 2) before anything starts
     spec.state_dir.mkdir(parents=True, exist_ok=True)
     (spec.state_dir / "state.json").unlink(missing_ok=True)
     st = _Starter(spec)
