@@ -10,7 +10,9 @@ The server runs on core 0 and the client on core 1 (taskset). Part 1 drives POST
 the server's CPU time per request (from /proc/PID/stat). Part 2 holds N streams at ITL 50 ms (no
 jitter configured) with a raw uvloop client that timestamps every SSE event as it is read, and prints
 the p50/p99 of (gap - 50 ms), i.e. the inter-token jitter the server adds, per N; the capacity is the
-largest N whose p99 stays under 5 ms. Prints figures; asserts nothing.
+largest N whose p99 stays under 5 ms. Beside it, the server's own view (`GET /admin/lateness`: how
+late each chunk left vs. its deadline) separates the server's delays from the client's and from
+other processes on a shared machine. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -134,7 +136,13 @@ class _StreamProto(asyncio.Protocol):
         self.times.extend([now] * n)
 
 
-async def _hold_streams(host: str, port: int, n: int, hold_s: float) -> list[float]:
+def _reset_lateness(admin_url: str) -> None:
+    """Start the server's lateness histogram where the client starts measuring (after the ramp-up)."""
+    req = urllib.request.Request(admin_url + "/admin/reset", method="POST", data=b"")
+    urllib.request.urlopen(req, timeout=10).close()
+
+
+async def _hold_streams(host: str, port: int, n: int, hold_s: float, admin_url: str) -> list[float]:
     loop = asyncio.get_running_loop()
     req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
            f"Content-Length: {{}}\r\n\r\n{{}}")
@@ -148,6 +156,7 @@ async def _hold_streams(host: str, port: int, n: int, hold_s: float) -> list[flo
         all_times.append(times)
         await asyncio.sleep(ITL_S / n)
     await asyncio.sleep(1.0)                     # let the openings settle
+    await loop.run_in_executor(None, _reset_lateness, admin_url)
     marks = [len(t) for t in all_times]
     await asyncio.sleep(hold_s)
     for tr in transports:
@@ -168,12 +177,16 @@ def run_streams(levels: list[int], hold_s: float) -> None:
                                 "--capacity", "100000")
         try:
             host, port = info["url"].removeprefix("http://").split(":")
-            cpu0 = cpu_seconds(proc.pid)
+            cpu0, chunks0 = cpu_seconds(proc.pid), counters(info)["tokens"]["output"]
             t0 = time.monotonic()
             out = subprocess.run([*pin(1), sys.executable, __file__, "--stream-client", host, port, str(n),
-                                  str(hold_s)], capture_output=True, text=True, timeout=hold_s + n / 50 + 60)
-            cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+                                  str(hold_s), info["admin_url"]], capture_output=True, text=True, timeout=hold_s + n / 50 + 60)
+            cpu_s, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
+            per_chunk = cpu_s / max(1, counters(info)["tokens"]["output"] - chunks0)
+            cpu = cpu_s / wall
             gaps = json.loads(out.stdout or "[]")
+            with urllib.request.urlopen(info["admin_url"] + "/admin/lateness", timeout=10) as resp:
+                late = json.loads(resp.read())
         finally:
             proc.terminate()
             proc.wait(10)
@@ -183,7 +196,8 @@ def run_streams(levels: list[int], hold_s: float) -> None:
         q = statistics.quantiles(gaps, n=100)
         expected = n * hold_s / ITL_S
         print(f"  N={n:5d}: added ITL jitter p50 {q[49]:6.2f} ms  p99 {q[98]:6.2f} ms  max {max(gaps):7.2f} ms  "
-              f"({len(gaps):,} gaps of ~{expected:,.0f} expected; server CPU {cpu:.0%})")
+              f"({len(gaps):,} gaps of ~{expected:,.0f} expected; server CPU {cpu:.0%}, {per_chunk * 1e6:.0f} us/chunk; server-side lateness "
+              f"p99 <= {late['p99_le_ms']} ms, max {late['max_ms']} ms)")
         if q[98] < 5.0:
             best = max(best, n)
     print(f"streams held with p99 added jitter < 5 ms: {best} (highest level tried: {max(levels)})")
@@ -198,7 +212,7 @@ def main() -> None:
     ap.add_argument("--levels", default="250,500,750,1000,1500")
     ap.add_argument("--hold", type=float, default=5.0)
     ap.add_argument("--pool-client", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--stream-client", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--stream-client", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.pool_client:
         url, secs, conns = a.pool_client
@@ -206,8 +220,8 @@ def main() -> None:
         return
     if a.stream_client:
         import uvloop
-        host, port, n, hold = a.stream_client
-        print(json.dumps(uvloop.run(_hold_streams(host, int(port), int(n), float(hold)))))
+        host, port, n, hold, admin = a.stream_client
+        print(json.dumps(uvloop.run(_hold_streams(host, int(port), int(n), float(hold), admin))))
         return
     print(f"host: {os.cpu_count()} cores; server pinned to core 0, client to core 1 ({'taskset' if pin(0) else 'no pinning'})")
     if a.part in ("rps", "all"):

@@ -5,7 +5,8 @@
   GET/PUT /admin/latency   {"ttft_ms", "ttft_jitter_ms", "itl_ms", "itl_jitter_ms", "output_tokens_mean",
                             "output_tokens_spread", "tokens_per_chunk", "capacity"}
   GET     /admin/counters  see state.Counters.to_json
-  POST    /admin/reset     zero counters, forget rate-limit windows and quotas
+  GET     /admin/lateness  histogram of how late stream chunks left vs. their schedule (the mock's own jitter)
+  POST    /admin/reset     zero counters and lateness, forget rate-limit windows and quotas
 PUT takes a partial object and answers with the whole new settings; bad input is a 400 with
 `{"error": {"message": ...}}` and changes nothing. Admin calls are not counted in the API counters.
 """
@@ -68,6 +69,10 @@ def build_admin_app(state: MockState) -> web.Application:
         state.reset()
         return _json(state.counters.to_json())
 
+    async def lateness(request: web.Request) -> web.Response:
+        return _json(state.lateness.to_json())
+
     app.router.add_get("/admin/counters", counters)
+    app.router.add_get("/admin/lateness", lateness)
     app.router.add_post("/admin/reset", reset)
     return app

@@ -115,14 +115,16 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
     if adm.req.kind == "chat":
         for c in range(n):
             await send(enc.role(c))
-    sleep = asyncio.sleep
+    sleep, observe = asyncio.sleep, state.lateness.observe
     for j, due in enumerate(sched.times()):
         if j == cut_at:
             counters.streams_cut += 1
             raise StreamCut
-        delay = t0 + due - clock()
+        deadline = t0 + due
+        delay = deadline - clock()
         if delay > 0:
             await sleep(delay)
+        observe(clock() - deadline)
         for c in range(n):
             if j < counts[c]:
                 kind, start, count = sched.chunk(c, j)

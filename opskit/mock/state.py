@@ -7,6 +7,7 @@ request that never gets a response (client went away, hang) is counted by what h
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import random
@@ -58,6 +59,46 @@ class Counters:
                 "client_disconnects": self.client_disconnects, "hangs": self.hangs, "in_flight": self.in_flight}
 
 
+class Lateness:
+    """How late stream chunks leave relative to their scheduled deadline: the mock's own added jitter.
+
+    A fixed-bucket histogram (cheap enough for every chunk), read at `GET /admin/lateness`.
+    """
+
+    BOUNDS_MS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 250.0, 1000.0)
+
+    def __init__(self) -> None:
+        self._bounds_s = tuple(b / 1000.0 for b in self.BOUNDS_MS)
+        self.clear()
+
+    def clear(self) -> None:
+        """Zero in place: running streams hold a bound `observe`."""
+        self.counts = [0] * (len(self.BOUNDS_MS) + 1)
+        self.max_s = 0.0
+
+    def observe(self, late_s: float) -> None:
+        self.counts[bisect.bisect_left(self._bounds_s, late_s)] += 1
+        if late_s > self.max_s:
+            self.max_s = late_s
+
+    def quantile_ms(self, q: float) -> float | None:
+        """Upper bound of the bucket holding quantile q (None when empty or past the last bound)."""
+        total = sum(self.counts)
+        if not total:
+            return None
+        seen = 0
+        for bound, n in zip(self.BOUNDS_MS, self.counts, strict=False):
+            seen += n
+            if seen >= q * total:
+                return bound
+        return None
+
+    def to_json(self) -> dict:
+        return {"bounds_ms": list(self.BOUNDS_MS), "counts": list(self.counts), "chunks": sum(self.counts),
+                "max_ms": round(self.max_s * 1000, 3), "p50_le_ms": self.quantile_ms(0.5),
+                "p99_le_ms": self.quantile_ms(0.99)}
+
+
 @dataclass(frozen=True, slots=True)
 class FaultDraw:
     """What the fault dice said for one request."""
@@ -84,6 +125,7 @@ class MockState:
         self.gate = Gate(latency.capacity)
         self.limiter = RateLimiter(limits)
         self.counters = Counters()
+        self.lateness = Lateness()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
 
@@ -117,3 +159,4 @@ class MockState:
         """`POST /admin/reset`: zero counters and forget rate-limit windows and daily quotas."""
         self.counters.reset()
         self.limiter.reset()
+        self.lateness.clear()
