@@ -101,43 +101,49 @@ async def admit(state: MockState, req: GenRequest, identity: str, arrival: float
     return Admission(rid, req, sched, Encoder(req, rid, int(time.time())), loop_now, faults, headers)
 
 
-async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitable[None]]) -> None:
+async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitable[None] | None]) -> None:
     """Send a stream's chunk payloads on schedule; raises StreamCut when the cut fault fires.
 
-    The caller frames each payload (SSE `data:` event or WebSocket message) and sends the end marker.
+    `send(payload)` frames one payload (SSE `data:` event or WebSocket message); it returns None when
+    the bytes are handed over, or an awaitable to wait on (back-pressure, async transports). The
+    caller sends the end marker.
     """
     clock = time.perf_counter   # not loop.time(): uvloop's clock has only millisecond resolution
     sched, enc, counters, t0 = adm.sched, adm.enc, state.counters, adm.admitted
-    n = len(sched.lengths)
+    n, longest = len(sched.lengths), sched.longest
     counts = [sched.chunks(c) for c in range(n)]
-    cut_at = max(counts) // 2 if adm.faults.cut else -1
-    bad_at = max(counts) // 2 if adm.faults.malformed else -1
+    cut_at = counts[longest] // 2 if adm.faults.cut else -1
+    bad_at = counts[longest] // 2 if adm.faults.malformed else -1
     if adm.req.kind == "chat":
         for c in range(n):
-            await send(enc.role(c))
-    sleep, observe = asyncio.sleep, state.lateness.observe
-    for j, due in enumerate(sched.times()):
+            if (r := send(enc.role(c))) is not None:
+                await r
+    sleep, observe, text, words = asyncio.sleep, state.lateness.observe, enc.text, sched.words
+    for j, step in enumerate(sched.steps()):
         if j == cut_at:
             counters.streams_cut += 1
             raise StreamCut
-        deadline = t0 + due
+        deadline = t0 + step[0]
         delay = deadline - clock()
         if delay > 0:
             await sleep(delay)
         observe(clock() - deadline)
         for c in range(n):
-            if j < counts[c]:
-                kind, start, count = sched.chunk(c, j)
-                payload = enc.text(c, kind, sched.words(c, start, count))
-                if j == bad_at:
-                    payload = payload[: len(payload) // 2]   # cut mid-object: not valid JSON
-                    counters.malformed_chunks += 1
-                await send(payload)
-                counters.output_tokens += count
+            if j >= counts[c]:
+                continue
+            _, kind, start, count = step if c == longest else (0, *sched.chunk(c, j))
+            payload = text(c, kind, words(c, start, count))
+            if j == bad_at:
+                payload = payload[: len(payload) // 2]   # cut mid-object: not valid JSON
+                counters.malformed_chunks += 1
+            if (r := send(payload)) is not None:
+                await r
+            counters.output_tokens += count
     for c in range(n):
-        await send(enc.finish(c, enc.finish_reason(sched, c)))
-    if adm.req.include_usage:
-        await send(enc.usage_chunk(sched))
+        if (r := send(enc.finish(c, enc.finish_reason(sched, c)))) is not None:
+            await r
+    if adm.req.include_usage and (r := send(enc.usage_chunk(sched))) is not None:
+        await r
 
 
 async def complete(state: MockState, adm: Admission) -> bytes:

@@ -87,23 +87,38 @@ class Schedule:
         start = r + (j - rc) * per
         return CONTENT, start, min(per, length - start)
 
-    def times(self):
-        """Due time of every chunk step (those of the choice with the most chunks), lazily."""
-        longest = max(range(len(self.lengths)), key=self.chunks)
-        n = self.chunks(longest)
-        t = self.ttft
-        yield t
+    @property
+    def longest(self) -> int:
+        """The choice with the most chunks: its chunks set the stream's steps."""
+        return max(range(len(self.lengths)), key=self.chunks)
+
+    def steps(self):
+        """(due time, kind, first token, token count) of each chunk of the longest choice, lazily.
+
+        Chunk j is due `ITL x (tokens in chunk j)` after chunk j-1, so that the measured ITL (gap
+        divided by the later chunk's tokens) has the configured mean for any tokens-per-chunk.
+        """
+        c = self.longest
+        r, per, length = self.reasoning[c], self.per, self.lengths[c]
         gauss = random.Random(self.seed).gauss if self.jitter else None
         mean, jitter = self.itl, self.jitter
-        for j in range(1, n):
-            count = self.chunk(longest, j)[2]
-            if gauss is None:
-                t += mean * count
-            else:
-                for _ in range(count):
-                    g = gauss(mean, jitter)
-                    t += g if g > 0.0 else 0.0
-            yield t
+        t, first = self.ttft, True
+        for kind, lo, hi in ((REASONING, 0, r), (CONTENT, r, length)):
+            for start in range(lo, hi, per):
+                count = min(per, hi - start)
+                if first:
+                    first = False
+                elif gauss is None:
+                    t += mean * count
+                else:
+                    for _ in range(count):
+                        g = gauss(mean, jitter)
+                        t += g if g > 0.0 else 0.0
+                yield t, kind, start, count
+
+    def times(self):
+        """Due time of every chunk step, lazily."""
+        return (step[0] for step in self.steps())
 
     @property
     def end(self) -> float:
@@ -138,11 +153,7 @@ class LatencyModel:
         return min(n, max_tokens) if max_tokens else n
 
     def sample(self, n: int, max_tokens: int | None, extra_ttft_ms: float, reasoning: bool = False) -> Schedule:
-        """The schedule of a request with `n` choices.
-
-        Chunk j is due `ITL x (tokens in chunk j)` after chunk j-1, so that the measured ITL (gap
-        divided by the later chunk's tokens) has the configured mean for any tokens-per-chunk.
-        """
+        """The schedule of a request with `n` choices (its gaps are drawn as it plays, see steps())."""
         lat, rng = self.latency, self.rng
         ttft = max(0.0, rng.gauss(lat.ttft_ms, lat.ttft_jitter_ms)) if lat.ttft_jitter_ms else lat.ttft_ms
         lengths = [self._length(max_tokens) for _ in range(n)]

@@ -33,6 +33,14 @@ MODEL_PATHS = ("/v1/models", "/models")
 TOKEN_PATH = "/oauth/token"
 
 
+async def _drain(transport) -> None:
+    """A slow reader: wait for its queued bytes to go out instead of buffering without bound."""
+    while transport.get_write_buffer_size() > _HIGH_WATER:
+        await asyncio.sleep(0.005)
+        if transport.is_closing():
+            raise ConnectionResetError("client went away")
+
+
 class Api:
     """The API handlers, bound to one MockState."""
 
@@ -97,17 +105,16 @@ class Api:
         counters.streams_started += 1
         transport = request.transport
 
-        async def send(payload: bytes) -> None:
+        def send(payload: bytes):
             # Hot path: frame the HTTP chunk and the SSE event in one bytes object and hand it to the
-            # transport in one call (aiohttp's resp.write costs a writelines of three buffers and
-            # several Python frames per chunk). write_eof() still ends the chunked body normally.
+            # transport in one call (aiohttp's resp.write costs a writelines of three buffers and a
+            # coroutine per chunk); write_eof() still ends the chunked body normally.
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("client went away")
             transport.write(b"%x\r\ndata: %b\n\n\r\n" % (len(payload) + 8, payload))
-            while transport.get_write_buffer_size() > _HIGH_WATER:   # a slow reader: wait, don't buffer
-                await asyncio.sleep(0.005)
-                if transport.is_closing():
-                    raise ConnectionResetError("client went away")
+            if transport.get_write_buffer_size() > _HIGH_WATER:
+                return _drain(transport)
+            return None
 
         try:
             await engine.play(self.state, adm, send)

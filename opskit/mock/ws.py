@@ -122,8 +122,8 @@ async def _play(request: web.Request, sock: web.WebSocketResponse, state: MockSt
     _count(state, 200)
     counters.streams_started += 1
 
-    async def send(payload: bytes) -> None:
-        await sock.send_str('{"type":"chunk","data":' + payload.decode() + "}")
+    def send(payload: bytes):
+        return sock.send_str('{"type":"chunk","data":' + payload.decode() + "}")
 
     try:
         await engine.play(state, adm, send)
