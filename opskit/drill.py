@@ -76,6 +76,7 @@ class Load:
         self.in_flight = 0
 
     async def run(self) -> None:
+        """Send calls until cancelled."""
         loop = asyncio.get_running_loop()
         due = loop.time()
         tasks: set[asyncio.Task] = set()
@@ -120,6 +121,7 @@ class Watcher:
             return await r.json()
 
     async def poll(self, seen: dict[str, Seen], cleared_at: float | None) -> None:
+        """Update `seen` from one look at Prometheus, Alertmanager and the receiver's file."""
         now = time.time()
         body = await self._get(self.prom + "/api/v1/alerts")
         self.active = set()
@@ -303,6 +305,29 @@ async def drive(st: stack.Stack, project: Project, phases: list[Phase], rps: flo
     return misses
 
 
+def run(spec: stack.StackSpec, project: Project, phases: list[Phase], rps: float, phase_timeout: float,
+        deadline: float, gpu: bool) -> list[str]:
+    """Bring the stack up and drive the phases until `deadline` (monotonic); every miss, one line
+    each. The caller stops the stack (also after an interrupt)."""
+    try:
+        st = stack.up(spec)
+        click.echo(f"stack up (state dir {spec.state_dir})")
+        everything = len(phases) == len(PHASES)
+        if not everything:
+            click.echo("dashboards: not checked (their panels only all have data after every phase)")
+        return asyncio.run(asyncio.wait_for(drive(st, project, phases, rps, phase_timeout, gpu, everything),
+                                            max(1.0, deadline - time.monotonic())))
+    except TimeoutError:
+        return ["the drill ran past --max-seconds"]
+    except stack.StackError as exc:
+        return [str(exc)]
+    except (aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
+        # Prometheus, Alertmanager or the mock stopped answering, or answered nonsense.
+        return [f"drill aborted: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"]
+    except KeyboardInterrupt:
+        return ["interrupted"]
+
+
 def _terminate(signum, frame):  # SIGTERM (CI timeout, kill): unwind so the stack is stopped
     raise SystemExit(128 + signum)
 
@@ -336,30 +361,14 @@ def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_se
                            gpu="off" if no_gpu else "fake")
     signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
-    misses: list[str] = []
     try:
-        st = stack.up(spec)
-        click.echo(f"stack up in {time.monotonic() - started:.1f}s (state dir {state_dir})")
-        everything = len(phases) == len(PHASES)
-        if not everything:
-            click.echo("dashboards: not checked (their panels only all have data after every phase)")
-        misses = asyncio.run(asyncio.wait_for(drive(st, project, phases, rps, phase_timeout, not no_gpu, everything),
-                                              max(1.0, max_seconds - (time.monotonic() - started))))
-    except TimeoutError:
-        misses.append(f"the drill ran past --max-seconds {max_seconds:.0f}")
-    except stack.StackError as exc:
-        misses.append(str(exc))
-    except (aiohttp.ClientError, OSError, ValueError, KeyError) as exc:
-        # Prometheus, Alertmanager or the mock stopped answering, or answered nonsense.
-        misses.append(f"drill aborted: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    except KeyboardInterrupt:
-        misses.append("interrupted")
+        misses = run(spec, project, phases, rps, phase_timeout, started + max_seconds, gpu=not no_gpu)
     finally:
         stack.down(state_dir)
-        if misses or keep:
-            click.echo(f"configs and logs kept in {state_dir}")
-        else:
-            shutil.rmtree(state_dir, ignore_errors=True)
+    if misses or keep:
+        click.echo(f"configs and logs kept in {state_dir}")
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)
     click.echo(f"\ndrill finished in {time.monotonic() - started:.0f}s: "
                + ("PASS" if not misses else f"FAIL, {len(misses)} miss(es)"))
     for m in misses:

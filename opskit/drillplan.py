@@ -84,6 +84,7 @@ class Phase:
 
     @property
     def needs_gpu(self) -> bool:
+        """True when the fault is injected through the fake GPU."""
         return self.gpu is not None
 
 

@@ -73,10 +73,12 @@ class Component:
     urls: dict[str, str]
 
     def to_json(self) -> dict:
+        """As recorded in state.json."""
         return {**self.child.to_json(), "urls": self.urls}
 
     @classmethod
     def from_json(cls, d: dict) -> Component:
+        """From a state.json entry."""
         urls = d.pop("urls", {})
         return cls(Child(**d), urls)
 
@@ -90,12 +92,14 @@ class Stack:
     files: dict[str, str]
 
     def url(self, name: str, key: str = "url") -> str:
+        """A component's URL (`url`, or e.g. `proxy_url`, `admin_url`)."""
         for c in self.components:
             if c.child.name == name:
                 return c.urls[key]
         raise KeyError(name)
 
     def save(self) -> None:
+        """Write state.json atomically."""
         data = {"components": [c.to_json() for c in self.components], "files": self.files}
         tmp = self.state_dir / "state.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
@@ -103,6 +107,7 @@ class Stack:
 
     @classmethod
     def load(cls, state_dir: Path) -> Stack | None:
+        """The stack recorded in `state_dir`, or None when there is none."""
         try:
             data = json.loads((state_dir / "state.json").read_text())
             comps = [Component.from_json(dict(c)) for c in data["components"]]

@@ -35,6 +35,7 @@ class Child:
     log: str
 
     def to_json(self) -> dict:
+        """As recorded in a state file."""
         return asdict(self)
 
 
