@@ -186,15 +186,8 @@ class Exporter:
     def _start_probers(self) -> None:
         from opskit.probe import Prober
 
-        first = None
-        for t in self.cfg.targets:
-            # Each Prober registers the probe gauges in the registry it is given, and a registry takes
-            # a name once: the first registers them, the others share its (labelled by target) gauges.
-            prober = Prober(t, self.cfg.probe, self.metrics, self.registry if first is None else CollectorRegistry())
-            if first is None:
-                first = prober
-            else:
-                prober.success, prober.duration = first.success, first.duration
+        for t in self.cfg.targets:  # the Probers of one registry share its probe gauges
+            prober = Prober(t, self.cfg.probe, self.metrics, self.registry)
             self._probe_tasks.append(asyncio.create_task(prober.run_forever(), name=f"probe-{t.name}"))
 
     async def close(self) -> None:

@@ -313,9 +313,6 @@ def test_sigterm_drains_an_in_flight_stream_then_exits_0(start_exporter, start_m
 
 @pytest.mark.slow
 def test_exporter_probes_every_configured_target(start_exporter, mock_server, tmp_path):
-    import opskit.auth
-    if not hasattr(opskit.auth, "authenticator_for"):  # the probe's auth helper is still being written
-        pytest.skip("opskit.auth.authenticator_for not there yet")
     cfg = tmp_path / "opskit.yaml"
     cfg.write_text(f"""targets:
   - {{name: primary, base_url: "{mock_server.api}", models: [deepseek-chat]}}
