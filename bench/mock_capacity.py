@@ -12,7 +12,8 @@ jitter configured) with a raw uvloop client that timestamps every SSE event as i
 the p50/p99 of (gap - 50 ms), i.e. the inter-token jitter the server adds, per N; the capacity is the
 largest N whose p99 stays under 5 ms. Beside it, the server's own view (`GET /admin/lateness`: how
 late each chunk left vs. its deadline) separates the server's delays from the client's and from
-other processes on a shared machine. Prints figures; asserts nothing.
+other processes on a shared machine, and /proc/PID/schedstat says how long the server was runnable
+but waiting for its core (other work on core 0). Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the process has spent runnable but not running (others held its core): /proc/PID/schedstat."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def counters(info: dict) -> dict:
     with urllib.request.urlopen(info["admin_url"] + "/admin/counters", timeout=10) as resp:
         return json.loads(resp.read())
@@ -95,10 +104,11 @@ def run_rps(seconds: float, runs: int, conns: int) -> None:
                             "--output-tokens-mean", "16", "--output-tokens-spread", "0", "--capacity", "100000")
     url = info["url"] + "/v1/chat/completions"
     tool = "wrk" if shutil.which("wrk") else "aiohttp pool"
-    rates, cpu_per = [], []
+    rates, cpu_per, waits = [], [], []
     try:
         for _ in range(runs):
             before_cpu, before_n = cpu_seconds(proc.pid), counters(info)["requests"].get("200", 0)
+            before_wait, t0 = runqueue_wait_s(proc.pid), time.monotonic()
             if tool == "wrk":
                 rate = _wrk(url, seconds, conns)
             else:
@@ -108,12 +118,14 @@ def run_rps(seconds: float, runs: int, conns: int) -> None:
             n = counters(info)["requests"].get("200", 0) - before_n
             rates.append(rate)
             cpu_per.append((cpu_seconds(proc.pid) - before_cpu) / max(n, 1))
+            waits.append((runqueue_wait_s(proc.pid) - before_wait) / (time.monotonic() - t0))
     finally:
         proc.terminate()
         proc.wait(10)
     print(f"non-streamed: {statistics.median(rates):,.0f} req/s median of {runs} x {seconds:g} s "
           f"({', '.join(f'{r:,.0f}' for r in rates)}), client {tool} with {conns} connections; "
-          f"server CPU {statistics.median(cpu_per) * 1e6:,.0f} us/request")
+          f"server CPU {statistics.median(cpu_per) * 1e6:,.0f} us/request, waiting for its core "
+          f"{statistics.median(waits):.0%} of the time")
 
 
 # ---------------------------------------------------------------- part 2: streams at 20 tokens/s
@@ -178,12 +190,14 @@ def run_streams(levels: list[int], hold_s: float) -> None:
         try:
             host, port = info["url"].removeprefix("http://").split(":")
             cpu0, chunks0 = cpu_seconds(proc.pid), counters(info)["tokens"]["output"]
+            wait0 = runqueue_wait_s(proc.pid)
             t0 = time.monotonic()
             out = subprocess.run([*pin(1), sys.executable, __file__, "--stream-client", host, port, str(n),
                                   str(hold_s), info["admin_url"]], capture_output=True, text=True, timeout=hold_s + n / 50 + 60)
             cpu_s, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
             per_chunk = cpu_s / max(1, counters(info)["tokens"]["output"] - chunks0)
             cpu = cpu_s / wall
+            waited = (runqueue_wait_s(proc.pid) - wait0) / wall
             gaps = json.loads(out.stdout or "[]")
             with urllib.request.urlopen(info["admin_url"] + "/admin/lateness", timeout=10) as resp:
                 late = json.loads(resp.read())
@@ -196,8 +210,9 @@ def run_streams(levels: list[int], hold_s: float) -> None:
         q = statistics.quantiles(gaps, n=100)
         expected = n * hold_s / ITL_S
         print(f"  N={n:5d}: added ITL jitter p50 {q[49]:6.2f} ms  p99 {q[98]:6.2f} ms  max {max(gaps):7.2f} ms  "
-              f"({len(gaps):,} gaps of ~{expected:,.0f} expected; server CPU {cpu:.0%}, {per_chunk * 1e6:.0f} us/chunk; server-side lateness "
-              f"p99 <= {late['p99_le_ms']} ms, max {late['max_ms']} ms)")
+              f"({len(gaps):,} gaps of ~{expected:,.0f} expected; server CPU {cpu:.0%}, {per_chunk * 1e6:.0f} us/chunk, waiting for "
+              f"its core {waited:.0%} of the time; server-side lateness p99 <= {late['p99_le_ms']} ms, "
+              f"max {late['max_ms']} ms)")
         if q[98] < 5.0:
             best = max(best, n)
     print(f"streams held with p99 added jitter < 5 ms: {best} (highest level tried: {max(levels)})")
