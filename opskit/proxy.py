@@ -35,16 +35,16 @@ import json
 import logging
 import zlib
 from time import perf_counter
+from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from opskit import records
 from opskit.callmetrics import CallMetrics
 from opskit.records import CallRecord
 from opskit.sse import SSEParser, StreamMeter, completion_usage
+from opskit.upstream import HIGH_WATER, ClientGone, Exchange, Pool, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("opskit.proxy")
 
@@ -122,11 +122,10 @@ class _Call:
         self.decoder = None
         self.rl_requests = self.rl_tokens = None
 
-    def begin(self, up: aiohttp.ClientResponse) -> None:
+    def begin(self, status: int, h: CIMultiDict) -> None:
         """Response headers arrived: pick the meter for the body."""
-        h = up.headers
-        self.code = up.status
-        self.error_type = records.error_type_for_status(up.status)
+        self.code = status
+        self.error_type = records.error_type_for_status(status)
         self.rl_requests = _float_header(h, "x-ratelimit-remaining-requests")
         self.rl_tokens = _float_header(h, "x-ratelimit-remaining-tokens")
         coding = h.get("Content-Encoding", "identity").strip().lower()
@@ -143,23 +142,23 @@ class _Call:
             self.body = []
 
     def feed(self, chunk: bytes, now: float) -> None:
-        """Account one chunk that arrived at `now` (already written to the client)."""
-        if self.decoder is not None:
-            try:
+        """Account one chunk that arrived at `now` (already written to the client). Never raises:
+        it runs inside the upstream connection's data_received."""
+        try:
+            if self.decoder is not None:
                 chunk = self.decoder.decompress(chunk)
-            except zlib.error:
-                self.decoder = self.parser = self.body = None
-                return
-        if self.parser is not None:
-            on_data = self.meter.on_data
-            for payload in self.parser.feed(chunk):
-                on_data(payload, now)
-        elif self.body is not None:
-            self.body_len += len(chunk)
-            if self.body_len > JSON_METER_CAP:
-                self.body = None
-            else:
-                self.body.append(chunk)
+            if self.parser is not None:
+                on_data = self.meter.on_data
+                for payload in self.parser.feed(chunk):
+                    on_data(payload, now)
+            elif self.body is not None:
+                self.body_len += len(chunk)
+                if self.body_len > JSON_METER_CAP:
+                    self.body = None
+                else:
+                    self.body.append(chunk)
+        except Exception:  # a corrupt coding or an odd `usage` value: stop metering, keep relaying
+            self.decoder = self.parser = self.meter = self.body = None
 
     def fail(self, error_type: str) -> None:
         """The call failed after its headers; the first failure seen is the one recorded."""
@@ -196,6 +195,12 @@ class _Call:
                 rec.error_type = records.SERVER_ERROR
 
 
+class _WholeResponse(web.StreamResponse):
+    """A response whose body is complete before it is sent: headers and body go out in one write."""
+
+    _send_headers_immediately = False  # what aiohttp's own web.Response does
+
+
 class ProxyServer:
     """A running proxy. `port` is the bound port; `close()` drains and stops it."""
 
@@ -223,29 +228,22 @@ class ProxyServer:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         await self._runner.cleanup()
-        await self._proxy.session.close()
+        await self._proxy.pool.close()
 
 
 class _Proxy:
-    """The request handler and its upstream session."""
+    """The request handler and its upstream connection pool."""
 
     def __init__(self, upstream: str, target: str, metrics: CallMetrics, max_body_bytes: int,
                  timeout_s: float, connect_timeout_s: float) -> None:
-        url = URL(upstream)
-        if url.scheme not in ("http", "https") or not url.host:
+        url = urlsplit(upstream)
+        if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
-        # userinfo in the upstream URL would be a secret: it is never sent as a path or logged
-        self.base = str(url.with_user(None).with_query(None).with_fragment(None)).rstrip("/")
+        self.prefix = url.path.rstrip("/")  # an upstream path prefix is prepended to every request path
         self.target, self.metrics, self.max_body = target, metrics, max_body_bytes
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s)
-        # No cookie jar (clients' cookies must not mix), no decompression (bytes pass unchanged),
-        # no connection limit (the clients' concurrency is the limit), TLS verification on (the default).
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"), trust_env=False)
+        self.pool = Pool(upstream, connect_timeout_s, timeout_s)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for every request the proxy receives."""
@@ -293,76 +291,117 @@ class _Proxy:
         if call is not None:
             call.model = _model_of(body)
             headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
-        url = URL(self.base + request.raw_path, encoded=True)
+        wire = self.pool.request_bytes(request.method, self.prefix + request.raw_path, headers, body)
         try:
-            up = await self.session.request(request.method, url, headers=headers, data=body or None,
-                                            allow_redirects=False)
-        except TimeoutError:
+            ex = await self.pool.send(request.method, wire)
+        except UpstreamTimeout:
             return self._failed(call, 504, records.TIMEOUT, "upstream did not answer in time", "upstream_timeout")
-        except (aiohttp.ClientError, OSError) as exc:
-            log.warning("upstream %s unreachable: %s", self.target, type(exc).__name__)
+        except UpstreamError as exc:
+            log.warning("upstream of %s failed: %s", self.target, exc)
             return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable")
-        try:
-            return await self._relay(request, up, call)
-        finally:
-            up.release()
+        return await self._relay(request, ex, call)
 
     def _failed(self, call: _Call | None, status: int, error_type: str, msg: str, kind: str) -> web.Response:
         if call is not None:
             call.code, call.error_type, call.end = status, error_type, perf_counter()
         return _error(status, msg, kind)
 
-    async def _relay(self, request: web.BaseRequest, up: aiohttp.ClientResponse,
-                     call: _Call | None) -> web.StreamResponse:
-        """Stream the upstream response to the client chunk by chunk."""
-        drop = _dropped(up.headers, RESPONSE_DROP)
-        out = CIMultiDict((k, v) for k, v in up.headers.items() if k.lower() not in drop)
-        resp = web.StreamResponse(status=up.status, reason=up.reason, headers=out)
-        if up.content_length is not None and "chunked" not in up.headers.get("Transfer-Encoding", ""):
-            resp.content_length = up.content_length
+    async def _relay(self, request: web.BaseRequest, ex: Exchange, call: _Call | None) -> web.StreamResponse:
+        """Pass the upstream response on: in one write if it is already complete, else chunk by chunk."""
+        up = CIMultiDict(ex.headers)
+        drop = _dropped(up, RESPONSE_DROP)
+        out = CIMultiDict((k, v) for k, v in ex.headers if k.lower() not in drop)
+        length = up.get("Content-Length")
+        length = int(length) if length and length.isdigit() and "chunked" not in up.get("Transfer-Encoding", "") \
+            else None
+        feed = None
         if call is not None:
-            call.begin(up)
-        feed = call.feed if call is not None and (call.parser is not None or call.body is not None) else None
+            call.begin(ex.status, up)
+            if call.parser is not None or call.body is not None:
+                feed = call.feed
+        resp = (_WholeResponse if ex.complete else web.StreamResponse)(status=ex.status, reason=ex.reason,
+                                                                        headers=out)
+        if length is not None:
+            resp.content_length = length
+        if ex.complete:
+            return await self._whole(request, ex, resp, call, feed)
         try:
             await resp.prepare(request)
-            await self._pump(request, up, resp, call, feed)
         except ConnectionError:
-            self._cut(call, records.CLIENT_DISCONNECT, up, None)
+            ex.abort()
+            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            ex.abort()
+            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+        # aiohttp picks chunked framing at prepare() (HTTP/1.1, no length) and says so in the headers
+        chunked = "chunked" in resp.headers.get("Transfer-Encoding", "")
+        ex.attach(_sink(transport, chunked, feed, ex))
+        return await self._stream(request, ex, resp, call)
+
+    async def _stream(self, request, ex: Exchange, resp: web.StreamResponse, call: _Call | None):
+        """Wait while the upstream connection pushes the body to the client; then finish the response."""
+        try:
+            await ex.done
+        except ClientGone:
+            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+        except UpstreamTimeout:
+            return self._cut(call, records.TIMEOUT, request, resp)
+        except UpstreamError:
+            return self._cut(call, records.STREAM_BROKEN, request, resp)
         except asyncio.CancelledError:
             # only close() cancels a handler (aiohttp's handler_cancellation is off)
-            self._cut(call, records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT, up, request)
+            ex.abort()
+            self._cut(call, records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT, request, resp)
             raise
-        return resp
-
-    async def _pump(self, request, up, resp, call, feed) -> None:
-        read, write = up.content.readany, resp.write
-        while True:
-            try:
-                chunk = await read()
-            except TimeoutError:
-                return self._cut(call, records.TIMEOUT, up, request)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
-                return self._cut(call, records.STREAM_BROKEN, up, request)
-            if not chunk:
-                break
-            now = perf_counter()
-            await write(chunk)
-            if feed is not None:
-                feed(chunk, now)
-        await resp.write_eof()
+        try:
+            await resp.write_eof()
+        except ConnectionError:
+            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
         if call is not None:
             call.end = perf_counter()
+        return resp
+
+    async def _whole(self, request, ex: Exchange, resp: web.StreamResponse, call: _Call | None, feed):
+        pieces = ex.pending
+        if feed is not None:
+            for data, now in pieces:
+                feed(data, now)
+        try:
+            await resp.prepare(request)
+            await resp.write_eof(pieces[0][0] if len(pieces) == 1 else b"".join(d for d, _ in pieces))
+        except ConnectionError:
+            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+        if call is not None:
+            call.end = perf_counter()
+        return resp
 
     @staticmethod
-    def _cut(call: _Call | None, error_type: str, up: aiohttp.ClientResponse, request) -> None:
-        """End a relayed call early: drop the upstream connection and, if given, the client's."""
+    def _cut(call: _Call | None, error_type: str, request, resp: web.StreamResponse) -> web.StreamResponse:
+        """End a relayed call early; with `request`, also drop the client's connection."""
         if call is not None:
             call.fail(error_type)
             call.end = perf_counter()
-        up.close()
         transport = request.transport if request is not None else None
         if transport is not None:
             transport.close()  # flushes what was written, then FIN: the client sees an unfinished body
+        return resp
+
+
+def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
+    """The per-chunk path: write to the client (framed if chunked), then meter. Runs inside the
+    upstream connection's data_received, so nothing here may block or raise but ClientGone."""
+    write, closing, buffered = transport.write, transport.is_closing, transport.get_write_buffer_size
+
+    def sink(data: bytes, now: float) -> None:
+        if closing():
+            raise ClientGone
+        write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+        if feed is not None:
+            feed(data, now)
+        if buffered() > HIGH_WATER:
+            ex.pause(transport)
+    return sink
 
 
 async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,
@@ -370,7 +409,7 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
                       connect_timeout_s: float = 10) -> ProxyServer:
     """Start the metering proxy on host:port (0 = a free port) in the running event loop.
 
-    `timeout_s` bounds the wait for the upstream's response headers and every gap between body reads;
+    `timeout_s` bounds the wait for the upstream's response head and every silence in its body;
     a stream may last longer as long as it keeps sending.
     """
     proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s)
@@ -381,7 +420,7 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
         await site.start()
     except BaseException:
         await runner.cleanup()
-        await proxy.session.close()
+        await proxy.pool.close()
         raise
     return ProxyServer(proxy, runner, site._server.sockets[0].getsockname()[1])
 
