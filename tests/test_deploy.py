@@ -100,6 +100,12 @@ def test_podmonitor_selects_every_exporter_pod_on_its_metrics_port():
         assert endpoint["port"] in ports
     # The alert rules find exporter targets by job regex; the operator's job label is <ns>/<name>.
     assert "opskit" in pm["metadata"]["name"]
+    # The CRD's fields (monitoring.coreos.com/v1): a misspelt key would be dropped by the API server.
+    assert set(pm["spec"]) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel",
+                               "podTargetLabels", "sampleLimit"}
+    for ep in pm["spec"]["podMetricsEndpoints"]:
+        assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
+                           "relabelings", "metricRelabelings", "params"}
 
 
 def test_prometheusrule_is_generated_from_the_rules_files():

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from opskit import stackconf, supervise
 from opskit.receiver import read_notifications, summary
 from opskit.stack import Stack, StackError, StackSpec, query, up
+from opskit.stack import down as stack_down
 from opskit.stackconf import DRILL_TIMING, Timing
 from tests.conftest import ROOT, need_binary, stop, wait_for_file
 
@@ -282,3 +283,30 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_stack_against_a_configured_target_starts_no_mock(tmp_path, mock_server):
+    # A "real" target (here a separately started mock): the exporter proxies and probes it.
+    need_binary("prometheus")
+    need_binary("prometheus-alertmanager")
+    st = up(StackSpec(state_dir=tmp_path, target=mock_server.api, gpu="off"))
+    try:
+        assert [c.child.name for c in st.components] == ["receiver", "exporter", "alertmanager", "prometheus"]
+        body = json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": 4}).encode()
+        req = urllib.request.Request(st.url("exporter", "proxy_url") + "/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(st.url("exporter") + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = [s for f in text_string_to_metric_families(metrics) for s in f.samples
+                   if s.name == "opskit_llm_requests_total"]
+        assert [(s.labels["source"], s.labels["target"], s.labels["code"], s.value) for s in samples
+                if s.labels["source"] == "proxy"] == [("proxy", "default", "200", 1.0)]
+    finally:
+        stopped = stack_down(tmp_path)
+    assert stopped == ["prometheus", "alertmanager", "exporter", "receiver"]
