@@ -128,3 +128,23 @@ def test_gate_is_fifo_and_survives_cancelled_waiters():
 
     order, held = asyncio.run(run())
     assert order == [0, 2, 3] and held == 0
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_stream_in_flight_exits_0_promptly(start_mock):
+    import http.client
+    import json
+    import time
+    mock = start_mock("--ttft-ms", "1", "--itl-ms", "50", "--output-tokens-mean", "1000")
+    host, port = mock.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": "deepseek-chat", "stream": True,
+                                                              "messages": [{"role": "user", "content": "x"}]}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read1(100)
+    t0 = time.monotonic()
+    mock.proc.send_signal(signal.SIGTERM)
+    assert mock.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 5
+    conn.close()

@@ -159,3 +159,14 @@ def test_client_disconnect_mid_stream_is_counted(start_mock):
     wait_until(lambda: counters(mock)["in_flight"] == 0)
     c = counters(mock)
     assert c["client_disconnects"] == 1 and c["streams_started"] == 1 and c["streams_completed"] == 0
+
+
+def test_lateness_histogram_counts_every_text_chunk(start_mock):
+    mock = start_mock(*FAST)
+    events, clean = stream_events(mock.api + "/chat/completions", {**CHAT, "max_tokens": 12})
+    assert clean
+    late = call("GET", mock.admin_url + "/admin/lateness")[2]
+    assert late["chunks"] == sum(late["counts"]) == 12      # one observation per text chunk
+    assert late["max_ms"] >= 0 and late["p99_le_ms"] is not None
+    call("POST", mock.admin_url + "/admin/reset")
+    assert call("GET", mock.admin_url + "/admin/lateness")[2]["chunks"] == 0
