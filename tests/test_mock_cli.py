@@ -66,6 +66,9 @@ def test_port_in_use_is_one_line_exit_2():
                               capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "cannot listen" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "opskit", "mock", "--listen", "127.0.0.1:0", "--ready-file",
+                           "/nonexistent-dir/ready.json"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("Error: cannot write the ready file")
 
 
 def test_model_same_seed_same_schedule_and_bounds():

@@ -138,9 +138,9 @@ def mock(**o) -> None:
     latency, faults, limits = _settings(o)
     auth = _auth(o["auth_scheme"], o["api_key"], o["client"], o["token_ttl_s"])
     state = MockState(latency, faults, limits, auth, seed=o["seed"], models=tuple(o["models"]) or DEFAULT_MODELS)
-    from opskit.mock.run import serve  # aiohttp/uvloop only when actually serving
+    from opskit.mock.run import ServeError, serve  # aiohttp/uvloop only when actually serving
     try:
         serve(state, (host, port), (admin_host, admin_port), o["ready_file"])
-    except OSError as exc:
-        click.echo(f"Error: cannot listen: {exc.strerror or exc}", err=True)
+    except ServeError as exc:
+        click.echo(f"Error: {exc}", err=True)
         raise SystemExit(2) from None

@@ -46,12 +46,19 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class ServeError(Exception):
+    """Start-up failed (address in use, unwritable ready file): one line for the user."""
+
+
 def write_ready(path: str, info: dict) -> None:
     """Write the ready file atomically: a reader sees nothing or the whole JSON."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ServeError(f"cannot write the ready file {path}: {exc.strerror or exc}") from None
 
 
 async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
@@ -63,8 +70,11 @@ async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
 
 
 async def _main(state: MockState, listen: tuple[str, int], admin: tuple[str, int], ready_file: str | None) -> None:
-    api_sock = _bind(*listen, backlog=4096)
-    admin_sock = _bind(*admin, backlog=128)
+    try:
+        api_sock = _bind(*listen, backlog=4096)
+        admin_sock = _bind(*admin, backlog=128)
+    except OSError as exc:
+        raise ServeError(f"cannot listen: {exc.strerror or exc}") from None
     runners = [await _start(build_app(state), api_sock), await _start(build_admin_app(state), admin_sock)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
