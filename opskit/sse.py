@@ -9,8 +9,21 @@ an OpenAI-style chat/completions stream into timings and token counts as DESIGN.
 from __future__ import annotations
 
 import json
+from json.scanner import make_scanner
 
 DONE = "[DONE]"
+_scan = make_scanner(json.JSONDecoder())  # the C scanner without json.loads' wrappers (per chunk)
+
+
+def _loads(payload: str):
+    """json.loads for one event payload, ~1 us cheaper: scan one value, allow only trailing space."""
+    try:
+        obj, end = _scan(payload, 0)
+    except StopIteration:  # leading whitespace or no value: let json.loads decide
+        return json.loads(payload)
+    if end != len(payload) and payload[end:].strip():
+        raise ValueError("extra data after the JSON value")
+    return obj
 
 
 class SSEParser:
@@ -24,6 +37,10 @@ class SSEParser:
         self._pending_cr = False  # the last read ended in \r: a following \n belongs to it
 
     def feed(self, chunk: bytes) -> list[str]:
+        # Fast path (a proxy's per-chunk hot spot): exactly one whole `data: ...` event, nothing pending.
+        if (chunk[:6] == b"data: " and chunk[-2:] == b"\n\n" and chunk.find(b"\n", 6) == len(chunk) - 2
+                and not self._tail and not self._data and not self._pending_cr and b"\r" not in chunk):
+            return [chunk[6:-2].decode("utf-8", "replace")]
         if not chunk:
             return []
         if self._pending_cr and chunk[:1] == b"\n":
@@ -88,8 +105,8 @@ class StreamMeter:
             self.done = True
             return
         try:
-            obj = json.loads(payload)
-        except ValueError:
+            obj = _loads(payload)
+        except ValueError:  # json.JSONDecodeError is a ValueError
             self.malformed += 1
             return
         if not isinstance(obj, dict):
