@@ -77,7 +77,8 @@ def _auth(scheme: str, api_keys: tuple[str, ...], clients: tuple[str, ...], ttl:
 def _settings(o: dict) -> tuple[Latency, Faults, Limits]:
     latency, faults, limits = Latency(), Faults(), Limits()
     rates: dict[str, float] = {}
-    for item in o["error_rate"]:
+    items = [part.strip() for value in o["error_rate"] for part in value.split(",") if part.strip()]
+    for item in items:   # repeated flags, or one flag with 500=0.05,503=0.01
         status, sep, rate = item.partition("=")
         try:
             rates[status] = float(rate)
