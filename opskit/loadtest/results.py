@@ -80,16 +80,18 @@ def _ground_truth(ok: pd.DataFrame) -> dict | None:
             "output_tokens_mismatch": int((tok["output_tokens"] != tok["mock_output_tokens"]).sum())}
 
 
-def max_in_window(times: np.ndarray, window: float) -> int:
+def max_in_window(times: np.ndarray, window: float, slack: float = 0.05) -> int:
     """Most accepted requests in one limit window, windows laid greedily as fixed-window limiters do.
 
     A window opens at the first accepted request after the previous one closed (the mock's limiter,
     and any limiter that starts a window on first use). Each such window is a window-long span, so a
-    sliding-window or token-bucket limiter that keeps its promise passes this count too.
+    sliding-window or token-bucket limiter that keeps its promise passes this count too. Times are
+    client send times: a request sent in the last `slack` seconds of a window may reach the server
+    after it closed, so it is counted as opening the next one.
     """
     best, start, count = 0, None, 0
     for t in times:
-        if start is None or t - start >= window:
+        if start is None or t - start >= window - slack:
             start, count = t, 0
         count += 1
         best = max(best, count)

@@ -15,6 +15,7 @@ longer than the pacing interval, which is the very case a release gate must see.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import random
@@ -24,7 +25,6 @@ import gevent
 import gevent.pool
 import locust.stats
 from locust import User, constant, constant_pacing, events, task
-from locust.exception import StopUser
 
 from opskit import records
 from opskit.loadtest import shapes
@@ -35,6 +35,12 @@ from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messa
 
 # the runner's live progress line reads the stats-history CSV: have Locust write it every second
 locust.stats.CSV_STATS_FLUSH_INTERVAL_SEC = 1
+
+# A collection pass over Locust's and Flask's ~10^5 long-lived objects stalls every greenlet for tens of
+# ms, which would show up as late tokens: freeze what exists after import, and collect young objects rarely.
+gc.collect()
+gc.freeze()
+gc.set_threshold(100_000, 50, 1000)
 
 perf = time.perf_counter
 WALL0 = time.time() - perf()   # perf_counter -> epoch seconds, for plots against clock time
@@ -55,6 +61,9 @@ class Process:
                                  pool_size=pool, ws_auth=ws_auth)
         self.log = RequestLog(os.path.join(params.run_dir, "log"), params.scenario, params.worker)
         self.user_ids = itertools.count()
+        # Users stop starting requests at this deadline; Locust's own run time is a little longer, so when
+        # it stops the users they are idle and nothing in flight is cut off (or counted as an error).
+        self.deadline = perf() + params.duration
 
 
 _PROC: Process | None = None
@@ -197,6 +206,9 @@ class StreamingUser(ChatUser):
 
     @task
     def chat(self) -> None:
+        if perf() >= self.p.deadline:
+            gevent.sleep(0.05)  # run over: idle until Locust stops us
+            return
         messages, max_tokens = self.prompts.next()
         self.send(self.body(messages, max_tokens))
 
@@ -212,6 +224,8 @@ class ConversationUser(ChatUser):
         prm = self.p.params
         turns: list[tuple[str, str]] = []
         for turn in range(1, prm.turns + 1):
+            if perf() >= self.p.deadline:
+                return
             question = self.prompts.user_text()
             messages = conversation_messages(self.prompts.spec.system, turns, question, prm.keep_turns)
             row = self.send(self.body(messages, self.prompts.output_tokens()), turn=turn)
@@ -231,10 +245,6 @@ class ThrottledUser(ChatUser):
 
     abstract = True
 
-    def on_start(self) -> None:
-        super().on_start()
-        self.deadline = perf() + self.p.params.duration
-
     def wait_time(self) -> float:  # pacing so that all users together offer overdrive x the limit
         prm = self.p.params
         offered = prm.overdrive * (prm.limit_requests or 60.0) / min(prm.window_s, prm.duration)
@@ -243,6 +253,9 @@ class ThrottledUser(ChatUser):
     @task
     def throttled(self) -> None:
         prm = self.p.params
+        if perf() >= self.p.deadline:
+            gevent.sleep(0.05)
+            return
         messages, max_tokens = self.prompts.next()
         body = self.body(messages, max_tokens)
         logical = self.seq + 1
@@ -252,6 +265,6 @@ class ThrottledUser(ChatUser):
                 return
             wait = shapes.backoff_delay(attempt, shapes.parse_retry_after(row.get("retry_after")), self.rng,
                                         prm.backoff_base_s, prm.backoff_cap_s)
-            if perf() + wait > self.deadline:
-                raise StopUser()  # would wait past the end of the run: this client is done
+            if perf() + wait > self.p.deadline:
+                return  # would wait past the end of the run: this client is done
             gevent.sleep(wait)

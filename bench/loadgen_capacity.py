@@ -1,0 +1,137 @@
+"""How much load one Locust process of `opskit loadtest` can generate, and how exactly it measures.
+
+Prints three tables (figures recorded in bench/README.md, section "loadgen"):
+
+1. open loop: the highest rate one process holds within 1 % of target (non-streamed, fast mock:
+   no TTFT, no ITL, 1 output token), and the same with --processes 2;
+2. streams: for N concurrent streams (20 tokens/s each, 100 ms TTFT, no jitter), how much the
+   client adds to TTFT beyond the mock's own schedule (p50/p99), and the most streams held while
+   the p99 stays <= 5 ms;
+3. accuracy at 100 streams: TTFT, ITL and duration against the mock's ground truth, and token counts.
+
+The mock and Locust are pinned to different cores with taskset when there are two or more.
+Usage: .venv/bin/python bench/loadgen_capacity.py [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from opskit.loadtest import results  # noqa: E402
+
+PIN = shutil.which("taskset") and (os.cpu_count() or 1) >= 2
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *argv] if PIN else argv
+
+
+def start_mock(tmp: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    ready = tmp / f"mock-{time.monotonic_ns()}.json"
+    proc = subprocess.Popen(pinned(1, [sys.executable, "-m", "opskit", "mock", "--listen", "127.0.0.1:0",
+                                       "--ready-file", str(ready), "--capacity", "5000", *flags]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if ready.exists() and ready.stat().st_size:
+            return proc, json.loads(ready.read_text())["url"]
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("mock did not start")
+
+
+def loadtest(tmp: Path, url: str, *args: str) -> pd.DataFrame:
+    out = tmp / f"run-{time.monotonic_ns()}"
+    subprocess.run(pinned(0, [sys.executable, "-m", "opskit", "loadtest", *args, "--target", url, "--no-proxy",
+                              "--out", str(out)]), cwd=ROOT, capture_output=True, timeout=300)
+    runs = sorted(out.glob("*/"))
+    if not runs:
+        raise SystemExit(f"no run directory for {args}")
+    return results.load(runs[-1])
+
+
+def open_loop(tmp: Path, url: str, rates: list[int], processes: int, duration: int) -> list[dict]:
+    rows = []
+    for rate in rates:
+        df = loadtest(tmp, url, "qps", "--no-stream", "--rate", str(rate), "--duration", str(duration),
+                      "--processes", str(processes), "--output-tokens", "1", "--output-spread", "0",
+                      "--input-tokens", "8", "--input-spread", "0")
+        s = results.summarize(df, {"scenario": "qps", "duration": duration, "requested_rate": rate})
+        rows.append({"processes": processes, "rate": rate, "achieved": round(s["achieved_rate"], 1),
+                     "ratio": round(s["achieved_rate"] / rate, 4), "lag_p99_ms": round(1000 * s["send_lag_s"]["p99"], 2),
+                     "ok": s["ok"], "errors": sum(s["errors"].values())})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def stream_errors(df: pd.DataFrame, itl: float, tokens: int) -> dict:
+    steady = df[(df["seq"] > 1) & df["ok"]]  # first request per user pays for its TCP connect
+    ttft = (steady["ttft_s"] - steady["mock_ttft_ms"] / 1000)
+    dur = (steady["duration_s"] - (steady["mock_ttft_ms"] / 1000 + (tokens - 1) * itl))
+    gaps = pd.Series([g for gs in steady["itl"] for g in gs]) - itl
+    return {"requests": len(df), "ok": int(df["ok"].sum()),
+            "ttft_add_p50_ms": round(1000 * ttft.quantile(0.5), 2), "ttft_add_p99_ms": round(1000 * ttft.quantile(0.99), 2),
+            "itl_abs_err_p99_ms": round(1000 * gaps.abs().quantile(0.99), 2),
+            "duration_abs_err_p99_ms": round(1000 * dur.abs().quantile(0.99), 2),
+            "token_mismatches": int((df["output_tokens"] != df["mock_output_tokens"]).sum())}
+
+
+def streams(tmp: Path, url: str, users: list[int], duration: int) -> list[dict]:
+    rows = []
+    for n in users:
+        df = loadtest(tmp, url, "streaming", "--users", str(n), "--duration", str(duration),
+                      "--output-tokens", "40", "--output-spread", "0")
+        rows.append({"streams": n, **stream_errors(df, 0.050, 20)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    print(f"cores: {os.cpu_count()}, pinned: {bool(PIN)} (mock on core 1, Locust on core 0); "
+          "this machine is shared with other engineers' work", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        mock, url = start_mock(tmp, "--ttft-ms", "0", "--ttft-jitter-ms", "0", "--itl-ms", "0", "--itl-jitter-ms", "0",
+                               "--output-tokens-mean", "1", "--output-tokens-spread", "0")
+        try:
+            print("\n# open loop, non-streamed, fast mock", flush=True)
+            rates = [250, 500, 1000] if quick else [250, 500, 750, 1000, 1250, 1500, 2000]
+            one = open_loop(tmp, url, rates, 1, 5)
+            held = max([r["rate"] for r in one if r["ratio"] >= 0.99 and r["errors"] == 0], default=0)
+            print(f"highest rate held within 1 % by one process: {held} req/s", flush=True)
+            two = open_loop(tmp, url, [held, 2 * held] if held else [250], 2, 5)
+            held2 = max([r["rate"] for r in two if r["ratio"] >= 0.99 and r["errors"] == 0], default=0)
+            print(f"with --processes 2: {held2} req/s", flush=True)
+        finally:
+            mock.kill()
+        mock, url = start_mock(tmp, "--ttft-ms", "100", "--ttft-jitter-ms", "0", "--itl-ms", "50",
+                               "--itl-jitter-ms", "0", "--output-tokens-mean", "20", "--output-tokens-spread", "0")
+        try:
+            print("\n# concurrent streams, 20 tokens/s each, client-added TTFT vs the mock's schedule", flush=True)
+            table = streams(tmp, url, [100, 250] if quick else [100, 250, 500, 750, 1000], 6)
+            most = max([r["streams"] for r in table if r["ttft_add_p99_ms"] <= 5 and r["ok"] == r["requests"]],
+                       default=0)
+            print(f"most streams held with client-added TTFT p99 <= 5 ms: {most}", flush=True)
+            acc = table[0]
+            print(f"\n# accuracy at 100 streams: TTFT added p99 {acc['ttft_add_p99_ms']} ms, ITL |err| p99 "
+                  f"{acc['itl_abs_err_p99_ms']} ms, duration |err| p99 {acc['duration_abs_err_p99_ms']} ms, "
+                  f"token mismatches {acc['token_mismatches']}", flush=True)
+        finally:
+            mock.kill()
+
+
+if __name__ == "__main__":
+    main()

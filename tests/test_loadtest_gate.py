@@ -1,0 +1,132 @@
+"""The release gate end to end: real Locust subprocesses against a real `opskit mock`.
+
+Each run is a few seconds. `opskit loadtest` runs as a subprocess too, as `make loadtest` runs it, so
+exit codes and printed output are exactly what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from opskit.loadtest import results
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def loadtest(tmp_path: Path, *args: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess, Path | None]:
+    """Run `opskit loadtest ARGS --out tmp/reports`; returns the result and the run directory."""
+    out = tmp_path / "reports"
+    proc = subprocess.run([sys.executable, "-m", "opskit", "loadtest", *args, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    runs = sorted(out.glob("*/")) if out.exists() else []
+    return proc, (runs[-1] if runs else None)
+
+
+def test_healthy_mock_passes_through_the_proxy_with_two_processes(tmp_path):
+    proc, run = loadtest(tmp_path, "qps", "streaming", "--duration", "5", "--processes", "2", "--rate", "30",
+                         "--users", "20")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "VERDICT: PASS" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    checks = {(c["scenario"], c["name"]): c for c in summary["checks"]}
+    # every request the clients saw was metered by the proxy, by status code
+    assert checks[("qps", "proxy_reconciled")]["passed"] and checks[("streaming", "proxy_reconciled")]["passed"]
+    qps = summary["scenarios"]["qps"]
+    assert qps["requested_rate"] == 30 and qps["achieved_rate"] == pytest.approx(30, rel=0.03)
+    df = results.load(run)
+    assert set(df["worker"]) == {0, 1}  # both Locust workers sent their share
+    assert (df["output_tokens"] == df["mock_output_tokens"]).all()
+    page = (run / "report.html").read_text()
+    assert "PASS" in page and page.count("data:image/png;base64,") == 2
+    assert (run / "locust" / "qps_stats.csv").exists() and (run / "locust" / "streaming.html").exists()
+    assert list((run / "log").glob("requests-*.jsonl"))
+
+
+def test_injected_errors_fail_the_gate_naming_the_error_ratio(tmp_path):
+    proc, _ = loadtest(tmp_path, "qps", "--duration", "5", "--rate", "60", "--no-proxy",
+                       "--mock-args", "--error-rate 500=0.08 --seed 3")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "qps error_ratio" in proc.stdout.splitlines()[-2]
+    assert "server_error" in proc.stdout
+
+
+def test_slow_first_token_fails_the_gate_naming_ttft(tmp_path):
+    proc, _ = loadtest(tmp_path, "streaming", "--duration", "4", "--users", "10", "--no-proxy",
+                       "--mock-args", "--extra-ttft-ms 1000")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "streaming ttft_p95" in proc.stdout.splitlines()[-2]
+
+
+def test_throttling_passes_with_a_limit_and_fails_without_one(tmp_path, start_mock):
+    limited = start_mock("--rpm", "20", "--rate-window-s", "4")
+    args = ("throttling", "--duration", "6", "--limit-requests", "20", "--limit-window-s", "4", "--no-proxy")
+    proc, run = loadtest(tmp_path / "a", *args, "--target", limited.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    t = json.loads((run / "summary.json").read_text())["scenarios"]["throttling"]["throttling"]
+    assert t["rate_limited"] > 0 and t["missing_retry_after"] == 0 and t["max_accepted_in_window"] <= 20
+    assert t["recovered"] > 0  # clients came back after Retry-After
+
+    open_mock = start_mock()  # no rate limit: lets everything through
+    proc, _ = loadtest(tmp_path / "b", *args, "--target", open_mock.url)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "throttling accepted_within_limit" in proc.stdout.splitlines()[-2]
+
+
+def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server):
+    proc, run = loadtest(tmp_path, "conversation", "--duration", "4", "--users", "4", "--no-proxy",
+                         "--target", mock_server.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    turns = json.loads((run / "summary.json").read_text())["scenarios"]["conversation"]["by_turn"]
+    sizes = [turns[k]["input_tokens_mean"] for k in sorted(turns)]
+    assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
+
+    proc, run = loadtest(tmp_path / "ws", "streaming", "--duration", "3", "--users", "5", "--transport", "ws",
+                         "--target", mock_server.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = results.load(run)
+    assert (df["transport"] == "ws").all() and df["ttft_s"].notna().all() and (df["output_tokens"] > 0).all()
+
+
+def test_timings_match_the_mock_ground_truth_at_100_streams(tmp_path, start_mock):
+    """TTFT, ITL and duration against the mock's exact schedule (no jitter); token counts exact.
+
+    The strict 2 ms p99 figure is measured by bench/loadgen_capacity.py; on this shared 2-core
+    machine (mock, Locust and other people's tests on the same cores, where a stolen time slice delays
+    a token by tens of ms) the test asks for a 10 ms median and a 40 ms p95: loose, yet it catches the
+    real mistakes (timing the role-only chunk, reading whole buffers late, batching tokens).
+    """
+    mock = start_mock("--ttft-ms", "100", "--ttft-jitter-ms", "0", "--itl-ms", "100", "--itl-jitter-ms", "0",
+                      "--output-tokens-mean", "12", "--output-tokens-spread", "0", "--seed", "1")
+    proc, run = loadtest(tmp_path, "streaming", "--duration", "5", "--users", "100", "--no-proxy",
+                         "--output-tokens", "40", "--output-spread", "0", "--target", mock.url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = results.load(run)
+    assert len(df) >= 100 and df["ok"].all()
+    assert (df["output_tokens"] == df["mock_output_tokens"]).all() and (df["output_tokens"] == 12).all()
+    assert df["tokens_from_usage"].all()
+    # a user's first request also pays for its TCP connect, which the mock's clock does not see
+    steady = df[df["seq"] > 1]
+    ttft_err = (steady["ttft_s"] - steady["mock_ttft_ms"] / 1000).abs()
+    dur_err = (steady["duration_s"] - (steady["mock_ttft_ms"] / 1000 + 11 * 0.100)).abs()
+    gaps = pd.Series([g for gs in steady["itl"] for g in gs])
+    assert len(gaps) == 11 * len(steady)
+    for err in (ttft_err, dur_err, (gaps - 0.100).abs()):
+        assert err.quantile(0.5) < 0.010 and err.quantile(0.95) < 0.040
+
+
+def test_usage_errors_exit_2_with_one_line(tmp_path):
+    proc, _ = loadtest(tmp_path, "nosuch", "--duration", "1", "--no-proxy")
+    assert proc.returncode == 2 and "unknown scenario 'nosuch'" in proc.stderr and "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("targets: [{name: x, base_url: ftp://nope}]\n")
+    proc, _ = loadtest(tmp_path, "qps", "--config", str(bad))
+    assert proc.returncode == 2 and "base_url" in proc.stderr and "Traceback" not in proc.stderr
+    proc, _ = loadtest(tmp_path, "qps", "--target", "http://127.0.0.1:9", "--mock-args", "--error-rate 500=1")
+    assert proc.returncode == 2 and "--mock-args" in proc.stderr
