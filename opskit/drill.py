@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -74,6 +76,7 @@ class Load:
         self.session, self.url, self.rps, self.cap = session, url, rps, max_in_flight
         self.codes: collections.Counter[int] = collections.Counter()
         self.in_flight = 0
+        self.paused = False
 
     async def run(self) -> None:
         """Send calls until cancelled."""
@@ -82,7 +85,7 @@ class Load:
         tasks: set[asyncio.Task] = set()
         try:
             while True:
-                if self.in_flight < self.cap:  # beyond the cap a call is skipped, not queued
+                if not self.paused and self.in_flight < self.cap:  # beyond the cap: skipped, not queued
                     t = asyncio.create_task(self._one())
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
@@ -160,23 +163,40 @@ class Watcher:
         self.offset = len(read_notifications(self.notifications))
 
 
-async def _admin(session: aiohttp.ClientSession, admin_url: str, section: str, body: dict | None) -> None:
-    if body is None:
-        return
-    async with session.put(f"{admin_url}/admin/{section}", json=body, timeout=aiohttp.ClientTimeout(total=5)) as r:
+async def _admin(session: aiohttp.ClientSession, admin_url: str, section: str, body: dict | None = None) -> dict:
+    """GET (body None) or PUT one section of the mock's admin API; its settings afterwards."""
+    url, timeout = f"{admin_url}/admin/{section}", aiohttp.ClientTimeout(total=5)
+    call = session.get(url, timeout=timeout) if body is None else session.put(url, json=body, timeout=timeout)
+    async with call as r:
         if r.status != 200:
-            raise stack.StackError(f"mock admin PUT /admin/{section} answered {r.status}: {(await r.text())[:200]}")
+            raise stack.StackError(f"mock admin {r.method} /admin/{section} answered {r.status}: {(await r.text())[:200]}")
+        return await r.json()
 
 
-async def apply(phase: Phase, session: aiohttp.ClientSession, admin_url: str, gpu_state: str | None,
-                inject: bool) -> None:
-    """Inject (or clear) a phase's fault."""
-    await _admin(session, admin_url, "faults", phase.faults if inject else phase.clear_faults)
-    await _admin(session, admin_url, "limits", phase.limits if inject else phase.clear_limits)
-    if phase.gpu is not None and gpu_state:
+async def apply(phase: Phase, ctx: dict, inject: bool) -> None:
+    """Inject a phase's fault, or clear it (the mock's settings as they were before it)."""
+    session, admin, saved = ctx["session"], ctx["admin"], ctx.setdefault("saved", {})
+    for section, changes in phase.mock.items():
+        if inject:
+            saved[section] = await _admin(session, admin, section)
+            await _admin(session, admin, section, changes)
+        else:
+            await _admin(session, admin, section, drillplan.restore(changes, saved[section]))
+    if phase.gpu is not None and ctx["gpu_state"]:
         from opskit import fakegpu
 
-        fakegpu.set_gpu(Path(gpu_state), **(phase.gpu if inject else {}))
+        fakegpu.set_gpu(Path(ctx["gpu_state"]), **(phase.gpu if inject else {}))
+    if phase.stop_exporter:
+        # Calls in flight through a frozen proxy would time out and count as errors after it
+        # thaws: pause the load while the exporter is frozen.
+        ctx["load"].paused = inject
+        freeze(ctx["exporter_pid"], inject)
+
+
+def freeze(pid: int, stopped: bool) -> None:
+    """SIGSTOP (or SIGCONT) a stack component's process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGSTOP if stopped else signal.SIGCONT)
 
 
 def _detected(phase: Phase, seen: dict[str, Seen], started: float) -> bool:
@@ -196,12 +216,12 @@ async def run_phase(phase: Phase, ctx: dict, timeout_s: float) -> tuple[dict[str
     watcher.skip_notifications()
     seen: dict[str, Seen] = {}
     t0 = time.time()
-    await apply(phase, ctx["session"], ctx["admin"], ctx["gpu_state"], inject=True)
+    await apply(phase, ctx, inject=True)
     while time.time() - t0 < timeout_s and not _detected(phase, seen, t0):
         await asyncio.sleep(POLL_S)
         await watcher.poll(seen, None)
     t1 = time.time()
-    await apply(phase, ctx["session"], ctx["admin"], ctx["gpu_state"], inject=False)
+    await apply(phase, ctx, inject=False)
     while time.time() - t1 < timeout_s:
         await asyncio.sleep(POLL_S)
         await watcher.poll(seen, t1)
@@ -267,42 +287,49 @@ async def warm_up(session: aiohttp.ClientSession, prom: str, load: Load, timeout
     return f"warm-up: no TTFT reached Prometheus within {timeout_s:.0f}s (calls by status: {dict(load.codes)})"
 
 
+async def run_phases(phases: list[Phase], ctx: dict, project: Project, timeout_s: float) -> list[str]:
+    """Each phase in turn, its table printed; every miss, one line each."""
+    misses = []
+    for phase in phases:
+        click.echo(f"\n{phase.name}: {phase.what}")
+        click.echo(f"  {'alert':<26} {'role':<12} {'pending':>7} {'firing':>7} {'deliver':>7} {'resolve':>7}  receiver")
+        seen, t0, t1 = await run_phase(phase, ctx, timeout_s)
+        click.echo("\n".join(report_phase(phase, seen, t0, t1)) or "  (no alert went pending)")
+        found = drillplan.phase_misses(phase, seen, project.severities, project.routes)
+        click.echo("  " + ("; ".join(found) if found else "ok"))
+        misses += [f"{phase.name}: {m}" for m in found]
+        if left := await settle(ctx["watcher"], timeout_s):
+            misses.append(f"{phase.name}: {', '.join(left)} still active {timeout_s:.0f}s after clearing")
+    return misses
+
+
 async def drive(st: stack.Stack, project: Project, phases: list[Phase], rps: float, timeout_s: float,
                 gpu: bool, dashboards: bool = True) -> list[str]:
     """Run the phases against a started stack, then (with `dashboards`) every panel query; every
     miss, one line each. Panels only all have data after every phase ran (429s, errors, ...)."""
-    misses: list[str] = []
     async with aiohttp.ClientSession() as session:
         prom = st.url("prometheus")
         watcher = Watcher(session, prom, st.url("alertmanager"), st.files["notifications"])
         load = Load(session, st.url("exporter", "proxy_url") + "/chat/completions", rps)
+        ctx = {"session": session, "admin": st.url("mock", "admin_url"), "watcher": watcher, "load": load,
+               "gpu_state": st.files.get("fake_nvml_state"),
+               "exporter_pid": next(c.child.pid for c in st.components if c.child.name == "exporter")}
         load_task = asyncio.create_task(load.run())
         try:
             if reason := await warm_up(session, prom, load, 40.0):
                 return [reason]
             if left := await settle(watcher, 30.0):
                 return [f"baseline: {', '.join(left)} active with no fault injected"]
-            ctx = {"session": session, "admin": st.url("mock", "admin_url"), "watcher": watcher,
-                   "gpu_state": st.files.get("fake_nvml_state")}
-            for phase in phases:
-                click.echo(f"\n{phase.name}: {phase.what}")
-                click.echo(f"  {'alert':<26} {'role':<12} {'pending':>7} {'firing':>7} {'deliver':>7} "
-                           f"{'resolve':>7}  receiver")
-                seen, t0, t1 = await run_phase(phase, ctx, timeout_s)
-                click.echo("\n".join(report_phase(phase, seen, t0, t1)) or "  (no alert went pending)")
-                found = drillplan.phase_misses(phase, seen, project.severities, project.routes)
-                click.echo("  " + ("; ".join(found) if found else "ok"))
-                misses += [f"{phase.name}: {m}" for m in found]
-                if left := await settle(watcher, timeout_s):
-                    misses.append(f"{phase.name}: {', '.join(left)} still active {timeout_s:.0f}s after clearing")
+            misses = await run_phases(phases, ctx, project, timeout_s)
             if dashboards and project.queries is not None:
                 bad, ran = await check_dashboards(session, prom, project.queries, gpu)
                 click.echo(f"\ndashboards: {ran - len(bad)}/{ran} panel queries returned data")
                 misses += bad
             click.echo(f"load: calls by HTTP status {dict(sorted(load.codes.items()))}")
+            return misses
         finally:
             load_task.cancel()
-    return misses
+            freeze(ctx["exporter_pid"], False)  # never leave it frozen (down would need SIGKILL)
 
 
 def run(spec: stack.StackSpec, project: Project, phases: list[Phase], rps: float, phase_timeout: float,

@@ -5,8 +5,8 @@ Pure code, no I/O; opskit.drill runs it against a live stack.
 
 Time compression. Production rules use `for:` of minutes and rate windows of 5 minutes to 3 days.
 The drill replaces every `for:` with a few seconds and maps every range window `[d]` to d/30,
-clamped to 10-30 s, so an alert fires within seconds of its fault and resolves within about half
-a minute of its clearing. The thresholds and expressions are otherwise exactly the rules'.
+clamped to 10-20 s, so an alert fires within seconds of its fault and resolves within about 20 s
+of its clearing. The thresholds and expressions are otherwise exactly the rules'.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import yaml
 
 SHORT_FOR = "3s"
-WINDOW_FACTOR, WINDOW_MIN_S, WINDOW_MAX_S = 30, 10, 30
+WINDOW_FACTOR, WINDOW_MIN_S, WINDOW_MAX_S = 30, 10, 20
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 # A range or subquery selector: `[5m]`, `[1h:1m]` (only the range part is compressed).
@@ -33,7 +33,7 @@ def seconds(duration: str) -> float:
 
 
 def compress_window(duration: str) -> str:
-    """A production range window scaled for the drill: d/30, clamped to 10-30 s."""
+    """A production range window scaled for the drill: d/30, clamped to 10-20 s."""
     s = min(max(seconds(duration) / WINDOW_FACTOR, WINDOW_MIN_S), WINDOW_MAX_S)
     return f"{round(s)}s"
 
@@ -68,15 +68,19 @@ def alert_severities(text: str) -> dict[str, str]:
 class Phase:
     """One injected fault. `required` alerts must fire, reach the receiver (or be inhibited there
     by a co-firing alert) and resolve; `allowed` ones may fire with them; any other firing alert
-    fails the phase. `scope` are labels every notification of a required alert must carry."""
+    fails the phase. `scope` are labels every notification of a required alert must carry.
+
+    The fault: `mock` maps an admin section (faults, limits, latency) to the changes to PUT; the
+    drill reads the section first and puts the old values back to clear it. `gpu` sets fake GPU
+    fields (util in %, mem_used in bytes, power_mw "!" for a failing read, index 1 for a device
+    count NVML cannot report). `stop_exporter` freezes the exporter (SIGSTOP), with the load paused.
+    """
 
     name: str
     what: str
-    faults: dict | None = None
-    clear_faults: dict | None = None
-    limits: dict | None = None
-    clear_limits: dict | None = None
-    gpu: dict | None = None            # fake GPU fields while the fault lasts (util in %, ...)
+    mock: dict[str, dict] = field(default_factory=dict)
+    gpu: dict | None = None
+    stop_exporter: bool = False
     required: frozenset[str] = frozenset()
     allowed: frozenset[str] = frozenset()
     scope: dict[str, str] = field(default_factory=dict)
@@ -88,39 +92,56 @@ class Phase:
         return self.gpu is not None
 
 
+def restore(changes: dict, before: dict) -> dict:
+    """The admin PUT that undoes `changes`, given the section as it was before them."""
+    out = {k: before.get(k) for k in changes if k != "error_rate"}
+    if "error_rate" in changes:  # a partial map: statuses not named keep their rate
+        out["error_rate"] = {s: before.get("error_rate", {}).get(s, 0) for s in changes["error_rate"]}
+    return out
+
+
 _ERRORS = frozenset({"LLMHighErrorRate", "LLMErrorRateCritical"})
 _BURN = frozenset({"LLMErrorBudgetFastBurn", "LLMErrorBudgetSlowBurn"})
 _TARGET = {"target": "mock"}
+_INSTANCE = {"job": "opskit"}
+GIB = 1 << 30
 
 PHASES: tuple[Phase, ...] = (
     # 5 % server errors: above the 2 % warning, far below the 15 % critical. A 5x burn of a 99 %
     # SLO trips the slow-burn pair; the fast-burn 6x leg (6 %) is within noise of 5 %, so it may.
     # 1 in 20 probes fails too: three in a row are unlikely but legitimate.
-    Phase("errors", "5 % of calls answered 500",
-          faults={"error_rate": {"500": 0.05}}, clear_faults={"error_rate": {"500": 0}},
+    Phase("errors", "5 % of calls answered 500", mock={"faults": {"error_rate": {"500": 0.05}}},
           required=frozenset({"LLMHighErrorRate", "LLMErrorBudgetSlowBurn"}),
           allowed=frozenset({"LLMErrorBudgetFastBurn", "LLMProbeFailing"}), scope=_TARGET),
     # +1 s before the first token: p95 TTFT passes 500 ms. Durations grow by the same second
     # (about 1.2 s here, under the 2 s p90 alert), which may legitimately alert on a slower box.
-    Phase("ttft", "+1 s time to first token",
-          faults={"extra_ttft_ms": 1000}, clear_faults={"extra_ttft_ms": 0},
+    Phase("ttft", "+1 s time to first token", mock={"faults": {"extra_ttft_ms": 1000}},
           required=frozenset({"LLMHighTimeToFirstToken"}), allowed=frozenset({"LLMHighRequestLatency"}),
           scope=_TARGET),
+    # 200 ms between tokens: 16-token answers take over 3 s, past the 2 s p90; TTFT is unchanged.
+    Phase("slow-stream", "200 ms between tokens", mock={"latency": {"itl_ms": 200.0, "itl_jitter_ms": 0.0}},
+          required=frozenset({"LLMHighRequestLatency"}), scope=_TARGET),
     # A 429 storm: 5 requests per 1 s window against ~20/s offered. 429s are failures (error
     # ratio, critical above 15 %) but not the server's (no burn alert); the probe is throttled too.
     Phase("429-storm", "rate limit of 5 requests/s against ~20/s offered",
-          limits={"rpm": 5, "tpm": 10_000_000, "window_s": 1}, clear_limits={"rpm": None, "tpm": None, "window_s": 60},
-          required=frozenset({"LLMRateLimited"}) | _ERRORS,
-          allowed=frozenset({"LLMProbeFailing"}), scope=_TARGET),
+          mock={"limits": {"rpm": 5, "tpm": 10_000_000, "window_s": 1}},
+          required=frozenset({"LLMRateLimited"}) | _ERRORS, allowed=frozenset({"LLMProbeFailing"}), scope=_TARGET),
     # The target fails every call, the probe's included: the probe alert fires, and so, rightly,
     # does every error and burn alert (the critical ones inhibit their warning twins).
-    Phase("probe-failing", "every call (probe included) answered 503",
-          faults={"error_rate": {"503": 1.0}}, clear_faults={"error_rate": {"503": 0}},
+    Phase("probe-failing", "every call (probe included) answered 503", mock={"faults": {"error_rate": {"503": 1.0}}},
           required=frozenset({"LLMProbeFailing"}) | _ERRORS | _BURN, scope=_TARGET),
     Phase("gpu-busy", "GPU 0 at 95 % utilization", gpu={"util": 95},
-          required=frozenset({"GPUHighUtilization"}), scope={"gpu": "0"}),
+          required=frozenset({"GPUHighUtilization"}), scope={"gpu": "0", **_INSTANCE}),
+    Phase("gpu-memory", "GPU 0 with 78 of 80 GiB in use", gpu={"mem_used": 78 * GIB},
+          required=frozenset({"GPUMemoryNearlyFull"}), scope={"gpu": "0", **_INSTANCE}),
+    # NVML answers but cannot count its devices: the exporter reports opskit_gpu_up 0.
+    Phase("nvml-down", "NVML cannot report its devices", gpu={"index": 1},
+          required=frozenset({"OpskitGPUMetricsMissing"}), scope=_INSTANCE),
     # A flaky power sensor: NVML errors are counted (a dashboard panel), yet no alert is due.
     Phase("nvml-field-error", "NVML power reads fail on GPU 0", gpu={"power_mw": "!"}, hold_s=6.0),
+    # The exporter stops answering scrapes (frozen, so its port stays open and scrapes time out).
+    Phase("exporter-down", "the exporter frozen (SIGSTOP)", stop_exporter=True,
+          required=frozenset({"OpskitExporterDown"}), scope=_INSTANCE),
 )
 PHASE_NAMES = tuple(p.name for p in PHASES)
 

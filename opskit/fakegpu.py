@@ -64,7 +64,8 @@ def set_utilization(state: Path, utilization: float) -> None:
 
 def set_gpu(state: Path, **fields) -> None:
     """Rewrite the state file: one healthy fake GPU (20 % busy, 20 of 80 GiB used) with `fields`
-    changed, e.g. util=95 or power_mw="!" (that NVML query fails); see tests/fakenvml."""
+    changed, e.g. util=95, power_mw="!" (that NVML query fails) or index=1; see tests/fakenvml."""
     mod = _builder()
+    index = fields.pop("index", 0)  # 1 alone: a gap, so NVML cannot count the devices
     values = {"util": 20, "mem_used": 20 * mod.GIB, **fields}
-    mod.write_state(state, mod.fake_gpus(1, **values))
+    mod.write_state(state, [mod.FakeGpu(index=index, uuid=mod.uuid_for(index), **values)])
