@@ -28,11 +28,10 @@ forwarded but not metered, because it is not a model call and would skew latency
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import json
 import logging
+import ssl
 import zlib
 from time import perf_counter
 from urllib.parse import urlsplit
@@ -235,7 +234,7 @@ class _Proxy:
     """The request handler and its upstream connection pool."""
 
     def __init__(self, upstream: str, target: str, metrics: CallMetrics, max_body_bytes: int,
-                 timeout_s: float, connect_timeout_s: float) -> None:
+                 timeout_s: float, connect_timeout_s: float, ssl_context: ssl.SSLContext | None) -> None:
         url = urlsplit(upstream)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
@@ -243,7 +242,7 @@ class _Proxy:
         self.target, self.metrics, self.max_body = target, metrics, max_body_bytes
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
-        self.pool = Pool(upstream, connect_timeout_s, timeout_s)
+        self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for every request the proxy receives."""
@@ -406,13 +405,14 @@ def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
 
 async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,
                       max_body_bytes: int = 10 * 1024 * 1024, timeout_s: float = 300,
-                      connect_timeout_s: float = 10) -> ProxyServer:
+                      connect_timeout_s: float = 10, ssl_context: ssl.SSLContext | None = None) -> ProxyServer:
     """Start the metering proxy on host:port (0 = a free port) in the running event loop.
 
     `timeout_s` bounds the wait for the upstream's response head and every silence in its body;
-    a stream may last longer as long as it keeps sending.
+    a stream may last longer as long as it keeps sending. An https upstream is verified against the
+    system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given.
     """
-    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s)
+    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context)
     runner = web.ServerRunner(web.Server(proxy.handle, access_log=None), shutdown_timeout=1.0)
     try:
         await runner.setup()
@@ -423,48 +423,3 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
         await proxy.pool.close()
         raise
     return ProxyServer(proxy, runner, site._server.sockets[0].getsockname()[1])
-
-
-def _main(argv: list[str] | None = None) -> None:
-    """A standalone runner (benchmarks, debugging): python -m opskit.proxy --upstream URL."""
-    ap = argparse.ArgumentParser(prog="python -m opskit.proxy", description=_main.__doc__)
-    ap.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0 = free)")
-    ap.add_argument("--upstream", required=True)
-    ap.add_argument("--target", default="default")
-    ap.add_argument("--ready-file", help="write {url, port, pid} as JSON here once listening")
-    args = ap.parse_args(argv)
-    host, _, port = args.listen.rpartition(":")
-    if not port.isdigit():
-        ap.error(f"--listen: expected host:port, got {args.listen!r}")
-    with contextlib.suppress(ImportError):
-        import uvloop
-        uvloop.install()
-    asyncio.run(_serve(host or "127.0.0.1", int(port), args))
-
-
-async def _serve(host: str, port: int, args: argparse.Namespace) -> None:
-    import gc
-    import os
-    import signal
-
-    from prometheus_client import CollectorRegistry
-    metrics = CallMetrics(CollectorRegistry(), {args.target: ()})
-    try:
-        server = await start_proxy(host, port, args.upstream, args.target, metrics)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"opskit proxy: {exc}") from None
-    gc.freeze()  # long-lived server: keep start-up objects out of the collector's scans (DESIGN.md)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    if args.ready_file:
-        info = {"url": f"http://{host}:{server.port}", "port": server.port, "pid": os.getpid()}
-        with open(args.ready_file + ".tmp", "w") as f:
-            json.dump(info, f)
-        os.replace(args.ready_file + ".tmp", args.ready_file)
-    await stop.wait()
-    await server.close(grace_s=5)
-
-
-if __name__ == "__main__":
-    _main()

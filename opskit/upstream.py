@@ -333,14 +333,16 @@ def _parse_head(head: bytes) -> tuple[int, str, list[tuple[str, str]], str]:
 class Pool:
     """Connections to one upstream `scheme://host:port` (any path of `url` is the caller's business)."""
 
-    def __init__(self, url: str, connect_timeout_s: float, timeout_s: float) -> None:
+    def __init__(self, url: str, connect_timeout_s: float, timeout_s: float,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         u = urlsplit(url)
         self.host = u.hostname or ""
         self.port = u.port or (443 if u.scheme == "https" else 80)
         default = (u.scheme == "https" and self.port == 443) or (u.scheme == "http" and self.port == 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default else f"{host}:{self.port}"
-        self.ssl = ssl.create_default_context() if u.scheme == "https" else None
+        # https: the system's CAs and hostname checks unless the caller trusts a private CA
+        self.ssl = (ssl_context or ssl.create_default_context()) if u.scheme == "https" else None
         self.connect_timeout_s, self.timeout_s = connect_timeout_s, timeout_s
         self.idle: list[Conn] = []
         self.busy: set[Conn] = set()

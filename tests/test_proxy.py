@@ -359,6 +359,47 @@ def test_close_drains_then_cuts(upstream, proxy_factory, loop_thread):
     assert p.settle(1) == 1 and p.count(200, "stream_broken") == 1
 
 
+@pytest.fixture
+def tls_upstream(loop_thread, tmp_path):
+    """The small upstream over https with a self-signed certificate for 127.0.0.1: (url, cert path)."""
+    import ssl
+    import subprocess
+
+    from tests.conftest import need_binary
+    openssl = need_binary("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=30)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _chat)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+
+    port = loop_thread.run(start())
+    yield f"https://127.0.0.1:{port}", cert
+    loop_thread.run(runner.cleanup())
+
+
+def test_https_upstream_is_verified(tls_upstream, proxy_factory):
+    import ssl
+    url, cert = tls_upstream
+    untrusted = proxy_factory(url, connect_timeout_s=5)  # system CAs: a self-signed certificate is refused
+    assert _post(untrusted.url).status_code == 502
+    assert untrusted.settle(1) == 1 and untrusted.count(502, "connection") == 1
+    trusted = proxy_factory(url, ssl_context=ssl.create_default_context(cafile=str(cert)))
+    r = _post(trusted.url)
+    assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n")
+    assert trusted.settle(1) == 1 and trusted.count(200) == 1
+
+
 # ---------------------------------------------------------------- against the real `opskit mock`, real openai SDK
 
 FAST = ("--ttft-ms", "5", "--ttft-jitter-ms", "0", "--itl-ms", "1", "--itl-jitter-ms", "0",
