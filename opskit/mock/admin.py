@@ -31,48 +31,51 @@ def _bad(message: str) -> web.Response:
                         content_type="application/json")
 
 
+class Admin:
+    """Admin handlers bound to one MockState; each settings section has a getter and an updater."""
+
+    def __init__(self, state: MockState) -> None:
+        self.state = state
+        self.sections = {
+            "faults": (lambda: state.faults, state.faults.update),
+            "limits": (lambda: state.limits, state.limits.update),
+            "latency": (lambda: state.latency, state.apply_latency),
+        }
+
+    async def get(self, request: web.Request) -> web.Response:
+        current, _ = self.sections[request.match_info["section"]]
+        return _json(current().to_json())
+
+    async def put(self, request: web.Request) -> web.Response:
+        current, update = self.sections[request.match_info["section"]]
+        try:
+            changes = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            return _bad("the body is not valid JSON")
+        try:
+            update(changes)
+        except SettingsError as exc:
+            return _bad(str(exc))
+        return _json(current().to_json())
+
+    async def counters(self, request: web.Request) -> web.Response:
+        return _json(self.state.counters.to_json())
+
+    async def lateness(self, request: web.Request) -> web.Response:
+        return _json(self.state.lateness.to_json())
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.state.reset()
+        return _json(self.state.counters.to_json())
+
+
 def build_admin_app(state: MockState) -> web.Application:
     """The admin application bound to `state`."""
-    app = web.Application()
-    sections = {
-        "faults": (lambda: state.faults, state.faults.update),
-        "limits": (lambda: state.limits, state.limits.update),
-        "latency": (lambda: state.latency, state.apply_latency),
-    }
-
-    def getter(name: str):
-        async def get(request: web.Request) -> web.Response:
-            return _json(sections[name][0]().to_json())
-        return get
-
-    def putter(name: str):
-        async def put(request: web.Request) -> web.Response:
-            try:
-                changes = json.loads(await request.read())
-            except (ValueError, UnicodeDecodeError):
-                return _bad("the body is not valid JSON")
-            try:
-                sections[name][1](changes)
-            except SettingsError as exc:
-                return _bad(str(exc))
-            return _json(sections[name][0]().to_json())
-        return put
-
-    for name in sections:
-        app.router.add_get(f"/admin/{name}", getter(name))
-        app.router.add_put(f"/admin/{name}", putter(name))
-
-    async def counters(request: web.Request) -> web.Response:
-        return _json(state.counters.to_json())
-
-    async def reset(request: web.Request) -> web.Response:
-        state.reset()
-        return _json(state.counters.to_json())
-
-    async def lateness(request: web.Request) -> web.Response:
-        return _json(state.lateness.to_json())
-
-    app.router.add_get("/admin/counters", counters)
-    app.router.add_get("/admin/lateness", lateness)
-    app.router.add_post("/admin/reset", reset)
+    admin, app = Admin(state), web.Application()
+    section = "/admin/{section:faults|limits|latency}"
+    app.router.add_get(section, admin.get)
+    app.router.add_put(section, admin.put)
+    app.router.add_get("/admin/counters", admin.counters)
+    app.router.add_get("/admin/lateness", admin.lateness)
+    app.router.add_post("/admin/reset", admin.reset)
     return app

@@ -115,9 +115,7 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
     cut_at = counts[longest] // 2 if adm.faults.cut else -1
     bad_at = counts[longest] // 2 if adm.faults.malformed else -1
     if adm.req.kind == "chat":
-        for c in range(n):
-            if (r := send(enc.role(c))) is not None:
-                await r
+        await _send_all(send, [enc.role(c) for c in range(n)])
     sleep, observe, text, words = asyncio.sleep, state.lateness.observe, enc.text, sched.words
     for j, step in enumerate(sched.steps()):
         if j == cut_at:
@@ -139,11 +137,14 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
             if (r := send(payload)) is not None:
                 await r
             counters.output_tokens += count
-    for c in range(n):
-        if (r := send(enc.finish(c, enc.finish_reason(sched, c)))) is not None:
+    tail = [enc.finish(c, enc.finish_reason(sched, c)) for c in range(n)]
+    await _send_all(send, [*tail, enc.usage_chunk(sched)] if adm.req.include_usage else tail)
+
+
+async def _send_all(send: Callable[[bytes], Awaitable[None] | None], payloads: list[bytes]) -> None:
+    for payload in payloads:
+        if (r := send(payload)) is not None:
             await r
-    if adm.req.include_usage and (r := send(enc.usage_chunk(sched))) is not None:
-        await r
 
 
 async def complete(state: MockState, adm: Admission) -> bytes:

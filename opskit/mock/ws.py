@@ -36,46 +36,53 @@ def _error(status: int, message: str, type_: str, code: str) -> str:
 
 async def handle(request: web.Request, state: MockState) -> web.StreamResponse:
     """Upgrade, then serve auth and request messages until the client closes."""
-    counters = state.counters
     sock = web.WebSocketResponse(heartbeat=None, autoping=True)
     if not sock.can_prepare(request).ok:
-        counters.response(400, WS_PATH)
+        state.counters.response(400, WS_PATH)
         return web.Response(status=400, body=error_body("Expected a WebSocket upgrade.", "invalid_request_error",
                                                         "upgrade_required"), content_type="application/json")
     await sock.prepare(request)
-    counters.response(101, WS_PATH)
+    state.counters.response(101, WS_PATH)
     peer = request.remote or "unknown"
     identity = peer if state.auth.scheme == "none" else None
     async for msg in sock:
         if msg.type != WSMsgType.TEXT:
             break
-        try:
-            obj = json.loads(msg.data)
-        except ValueError:
-            obj = None
-        kind = obj.get("type") if isinstance(obj, dict) else None
-        if kind == "auth":
-            try:
-                identity = state.auth.ws_authenticate(obj, peer)
-            except AuthError as exc:
-                _count(state, 401)
-                await sock.send_str(_error(401, str(exc), "authentication_error", exc.code))
-                await sock.close()
-                break
-        elif kind == "request":
-            if identity is None:
-                _count(state, 401)
-                await sock.send_str(_error(401, "Send an auth message first.", "authentication_error",
-                                           "invalid_api_key"))
-                await sock.close()
-                break
-            if not await _serve(request, sock, state, identity, obj.get("body")):
-                break
-        else:
-            _count(state, 400)
-            await sock.send_str(_error(400, 'Expected {"type": "auth"|"request", ...}.', "invalid_request_error",
-                                       "invalid_message"))
+        identity, keep_open = await _message(request, sock, state, msg.data, identity, peer)
+        if not keep_open:
+            break
     return sock
+
+
+async def _message(request: web.Request, sock: web.WebSocketResponse, state: MockState, data: str,
+                   identity: str | None, peer: str) -> tuple[str | None, bool]:
+    """Act on one client message: (the connection's identity now, whether to keep the socket open)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        obj = None
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    if kind == "auth":
+        try:
+            return state.auth.ws_authenticate(obj, peer), True
+        except AuthError as exc:
+            return None, await _refuse(sock, state, str(exc), exc.code)
+    if kind == "request":
+        if identity is None:
+            return None, await _refuse(sock, state, "Send an auth message first.", "invalid_api_key")
+        return identity, await _serve(request, sock, state, identity, obj.get("body"))
+    _count(state, 400)
+    await sock.send_str(_error(400, 'Expected {"type": "auth"|"request", ...}.', "invalid_request_error",
+                               "invalid_message"))
+    return identity, True
+
+
+async def _refuse(sock: web.WebSocketResponse, state: MockState, message: str, code: str) -> bool:
+    """A 401 error message, then close; returns False (the socket is done)."""
+    _count(state, 401)
+    await sock.send_str(_error(401, message, "authentication_error", code))
+    await sock.close()
+    return False
 
 
 def _count(state: MockState, status: int) -> None:
