@@ -40,6 +40,11 @@ loadtest: install
 dashboards: install
 	$(BIN)/python -m dashboards.build
 
+# Kubernetes manifests made from alerts/ and dashboards/ (PrometheusRule, Grafana ConfigMaps).
+.PHONY: manifests
+manifests: install
+	$(BIN)/python -m deploy.generate
+
 check-alerts: install
 	@if [ -x alerts/check.sh ]; then alerts/check.sh; else echo "alerts/check.sh not present yet"; fi
 
