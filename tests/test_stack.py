@@ -4,6 +4,7 @@ processes), and `opskit stack up/status/down` against real Prometheus and Alertm
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -310,3 +311,22 @@ def test_stack_against_a_configured_target_starts_no_mock(tmp_path, mock_server)
     finally:
         stopped = stack_down(tmp_path)
     assert stopped == ["prometheus", "alertmanager", "exporter", "receiver"]
+
+
+def test_stale_state_is_not_running_and_status_names_the_dead(tmp_path):
+    from opskit.cli import main
+    from opskit.stack import Component, running
+
+    live, proc = supervise.spawn("live", [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "l.log")
+    try:
+        dead = supervise.Child("dead", live.pid, live.start_time + 7, str(tmp_path / "d.log"))  # a recycled pid
+        Stack(tmp_path, [Component(dead, {"url": "http://127.0.0.1:1"})], {}).save()
+        assert running(tmp_path) is None  # `up` would start afresh
+        Stack(tmp_path, [Component(live, {"url": "http://127.0.0.1:2"}), Component(dead, {})], {}).save()
+        assert running(tmp_path) is not None  # `up` would say it is already up
+        r = CliRunner().invoke(main, ["stack", "status", "--state-dir", str(tmp_path)])
+        assert r.exit_code == 1
+        assert re.search(r"live\s+running", r.output) and re.search(r"dead\s+DOWN", r.output)
+    finally:
+        supervise.stop(live)
+        proc.wait(timeout=5)
