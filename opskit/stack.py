@@ -57,7 +57,7 @@ class StackSpec:
     probe_interval_s: float = 15.0
     rules: dict[str, str] | None = None
     alertmanager_yml: str | None = None  # None: the project's alerts/alertmanager.yml, else a plain route
-    gpu: str = "auto"                  # auto: real NVML if any; fake: tests' fake NVML; off
+    gpu: str = "auto"                  # auto: NVML if the driver is there; fake: tests' fake NVML; off
     models: tuple[str, ...] = ("deepseek-chat", "deepseek-reasoner")
     daily_quota_requests: int = 100000
     mock_flags: tuple[str, ...] = ()
@@ -202,9 +202,21 @@ def _start_target(st: _Starter) -> tuple[list[str], dict[str, str]]:
     return ["--config", str(path)], env
 
 
+def nvml_present() -> bool:
+    """True when the dynamic loader finds libnvidia-ml.so.1 (a machine with an NVIDIA driver)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def _gpu_flags(st: _Starter, env: dict[str, str]) -> list[str]:
-    """Exporter flags (and env) for the GPU mode; `fake` loads the tests' fake libnvidia-ml."""
-    if st.spec.gpu == "off":
+    """Exporter flags (and env) for the GPU mode; `fake` loads the tests' fake libnvidia-ml, and
+    `auto` without NVML turns GPU series off (else the GPU-missing alert would fire, rightly)."""
+    if st.spec.gpu == "off" or st.spec.gpu == "auto" and not nvml_present():
         return ["--no-gpu"]
     if st.spec.gpu == "fake":
         from opskit import fakegpu
@@ -358,7 +370,7 @@ _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default
 @click.option("--config", "config", type=click.Path(), help="opskit config naming a real target (instead of the mock)")
 @click.option("--target", help="a real target's API root (instead of the mock); key from $OPSKIT_API_KEY")
 @click.option("--gpu", type=click.Choice(GPU_MODES), default="auto", show_default=True,
-              help="auto: real NVML when present; fake: the tests' fake libnvidia-ml; off")
+              help="auto: GPU series when NVML is present; fake: the tests' fake libnvidia-ml; off")
 @click.option("--scrape-interval", default="5s", show_default=True, help="Prometheus scrape and rule interval")
 def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, scrape_interval: str) -> None:
     """Start the stack in the background and print where each part listens (exit 0 if already up)."""
