@@ -8,7 +8,9 @@ The server runs on core 0 and the client on core 1 (taskset). Part 1 drives POST
 /v1/chat/completions (zero latency model, 16 output tokens) with `wrk` when it is installed
 (Debian's `wrk`), else with an aiohttp client pool in a subprocess, and prints the median req/s and
 the server's CPU time per request (from /proc/PID/stat). Part 2 holds N streams at ITL 50 ms (no
-jitter configured) with a raw uvloop client that timestamps every SSE event as it is read, and prints
+jitter configured), each --stream-tokens long (64: 3.2 s; a finished stream is replaced at once, so
+the server also pays for connection and request turnover; 0 = streams that never end), with a raw
+uvloop client that timestamps every text chunk as it is read, and prints
 the p50/p99 of (gap - 50 ms), i.e. the inter-token jitter the server adds, per N; the capacity is the
 largest N whose p99 stays under 5 ms. Beside it, the server's own view (`GET /admin/lateness`: how
 late each chunk left vs. its deadline) separates the server's delays from the client's and from
@@ -130,11 +132,14 @@ def run_rps(seconds: float, runs: int, conns: int) -> None:
 
 # ---------------------------------------------------------------- part 2: streams at 20 tokens/s
 
-class _StreamProto(asyncio.Protocol):
-    """Counts SSE events (`data: `) per read and keeps the time of each event."""
+TEXT_MARK = b'{"content":" '   # a text chunk's delta (synthetic words start with a space); not role/finish
 
-    def __init__(self, request: bytes, times: list[float]) -> None:
-        self.request, self.times, self.tail = request, times, b""
+
+class _StreamProto(asyncio.Protocol):
+    """Times every text chunk of one stream as it is read; on [DONE] closes and calls `done`."""
+
+    def __init__(self, request: bytes, done) -> None:
+        self.request, self.done, self.tail, self.times = request, done, b"", []
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -143,9 +148,14 @@ class _StreamProto(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = time.perf_counter()
         data = self.tail + data
-        n = data.count(b"data: ")   # the 5-byte tail cannot hold a whole match: none is counted twice
-        self.tail = data[-5:]
-        self.times.extend([now] * n)
+        # the tail is one byte shorter than the mark: no match is counted twice
+        self.times.extend([now] * data.count(TEXT_MARK))
+        self.tail = data[-(len(TEXT_MARK) - 1):]
+        if b"data: [DONE]" in data:
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.done(self)
 
 
 def _reset_lateness(admin_url: str) -> None:
@@ -155,37 +165,46 @@ def _reset_lateness(admin_url: str) -> None:
 
 
 async def _hold_streams(host: str, port: int, n: int, hold_s: float, admin_url: str) -> list[float]:
+    """Keep n streams open (a finished one is replaced at once) and return the text-chunk gaps (ms - ITL)."""
     loop = asyncio.get_running_loop()
-    req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {{}}\r\n\r\n{{}}")
     body = json.dumps({"model": "deepseek-chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
-    raw = req.format(len(body), body).encode()
-    all_times, transports = [], []
+    raw = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    streams: list[_StreamProto] = []
+    running = True
+
+    def done(_proto: _StreamProto) -> None:
+        if running:
+            loop.create_task(open_one())
+
+    async def open_one() -> None:
+        _, proto = await loop.create_connection(lambda: _StreamProto(raw, done), host, port)
+        streams.append(proto)
+
     for _ in range(n):   # spread the openings over one ITL so ticks do not all coincide
-        times: list[float] = []
-        tr, _ = await loop.create_connection(lambda t=times: _StreamProto(raw, t), host, port)
-        transports.append(tr)
-        all_times.append(times)
+        await open_one()
         await asyncio.sleep(ITL_S / n)
     await asyncio.sleep(1.0)                     # let the openings settle
     await loop.run_in_executor(None, _reset_lateness, admin_url)
-    marks = [len(t) for t in all_times]
+    mark = time.perf_counter()
     await asyncio.sleep(hold_s)
-    for tr in transports:
-        tr.close()
+    running = False
+    for proto in streams:
+        proto.transport.close()
     gaps = []
-    for times, start in zip(all_times, marks, strict=True):
-        seg = times[start:]
-        gaps += [(b - a - ITL_S) * 1000 for a, b in zip(seg, seg[1:], strict=False)]
+    for proto in streams:
+        t = proto.times
+        gaps += [(b - a - ITL_S) * 1000 for a, b in zip(t, t[1:], strict=False) if a >= mark]
     return gaps
 
 
-def run_streams(levels: list[int], hold_s: float) -> None:
-    print(f"streams at 20 tokens/s (ITL 50 ms, no configured jitter), held {hold_s:g} s each:")
+def run_streams(levels: list[int], hold_s: float, tokens: int) -> None:
+    each = f"{tokens} tokens each, replaced as they end" if tokens else "never ending"
+    print(f"streams at 20 tokens/s (ITL 50 ms, no configured jitter; {each}), held {hold_s:g} s each:")
     best = 0
     for n in levels:
         proc, info = start_mock("--ttft-ms", "10", "--ttft-jitter-ms", "0", "--itl-ms", "50", "--itl-jitter-ms",
-                                "0", "--output-tokens-mean", "100000", "--output-tokens-spread", "0",
+                                "0", "--output-tokens-mean", str(tokens or 10_000_000), "--output-tokens-spread", "0",
                                 "--capacity", "100000")
         try:
             host, port = info["url"].removeprefix("http://").split(":")
@@ -208,7 +227,7 @@ def run_streams(levels: list[int], hold_s: float) -> None:
             print(f"  N={n:5d}: no measurements ({out.stderr.strip()[-300:]})")
             continue
         q = statistics.quantiles(gaps, n=100)
-        expected = n * hold_s / ITL_S
+        expected = n * hold_s / ITL_S * ((tokens - 1) / tokens if tokens else 1)
         print(f"  N={n:5d}: added ITL jitter p50 {q[49]:6.2f} ms  p99 {q[98]:6.2f} ms  max {max(gaps):7.2f} ms  "
               f"({len(gaps):,} gaps of ~{expected:,.0f} expected; server CPU {cpu:.0%}, {per_chunk * 1e6:.0f} us/chunk, waiting for "
               f"its core {waited:.0%} of the time; server-side lateness p99 <= {late['p99_le_ms']} ms, "
@@ -226,6 +245,8 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=64)
     ap.add_argument("--levels", default="250,500,750,1000,1500")
     ap.add_argument("--hold", type=float, default=5.0)
+    ap.add_argument("--stream-tokens", type=int, default=64,
+                    help="output tokens per stream (a finished stream is replaced at once); 0 = never ending")
     ap.add_argument("--pool-client", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--stream-client", nargs=5, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -242,7 +263,7 @@ def main() -> None:
     if a.part in ("rps", "all"):
         run_rps(a.seconds, a.runs, a.conns)
     if a.part in ("streams", "all"):
-        run_streams([int(x) for x in a.levels.split(",")], a.hold)
+        run_streams([int(x) for x in a.levels.split(",")], a.hold, a.stream_tokens)
 
 
 if __name__ == "__main__":
