@@ -4,8 +4,10 @@ to date, and every command line in them accepted by the real CLI it names."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -15,7 +17,8 @@ import yaml
 from deploy import generate
 from opskit import __version__
 from opskit import config as cfgmod
-from tests.conftest import ROOT
+from opskit.supervise import free_port
+from tests.conftest import ROOT, stop
 
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"   # the oldest minor we claim to support; Indexed Jobs and PodMonitor fields exist there
@@ -248,3 +251,52 @@ def test_locust_params_are_run_params_aimed_at_the_metering_proxy():
         assert set(params) <= fields, set(params) - fields
         # The model server's proxy forwards to <base_url of its target>, which already ends in /v1.
         assert params["base_url"] == "http://llm-server:8000" and params["path"] == "/chat/completions"
+
+
+@pytest.mark.slow
+def test_release_job_command_lines_run_a_real_distributed_locust(tmp_path, mock_server):
+    """The release Jobs' exact commands, scaled down (2 workers, 4 s) and pointed at a local mock:
+    the master waits for the workers, each worker writes its own per-request log, all exit 0."""
+    jobs = {j["metadata"]["name"]: j for j in by_kind("Job")}
+    (params_cm,) = [c for c in by_kind("ConfigMap") if c["metadata"]["name"] == "locust-release-params"]
+    params = json.loads(params_cm["data"]["OPSKIT_LT_PARAMS"])
+    runs = tmp_path / "runs"
+    params.update(base_url=mock_server.api, duration=4, users=4, workers=2,
+                  run_dir=params["run_dir"].replace("/runs", str(runs)))
+    port = str(free_port())
+    local = {"/app/loadtests": str(ROOT / "loadtests"), "/runs": str(runs)}
+
+    def localize(word: str) -> str:
+        for k, v in local.items():
+            word = word.replace(k, v)
+        return word
+
+    master = jobs["locust-release-master"]["spec"]["template"]["spec"]["containers"][0]
+    args = [localize(a) for a in master["args"]]
+    for flag, value in (("--expect-workers", "2"), ("--users", "4"), ("--spawn-rate", "4"), ("--run-time", "7s"),
+                        ("--expect-workers-max-wait", "60")):
+        args[args.index(flag) + 1] = value
+    env = {**os.environ, "OPSKIT_LT_PARAMS": json.dumps(params),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    runs.mkdir()
+    procs = [subprocess.Popen([*master["command"], *args, "--master-bind-host", "127.0.0.1", "--master-bind-port", port],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
+    worker = jobs["locust-release-workers"]["spec"]["template"]["spec"]["containers"][0]
+    script = localize(worker["args"][0]).replace('"locust-release-master"]', f'"127.0.0.1", "--master-port", "{port}"]')
+    try:
+        for i in range(2):
+            procs.append(subprocess.Popen([*worker["command"], script], env={**env, "JOB_COMPLETION_INDEX": str(i)},
+                                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        out = procs[0].communicate(timeout=90)[0].decode()
+        assert procs[0].returncode == 0, out[-3000:]
+        for w in procs[1:]:
+            w.wait(timeout=30)
+            assert w.returncode == 0, w.stdout.read().decode()[-2000:]
+    finally:
+        for p in procs:
+            stop(p)
+    logs = sorted((runs / "release" / "log").glob("requests-streaming-*.jsonl"))
+    assert [p.name for p in logs] == ["requests-streaming-0.jsonl", "requests-streaming-1.jsonl"]
+    rows = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
+    assert rows and {r["worker"] for r in rows} == {0, 1} and all(r["status"] == 200 for r in rows)
+    assert (runs / "release" / "locust_stats.csv").exists()
