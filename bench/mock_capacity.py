@@ -9,7 +9,8 @@ The server runs on core 0 and the client on core 1 (taskset). Part 1 drives POST
 (Debian's `wrk`), else with an aiohttp client pool in a subprocess, and prints the median req/s and
 the server's CPU time per request (from /proc/PID/stat). Part 2 holds N streams at ITL 50 ms (no
 jitter configured), each --stream-tokens long (64: 3.2 s; a finished stream is replaced at once, so
-the server also pays for connection and request turnover; 0 = streams that never end), with a raw
+the server also pays for request turnover, on keep-alive connections as SDK pools use; 0 = streams
+that never end), with a raw
 uvloop client that timestamps every text chunk as it is read, and prints
 the p50/p99 of (gap - 50 ms), i.e. the inter-token jitter the server adds, per N; the capacity is the
 largest N whose p99 stays under 5 ms. Beside it, the server's own view (`GET /admin/lateness`: how
@@ -136,10 +137,14 @@ TEXT_MARK = b'{"content":" '   # a text chunk's delta (synthetic words start wit
 
 
 class _StreamProto(asyncio.Protocol):
-    """Times every text chunk of one stream as it is read; on [DONE] closes and calls `done`."""
+    """One keep-alive connection that streams request after request, as SDK connection pools do.
 
-    def __init__(self, request: bytes, done) -> None:
-        self.request, self.done, self.tail, self.times = request, done, b"", []
+    Times every text chunk as it is read (`times` holds one list per stream); after `[DONE]` and the
+    end of the chunked body it sends the next request on the same connection.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request, self.tail, self.streams, self.finishing = request, b"", [[]], False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -149,13 +154,13 @@ class _StreamProto(asyncio.Protocol):
         now = time.perf_counter()
         data = self.tail + data
         # the tail is one byte shorter than the mark: no match is counted twice
-        self.times.extend([now] * data.count(TEXT_MARK))
+        self.streams[-1].extend([now] * data.count(TEXT_MARK))
         self.tail = data[-(len(TEXT_MARK) - 1):]
-        if b"data: [DONE]" in data:
-            self.transport.close()
-
-    def connection_lost(self, exc) -> None:
-        self.done(self)
+        self.finishing = self.finishing or b"data: [DONE]" in data
+        if self.finishing and b"\r\n0\r\n\r\n" in data:   # the chunked body ended: next request
+            self.finishing, self.tail = False, b""
+            self.streams.append([])
+            self.transport.write(self.request)
 
 
 def _reset_lateness(admin_url: str) -> None:
@@ -165,35 +170,25 @@ def _reset_lateness(admin_url: str) -> None:
 
 
 async def _hold_streams(host: str, port: int, n: int, hold_s: float, admin_url: str) -> list[float]:
-    """Keep n streams open (a finished one is replaced at once) and return the text-chunk gaps (ms - ITL)."""
+    """Keep n streams going (a finished one is followed at once by the next on its connection); return
+    the gaps between consecutive text chunks of a stream, minus the ITL, in ms."""
     loop = asyncio.get_running_loop()
     body = json.dumps({"model": "deepseek-chat", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     raw = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
            f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
-    streams: list[_StreamProto] = []
-    running = True
-
-    def done(_proto: _StreamProto) -> None:
-        if running:
-            loop.create_task(open_one())
-
-    async def open_one() -> None:
-        _, proto = await loop.create_connection(lambda: _StreamProto(raw, done), host, port)
-        streams.append(proto)
-
+    protos: list[_StreamProto] = []
     for _ in range(n):   # spread the openings over one ITL so ticks do not all coincide
-        await open_one()
+        _, proto = await loop.create_connection(lambda: _StreamProto(raw), host, port)
+        protos.append(proto)
         await asyncio.sleep(ITL_S / n)
     await asyncio.sleep(1.0)                     # let the openings settle
     await loop.run_in_executor(None, _reset_lateness, admin_url)
     mark = time.perf_counter()
     await asyncio.sleep(hold_s)
-    running = False
-    for proto in streams:
+    for proto in protos:
         proto.transport.close()
     gaps = []
-    for proto in streams:
-        t = proto.times
+    for t in (t for proto in protos for t in proto.streams):
         gaps += [(b - a - ITL_S) * 1000 for a, b in zip(t, t[1:], strict=False) if a >= mark]
     return gaps
 
