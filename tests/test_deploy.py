@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import kubernetes_validate
@@ -18,7 +20,7 @@ from deploy import generate
 from opskit import __version__
 from opskit import config as cfgmod
 from opskit.supervise import free_port
-from tests.conftest import ROOT, stop
+from tests.conftest import ROOT, stop, wait_for_file
 
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"   # the oldest minor we claim to support; Indexed Jobs and PodMonitor fields exist there
@@ -300,3 +302,51 @@ def test_release_job_command_lines_run_a_real_distributed_locust(tmp_path, mock_
     rows = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
     assert rows and {r["worker"] for r in rows} == {0, 1} and all(r["status"] == 200 for r in rows)
     assert (runs / "release" / "locust_stats.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("deployment,target", [("llm-server", "llm-server"), ("chat-app", "deepseek")])
+def test_exporter_sidecar_runs_as_deployed(tmp_path, mock_server, deployment, target):
+    """The sidecar's exact args and ConfigMap, pointed at a local mock instead of vLLM/DeepSeek:
+    a client calling the proxy as the manifest says gets through, and proxy and probe series share
+    the configured target's name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (dep,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == deployment]
+    (sidecar,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "opskit-exporter"]
+    (cm,) = [c for c in by_kind("ConfigMap") if c["metadata"]["name"] == f"{deployment}-opskit"]
+    cfg = yaml.safe_load(cm["data"]["opskit.yaml"])
+    real_base = cfg["targets"][0]["base_url"]
+    cfg["targets"][0]["base_url"] = mock_server.api
+    cfg["probe"]["interval_s"] = 0.5
+    if "api_key_file" in cfg["targets"][0].get("auth", {}):
+        (tmp_path / "key").write_text("sk-local-test\n")
+        cfg["targets"][0]["auth"]["api_key_file"] = str(tmp_path / "key")
+    (tmp_path / "opskit.yaml").write_text(yaml.safe_dump(cfg))
+    swap = {"/etc/opskit/opskit.yaml": str(tmp_path / "opskit.yaml"), real_base: mock_server.api}
+    args = [swap.get(a, a) for a in sidecar["args"]]
+    args = ["127.0.0.1:0" if a.endswith((":9464", ":8080")) else a for a in args]
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen([sys.executable, "-m", "opskit", *args, "--ready-file", str(ready)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        info = wait_for_file(ready, proc)
+        body = json.dumps({"model": cfg["targets"][0]["models"][0], "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        req = urllib.request.Request(info["proxy_url"] + "/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(info["url"] + "/metrics", timeout=5) as resp:
+                samples = [s for f in text_string_to_metric_families(resp.read().decode()) for s in f.samples
+                           if s.name == "opskit_llm_requests_total"]
+            sources = {s.labels["source"] for s in samples}
+            if sources == {"proxy", "probe"} or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert sources == {"proxy", "probe"}
+        assert {s.labels["target"] for s in samples} == {target}
+    finally:
+        stop(proc)
