@@ -138,3 +138,19 @@ def test_completions_endpoint_and_bad_requests(mock_server):
     c = counters(mock_server)
     assert c["requests"] == {"200": 1, "400": 6, "404": 1, "405": 1}
     assert c["by_path"] == {"/v1/chat/completions": 7, "/v1/completions": 1, "other": 1}
+
+
+def test_http10_stream_ends_with_the_connection(mock_server):
+    import socket
+    host, port = mock_server.url.removeprefix("http://").split(":")
+    body = json.dumps({**CHAT, "stream": True, "max_tokens": 3}).encode()
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
+    events = SSEParser().feed(rest)
+    assert events[-1] == "[DONE]" and len(events) == 1 + 3 + 1 + 1     # role, 3 tokens, finish, [DONE]

@@ -14,7 +14,7 @@ import json
 import time
 from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from opskit.mock import engine, ws
 from opskit.mock.auth import AuthError
@@ -99,11 +99,16 @@ class Api:
     async def _stream(self, request: web.Request, adm: engine.Admission, path: str) -> web.StreamResponse:
         counters = self.state.counters
         resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **adm.headers})
-        resp.enable_chunked_encoding()
+        chunked = request.version >= HttpVersion11   # HTTP/1.0: the body simply ends when the connection does
+        if chunked:
+            resp.enable_chunked_encoding()
+        else:
+            resp.force_close()
         await resp.prepare(request)
         counters.response(200, path)
         counters.streams_started += 1
         transport = request.transport
+        frame = b"%x\r\ndata: %b\n\n\r\n" if chunked else b"data: %b\n\n"
 
         def send(payload: bytes):
             # Hot path: frame the HTTP chunk and the SSE event in one bytes object and hand it to the
@@ -111,7 +116,7 @@ class Api:
             # coroutine per chunk); write_eof() still ends the chunked body normally.
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("client went away")
-            transport.write(b"%x\r\ndata: %b\n\n\r\n" % (len(payload) + 8, payload))
+            transport.write(frame % (len(payload) + 8, payload) if chunked else frame % payload)
             if transport.get_write_buffer_size() > _HIGH_WATER:
                 return _drain(transport)
             return None
