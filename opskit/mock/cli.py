@@ -129,7 +129,17 @@ def _settings(o: dict) -> tuple[Latency, Faults, Limits]:
 @click.option("--token-ttl-s", type=float, default=3600.0, show_default=True, help="OAuth2 token lifetime.")
 @click.option("--model", "models", multiple=True, help="Served model names (default: deepseek-chat, deepseek-reasoner).")
 def mock(**o) -> None:
-    """Run the embedded OpenAI-compatible mock LLM server (fast and healthy by default)."""
+    """Run the embedded OpenAI-compatible mock LLM server (fast and healthy by default).
+
+    \b
+    Examples:
+      opskit mock --listen 127.0.0.1:8000
+      opskit mock --listen 127.0.0.1:0 --ready-file /tmp/mock.json --seed 1 --error-rate 500=0.05
+      OPSKIT_MOCK_API_KEYS=sk-a,sk-b opskit mock --listen 127.0.0.1:8000 --auth bearer --rpm 60
+
+    Keys given with --api-key are visible in the process list; prefer $OPSKIT_MOCK_API_KEYS.
+    The admin API (faults, limits, latency, counters) listens on --admin-listen; see the README.
+    """
     host, port = parse_hostport(o["listen"], "--listen")
     admin_host, admin_port = parse_hostport(o["admin_listen"], "--admin-listen")
     if not is_loopback(admin_host):
