@@ -154,3 +154,16 @@ def test_http10_stream_ends_with_the_connection(mock_server):
     assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower()
     events = SSEParser().feed(rest)
     assert events[-1] == "[DONE]" and len(events) == 1 + 3 + 1 + 1     # role, 3 tokens, finish, [DONE]
+
+
+def test_sdk_completions_streamed_and_n(start_mock):
+    mock = start_mock("--ttft-ms", "2", "--itl-ms", "1", "--tokens-per-chunk", "2", "--output-tokens-spread", "0")
+    client = openai.OpenAI(base_url=mock.api, api_key="unused", max_retries=0, timeout=10)
+    chunks = list(client.completions.create(model="deepseek-chat", prompt="Once upon a time", max_tokens=5,
+                                            n=2, stream=True))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+    assert all(len(t.split()) == 5 for t in texts.values())     # max_tokens caps each choice
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["length", "length"]
