@@ -64,7 +64,7 @@ def test_sdk_sync_non_streamed_and_streamed(start_mock):
 
 
 def test_sdk_async_streams_reasoning_then_content(start_mock):
-    mock = start_mock("--ttft-ms", "5", "--itl-ms", "1")
+    mock = start_mock("--ttft-ms", "5", "--itl-ms", "1", "--output-tokens-spread", "0")
 
     async def run():
         client = openai.AsyncOpenAI(base_url=mock.api, api_key="unused", max_retries=0, timeout=10)
@@ -96,7 +96,8 @@ def test_sdk_async_streams_reasoning_then_content(start_mock):
 
 
 def test_raw_sse_framing_and_ground_truth_headers(start_mock):
-    mock = start_mock("--ttft-ms", "30", "--ttft-jitter-ms", "0", "--itl-ms", "2", "--tokens-per-chunk", "3")
+    mock = start_mock("--ttft-ms", "30", "--ttft-jitter-ms", "0", "--itl-ms", "2", "--tokens-per-chunk", "3",
+                      "--output-tokens-spread", "0")
     req = urllib.request.Request(mock.api + "/chat/completions", method="POST",
                                  data=json.dumps({**CHAT, "stream": True, "max_tokens": 10}).encode(),
                                  headers={"Content-Type": "application/json"})

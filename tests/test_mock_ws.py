@@ -10,7 +10,7 @@ from test_mock import CHAT, counters, http
 
 pytestmark = pytest.mark.slow
 
-FAST = ("--ttft-ms", "1", "--ttft-jitter-ms", "0", "--itl-ms", "1", "--itl-jitter-ms", "0")
+FAST = ("--ttft-ms", "1", "--ttft-jitter-ms", "0", "--itl-ms", "1", "--itl-jitter-ms", "0", "--output-tokens-spread", "0")
 
 
 def connect(mock):
