@@ -80,9 +80,15 @@ def test_throttling_passes_with_a_limit_and_fails_without_one(tmp_path, start_mo
 
 
 def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server):
+    # a baseline ten times faster than the mock can be: the SLOs pass, the comparison fails the run
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "summary.json").write_text(json.dumps({"scenarios": {"conversation": {
+        "ttft_s": {"p50": 0.005, "p95": 0.006, "p99": 0.007}, "throughput_rps": 1000.0, "error_ratio": 0.0}}}))
     proc, run = loadtest(tmp_path, "conversation", "--duration", "4", "--users", "4", "--no-proxy",
-                         "--target", mock_server.url)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+                         "--target", mock_server.url, "--baseline", str(base))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "VERDICT: PASS" in proc.stdout and "COMPARE: REGRESSION in conversation ttft_p50_s" in proc.stdout
     turns = json.loads((run / "summary.json").read_text())["scenarios"]["conversation"]["by_turn"]
     sizes = [turns[k]["input_tokens_mean"] for k in sorted(turns)]
     assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
@@ -130,3 +136,5 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and "base_url" in proc.stderr and "Traceback" not in proc.stderr
     proc, _ = loadtest(tmp_path, "qps", "--target", "http://127.0.0.1:9", "--mock-args", "--error-rate 500=1")
     assert proc.returncode == 2 and "--mock-args" in proc.stderr
+    proc, _ = loadtest(tmp_path, "qps", "--baseline", str(tmp_path))
+    assert proc.returncode == 2 and "summary.json" in proc.stderr and "Traceback" not in proc.stderr

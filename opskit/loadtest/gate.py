@@ -83,6 +83,7 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
                               f"{procs.tail(run_dir / 'locust' / f'{name}.log') or 'no output'}")
     meta = runner.meta_for(params)
     verdict = slo.evaluate(df, slo.for_scenario(table, name), meta)
+    verdict.summaries[name]["client_lag_s"] = results.client_lag(run_dir, name)
     if metered and len(df):
         verdict.checks.append(reconcile(name, df, before, after))
     echo(f"[{name}] done: {len(df)} requests")
@@ -126,5 +127,5 @@ def write(run_dir: Path, verdict: Verdict, metas: dict, target: str, notes: list
     df = results.load(run_dir)
     figures = plots.all_figures(df) if len(df) else {}
     page = report.html(verdict, figures, title=f"opskit load test {run_dir.name}",
-                       meta={"target": target, "python": sys.version.split()[0]})
+                       meta={"target": target, "python": sys.version.split()[0]}, params=metas)
     (run_dir / "report.html").write_text(page)

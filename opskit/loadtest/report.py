@@ -74,6 +74,14 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
                  ("recovery p50/max s", f"{t['recover_s']['p50'] or 0:.2f} / {t['recover_s']['max'] or 0:.2f} "
                                         f"({t['recovered']} recovered)"),
                  ("goodput tokens/s", f"{t['goodput_tokens_s']:.1f}")]
+    if s.get("client_lag_s"):
+        lag = s["client_lag_s"]
+        rows.append(("load generator's own loop lag p50/p99/max ms",
+                     f"{_ms(lag['p50'])} / {_ms(lag['p99'])} / {_ms(lag['max'])}"
+                     + ("  (overloaded: its timings are inflated by this much)" if lag["p99"] > 0.005 else "")))
+    if s.get("by_turn"):
+        rows.append(("input tokens by turn", ", ".join(f"{k}: {v['input_tokens_mean']:.0f}"
+                                                       for k, v in s["by_turn"].items())))
     if s.get("ground_truth"):
         g = s["ground_truth"]
         rows.append(("vs mock ground truth", f"TTFT |err| p99 {_ms(g['ttft_abs_err_p99_s'])} ms, "
@@ -87,8 +95,8 @@ _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-co
 
 
 def html(verdict: Verdict, plots: dict[str, list[tuple[str, str]]], title: str = "opskit load test",
-         meta: dict | None = None) -> str:
-    """The whole page. `plots`: scenario -> [(caption, base64 PNG)]."""
+         meta: dict | None = None, params: dict[str, dict] | None = None) -> str:
+    """The whole page. `plots`: scenario -> [(caption, base64 PNG)]; `params`: scenario -> what was asked."""
     e = _html.escape
     word = "PASS" if verdict.passed else "FAIL"
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
@@ -105,6 +113,10 @@ def html(verdict: Verdict, plots: dict[str, list[tuple[str, str]]], title: str =
     out.append("</table>")
     for name, summary in verdict.summaries.items():
         out.append(f"<h2>{e(name)}</h2><table>")
+        asked = (params or {}).get(name)
+        if asked:
+            out.append(f"<tr><th>asked</th><td>{e(', '.join(f'{k}={v}' for k, v in asked.items() if k != 'scenario'))}"
+                       "</td></tr>")
         out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in key_numbers(summary)]
         out.append("</table>")
         for caption, b64 in plots.get(name, []):

@@ -49,6 +49,21 @@ def load(run_dir: str | Path) -> pd.DataFrame:
     return frame(read_rows(Path(run_dir) / "log"))
 
 
+def client_lag(run_dir: str | Path, scenario: str) -> dict | None:
+    """The load generator's own event-loop lag in a scenario (worst Locust process), if recorded."""
+    import json
+
+    worst = None
+    for path in Path(run_dir, "log").glob(f"lag-{scenario}-*.json"):
+        try:
+            lag = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if worst is None or lag.get("p99", 0) > worst.get("p99", 0):
+            worst = lag
+    return worst
+
+
 def _q(series: pd.Series) -> dict[str, float | None]:
     s = series.dropna()
     if s.empty:

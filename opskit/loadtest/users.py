@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import json
 import os
 import random
 import time
@@ -67,14 +68,38 @@ class Process:
 
 
 _PROC: Process | None = None
+_LAG: list[float] = []
 
 
 def proc() -> Process:
-    """This process's state, created on first use (in workers, after Locust forked nothing: plain start)."""
+    """This process's state, created on first use; also starts the event-loop lag monitor."""
     global _PROC
     if _PROC is None:
         _PROC = Process(RunParams.from_env())
+        gevent.spawn(_lag_monitor)
     return _PROC
+
+
+def _lag_monitor(interval: float = 0.01) -> None:
+    """How late this process's event loop wakes a sleeping greenlet: the generator's own lag.
+
+    Every token a stream reads waits for the loop the same way, so this is what the client itself
+    adds to TTFT and ITL when it is overloaded (or starved of CPU by its neighbours).
+    """
+    while True:
+        t = perf()
+        gevent.sleep(interval)
+        _LAG.append(perf() - t - interval)
+
+
+def _write_lag() -> None:
+    if _PROC is None or not _LAG:
+        return
+    lag = sorted(_LAG)
+    pick = lambda q: lag[min(len(lag) - 1, int(q * len(lag)))]  # noqa: E731
+    path = os.path.join(_PROC.params.run_dir, "log", f"lag-{_PROC.params.scenario}-{_PROC.params.worker}.json")
+    with open(path, "w") as fh:
+        json.dump({"samples": len(lag), "p50": pick(0.5), "p99": pick(0.99), "max": lag[-1]}, fh)
 
 
 def _auth(p: RunParams):
@@ -97,6 +122,7 @@ def _auth(p: RunParams):
 def _flush(**_kw) -> None:
     if _PROC is not None:
         _PROC.log.flush()
+        _write_lag()
 
 
 @events.quitting.add_listener
