@@ -54,6 +54,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the process spent runnable but not running (others held the core): /proc/PID/schedstat."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
 def spawn(args: list[str], core: int | None, ready: Path) -> tuple[subprocess.Popen, dict]:
     """Start a process (pinned to `core` when taskset exists) and wait for its ready file."""
     prefix = ["taskset", "-c", str(core)] if core is not None and shutil.which("taskset") else []
@@ -171,11 +176,49 @@ def run_phase(kind: str, args, mock: dict, proxy_url: str, proxy_pid: int) -> di
         order = ("direct", "proxy") if i % 2 == 0 else ("proxy", "direct")
         for mode in order:
             base = proxy_url if mode == "proxy" else mock["url"]
-            cpu0 = cpu_seconds(proxy_pid)
+            cpu0, wait0 = cpu_seconds(proxy_pid), runqueue_wait_s(proxy_pid)
             res = asyncio.run(load(base, kind, concurrency, args.seconds, tokens))
             res["proxy_cpu_s"] = cpu_seconds(proxy_pid) - cpu0
+            res["proxy_wait_s"] = runqueue_wait_s(proxy_pid) - wait0
             rounds[mode].append(res)
     return rounds
+
+
+def python_per_chunk_us(n: int = 50_000) -> tuple[float, float]:
+    """The proxy's own Python work per SSE chunk, in-process with no I/O: chunked decoding, framing
+    for the client, metering (and without metering). What is left of the CPU per chunk measured on the
+    real process is the event loop's wake-up, recv and send."""
+    from multidict import CIMultiDict
+
+    from opskit.proxy import _Call, _sink
+    from opskit.upstream import Conn, Pool
+
+    class Null:
+        def write(self, data): pass
+        def is_closing(self): return False
+        def get_write_buffer_size(self): return 0
+
+    event = (b'data: {"id":"mock-1","object":"chat.completion.chunk","created":1795306732,"model":'
+             b'"deepseek-chat","choices":[{"index":0,"delta":{"content":" while"},"logprobs":null,'
+             b'"finish_reason":null}]}\n\n')
+    framed = b"%x\r\n%b\r\n" % (len(event), event)
+
+    async def run() -> tuple[float, float]:
+        conn = Conn(Pool("http://127.0.0.1:1", 1, 5))
+        conn.connection_made(Null())
+        ex = conn.send("POST", b"")
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        call = _Call(time.perf_counter())
+        call.begin(200, CIMultiDict(ex.headers))
+        out = []
+        for feed in (call.feed, None):
+            ex.sink = _sink(Null(), True, feed, ex)
+            t0 = time.process_time()
+            for _ in range(n):
+                conn.data_received(framed)
+            out.append((time.process_time() - t0) / n * 1e6)
+        return out[0], out[1]
+    return asyncio.run(run())
 
 
 def summarize(streams: dict, short: dict, diffs: list[float]) -> dict[str, float]:
@@ -197,6 +240,10 @@ def summarize(streams: dict, short: dict, diffs: list[float]) -> dict[str, float
         "cpu_per_request_us": per_req_us,
         "stream_throughput_ratio": med([p["events"] / p["elapsed"] for p in p_s]) / med([d["events"] / d["elapsed"] for d in d_s]),
         "stream_chunks_per_s": med([p["events"] / p["elapsed"] for p in p_s]),
+        "stream_wait_ms_per_request": med([r["proxy_wait_s"] / max(1, r["requests"]) * 1e3 for r in p_s]),
+        "short_wait_ms_per_request": med([r["proxy_wait_s"] / max(1, r["requests"]) * 1e3 for r in p_q]),
+        "short_wait_share": med([r["proxy_wait_s"] / r["elapsed"] for r in p_q]),
+        "short_cpu_share": med([r["proxy_cpu_s"] / r["elapsed"] for r in p_q]),
         "short_direct_rps": med([d["requests"] / d["elapsed"] for d in d_q]),
         "short_proxy_rps": med([p["requests"] / p["elapsed"] for p in p_q]),
         "errors": sum(r["errors"] for r in d_s + p_s + d_q + p_q),
@@ -223,20 +270,45 @@ def report(f: dict[str, float], args, pinned: bool) -> str:
         f"| proxy CPU per chunk (gross, incl. per-request share) | {f['cpu_per_chunk_gross_us']:.1f} us | |",
         f"| proxy CPU per chunk (net of per-request cost) | {f['cpu_per_chunk_net_us']:.1f} us | "
         f"<= 30 us ({ok[f['cpu_per_chunk_net_us'] <= 30]}) |",
+        f"| of which the proxy's Python work per chunk (in-process, no I/O): with / without metering | "
+        f"{f['py_chunk_us']:.1f} / {f['py_chunk_nometer_us']:.1f} us | |",
         f"| proxy CPU per short request | {f['cpu_per_request_us']:.0f} us | "
         f"<= 300 us ({ok[f['cpu_per_request_us'] <= 300]}) |",
         f"| stream throughput ratio (chunks/s proxied / direct) | {f['stream_throughput_ratio']:.3f} "
         f"({f['stream_chunks_per_s']:.0f} chunks/s) | >= 0.9 ({ok[f['stream_throughput_ratio'] >= 0.9]}) |",
         f"| short calls at saturation: direct / proxied | {f['short_direct_rps']:.0f} / "
         f"{f['short_proxy_rps']:.0f} req/s (ratio {f['short_throughput_ratio']:.2f}) | see notes |",
+        f"| proxy run-queue wait (runnable, not running) per streamed call | {f['stream_wait_ms_per_request']:.2f} ms"
+        " | |",
+        f"| proxy at saturation: CPU busy / run-queue wait, share of wall time | {f['short_cpu_share']:.0%} / "
+        f"{f['short_wait_share']:.0%} | |",
     ]
     return "\n".join(lines)
+
+
+NOTES = """
+How to read it:
+
+- The in-process figure is the proxy's own Python work per chunk (decode the upstream's chunked coding,
+  frame for the client, meter the SSE event). The rest of the CPU per chunk is the event loop waking
+  up and one `recv` and one `send` per event: at 20 tokens/s per stream events arrive one per wake-up,
+  at higher rates several share one (compare a run with `--itl-ms 25`).
+- Added TTFT is paired, so the mock's own lateness cancels, but the extra hop is one more process
+  that must be scheduled: with a load average above the CPU count, run-queue waits dominate p99.
+- History: the first version used aiohttp's client for the upstream: 62-94 us per chunk (gross),
+  330-490 us per request and added TTFT p50 58 ms (one paired run) on the same machine. Pulling each chunk through
+  aiohttp's StreamReader cost a future, a task switch and a timer reschedule per chunk;
+  opskit.upstream pushes it from `data_received` instead, and a body that is complete with its head
+  goes out in one write.
+- What is left per request is mostly aiohttp's server side and prometheus_client's `labels()` (seven
+  look-ups per call in CallMetrics.started/finished).
+"""
 
 
 def write_readme(text: str, command: str) -> None:
     """Replace the proxy section of bench/README.md (between its markers), or append it."""
     block = (f"<!-- proxy:begin -->\n## proxy\n\nMeasured by `{command}` on {time.strftime('%Y-%m-%d')}:\n\n"
-             f"{text}\n<!-- proxy:end -->")
+             f"{text}\n{NOTES}<!-- proxy:end -->")
     old = README.read_text() if README.exists() else "# Benchmarks\n"
     pattern = re.compile(r"<!-- proxy:begin -->.*?<!-- proxy:end -->", re.S)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
@@ -284,6 +356,7 @@ def main() -> None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(10)
     figures = summarize(streams, short, diffs)
+    figures["py_chunk_us"], figures["py_chunk_nometer_us"] = python_per_chunk_us()
     figures["load_before"], figures["load_after"] = ap_load, float(Path("/proc/loadavg").read_text().split()[0])
     text = report(figures, args, pinned)
     print(text)
