@@ -168,3 +168,23 @@ def test_sdk_completions_streamed_and_n(start_mock):
             texts[ch.index] += ch.text
     assert all(len(t.split()) == 5 for t in texts.values())     # max_tokens caps each choice
     assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["length", "length"]
+
+
+def test_stop_sequence_ends_the_content_before_it(start_mock):
+    mock = start_mock("--seed", "4", "--output-tokens-mean", "40", "--output-tokens-spread", "0", "--ttft-ms", "1",
+                      "--itl-ms", "0")
+    client = openai.OpenAI(base_url=mock.api, api_key="unused", max_retries=0, timeout=10)
+    full = client.chat.completions.create(model="deepseek-chat", messages=CHAT["messages"]).choices[0]
+    words = full.message.content.split()
+    assert full.finish_reason == "stop" and len(words) == 40
+    # The synthetic text cycles through 43 words, two of them "the": any 40 words hold a " the".
+    stop = " the"
+    resp = client.chat.completions.create(model="deepseek-chat", messages=CHAT["messages"], stop=[stop, "zzz"])
+    content = resp.choices[0].message.content
+    assert stop not in content and resp.choices[0].finish_reason == "stop"
+    assert resp.usage.completion_tokens == len(content.split()) < 40
+    stream = client.chat.completions.create(model="deepseek-chat", messages=CHAT["messages"], stop=stop,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert stop not in streamed and chunks[-1].usage.completion_tokens == len(streamed.split())

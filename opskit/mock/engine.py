@@ -87,6 +87,8 @@ async def admit(state: MockState, req: GenRequest, identity: str, arrival: float
     loop_now = time.perf_counter()
     sched = state.model.sample(req.n, req.max_tokens, state.faults.extra_ttft_ms,
                                req.kind == "chat" and req.model in REASONING_MODELS)
+    if req.stop:
+        sched.apply_stop(req.stop)
     queue = loop_now - arrival
     state.limiter.charge(identity, sched.output_tokens)
     state.counters.input_tokens += req.prompt_tokens

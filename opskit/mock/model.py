@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opskit.mock.settings import Latency
 
@@ -63,6 +63,7 @@ class Schedule:
     jitter: float            # its standard deviation, seconds
     seed: int                # seeds the gaps' RNG
     word_offset: int         # where in VOCAB this request's text starts
+    stopped: list[bool] = field(default_factory=list)   # per choice: ended by a stop sequence
 
     @property
     def output_tokens(self) -> int:
@@ -123,7 +124,8 @@ class Schedule:
     @property
     def end(self) -> float:
         """Due time of the last chunk (walks the gaps; used by non-streamed responses)."""
-        return collections.deque(self.times(), maxlen=1)[0]
+        last = collections.deque(self.times(), maxlen=1)
+        return last[0] if last else self.ttft
 
     def words(self, choice: int, start: int, count: int) -> bytes:
         """The text of tokens [start, start+count) of a choice, as bytes."""
@@ -132,6 +134,24 @@ class Schedule:
         if count == 1:
             return VOCAB_BYTES[base % n]
         return b"".join(VOCAB_BYTES[(base + i) % n] for i in range(count))
+
+    def apply_stop(self, stops: tuple[str, ...]) -> None:
+        """End each choice's content before the first stop sequence in it (OpenAI leaves the stop out).
+
+        Output stays whole tokens: the content keeps the words that end before the match.
+        """
+        self.stopped = [False] * len(self.lengths)
+        for c, length in enumerate(self.lengths):
+            r = self.reasoning[c]
+            text = self.words(c, r, length - r).decode()
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if not hits:
+                continue
+            cut, kept, end = min(hits), 0, 0
+            while kept < length - r and end + len(self.words(c, r + kept, 1)) <= cut:
+                end += len(self.words(c, r + kept, 1))
+                kept += 1
+            self.lengths[c], self.stopped[c] = r + kept, True
 
     def text(self, choice: int, kind: int) -> str:
         """The whole reasoning or content text of a choice (non-streamed responses)."""
@@ -160,4 +180,4 @@ class LatencyModel:
         split = [length // 2 if reasoning else 0 for length in lengths]
         return Schedule((ttft + extra_ttft_ms) / 1000.0, lengths, split, lat.tokens_per_chunk,
                         lat.itl_ms / 1000.0, lat.itl_jitter_ms / 1000.0, rng.getrandbits(64),
-                        rng.randrange(len(VOCAB)))
+                        rng.randrange(len(VOCAB)), [False] * n)

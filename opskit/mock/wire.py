@@ -44,6 +44,7 @@ class GenRequest:
     n: int
     max_tokens: int | None
     prompt_tokens: int
+    stop: tuple[str, ...] = ()   # generation ends before the first of these in the content
 
 
 def _opt(body: dict, key: str, types: tuple, what: str, check=None):
@@ -101,10 +102,11 @@ def parse_request(raw: bytes, kind: str) -> GenRequest:
     max_completion = _opt(body, "max_completion_tokens", (int,), "a positive integer", lambda v: v >= 1)
     _opt(body, "temperature", (int, float), "a number between 0 and 2", lambda v: 0 <= v <= 2)
     _opt(body, "top_p", (int, float), "a number between 0 and 1", lambda v: 0 <= v <= 1)
-    _opt(body, "stop", (str, list), "a string or a list of up to 4 strings",
-         lambda v: isinstance(v, str) or (len(v) <= 4 and all(isinstance(s, str) for s in v)))
+    stop = _opt(body, "stop", (str, list), "a string or a list of up to 4 strings",
+                lambda v: isinstance(v, str) or (len(v) <= 4 and all(isinstance(s, str) for s in v)))
+    stops = tuple(s for s in ([stop] if isinstance(stop, str) else stop or []) if s)
     return GenRequest(kind, model, stream, include_usage and stream, n, max_tokens or max_completion,
-                      estimate_tokens(text))
+                      estimate_tokens(text), stops)
 
 
 class Encoder:
@@ -150,7 +152,7 @@ class Encoder:
         return u
 
     def finish_reason(self, sched: Schedule, choice: int) -> str:
-        return "length" if sched.lengths[choice] == self.req.max_tokens else "stop"
+        return "length" if sched.lengths[choice] == self.req.max_tokens and not sched.stopped[choice] else "stop"
 
     def whole(self, sched: Schedule) -> bytes:
         """The non-streamed response body."""
