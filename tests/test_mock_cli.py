@@ -151,3 +151,16 @@ def test_sigterm_with_a_stream_in_flight_exits_0_promptly(start_mock):
     assert mock.proc.wait(10) == 0
     assert time.monotonic() - t0 < 5
     conn.close()
+
+
+def test_apply_stop_keeps_whole_words_before_the_match():
+    lat = Latency(output_tokens_mean=10, output_tokens_spread=0, ttft_jitter_ms=0, itl_jitter_ms=0)
+    s = LatencyModel(lat, seed=3).sample(2, None, 0.0, reasoning=True)    # 5 reasoning + 5 content each
+    content = s.text(0, CONTENT)
+    stop = content.split(" ")[4][1:]                    # starts inside the 4th word (content is " w1 w2 ...")
+    s.apply_stop(("\u2603", stop))                       # the first never matches
+    assert s.stopped[0] and s.reasoning == [5, 5]
+    kept, cut = s.text(0, CONTENT), content.find(stop)
+    assert kept == content[: content.rfind(" ", 0, cut)]   # the words that end before the match
+    assert stop not in kept and s.lengths[0] == 5 + len(kept.split())
+    assert s.end == pytest.approx(list(s.times())[-1])
