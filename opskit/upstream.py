@@ -66,6 +66,10 @@ class Exchange:
         self.sink = sink
         for data, now in pending:
             sink(data, now)
+        conn = self.conn
+        if conn.held and not conn.closed and conn.ex is self:
+            conn.held = False
+            conn.transport.resume_reading()
 
     def body(self) -> tuple[bytes, float]:
         """A complete body received before any sink was attached, and when its last piece came."""
@@ -107,6 +111,7 @@ class Conn(asyncio.Protocol):
         self.got_bytes = False
         self.last = perf_counter()
         self.paused = False
+        self.held = False
         self.timed_out = False
         self.closed = False
 
@@ -249,6 +254,9 @@ class Conn(asyncio.Protocol):
         sink = ex.sink
         if sink is None:
             ex.pending.append((data, now))
+            if not self.held and sum(len(d) for d, _ in ex.pending) > HIGH_WATER:
+                self.held = True  # nobody is taking the body yet: stop reading until attach()
+                self.transport.pause_reading()
             return
         try:
             sink(data, now)
@@ -417,7 +425,7 @@ class Pool:
             await asyncio.sleep(period)
             now = perf_counter()
             for conn in list(self.busy):
-                if conn.ex is not None and not conn.paused and now - conn.last > self.timeout_s:
+                if conn.ex is not None and not conn.paused and not conn.held and now - conn.last > self.timeout_s:
                     conn.timed_out = True
                     conn.abort()
             while self.idle and now - self.idle[0].last > IDLE_S:

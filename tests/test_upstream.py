@@ -216,3 +216,18 @@ def test_unreachable_and_timeout():
             await dead.send("GET", b"GET / HTTP/1.1\r\n\r\n")
         await dead.close()
     _run(run())
+
+
+def test_body_held_until_a_sink_attaches():
+    """A big body arriving before the proxy attached its sink stops the reads instead of piling up."""
+    async def run():
+        pool = Pool("http://127.0.0.1:1", 1.0, 5.0)
+        conn = _conn(pool)
+        ex = conn.send("GET", b"x")
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 600000\r\n\r\n" + b"a" * 300_000)
+        held = conn.transport.paused
+        seen = []
+        ex.attach(lambda data, now: seen.append(len(data)))
+        conn.data_received(b"a" * 300_000)
+        return held, conn.transport.paused, sum(seen), ex.complete
+    assert _run(run()) == (True, False, 600_000, True)
