@@ -91,7 +91,7 @@ def test_chunk_plans_and_itl_per_token():
                   output_tokens_spread=0, tokens_per_chunk=2)
     s = LatencyModel(lat, seed=1).sample(1, None, extra_ttft_ms=7)
     # chunk j is due ITL x (tokens in chunk j) after chunk j-1; extra TTFT shifts everything
-    assert list(s.times()) == pytest.approx([0.017, 0.025, 0.029])
+    assert list(s.times()) == pytest.approx([0.017, 0.025, 0.029]) and s.end == pytest.approx(0.029)
     for reasoning in (False, True):   # the lazy chunk arithmetic agrees with the plan
         r = LatencyModel(Latency(tokens_per_chunk=3), seed=2).sample(3, None, 0.0, reasoning=reasoning)
         for c in range(3):

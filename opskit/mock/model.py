@@ -124,6 +124,11 @@ class Schedule:
     @property
     def end(self) -> float:
         """Due time of the last chunk (walks the gaps; used by non-streamed responses)."""
+        if not self.jitter:   # closed form: every token after the first chunk's costs one ITL
+            c = self.longest
+            length = self.lengths[c]
+            first = self.chunk(c, 0)[2] if length else 0
+            return self.ttft + self.itl * (length - first)
         last = collections.deque(self.times(), maxlen=1)
         return last[0] if last else self.ttft
 

@@ -117,6 +117,11 @@ class Encoder:
         obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
         head = f'{{"id":"{rid}","object":"{obj}","created":{created},"model":{json.dumps(req.model)},'
         self.head = head.encode()
+        if req.stream:   # a whole (non-streamed) body needs no chunk templates
+            self._templates(head)
+
+    def _templates(self, head: str) -> None:
+        req = self.req
         tail = '"},"logprobs":null,"finish_reason":null}]}'
         if req.kind == "chat":
             self.prefix = [[(head + f'"choices":[{{"index":{i},"delta":{{"{f}":"').encode() for i in range(req.n)]
