@@ -29,7 +29,8 @@ OPSKIT_IMAGE = f"registry.example.com/opskit:{__version__}"
 
 
 def manifest_files() -> list[Path]:
-    return sorted(DEPLOY.glob("*.yaml")) + sorted((DEPLOY / "generated").glob("*.yaml"))
+    files = sorted(DEPLOY.glob("*.yaml")) + sorted((DEPLOY / "generated").glob("*.yaml"))
+    return [f for f in files if f.name != "kustomization.yaml"]  # kubectl's, not an API object
 
 
 def docs() -> list[tuple[str, dict]]:
@@ -350,3 +351,11 @@ def test_exporter_sidecar_runs_as_deployed(tmp_path, mock_server, deployment, ta
         assert {s.labels["target"] for s in samples} == {target}
     finally:
         stop(proc)
+
+
+def test_kustomization_lists_every_manifest_but_the_on_demand_release_run():
+    k = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    assert k["kind"] == "Kustomization"
+    listed = {DEPLOY / r for r in k["resources"]}
+    assert all(p.is_file() for p in listed)
+    assert listed == set(manifest_files()) - {DEPLOY / "locust-release-job.yaml"}
