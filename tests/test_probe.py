@@ -124,6 +124,19 @@ def test_probe_authenticates_and_never_logs_the_key(start_mock, caplog):
     assert KEY not in caplog.text and "sk-wrong" not in caplog.text
 
 
+@pytest.mark.parametrize("scheme", ["hmac", "oauth2"])
+def test_probe_signs_with_every_scheme(start_mock, scheme):
+    if scheme == "hmac":
+        mock = start_mock(*FAST, "--auth", "hmac", "--api-key", f"kid-1:{KEY}")
+        auth = AuthConfig(scheme="hmac", api_key=Secret("kid-1"), secret_key=Secret(KEY))
+    else:
+        mock = start_mock(*FAST, "--auth", "oauth2", "--client", f"probe-client:{KEY}")
+        auth = AuthConfig(scheme="oauth2", token_url=mock.url + "/oauth/token", client_id="probe-client",
+                          client_secret=Secret(KEY))
+    prober, registry = _prober(mock.api, auth)
+    assert _probe(prober).ok and _get(registry, "opskit_probe_success", target="m") == 1
+
+
 def test_probe_rate_limited(start_mock):
     mock = start_mock(*FAST, "--rpm", "1")
     prober, registry = _prober(mock.api)
