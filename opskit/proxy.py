@@ -22,6 +22,8 @@ forwarded but not metered, because it is not a model call and would skew latency
   the proxy closes the client connection too, so the client sees the break it would have seen directly.
 - Request bodies over `max_body_bytes` get 413 (Content-Length checked first, then counted while read).
 - Authorization and every other header pass through untouched; headers are never recorded or logged.
+  The path and body are forwarded byte for byte, so HMAC-signed requests stay valid, as long as the
+  upstream URL has no path prefix (a prefix is prepended to every path, changing what was signed).
 - For metered calls `Accept-Encoding` is narrowed to gzip/deflate/identity so that the proxy can decode
   a copy of a compressed body for metering; the bytes sent to the client stay the upstream's.
 - Not proxied: WebSocket upgrades (Upgrade is hop-by-hop). A client that hangs up while the upstream
