@@ -46,7 +46,7 @@ manifests: install
 	$(BIN)/python -m deploy.generate
 
 check-alerts: install
-	@if [ -x alerts/check.sh ]; then alerts/check.sh; else echo "alerts/check.sh not present yet"; fi
+	alerts/check.sh
 
 stack: install
 	$(BIN)/opskit stack up
