@@ -78,11 +78,13 @@ class Exchange:
         return b"".join(d for d, _ in self.pending), self.pending[-1][1]
 
     def abort(self) -> None:
-        """Give up on this exchange: its connection is closed, never reused, and nobody waits."""
+        """Give up on this exchange: nobody waits for it, and its connection, if it is still busy with
+        it, is closed (a finished exchange's connection may already serve another request)."""
         for fut in (self.head, self.done):
             if not fut.done():
                 fut.cancel()
-        self.conn.abort()
+        if self.conn.ex is self:
+            self.conn.abort()
 
     def pause(self, client: asyncio.WriteTransport) -> None:
         """The client reads slower than the upstream writes: stop reading until it catches up."""

@@ -231,3 +231,12 @@ def test_body_held_until_a_sink_attaches():
         conn.data_received(b"a" * 300_000)
         return held, conn.transport.paused, sum(seen), ex.complete
     assert _run(run()) == (True, False, 600_000, True)
+
+
+def test_abort_after_completion_leaves_the_pooled_connection_alone():
+    async def run():
+        ex, _, pool, conn = await _exchange([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+        next_ex = conn.send("GET", b"y")  # the connection already serves the next request
+        ex.abort()
+        return conn.transport.aborted, next_ex.head.done()
+    assert _run(run()) == (False, False)
