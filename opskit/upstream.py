@@ -64,9 +64,17 @@ class Exchange:
         """Deliver body pieces to `sink` from now on, starting with those already received."""
         pending, self.pending = self.pending, []
         self.sink = sink
-        for data, now in pending:
-            sink(data, now)
         conn = self.conn
+        try:
+            for data, now in pending:
+                sink(data, now)
+        except ClientGone as exc:
+            if conn.ex is self:
+                conn.ex = None
+                conn.abort()
+            if not self.done.done():
+                self.done.set_exception(exc)
+            return  # a finished exchange: finishing the response to the gone client will say so
         if conn.held and not conn.closed and conn.ex is self:
             conn.held = False
             conn.transport.resume_reading()

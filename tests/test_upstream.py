@@ -240,3 +240,16 @@ def test_abort_after_completion_leaves_the_pooled_connection_alone():
         ex.abort()
         return conn.transport.aborted, next_ex.head.done()
     assert _run(run()) == (False, False)
+
+
+def test_client_gone_while_flushing_what_arrived_early():
+    async def run():
+        ex, _, _, conn = await _exchange([CHUNKED[:140]], attach_early=False)
+
+        def sink(data, now):
+            raise ClientGone
+        ex.attach(sink)
+        with pytest.raises(ClientGone):
+            await ex.done
+        return conn.transport.aborted
+    assert _run(run())
