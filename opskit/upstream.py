@@ -79,12 +79,6 @@ class Exchange:
             conn.held = False
             conn.transport.resume_reading()
 
-    def body(self) -> tuple[bytes, float]:
-        """A complete body received before any sink was attached, and when its last piece came."""
-        if not self.pending:
-            return b"", perf_counter()
-        return b"".join(d for d, _ in self.pending), self.pending[-1][1]
-
     def abort(self) -> None:
         """Give up on this exchange: nobody waits for it, and its connection, if it is still busy with
         it, is closed (a finished exchange's connection may already serve another request)."""
