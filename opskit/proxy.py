@@ -60,8 +60,8 @@ SOURCE = "proxy"
 METERED_SUFFIXES = ("/chat/completions", "/completions")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
-# Also dropped from requests: the client library computes Host/Content-Length, and Expect would make
-# the upstream wait for a 100-continue that aiohttp's client does not negotiate.
+# Also dropped from requests: opskit.upstream writes Host and Content-Length itself, and it sends the
+# body at once, so an Expect: 100-continue (the proxy already answered it) must not reach the upstream.
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
