@@ -269,6 +269,9 @@ class _Proxy:
         self.metrics.started(self.target, SOURCE)
         try:
             return await self._forward(request, call)
+        except asyncio.CancelledError:  # close() cut it wherever it was; a relayed stream says more
+            call.fail(records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT)
+            raise
         finally:
             self.tasks.discard(task)
             self.metrics.finished(call.record(self.target, self.metrics.model_label(self.target, call.model)))
