@@ -7,6 +7,7 @@ exit codes and printed output are exactly what a user sees.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def loadtest(tmp_path: Path, *args: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess, Path | None]:
+def loadtest(tmp_path: Path, *args: str, timeout: float = 90,
+             env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path | None]:
     """Run `opskit loadtest ARGS --out tmp/reports`; returns the result and the run directory."""
     out = tmp_path / "reports"
     proc = subprocess.run([sys.executable, "-m", "opskit", "loadtest", *args, "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
     runs = sorted(out.glob("*/")) if out.exists() else []
     return proc, (runs[-1] if runs else None)
 
@@ -138,3 +140,23 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and "--mock-args" in proc.stderr
     proc, _ = loadtest(tmp_path, "qps", "--baseline", str(tmp_path))
     assert proc.returncode == 2 and "summary.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hmac_auth_from_config_through_the_proxy_and_no_secret_leaks(tmp_path, start_mock):
+    secret = "s3cr3t-signing-value"
+    mock = start_mock("--auth", "hmac", "--api-key", f"kid-1:{secret}")
+    cfg = tmp_path / "opskit.yaml"
+    cfg.write_text(f"targets:\n  - name: mock\n    base_url: {mock.url}\n    auth: {{scheme: hmac, "
+                   "api_key_env: LT_KEY_ID, secret_key_env: LT_SECRET}\n")
+    env = {**os.environ, "LT_KEY_ID": "kid-1", "LT_SECRET": secret}
+    proc, run = loadtest(tmp_path / "good", "streaming", "--config", str(cfg), "--duration", "3", "--users", "4",
+                         env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "proxy_reconciled" in proc.stdout  # the signed requests went through the metering proxy
+    written = "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file())
+    assert secret not in written + proc.stdout + proc.stderr
+
+    proc, _ = loadtest(tmp_path / "bad", "streaming", "--config", str(cfg), "--duration", "2", "--users", "2",
+                       "--no-proxy", env={**env, "LT_SECRET": "wrong"})
+    assert proc.returncode == 1 and "streaming error_ratio" in proc.stdout.splitlines()[-2]
+    assert "client_error" in proc.stdout

@@ -53,9 +53,12 @@ class RunParams:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> RunParams:
         """The params the runner passed; defaults when run by hand (`locust -f loadtests/x.py`)."""
-        raw = (os.environ if environ is None else environ).get(ENV)
+        env = os.environ if environ is None else environ
+        raw = env.get(ENV)
         if not raw:
-            return cls(base_url=os.environ.get("OPSKIT_TARGET_URL", cls.base_url))
+            # run by hand (`locust -f loadtests/x.py`, web UI): no end of its own, Locust decides
+            return cls(base_url=env.get("OPSKIT_TARGET_URL", cls.base_url), duration=float("inf"),
+                       run_dir=os.path.join("reports", "interactive"), target_url=env.get("OPSKIT_TARGET_URL"))
         data = json.loads(raw)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})

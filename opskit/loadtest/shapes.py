@@ -30,7 +30,7 @@ class ArrivalSpec:
 
 def _step_rates(spec: ArrivalSpec, duration: float) -> list[tuple[float, float, float]]:
     """(start, end, rate) of each constant-rate segment."""
-    if spec.kind != "ramp":
+    if spec.kind != "ramp" or duration == float("inf"):  # an endless run cannot ramp to its end
         return [(0.0, duration, spec.rate)]
     n = max(1, spec.steps)
     width = duration / n

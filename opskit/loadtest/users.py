@@ -21,6 +21,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 
 import gevent
 import gevent.pool
@@ -31,7 +32,7 @@ from opskit import records
 from opskit.loadtest import shapes
 from opskit.loadtest.client import ChatClient
 from opskit.loadtest.log import RequestLog
-from opskit.loadtest.params import RunParams
+from opskit.loadtest.params import ENV, RunParams
 from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, filler
 
 # the runner's live progress line reads the stats-history CSV: have Locust write it every second
@@ -71,11 +72,18 @@ _PROC: Process | None = None
 _LAG: list[float] = []
 
 
-def proc() -> Process:
-    """This process's state, created on first use; also starts the event-loop lag monitor."""
+def proc(host: str | None = None, scenario: str | None = None) -> Process:
+    """This process's state, created on first use; also starts the event-loop lag monitor.
+
+    `host` (Locust's --host or the web UI's host field) is the target when the runner passed no params.
+    """
     global _PROC
     if _PROC is None:
-        _PROC = Process(RunParams.from_env())
+        params = RunParams.from_env()
+        if ENV not in os.environ:  # run by hand: the locustfile names the scenario, --host the target
+            params = replace(params, base_url=(host or params.base_url).rstrip("/"),
+                             scenario=scenario or params.scenario)
+        _PROC = Process(params)
         gevent.spawn(_lag_monitor)
     return _PROC
 
@@ -148,9 +156,10 @@ class ChatUser(User):
 
     abstract = True
     wait_time = constant(0)
+    scenario = "streaming"
 
     def on_start(self) -> None:
-        self.p = proc()
+        self.p = proc(self.host, self.scenario)
         self.uid = next(self.p.user_ids)
         seed = self.p.params.seed * 100_000 + self.p.params.worker * 1000 + self.uid
         self.prompts = PromptSource(PromptSpec(**self.p.params.prompt), seed=seed)
@@ -188,6 +197,7 @@ class OpenLoopUser(ChatUser):
     """The open-loop scheduler: one per process, a greenlet per request at its scheduled time."""
 
     abstract = True
+    scenario = "qps"
 
     def on_start(self) -> None:
         super().on_start()
@@ -229,6 +239,7 @@ class StreamingUser(ChatUser):
     """Closed loop: each user streams one chat after another (SSE, or WebSocket with transport=ws)."""
 
     abstract = True
+    scenario = "streaming"
 
     @task
     def chat(self) -> None:
@@ -243,6 +254,7 @@ class ConversationUser(ChatUser):
     """Multi-turn chats: each turn sends system + the last N turns + a new question, so context grows."""
 
     abstract = True
+    scenario = "conversation"
     wait_time = constant(0.05)
 
     @task
@@ -270,6 +282,7 @@ class ThrottledUser(ChatUser):
     """
 
     abstract = True
+    scenario = "throttling"
 
     def wait_time(self) -> float:  # pacing so that all users together offer overdrive x the limit
         prm = self.p.params
