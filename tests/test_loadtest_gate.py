@@ -96,10 +96,12 @@ def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server)
     assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
 
     proc, run = loadtest(tmp_path / "ws", "streaming", "--duration", "3", "--users", "5", "--transport", "ws",
-                         "--target", mock_server.url)
+                         "--model", "deepseek-reasoner", "--target", mock_server.url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     df = results.load(run)
     assert (df["transport"] == "ws").all() and df["ttft_s"].notna().all() and (df["output_tokens"] > 0).all()
+    # a reasoning model thinks first: the first output token comes after the first (reasoning) token
+    assert (df["ttfot_s"] > df["ttft_s"]).all()
 
 
 def test_timings_match_the_mock_ground_truth_at_100_streams(tmp_path, start_mock):

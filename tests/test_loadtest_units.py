@@ -206,3 +206,15 @@ def test_report_compare_cli_exit_codes(tmp_path):
     (tmp_path / "junk" / "summary.json").write_text("{not json")
     res = runner.invoke(main, ["report", "compare", str(a), str(tmp_path / "junk")])
     assert res.exit_code == 2 and "summary.json" in res.output and "Traceback" not in res.output
+
+
+def test_unavailable_metering_proxy_degrades_to_direct(tmp_path, monkeypatch):
+    from opskit.loadtest import procs, runner
+
+    def broken(*_a, **_kw):
+        raise procs.ProcError("opskit exporter exited with status 2: config error")
+
+    monkeypatch.setattr(procs, "start_exporter", broken)
+    target = runner.open_target(runner.Options(proxy=True), tmp_path, "http://127.0.0.1:9")
+    assert target.send_url == target.url == "http://127.0.0.1:9" and target.metrics_url is None
+    assert "going direct" in target.notes[0]

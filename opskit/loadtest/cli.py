@@ -71,7 +71,8 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
     """Run load-test scenarios against a target and gate on SLOs.
 
     \b
-    SCENARIOS: qps streaming throttling conversation (default: all four).
+    SCENARIOS: qps streaming throttling conversation (default: all four; against --target/--config,
+    throttling only with --limit-requests, since it judges the target against that limit).
     Exit status: 0 pass, 1 an SLO missed (or a regression against --baseline), 2 usage/config error.
     Examples:
       opskit loadtest                                   # all scenarios against the embedded mock
@@ -92,7 +93,12 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
         raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
     base = compare.load_summary(baseline) if baseline else None
     prompt = PromptSpec(input_tokens, input_spread, output_tokens, output_spread, prompts_file).__dict__
-    opts = runner.Options(scenarios=tuple(scenarios) or runner.DEFAULT_SCENARIOS, target_url=target_url,
+    if not scenarios:
+        scenarios = runner.DEFAULT_SCENARIOS
+        if (target_url or config_file) and not limit_requests:
+            # a real target's limit is unknown: the throttling checks could only fail; ask for it explicitly
+            scenarios = tuple(s for s in scenarios if s != "throttling")
+    opts = runner.Options(scenarios=tuple(scenarios), target_url=target_url,
                           config=config_file, target_name=target_name, duration=duration, rate=rate,
                           arrival=arrival, users=users, processes=processes, stream=stream, transport=transport,
                           model=model, prompt=prompt, mock_args=extra, proxy=proxy, limit_requests=limit_requests,
