@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from opskit.config import ConfigError
+from opskit.config import ENV_TARGET_URL, ConfigError
 
 
 def _progress_printer():
@@ -95,7 +96,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
     prompt = PromptSpec(input_tokens, input_spread, output_tokens, output_spread, prompts_file).__dict__
     if not scenarios:
         scenarios = runner.DEFAULT_SCENARIOS
-        if (target_url or config_file) and not limit_requests:
+        if (target_url or config_file or os.environ.get(ENV_TARGET_URL)) and not limit_requests:
             # a real target's limit is unknown: the throttling checks could only fail; ask for it explicitly
             scenarios = tuple(s for s in scenarios if s != "throttling")
     opts = runner.Options(scenarios=tuple(scenarios), target_url=target_url,

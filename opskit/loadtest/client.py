@@ -191,7 +191,8 @@ class ChatClient:
         import websocket  # websocket-client; gevent-patched sockets inside Locust
 
         url = urlsplit(self.base_url)
-        ws_url = f"{'wss' if url.scheme == 'https' else 'ws'}://{url.netloc}{self.prefix}/v1/chat/stream"
+        path = self.prefix + ("/chat/stream" if self.prefix.endswith("/v1") else "/v1/chat/stream")
+        ws_url = f"{'wss' if url.scheme == 'https' else 'ws'}://{url.netloc}{path}"
         t_sent = perf()
         t0 = t_sent if t_sched is None else t_sched
         row = {"t_sched": t0, "t_sent": t_sent, "status": 0, "streamed": True, "transport": "ws"}
