@@ -27,7 +27,7 @@ class RunParams:
     target_url: str | None = None
     target_name: str | None = None
     model: str = "deepseek-chat"
-    duration: float = 20.0
+    duration: float = float("inf")            # users stop starting requests after this; inf: Locust decides
     users: int = 10
     worker: int = 0
     workers: int = 1
@@ -57,7 +57,7 @@ class RunParams:
         raw = env.get(ENV)
         if not raw:
             # run by hand (`locust -f loadtests/x.py`, web UI): no end of its own, Locust decides
-            return cls(base_url=env.get("OPSKIT_TARGET_URL", cls.base_url), duration=float("inf"),
+            return cls(base_url=env.get("OPSKIT_TARGET_URL", cls.base_url),
                        run_dir=os.path.join("reports", "interactive"), target_url=env.get("OPSKIT_TARGET_URL"))
         data = json.loads(raw)
         names = {f.name for f in dataclasses.fields(cls)}
