@@ -15,7 +15,7 @@ from opskit.config import AuthConfig, ProbeConfig, Secret, Target
 from opskit.probe import Prober, next_slot
 
 MODEL = "deepseek-chat"
-FAST = ("--ttft-ms", "5", "--ttft-jitter-ms", "0", "--itl-ms", "1", "--itl-jitter-ms", "0")
+FAST = ("--ttft-ms", "5", "--ttft-jitter-ms", "0", "--itl-ms", "1", "--itl-jitter-ms", "0", "--output-tokens-spread", "0")
 KEY = "sk-probe-secret-0123456789"
 
 
