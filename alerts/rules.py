@@ -3,8 +3,10 @@
 Every number and `for:` duration comes from opskit.thresholds; the burn-rate factors and windows
 are the SRE workbook's multi-window, multi-burn-rate method (they define the method, not a
 threshold). Recording rules follow `level:metric:operation` naming. LLM alerts are aggregated
-`by (target)`; GPU, probe and exporter alerts keep the scraped `instance`/`job` labels so that
-Alertmanager can inhibit an instance's alerts while its exporter is down.
+`by (target)`; the ratio alerts (error rate, 429 share) also need `min_request_rate` of traffic, so
+that a target called only by the canary probe cannot page on one failed call. GPU, probe and
+exporter alerts keep the scraped `instance`/`job` labels so that Alertmanager can inhibit an
+instance's alerts while its exporter is down.
 """
 
 from __future__ import annotations
@@ -92,6 +94,14 @@ RATE_LIMITED_RATIO = "target:opskit_llm_ratelimited:ratio_rate5m"
 REQUESTS_RATE = "target:opskit_llm_requests:rate5m"
 
 
+def _guarded(ratio_rule: str, above: float, t: Thresholds) -> str:
+    """`ratio_rule > above`, only for targets with enough traffic for a ratio to mean something.
+
+    The `and` keeps the ratio as the alert's value; a target under `min_request_rate` (a quiet
+    one that only the canary probe calls) drops out, so one failed canary cannot page."""
+    return f"{ratio_rule} > {num(above)} and on (target) {REQUESTS_RATE} > {num(t.min_request_rate)}"
+
+
 def recordings() -> tuple[Recording, ...]:
     """Every recording rule opskit defines (names usable by alerts and dashboards)."""
     slo = "|".join(SLO_ERROR_TYPES)
@@ -122,15 +132,15 @@ def llm_alerts(t: Thresholds) -> tuple[Alert, ...]:
               "warning", f"p90 request duration is high {on}",
               f"p90 request duration {on} is {{{{ $value | humanizeDuration }}}}, above "
               f"{seconds(t.duration_p90_seconds)} for {t.duration_for}."),
-        Alert("LLMHighErrorRate", f"{ERRORS_RATIO} > {num(t.error_ratio)}", t.error_for, "warning",
+        Alert("LLMHighErrorRate", _guarded(ERRORS_RATIO, t.error_ratio, t), t.error_for, "warning",
               f"Error rate is high {on}",
               f"{{{{ $value | humanizePercentage }}}} of requests {on} failed, above "
               f"{percent(t.error_ratio)} for {t.error_for}."),
-        Alert("LLMErrorRateCritical", f"{ERRORS_RATIO} > {num(t.error_ratio_critical)}", t.error_critical_for,
+        Alert("LLMErrorRateCritical", _guarded(ERRORS_RATIO, t.error_ratio_critical, t), t.error_critical_for,
               "critical", f"Error rate is critical {on}",
               f"{{{{ $value | humanizePercentage }}}} of requests {on} failed, above "
               f"{percent(t.error_ratio_critical)} for {t.error_critical_for}."),
-        Alert("LLMRateLimited", f"{RATE_LIMITED_RATIO} > {num(t.rate_limited_ratio)}", t.rate_limited_for,
+        Alert("LLMRateLimited", _guarded(RATE_LIMITED_RATIO, t.rate_limited_ratio, t), t.rate_limited_for,
               "warning", f"Requests are rate limited (429) {on}",
               f"{{{{ $value | humanizePercentage }}}} of requests {on} were answered 429, above "
               f"{percent(t.rate_limited_ratio)} for {t.rate_limited_for}."),

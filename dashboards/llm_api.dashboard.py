@@ -34,6 +34,12 @@ def _share(selector: str) -> str:
     return f"({part} or {whole} * 0) / {whole}"
 
 
+def _guard_note(t: Thresholds) -> str:
+    """The ratio alerts' traffic guard in words (a quiet target's ratio is plotted, never alerted)."""
+    return (f"; the alert needs at least {t.min_request_rate:g} calls/s ({t.min_request_rate * 60:g}/min) "
+            f"on the target, so a target only the canary probe calls never alerts on its ratio.")
+
+
 def traffic(t: Thresholds) -> list:
     """Request rate, error ratio and errors by type."""
     return [
@@ -41,7 +47,8 @@ def traffic(t: Thresholds) -> list:
                    description="Calls per second by HTTP status (0 = transport failure), from the metering "
                                "proxy and the canary probe."),
         timeseries("Error ratio", f"Share of calls that failed (any error type) over {RATE}. Lines: the "
-                   f"warning ({t.error_ratio:.0%}) and critical ({t.error_ratio_critical:.0%}) alert thresholds.",
+                   f"warning ({t.error_ratio:.0%}) and critical ({t.error_ratio_critical:.0%}) alert thresholds"
+                   f"{_guard_note(t)}",
                    "percentunit", [target(_share('error_type!=""'), "{{target}}")],
                    (("orange", t.error_ratio), ("red", t.error_ratio_critical))),
         rate_panel(c.LLM_REQUESTS, "Errors by type", "target, error_type",
@@ -83,7 +90,7 @@ def limits(t: Thresholds) -> list:
              f'({c.LLM_QUOTA_LIMIT.name}{{target=~"$target"}} > 0)')
     return [
         timeseries("429 share", f"Share of calls answered 429 (rate limited) over {RATE}. Line: the alert "
-                   f"threshold ({t.rate_limited_ratio:.0%}).", "percentunit",
+                   f"threshold ({t.rate_limited_ratio:.0%}){_guard_note(t)}", "percentunit",
                    [target(_share('code="429"'), "{{target}}")], (("red", t.rate_limited_ratio),)),
         timeseries("Rate-limit headroom", "Last x-ratelimit-remaining-requests and -tokens the target "
                    "returned; near zero means 429s are coming.", unit_of(c.LLM_RL_REQUESTS),

@@ -31,6 +31,17 @@ class Thresholds:
     error_for: str = "5m"
     error_ratio_critical: float = 0.15
     error_critical_for: str = "2m"
+    # Requests per second (over 5m, per target) below which the ratio alerts (error rate, 429 share)
+    # stay silent: with few calls a ratio is noise. A target that only the canary probe calls sees
+    # 1 call a minute per exporter at the default 60 s interval, so one failed canary is 20 % of a
+    # 5-minute window and would page. 0.1/s (6 a minute, 30 calls in the window) sits above the
+    # probe-only traffic of the shipped deployments (deploy/model-server.yaml: 2 exporters every
+    # 30 s = 4/min; deploy/app-hosted.yaml: 3 every 60 s = 3/min), tested in tests/test_alerts.py,
+    # and far below real traffic. Keep it above (exporters x 60 / probe interval_s) calls a minute
+    # divided by 60. Quiet targets are still watched by LLMProbeFailing and the burn-rate alerts,
+    # whose long windows need many failures (at 1 call a minute, 9 failed canaries in an hour) and
+    # so are not guarded. 0 turns the guard off.
+    min_request_rate: float = 0.1
     # GPU utilization (0-1) and memory use (used/total).
     gpu_utilization_ratio: float = 0.9
     gpu_utilization_for: str = "5m"

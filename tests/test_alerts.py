@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from alerts import alertmanager, generate, rules
 from alerts.promql import series_names
 from opskit import catalog, thresholds
+from opskit.config import ConfigError
 from tests.conftest import need_binary, stop
 
 ALERTS_DIR = Path(__file__).resolve().parent.parent / "alerts"
@@ -97,6 +98,63 @@ def test_required_alerts_and_their_thresholds():
     assert "opskit_llm_quota_limit_requests" in alerts["LLMQuotaNearlyExhausted"]["expr"]
     # 99% SLO: budget 1%, so 14.4x is 0.144.
     assert "> 0.144" in alerts["LLMErrorBudgetFastBurn"]["expr"]
+
+
+GUARDED = ("LLMHighErrorRate", "LLMErrorRateCritical", "LLMRateLimited")
+
+
+def test_ratio_alerts_need_min_request_rate_and_burn_alerts_do_not():
+    alerts = _alert_rules(generate.render_rules(T))
+    guard = f" and on (target) {rules.REQUESTS_RATE} > {rules.num(T.min_request_rate)}"
+    for name in GUARDED:
+        # The ratio stays on the left of `and`, so $value in the description is still the ratio.
+        assert alerts[name]["expr"].endswith(guard), name
+        assert alerts[name]["expr"].startswith(("target:opskit_llm_errors:", "target:opskit_llm_ratelimited:"))
+    # Their long windows need many failed canaries, and a quiet target's steady failures must
+    # still reach someone: the burn alerts read the SLO ratios alone.
+    for name in ("LLMErrorBudgetFastBurn", "LLMErrorBudgetSlowBurn"):
+        assert rules.REQUESTS_RATE not in alerts[name]["expr"], name
+
+
+def test_min_request_rate_is_overridable(tmp_path, clean_env):
+    override = tmp_path / "t.yaml"
+    override.write_text("min_request_rate: 1\n")
+    t = thresholds.load(override)
+    assert t.min_request_rate == 1
+    alerts = _alert_rules(generate.render_rules(t))
+    assert all(alerts[n]["expr"].endswith(f"{rules.REQUESTS_RATE} > 1") for n in GUARDED)
+    override.write_text("min_request_rate: often\n")
+    with pytest.raises(ConfigError, match="min_request_rate: expected a number"):
+        thresholds.load(override)
+
+
+def _probe_only_rates() -> dict[str, float]:
+    """Deployment name -> probe calls per second its exporters make to one target with no other
+    traffic: replicas x 1 / probe interval, from each manifest's Deployment and its ConfigMap."""
+    deploy = ALERTS_DIR.parent / "deploy"
+    docs = [d for f in sorted(deploy.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    configs = {d["metadata"]["name"]: yaml.safe_load(d["data"]["opskit.yaml"])
+               for d in docs if d["kind"] == "ConfigMap" and "opskit.yaml" in d.get("data", {})}
+    out = {}
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        pod = d["spec"]["template"]["spec"]
+        if not any("--probe" in c.get("args", []) for c in pod["containers"]):
+            continue
+        names = [v.get("configMap", {}).get("name") for v in pod.get("volumes", [])]
+        cm = next(n for n in names if n in configs)
+        interval = configs[cm].get("probe", {}).get("interval_s", 60)
+        out[d["metadata"]["name"]] = d["spec"].get("replicas", 1) / interval
+    return out
+
+
+def test_probe_only_traffic_of_the_shipped_deployments_stays_under_the_guard():
+    rates = _probe_only_rates()
+    assert set(rates) >= {"llm-server", "chat-app"}, rates
+    for name, rate in rates.items():
+        # A margin: probes are not evenly spread, and rate() extrapolates at a window's edges.
+        assert rate * 1.2 < T.min_request_rate, f"{name}: probe-only traffic {rate:.3f}/s would pass the guard"
 
 
 def _promtool_tests() -> list[dict]:
@@ -180,7 +238,8 @@ def test_threshold_override_file_changes_the_rules(tmp_path, clean_env):
     alerts = _alert_rules(generate.render_rules(thresholds.load(override)))
     assert alerts["LLMHighTimeToFirstToken"]["expr"].endswith("> 0.75")
     assert "750ms" in alerts["LLMHighTimeToFirstToken"]["annotations"]["description"]
-    assert alerts["LLMHighErrorRate"]["expr"].endswith("> 0.05") and alerts["LLMHighErrorRate"]["for"] == "7m"
+    assert alerts["LLMHighErrorRate"]["expr"].startswith(f"{rules.ERRORS_RATIO} > 0.05 and")
+    assert alerts["LLMHighErrorRate"]["for"] == "7m"
     slo = dataclasses.replace(T, availability_slo=0.999)
     assert "> 0.0144" in _alert_rules(generate.render_rules(slo))["LLMErrorBudgetFastBurn"]["expr"]
 

@@ -116,6 +116,14 @@ def test_threshold_lines_are_the_alert_thresholds(dashboards):
     assert _lines(_panel(gpu, "Memory used ratio")) == [T.gpu_memory_ratio]
 
 
+def test_ratio_panels_state_the_alerts_traffic_guard(dashboards):
+    # The panels plot every target's ratio; their descriptions say why a quiet one does not alert.
+    for title in ("Error ratio", "429 share"):
+        assert f"at least {T.min_request_rate:g} calls/s" in _panel(dashboards["llm_api"], title)["description"]
+    changed = build.build_all(dataclasses.replace(T, min_request_rate=0.5))
+    assert "at least 0.5 calls/s (30/min)" in _panel(changed["llm_api"], "Error ratio")["description"]
+
+
 def test_a_changed_threshold_changes_rules_and_dashboards_together(tmp_path):
     changed = dataclasses.replace(T, ttft_p95_seconds=0.75, gpu_utilization_ratio=0.8, error_ratio=0.05)
     # Still on a bucket edge, as the catalogue demands.
