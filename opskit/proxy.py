@@ -18,7 +18,8 @@ forwarded but not metered, because it is not a model call and would skew latency
   the headers: the upstream cutting the body, an event stream ending without `data: [DONE]`, or an event
   that is not JSON -> stream_broken (malformed events are still passed through: the client's SDK fails
   on them, so the call counts as failed); a stream `error` event -> server_error; no byte for
-  `timeout_s` -> timeout; the client going away -> client_disconnect. When the upstream breaks a stream
+  `timeout_s` -> timeout; the client going away -> client_disconnect, unless a malformed or error
+  event came first (SDKs give up on those; the cause is what gets counted). When the upstream breaks a stream
   the proxy closes the client connection too, so the client sees the break it would have seen directly.
 - Request bodies over `max_body_bytes` get 413 (Content-Length checked first, then counted while read).
 - Authorization and every other header pass through untouched; headers are never recorded or logged.
@@ -196,11 +197,15 @@ class _Call:
                 m.on_data(payload, self.end or perf_counter())
         rec.ttft_s, rec.ttfot_s, rec.text_chunks = m.ttft, m.ttfot, m.text_chunks
         rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = m.tokens
-        if rec.ok and self.code == 200:
-            if m.malformed or not m.done:
-                rec.error_type = records.STREAM_BROKEN
-            elif m.stream_error:
-                rec.error_type = records.SERVER_ERROR
+        if self.code != 200 or rec.error_type not in (records.OK, records.CLIENT_DISCONNECT):
+            return
+        # A bad event comes first: a client that hangs up on it (an SDK fails on it) does not hide it.
+        if m.malformed:
+            rec.error_type = records.STREAM_BROKEN
+        elif m.stream_error:
+            rec.error_type = records.SERVER_ERROR
+        elif rec.ok and not m.done:
+            rec.error_type = records.STREAM_BROKEN
 
 
 class _WholeResponse(web.StreamResponse):

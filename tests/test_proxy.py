@@ -429,7 +429,7 @@ def _calls(client, n: int) -> list[str]:
                 try:
                     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
                     seen.append(f"200:{text}")
-                except (openai.APIError, httpx.HTTPError) as exc:  # cut or malformed stream: headers said 200
+                except (openai.APIError, httpx.HTTPError, ValueError) as exc:  # cut or malformed: headers said 200
                     seen.append(f"200:broken:{type(exc).__name__}")
             else:
                 seen.append(f"200:{client.chat.completions.create(**kw).choices[0].message.content}")
@@ -453,7 +453,8 @@ def test_sdk_results_identical_direct_and_proxied(start_mock, proxy_factory):
 
 
 def test_counts_reconcile_with_faults(start_mock, proxy_factory):
-    mock = start_mock("--seed", "3", *FAST, "--error-rate", "500=0.15", "--cut-rate", "0.3", "--rpm", "30")
+    mock = start_mock("--seed", "3", *FAST, "--error-rate", "500=0.15", "--cut-rate", "0.3", "--malformed-rate", "0.3",
+                      "--rpm", "30")
     p = proxy_factory(mock.url)
     seen = _calls(_sdk(p.url + "/v1"), 40)
     sdk: dict[str, int] = {}
@@ -463,9 +464,10 @@ def test_counts_reconcile_with_faults(start_mock, proxy_factory):
     counters = _admin(mock, "GET", "/admin/counters")
     assert sdk == p.by_code() == counters["requests"]
     assert {"200", "429", "500"} <= set(sdk)  # every injected kind happened
-    broken = sum(":broken:" in s for s in seen)
-    assert broken == counters["streams_cut"] > 0
-    assert p.count(200, "stream_broken") == broken
+    broken = sum(":broken:" in s for s in seen)  # the SDK failed mid-stream: cut or malformed
+    assert counters["streams_cut"] > 0 and counters["malformed_chunks"] > 0
+    assert broken == counters["streams_cut"] + counters["malformed_chunks"]
+    assert p.count(200, "stream_broken") == broken  # not client_disconnect: the SDK hung up on a bad chunk
     assert p.count(429, "rate_limited") == sdk["429"] and p.count(500, "server_error") == sdk["500"]
     assert p.value("opskit_llm_ratelimit_remaining_requests", target=TARGET, source="proxy") is not None
 
