@@ -40,6 +40,7 @@ class CallMetrics:
         self.in_flight = make(catalog.LLM_IN_FLIGHT, registry)
         self.rl_requests = make(catalog.LLM_RL_REQUESTS, registry)
         self.rl_tokens = make(catalog.LLM_RL_TOKENS, registry)
+        self._series: dict[tuple[str, str, str], _Series] = {}
 
     def model_label(self, target: str, model: str | None) -> str:
         """`model` capped to the target's configured models, else `other`."""
@@ -57,18 +58,40 @@ class CallMetrics:
         """Account a finished call."""
         model = self.model_label(r.target, r.model)
         base = (r.target, r.source, model)
-        self.requests.labels(*base, str(r.code), r.error_type).inc()
-        self.duration.labels(*base).observe(r.duration_s)
+        series = self._series.get(base)
+        if series is None:
+            series = self._series[base] = _Series(self, base)
+        key = (r.code, r.error_type)
+        counter = series.requests.get(key)
+        if counter is None:
+            counter = series.requests[key] = self.requests.labels(*base, str(r.code), r.error_type)
+        counter.inc()
+        series.duration.observe(r.duration_s)
         if r.ttft_s is not None:
-            self.ttft.labels(*base).observe(r.ttft_s)
+            series.ttft.observe(r.ttft_s)
         tpot = r.tpot_s
         if tpot is not None and r.streamed:
-            self.tpot.labels(*base).observe(tpot)
+            series.tpot.observe(tpot)
         if r.input_tokens:
-            self.tokens.labels(*base, "input").inc(r.input_tokens)
+            series.tokens_in.inc(r.input_tokens)
         if r.output_tokens:
-            self.tokens.labels(*base, "output").inc(r.output_tokens)
+            series.tokens_out.inc(r.output_tokens)
         if r.ratelimit_remaining_requests is not None:
             self.rl_requests.labels(r.target, r.source).set(r.ratelimit_remaining_requests)
         if r.ratelimit_remaining_tokens is not None:
             self.rl_tokens.labels(r.target, r.source).set(r.ratelimit_remaining_tokens)
+
+
+class _Series:
+    """The labelled children of one (target, source, model), looked up once: `labels()` hashes and
+    locks on every call, and the proxy accounts every request through here."""
+
+    __slots__ = ("requests", "duration", "ttft", "tpot", "tokens_in", "tokens_out")
+
+    def __init__(self, m: CallMetrics, base: tuple[str, str, str]) -> None:
+        self.requests: dict[tuple[int, str], object] = {}
+        self.duration = m.duration.labels(*base)
+        self.ttft = m.ttft.labels(*base)
+        self.tpot = m.tpot.labels(*base)
+        self.tokens_in = m.tokens.labels(*base, "input")
+        self.tokens_out = m.tokens.labels(*base, "output")
