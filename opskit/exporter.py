@@ -50,6 +50,7 @@ class Options:
     listen: tuple[str, int]
     proxy_listen: tuple[str, int] | None = None
     upstream: str | None = None
+    proxy_target: str | None = None
     probe: bool = False
     gpu: bool = True
     nvml_lib: str | None = None
@@ -83,18 +84,42 @@ def local_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def proxy_target(cfg: config.Config, upstream: str | None) -> tuple[str, str]:
-    """(target name, upstream URL) for the proxy: the named upstream, else the first configured target.
+def _same_url(a: str, b: str) -> bool:
+    """Equal URLs up to a trailing slash and the case of scheme and host."""
+    pa, pb = urlsplit(a.rstrip("/")), urlsplit(b.rstrip("/"))
+    return (pa.scheme.lower(), pa.netloc.lower(), pa.path, pa.query) == \
+        (pb.scheme.lower(), pb.netloc.lower(), pb.path, pb.query)
 
-    The name is that of the configured target with the same base URL, so proxy and probe series of
-    one API share a `target` label; an upstream that is not configured is `default`.
+
+def _api_root(base_url: str) -> str:
+    """A base URL without its trailing `/v1` (vLLM's `http://host:8000/v1` -> `http://host:8000`)."""
+    base = base_url.rstrip("/")
+    return base.removesuffix("/v1") if base.endswith("/v1") else base
+
+
+def proxy_target(cfg: config.Config, upstream: str | None, name: str | None = None) -> tuple[str, str]:
+    """(target name, upstream URL) for the proxy.
+
+    `name` (--proxy-target) picks a configured target: its name labels the proxy's series, and it is
+    the upstream unless `upstream` says otherwise (ConfigError, exit 2, for a name not configured).
+    Without it: no upstream means the first configured target; an upstream takes the name of the
+    configured target whose base URL it is, or whose base URL it is once a trailing `/v1` is removed
+    (a proxy forwarding to a vLLM server's root, so that clients keep their `/v1` base URL), so proxy
+    and probe series of one API share a `target` label; any other upstream is `default`.
     """
+    if name is not None:
+        known = [t.name for t in cfg.targets]
+        if name not in known:
+            raise config.ConfigError("--proxy-target", "",
+                                     f"one of the configured targets ({', '.join(known) or 'none configured'})")
+        return name, upstream or cfg.target(name).base_url
     if upstream is None:
         t = cfg.target()  # ConfigError (exit 2) when there is none
         return t.name, t.base_url
-    for t in cfg.targets:
-        if t.base_url.rstrip("/") == upstream.rstrip("/"):
-            return t.name, upstream
+    for same in (lambda t: _same_url(t.base_url, upstream), lambda t: _same_url(_api_root(t.base_url), upstream)):
+        for t in cfg.targets:  # an exact match wins over a root match
+            if same(t):
+                return t.name, upstream
     return PROXY_TARGET_FALLBACK, upstream
 
 
@@ -141,7 +166,7 @@ class Exporter:
         self.proxy_target: tuple[str, str] | None = None
         extra = {}
         if opts.proxy_listen is not None:
-            self.proxy_target = proxy_target(cfg, opts.upstream)
+            self.proxy_target = proxy_target(cfg, opts.upstream, opts.proxy_target)
             if self.proxy_target[0] == PROXY_TARGET_FALLBACK:
                 extra[PROXY_TARGET_FALLBACK] = ()
         if opts.probe:
@@ -303,7 +328,11 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config (targets, probe).")
 @click.option("--target", "target_url", help="Target API base URL (instead of a config file).")
 @click.option("--proxy-listen", callback=_hostport, help="HOST:PORT for the metering proxy.")
-@click.option("--upstream", help="URL the proxy forwards to (default: the first configured target).")
+@click.option("--upstream", help="URL the proxy forwards to (default: the --proxy-target's or first "
+              "configured target's base_url).")
+@click.option("--proxy-target", "proxy_target_name", metavar="NAME",
+              help="Configured target whose name labels the proxy's series (default: the one whose base_url, "
+                   "with or without a trailing /v1, is --upstream; else `default`).")
 @click.option("--probe", is_flag=True, help="Send canary calls to every configured target.")
 @click.option("--gpu/--no-gpu", default=True, show_default=True, help="Export NVML GPU series.")
 @click.option("--nvml-lib", type=click.Path(exists=True, dir_okay=False),
@@ -314,21 +343,26 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Largest request body the proxy accepts (413 beyond).")
 @click.option("--drain-s", type=click.FloatRange(min=0), default=20.0, show_default=True,
               help="On SIGTERM, how long in-flight proxied calls may take to finish.")
-def exporter_command(listen, config_file, target_url, proxy_listen, upstream, probe, gpu, nvml_lib,
-                     ready_file, max_body_bytes, drain_s) -> None:
+def exporter_command(listen, config_file, target_url, proxy_listen, upstream, proxy_target_name, probe, gpu,
+                     nvml_lib, ready_file, max_body_bytes, drain_s) -> None:
     """Serve Prometheus metrics: GPUs (NVML), a metering proxy for real calls, canary probes.
 
     \b
     Examples:
       opskit exporter --listen :9464                                   # GPU series only
       opskit exporter --listen :9464 --proxy-listen :8080 --upstream http://vllm:8000
+      opskit exporter --listen :9464 --config opskit.yaml --proxy-listen :8080 \\
+          --upstream http://127.0.0.1:8000 --proxy-target llm-server --probe   # clients use :8080/v1
       opskit exporter --listen :9464 --config opskit.yaml --probe --no-gpu
     """
-    if upstream is not None and proxy_listen is None:
-        raise click.UsageError("--upstream needs --proxy-listen")
+    for flag, value in (("--upstream", upstream), ("--proxy-target", proxy_target_name)):
+        if value is not None and proxy_listen is None:
+            raise click.UsageError(f"{flag} needs --proxy-listen")
     if upstream is not None and not _is_http_url(upstream):
         raise config.ConfigError("--upstream", "", "an http:// or https:// URL")
     cfg = config.load(config_file, target_url)
+    if proxy_listen is not None:  # no target to proxy to, or a --proxy-target not configured: exit 2 now
+        proxy_target(cfg, upstream, proxy_target_name)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import prometheus_client
 
@@ -338,8 +372,8 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
         from opskit.gpu import visible_from_env  # pynvml only when GPUs are wanted
 
         visible = visible_from_env(os.environ)
-    opts = Options(listen=listen, proxy_listen=proxy_listen, upstream=upstream, probe=probe, gpu=gpu,
-                   nvml_lib=os.path.abspath(nvml_lib) if nvml_lib else None, visible_devices=visible,
+    opts = Options(listen=listen, proxy_listen=proxy_listen, upstream=upstream, proxy_target=proxy_target_name,
+                   probe=probe, gpu=gpu, nvml_lib=os.path.abspath(nvml_lib) if nvml_lib else None, visible_devices=visible,
                    ready_file=ready_file, max_body_bytes=max_body_bytes, drain_s=drain_s)
     try:
         _run(serve(cfg, opts))

@@ -252,8 +252,8 @@ def test_locust_params_are_run_params_aimed_at_the_metering_proxy():
             continue
         params = json.loads(cm["data"]["OPSKIT_LT_PARAMS"])
         assert set(params) <= fields, set(params) - fields
-        # The model server's proxy forwards to <base_url of its target>, which already ends in /v1.
-        assert params["base_url"] == "http://llm-server:8000" and params["path"] == "/chat/completions"
+        # The model server's proxy forwards to vLLM's root, so clients keep the usual /v1 base URL.
+        assert params["base_url"] == "http://llm-server:8000/v1" and params["path"] == "/chat/completions"
 
 
 @pytest.mark.slow
@@ -306,8 +306,9 @@ def test_release_job_command_lines_run_a_real_distributed_locust(tmp_path, mock_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("deployment,target", [("llm-server", "llm-server"), ("chat-app", "deepseek")])
-def test_exporter_sidecar_runs_as_deployed(tmp_path, mock_server, deployment, target):
+@pytest.mark.parametrize("deployment,target,client_path", [("llm-server", "llm-server", "/v1"),
+                                                            ("chat-app", "deepseek", "")])
+def test_exporter_sidecar_runs_as_deployed(tmp_path, mock_server, deployment, target, client_path):
     """The sidecar's exact args and ConfigMap, pointed at a local mock instead of vLLM/DeepSeek:
     a client calling the proxy as the manifest says gets through, and proxy and probe series share
     the configured target's name."""
@@ -324,7 +325,10 @@ def test_exporter_sidecar_runs_as_deployed(tmp_path, mock_server, deployment, ta
         (tmp_path / "key").write_text("sk-local-test\n")
         cfg["targets"][0]["auth"]["api_key_file"] = str(tmp_path / "key")
     (tmp_path / "opskit.yaml").write_text(yaml.safe_dump(cfg))
+    # The proxy's --upstream is the target's base_url or, for vLLM, its root (base_url without /v1).
     swap = {"/etc/opskit/opskit.yaml": str(tmp_path / "opskit.yaml"), real_base: mock_server.api}
+    if real_base.endswith("/v1"):
+        swap[real_base.removesuffix("/v1")] = mock_server.url
     args = [swap.get(a, a) for a in sidecar["args"]]
     args = ["127.0.0.1:0" if a.endswith((":9464", ":8080")) else a for a in args]
     ready = tmp_path / "ready.json"
@@ -334,7 +338,8 @@ def test_exporter_sidecar_runs_as_deployed(tmp_path, mock_server, deployment, ta
         info = wait_for_file(ready, proc)
         body = json.dumps({"model": cfg["targets"][0]["models"][0], "max_tokens": 4,
                            "messages": [{"role": "user", "content": "hi"}]}).encode()
-        req = urllib.request.Request(info["proxy_url"] + "/chat/completions", data=body,
+        # As the manifest's clients do: the Service's /v1 (locust params), the app's OPENAI_BASE_URL.
+        req = urllib.request.Request(info["proxy_url"] + client_path + "/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200

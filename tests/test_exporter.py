@@ -111,6 +111,36 @@ def test_urls_for_logs_and_ready_file():
     assert exporter.proxy_target(cfg, "http://other") == ("default", "http://other")
 
 
+def test_proxy_target_matches_an_upstream_at_the_api_root():
+    cfg = config.parse({"targets": [
+        {"name": "vllm", "base_url": "http://vllm:8000/v1"},
+        {"name": "root", "base_url": "http://gw:9000"},
+        {"name": "gw-v1", "base_url": "http://gw:9000/v1/"},
+        {"name": "v10", "base_url": "http://other:1/v10"},
+    ]}, env={})
+    # The server root of a /v1 base URL, with or without a trailing slash, any case of host.
+    assert exporter.proxy_target(cfg, "http://vllm:8000") == ("vllm", "http://vllm:8000")
+    assert exporter.proxy_target(cfg, "http://VLLM:8000/") == ("vllm", "http://VLLM:8000/")
+    # An exact base URL wins over another target's root.
+    assert exporter.proxy_target(cfg, "http://gw:9000")[0] == "root"
+    assert exporter.proxy_target(cfg, "http://gw:9000/v1")[0] == "gw-v1"
+    # Only a whole trailing /v1 segment is removed; other paths do not match.
+    assert exporter.proxy_target(cfg, "http://other:1/v")[0] == "default"
+    assert exporter.proxy_target(cfg, "http://vllm:8000/api")[0] == "default"
+    assert exporter.proxy_target(cfg, "https://vllm:8000")[0] == "default"
+
+
+def test_proxy_target_by_name():
+    cfg = config.parse({"targets": [{"name": "a", "base_url": "http://h:1/v1"},
+                                    {"name": "b", "base_url": "http://b:2/v1"}]}, env={})
+    # The name labels the series; the upstream, given or not, says where calls go.
+    assert exporter.proxy_target(cfg, "http://elsewhere:3", "b") == ("b", "http://elsewhere:3")
+    assert exporter.proxy_target(cfg, "http://h:1", "b") == ("b", "http://h:1")
+    assert exporter.proxy_target(cfg, None, "b") == ("b", "http://b:2/v1")
+    with pytest.raises(config.ConfigError, match=r"--proxy-target: expected one of the configured targets \(a, b\)"):
+        exporter.proxy_target(cfg, None, "c")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--listen", "nonsense"], "HOST:PORT"),
     (["--upstream", "http://x"], "--upstream needs --proxy-listen"),
@@ -120,6 +150,9 @@ def test_urls_for_logs_and_ready_file():
     (["--config", "/nonexistent/opskit.yaml"], "opskit.yaml"),
     (["--nvml-lib", "/nonexistent/libnvidia-ml.so.1"], "nvml-lib"),
     (["--max-body-bytes", "0"], "max-body-bytes"),
+    (["--proxy-target", "a", "--target", "http://h/v1"], "--proxy-target needs --proxy-listen"),
+    (["--proxy-listen", "127.0.0.1:0", "--target", "http://h/v1", "--proxy-target", "nope"],
+     "--proxy-target: expected one of the configured targets (default)"),
 ])
 def test_cli_errors_are_one_line_exit_2(args, needle, clean_env):
     r = CliRunner().invoke(main, ["exporter", *args])
@@ -136,7 +169,7 @@ def test_readme_metric_list_is_the_catalogue():
 def test_cli_help():
     r = CliRunner().invoke(main, ["exporter", "--help"])
     assert r.exit_code == 0
-    for flag in ("--listen", "--proxy-listen", "--upstream", "--probe", "--no-gpu", "--nvml-lib",
+    for flag in ("--listen", "--proxy-listen", "--upstream", "--proxy-target", "--probe", "--no-gpu", "--nvml-lib",
                  "--ready-file", "--max-body-bytes"):
         assert flag in r.output
 
@@ -286,6 +319,59 @@ def test_exporter_meters_calls_through_the_proxy(start_exporter, mock_server):
     promtool_check(text)
     code, err = ex.stop()
     assert code == 0 and SECRET not in err and "proxy http://127.0.0.1:" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, label", [([], "llm"), (["--proxy-target", "other"], "other")])
+def test_proxy_at_the_server_root_keeps_the_v1_base_url_and_the_target_name(
+        start_exporter, mock_server, tmp_path, flags, label):
+    """vLLM's layout: the target's base_url ends in /v1, the proxy forwards to the server root, and
+    clients keep `http://proxy/v1` as their base URL. By default the proxy's series take the name of
+    the target at that root, the probe's; --proxy-target names the target explicitly."""
+    openai = pytest.importorskip("openai")
+    cfg = tmp_path / "opskit.yaml"
+    cfg.write_text(f"""targets:
+  - {{name: llm, base_url: "{mock_server.api}", models: [deepseek-chat]}}
+  - {{name: other, base_url: "http://127.0.0.1:9/v1", models: [deepseek-chat]}}
+probe: {{interval_s: 60, max_tokens: 4, timeout_s: 5}}
+""")
+    ex = start_exporter("--no-gpu", "--config", str(cfg), "--proxy-listen", "127.0.0.1:0",
+                        "--upstream", mock_server.url, *flags, env=base_env())
+    client = openai.OpenAI(base_url=ex.info["proxy_url"] + "/v1", api_key=SECRET, timeout=20, max_retries=0)
+    reply = client.chat.completions.create(model="deepseek-chat", max_tokens=4,
+                                           messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content
+    text = ex.metrics()
+    calls = [(s.labels["target"], s.labels["source"], s.value) for f in text_string_to_metric_families(text)
+             for s in f.samples if s.name == "opskit_llm_requests_total"]
+    assert calls == [(label, "proxy", 1.0)], calls
+    code, err = ex.stop()
+    assert code == 0 and f"-> {mock_server.url} as target {label}" in err
+
+
+@pytest.mark.slow
+def test_exporter_proxy_and_probe_share_the_target_at_the_server_root(start_exporter, mock_server, tmp_path):
+    cfg = tmp_path / "opskit.yaml"
+    cfg.write_text(f"""targets:
+  - {{name: llm, base_url: "{mock_server.api}", models: [deepseek-chat]}}
+probe: {{interval_s: 0.5, max_tokens: 4, timeout_s: 5}}
+""")
+    ex = start_exporter("--no-gpu", "--config", str(cfg), "--probe", "--proxy-listen", "127.0.0.1:0",
+                        "--upstream", mock_server.url + "/", env=base_env())
+    body = b'{"model": "deepseek-chat", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}'
+    req = urllib.request.Request(ex.info["proxy_url"] + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    deadline = time.monotonic() + 10
+    while True:
+        text = ex.metrics()
+        labels = {(s.labels["target"], s.labels["source"]) for f in text_string_to_metric_families(text)
+                  for s in f.samples if s.name == "opskit_llm_requests_total"}
+        if len(labels) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert labels == {("llm", "proxy"), ("llm", "probe")}
 
 
 @pytest.mark.slow
