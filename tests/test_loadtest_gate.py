@@ -32,7 +32,7 @@ def loadtest(tmp_path: Path, *args: str, timeout: float = 90,
 
 
 def test_healthy_mock_passes_through_the_proxy_with_two_processes(tmp_path):
-    proc, run = loadtest(tmp_path, "qps", "streaming", "--duration", "5", "--processes", "2", "--rate", "30",
+    proc, run = loadtest(tmp_path, "qps", "streaming", "--duration", "4", "--processes", "2", "--rate", "30",
                          "--users", "20")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "VERDICT: PASS" in proc.stdout
@@ -52,7 +52,7 @@ def test_healthy_mock_passes_through_the_proxy_with_two_processes(tmp_path):
 
 
 def test_injected_errors_fail_the_gate_naming_the_error_ratio(tmp_path):
-    proc, _ = loadtest(tmp_path, "qps", "--duration", "5", "--rate", "60", "--no-proxy",
+    proc, _ = loadtest(tmp_path, "qps", "--duration", "4", "--rate", "60", "--no-proxy",
                        "--mock-args", "--error-rate 500=0.08 --seed 3")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "qps error_ratio" in proc.stdout.splitlines()[-2]
@@ -60,15 +60,15 @@ def test_injected_errors_fail_the_gate_naming_the_error_ratio(tmp_path):
 
 
 def test_slow_first_token_fails_the_gate_naming_ttft(tmp_path):
-    proc, _ = loadtest(tmp_path, "streaming", "--duration", "4", "--users", "10", "--no-proxy",
+    proc, _ = loadtest(tmp_path, "streaming", "--duration", "3", "--users", "10", "--no-proxy",
                        "--mock-args", "--extra-ttft-ms 1000")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "streaming ttft_p95" in proc.stdout.splitlines()[-2]
 
 
 def test_throttling_passes_with_a_limit_and_fails_without_one(tmp_path, start_mock):
-    limited = start_mock("--rpm", "20", "--rate-window-s", "4")
-    args = ("throttling", "--duration", "6", "--limit-requests", "20", "--limit-window-s", "4", "--no-proxy")
+    limited = start_mock("--rpm", "20", "--rate-window-s", "3")
+    args = ("throttling", "--duration", "5", "--limit-requests", "20", "--limit-window-s", "3", "--no-proxy")
     proc, run = loadtest(tmp_path / "a", *args, "--target", limited.url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     t = json.loads((run / "summary.json").read_text())["scenarios"]["throttling"]["throttling"]

@@ -134,7 +134,7 @@ def meta_for(p: RunParams) -> dict:
 
 def _locust_argv(p: RunParams, locustfile: Path, prefix: Path, role: list[str]) -> list[str]:
     # users stop starting requests at `duration` themselves; the grace lets the last ones finish
-    run_time = math.ceil(p.duration) + 2
+    run_time = math.ceil(p.duration) + 1
     return [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", str(p.users),
             "-r", str(max(p.users, 1)), "--run-time", f"{run_time}s", "--stop-timeout", str(int(p.timeout_s) + 2),
             "--csv", str(prefix), "--html", str(prefix) + ".html", "--only-summary", "--loglevel", "WARNING",
