@@ -11,7 +11,7 @@ Prints three tables (figures recorded in bench/README.md, section "loadgen"):
 3. accuracy at 100 streams: TTFT, ITL and duration against the mock's ground truth, and token counts.
 
 The mock and Locust are pinned to different cores with taskset when there are two or more.
-Usage: .venv/bin/python bench/loadgen_capacity.py [--quick]
+Usage: .venv/bin/python bench/loadgen_capacity.py [--quick] [--part=open|streams] [--no-pin]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from opskit.loadtest import results  # noqa: E402
 
-PIN = shutil.which("taskset") and (os.cpu_count() or 1) >= 2
+PIN = shutil.which("taskset") and (os.cpu_count() or 1) >= 2 and "--no-pin" not in sys.argv
 
 
 def pinned(core: int, argv: list[str]) -> list[str]:
@@ -115,40 +115,51 @@ def main() -> None:
     quick = "--quick" in sys.argv
     print(f"cores: {os.cpu_count()}, pinned: {bool(PIN)} (mock on core 1, Locust on core 0); "
           f"this machine is shared with other engineers' work; load average {os.getloadavg()[0]:.1f}", flush=True)
+    part = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--part=")), "all")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        mock, url = start_mock(tmp, "--ttft-ms", "0", "--ttft-jitter-ms", "0", "--itl-ms", "0", "--itl-jitter-ms", "0",
-                               "--output-tokens-mean", "1", "--output-tokens-spread", "0")
-        try:
-            print("\n# open loop, non-streamed, fast mock", flush=True)
-            rates = [500, 1000, 1500] if quick else [500, 1000, 1500, 2000, 2500]
-            one = open_loop(tmp, url, rates, 1, 5)
-            held, tight = summary_rates(one)
-            print(f"one process: highest rate within 1 % of target {held} req/s; "
-                  f"with send lag p99 <= 20 ms too: {tight} req/s", flush=True)
-            two = open_loop(tmp, url, [tight, int(1.5 * tight), 2 * tight] if tight else [500], 2, 5)
-            held2, tight2 = summary_rates(two)
-            print(f"--processes 2: within 1 %: {held2} req/s; with lag p99 <= 20 ms: {tight2} req/s", flush=True)
-        finally:
-            mock.kill()
-        mock, url = start_mock(tmp, "--ttft-ms", "100", "--ttft-jitter-ms", "0", "--itl-ms", "50",
-                               "--itl-jitter-ms", "0", "--output-tokens-mean", "20", "--output-tokens-spread", "0")
-        try:
-            print("\n# concurrent streams, 20 tokens/s each, client-added TTFT vs the mock's schedule", flush=True)
-            table = streams(tmp, url, [100, 250] if quick else [100, 250, 500, 750, 1000], 6)
-            most = max([r["streams"] for r in table if r["own_lag_p99_ms"] <= 5 and r["ok"] == r["requests"]],
-                       default=0)
-            most_gt = max([r["streams"] for r in table if r["ttft_add_p99_ms"] <= 5 and r["ok"] == r["requests"]],
-                          default=0)
-            print(f"most streams held with the generator's own loop lag p99 <= 5 ms: {most}; "
-                  f"with TTFT p99 <= 5 ms above the mock's schedule (mock lateness included): {most_gt}", flush=True)
-            acc = table[0]
-            print(f"load average {os.getloadavg()[0]:.1f}")
-            print(f"\n# accuracy at 100 streams: TTFT added p99 {acc['ttft_add_p99_ms']} ms, ITL |err| p99 "
-                  f"{acc['itl_abs_err_p99_ms']} ms, duration |err| p99 {acc['duration_abs_err_p99_ms']} ms, "
-                  f"token mismatches {acc['token_mismatches']}", flush=True)
-        finally:
-            mock.kill()
+        if part in ("all", "open"):
+            open_part(tmp, quick)
+        if part in ("all", "streams"):
+            streams_part(tmp, quick)
+
+
+def open_part(tmp: Path, quick: bool) -> None:
+    mock, url = start_mock(tmp, "--ttft-ms", "0", "--ttft-jitter-ms", "0", "--itl-ms", "0", "--itl-jitter-ms", "0",
+                           "--output-tokens-mean", "1", "--output-tokens-spread", "0")
+    try:
+        print("\n# open loop, non-streamed, fast mock", flush=True)
+        rates = [500, 1000, 1500] if quick else [500, 1000, 1500, 2000, 2500]
+        one = open_loop(tmp, url, rates, 1, 5)
+        held, tight = summary_rates(one)
+        print(f"one process: highest rate within 1 % of target {held} req/s; "
+              f"with send lag p99 <= 20 ms too: {tight} req/s", flush=True)
+        two = open_loop(tmp, url, [tight, int(1.5 * tight), 2 * tight] if tight else [500], 2, 5)
+        held2, tight2 = summary_rates(two)
+        print(f"--processes 2: within 1 %: {held2} req/s; with lag p99 <= 20 ms: {tight2} req/s", flush=True)
+    finally:
+        mock.kill()
+
+
+def streams_part(tmp: Path, quick: bool) -> None:
+    mock, url = start_mock(tmp, "--ttft-ms", "100", "--ttft-jitter-ms", "0", "--itl-ms", "50",
+                           "--itl-jitter-ms", "0", "--output-tokens-mean", "20", "--output-tokens-spread", "0")
+    try:
+        print("\n# concurrent streams, 20 tokens/s each, client-added TTFT vs the mock's schedule", flush=True)
+        table = streams(tmp, url, [100, 250] if quick else [100, 250, 500, 750, 1000], 6)
+        most = max([r["streams"] for r in table if r["own_lag_p99_ms"] <= 5 and r["ok"] == r["requests"]],
+                   default=0)
+        most_gt = max([r["streams"] for r in table if r["ttft_add_p99_ms"] <= 5 and r["ok"] == r["requests"]],
+                      default=0)
+        print(f"most streams held with the generator's own loop lag p99 <= 5 ms: {most}; "
+              f"with TTFT p99 <= 5 ms above the mock's schedule (mock lateness included): {most_gt}", flush=True)
+        acc = table[0]
+        print(f"load average {os.getloadavg()[0]:.1f}")
+        print(f"\n# accuracy at 100 streams: TTFT added p99 {acc['ttft_add_p99_ms']} ms, ITL |err| p99 "
+              f"{acc['itl_abs_err_p99_ms']} ms, duration |err| p99 {acc['duration_abs_err_p99_ms']} ms, "
+              f"token mismatches {acc['token_mismatches']}", flush=True)
+    finally:
+        mock.kill()
 
 
 if __name__ == "__main__":
