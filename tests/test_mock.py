@@ -123,6 +123,7 @@ def test_completions_endpoint_and_bad_requests(mock_server):
     assert body["usage"]["completion_tokens"] == len(body["choices"][0]["text"].split()) <= 4
     bad = [
         b"{not json",
+        b"[" * 100_000 + b"]" * 100_000,          # nesting deeper than the JSON parser recurses
         {"model": "deepseek-chat"},
         {"model": "deepseek-chat", "messages": "hi"},
         {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"},
@@ -137,8 +138,8 @@ def test_completions_endpoint_and_bad_requests(mock_server):
     assert http("GET", mock_server.url + "/nowhere")[0] == 404
     assert http("GET", mock_server.api + "/chat/completions")[0] == 405
     c = counters(mock_server)
-    assert c["requests"] == {"200": 1, "400": 6, "404": 1, "405": 1}
-    assert c["by_path"] == {"/v1/chat/completions": 7, "/v1/completions": 1, "other": 1}
+    assert c["requests"] == {"200": 1, "400": 7, "404": 1, "405": 1}
+    assert c["by_path"] == {"/v1/chat/completions": 8, "/v1/completions": 1, "other": 1}
 
 
 def test_http10_stream_ends_with_the_connection(mock_server):

@@ -50,7 +50,7 @@ class Admin:
         current, update = self.sections[request.match_info["section"]]
         try:
             changes = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return _bad("the body is not valid JSON")
         try:
             update(changes)

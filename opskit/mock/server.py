@@ -154,7 +154,7 @@ class Api:
                 form = {k: v for k, v in obj.items() if isinstance(v, str)} if isinstance(obj, dict) else {}
             else:
                 form = dict(parse_qsl(raw.decode(), keep_blank_values=True))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             form = {}
         try:
             issued = self.state.auth.issue_token(form, request.headers.get("Authorization"))

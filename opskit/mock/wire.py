@@ -84,7 +84,7 @@ def parse_request(raw: bytes, kind: str) -> GenRequest:
     """Validate a chat/completions body; BadRequest says what is wrong in one line."""
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")

@@ -59,7 +59,7 @@ async def _message(request: web.Request, sock: web.WebSocketResponse, state: Moc
     """Act on one client message: (the connection's identity now, whether to keep the socket open)."""
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         obj = None
     kind = obj.get("type") if isinstance(obj, dict) else None
     if kind == "auth":
