@@ -58,6 +58,22 @@ def reconcile(scenario: str, df: pd.DataFrame, before: dict, after: dict) -> Che
     return Check(scenario, "proxy_reconciled", diff, "==", 0, diff == 0, note)
 
 
+def _admin(target: runner.Target, method: str, path: str, body: dict | None = None) -> None:
+    """A call to the embedded mock's admin API; a failure is a one-line RunError."""
+    try:
+        procs.http_json(method, target.admin_url + path, body)
+    except (OSError, ValueError) as exc:
+        raise runner.RunError(f"mock admin API {method} {path} failed: {exc}") from None
+
+
+def _proxy_counts(target: runner.Target) -> dict | None:
+    """The exporter's request counts by code, or None when it cannot be scraped."""
+    try:
+        return procs.requests_by_code(target.metrics_url)
+    except (OSError, ValueError):
+        return None
+
+
 def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Target, model: str,
               table: dict, echo: Callable[[str], None], progress: Callable[[str], None]) -> tuple[Verdict, dict]:
     locustfile = opts.locustfiles / f"{name}.py"
@@ -65,17 +81,17 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     metered = target.metrics_url is not None and params.transport != "ws"
     if params.transport == "ws":
         params = replace(params, base_url=target.url)  # the proxy meters HTTP, not WebSocket
-    if name == "throttling" and target.admin_url:
-        procs.http_json("PUT", target.admin_url + "/admin/limits",
-                        {"rpm": int(params.limit_requests), "window_s": params.window_s})
-        procs.http_json("POST", target.admin_url + "/admin/reset")
-    before = procs.requests_by_code(target.metrics_url) if metered else {}
+    limits = name == "throttling" and target.admin_url is not None
+    if limits:  # the embedded mock enforces the limit this scenario judges, for this scenario only
+        _admin(target, "PUT", "/admin/limits", {"rpm": int(params.limit_requests), "window_s": params.window_s})
+        _admin(target, "POST", "/admin/reset")
+    before = _proxy_counts(target) if metered else {}
     try:
         rc = runner.run_locust(params, locustfile, run_dir, progress)
     finally:
-        if name == "throttling" and target.admin_url:
-            procs.http_json("PUT", target.admin_url + "/admin/limits", {"rpm": None})
-    after = procs.requests_by_code(target.metrics_url) if metered else {}
+        if limits:
+            _admin(target, "PUT", "/admin/limits", {"rpm": None})
+    after = _proxy_counts(target) if metered else {}
     df = results.load(run_dir)
     df = df[df["scenario"] == name] if len(df) else df
     if not len(df) and rc != 0:
@@ -85,7 +101,8 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     verdict = slo.evaluate(df, slo.for_scenario(table, name), meta)
     verdict.summaries[name]["client_lag_s"] = results.client_lag(run_dir, name)
     if metered and len(df):
-        verdict.checks.append(reconcile(name, df, before, after))
+        verdict.checks.append(reconcile(name, df, before, after) if before is not None and after is not None
+                              else Check(name, "proxy_reconciled", None, "==", 0, False, "exporter unreachable"))
     echo(f"[{name}] done: {len(df)} requests")
     return verdict, meta
 
