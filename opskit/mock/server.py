@@ -68,7 +68,11 @@ class Api:
         rid = state.request_id()
         counters.in_flight += 1
         try:
-            body = await request.read()
+            try:
+                body = await request.read()
+            except web.HTTPException as exc:     # 413: over client_max_size
+                return self.respond(exc.status, error_body(exc.reason, "invalid_request_error",
+                                                           "request_too_large"), path)
             try:
                 identity = self.identity(request, body)
                 req = parse_request(body, kind)
