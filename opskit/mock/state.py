@@ -2,7 +2,9 @@
 
 One event loop owns all of it, so nothing here locks. Counters are exact: every response of the API
 listener is counted by status exactly once, when it is sent (a stream when its headers go out), and a
-request that never gets a response (client went away, hang) is counted by what happened to it.
+request that never gets a response (client went away, hang) is counted by what happened to it. The
+one exception: bytes that are not HTTP at all are answered by aiohttp's parser (400) before any
+handler runs, and are not counted.
 """
 
 from __future__ import annotations
