@@ -18,6 +18,7 @@ def _progress_printer():
     state = {"n": 0}
 
     def progress(line: str) -> None:
+        """Show the live progress line."""
         state["n"] += 1
         if tty:
             click.echo("\r" + line.ljust(100)[:120], nl=False, err=True)
@@ -25,6 +26,7 @@ def _progress_printer():
             click.echo(line, err=True)
 
     def echo(line: str) -> None:
+        """Print a whole line (clearing a progress line first)."""
         if tty and state["n"]:
             click.echo("\r" + " " * 120 + "\r", nl=False, err=True)
         click.echo(line, err=True)
@@ -112,13 +114,19 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
         sys.exit(2)
     click.echo(report.render(verdict))
     click.echo(f"report: {run_dir / 'report.html'}")
-    code = 0 if verdict.passed else 1
-    if base is not None:
-        new = compare.load_summary(run_dir)
-        click.echo(compare.render(compare.compare(base, new, tolerance), compare.only_in_one(base, new)))
-        if compare.compare(base, new, tolerance)["regressed"].any():
-            code = 1
-    sys.exit(code)
+    sys.exit(max(0 if verdict.passed else 1, _against_baseline(base, run_dir, tolerance)))
+
+
+def _against_baseline(base: dict | None, run_dir: Path, tolerance: float) -> int:
+    """Print the comparison with --baseline; 1 on a regression."""
+    from opskit.loadtest import compare
+
+    if base is None:
+        return 0
+    new = compare.load_summary(run_dir)
+    table = compare.compare(base, new, tolerance)
+    click.echo(compare.render(table, compare.only_in_one(base, new)))
+    return 1 if table["regressed"].any() else 0
 
 
 @click.group()

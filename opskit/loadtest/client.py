@@ -98,6 +98,7 @@ class ChatClient:
                                         network_timeout=None)
 
     def close(self) -> None:
+        """Close every pooled connection."""
         self.http.close()
 
     def call(self, body: dict, t_sched: float | None = None, transport: str = "sse") -> dict:

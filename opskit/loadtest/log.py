@@ -55,6 +55,7 @@ class RequestLog:
             self._buf.clear()
 
     def close(self) -> None:
+        """Flush and close the file."""
         self.flush()
         self._fh.close()
 

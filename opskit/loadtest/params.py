@@ -48,6 +48,7 @@ class RunParams:
     max_attempts: int = 6
 
     def to_env(self) -> str:
+        """The JSON that goes into $OPSKIT_LT_PARAMS."""
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
 
     @classmethod

@@ -80,6 +80,7 @@ class Target:
     notes: list[str] = field(default_factory=list)
 
     def close(self) -> None:
+        """Stop the helpers this target started (exporter first, then the mock)."""
         for p in reversed(self.children):
             procs.stop(p)
 

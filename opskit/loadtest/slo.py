@@ -97,13 +97,16 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
+        """True when checks ran and every one passed."""
         return bool(self.checks) and all(c.passed for c in self.checks)
 
     @property
     def missed(self) -> list[Check]:
+        """The checks that failed, in order."""
         return [c for c in self.checks if not c.passed]
 
     def extend(self, other: Verdict) -> Verdict:
+        """Add another scenario's checks and summaries to this verdict."""
         self.checks += other.checks
         self.summaries.update(other.summaries)
         return self

@@ -159,6 +159,7 @@ class ChatUser(User):
     scenario = "streaming"
 
     def on_start(self) -> None:
+        """Per-user state: its id, its own seeded prompt source and RNG."""
         self.p = proc(self.host, self.scenario)
         self.uid = next(self.p.user_ids)
         seed = self.p.params.seed * 100_000 + self.p.params.worker * 1000 + self.uid
@@ -167,6 +168,7 @@ class ChatUser(User):
         self.seq = 0
 
     def body(self, messages: list[dict], max_tokens: int) -> dict:
+        """A chat/completions request body (streamed with include_usage unless --no-stream)."""
         prm = self.p.params
         body = {"model": prm.model, "messages": messages, "max_tokens": max_tokens, "stream": prm.stream}
         if prm.stream:
@@ -200,11 +202,13 @@ class OpenLoopUser(ChatUser):
     scenario = "qps"
 
     def on_start(self) -> None:
+        """The schedule has not run yet."""
         super().on_start()
         self.done = False
 
     @task
     def run_schedule(self) -> None:
+        """Walk this process's share of the arrival schedule, one greenlet per request."""
         if self.done:  # schedule finished: idle until Locust's run time ends and it stops us
             gevent.sleep(0.05)
             return
@@ -243,6 +247,7 @@ class StreamingUser(ChatUser):
 
     @task
     def chat(self) -> None:
+        """One streaming chat."""
         if perf() >= self.p.deadline:
             gevent.sleep(0.05)  # run over: idle until Locust stops us
             return
@@ -259,6 +264,7 @@ class ConversationUser(ChatUser):
 
     @task
     def conversation(self) -> None:
+        """One multi-turn chat."""
         prm = self.p.params
         turns: list[tuple[str, str]] = []
         for turn in range(1, prm.turns + 1):
@@ -284,13 +290,15 @@ class ThrottledUser(ChatUser):
     abstract = True
     scenario = "throttling"
 
-    def wait_time(self) -> float:  # pacing so that all users together offer overdrive x the limit
+    def wait_time(self) -> float:
+        """Pacing so that all users together offer `overdrive` times the limit."""
         prm = self.p.params
         offered = prm.overdrive * (prm.limit_requests or 60.0) / min(prm.window_s, prm.duration)
         return constant_pacing(max(1, prm.users) / offered)(self)
 
     @task
     def throttled(self) -> None:
+        """One logical request, retried with back-off while the target answers 429."""
         prm = self.p.params
         if perf() >= self.p.deadline:
             gevent.sleep(0.05)
