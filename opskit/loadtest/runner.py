@@ -127,7 +127,9 @@ def meta_for(p: RunParams) -> dict:
             "stream": p.stream, "transport": p.transport, "model": p.model}
     if p.scenario == "qps":
         spec = shapes.ArrivalSpec(**p.arrival)
-        meta.update(arrival=spec.kind, requested_rate=shapes.expected_count(spec, p.duration) / p.duration)
+        # the schedule the workers actually walk (seeded): a Poisson run is judged on its own draws
+        scheduled = sum(sum(1 for _ in shapes.arrivals(spec, p.duration, w, p.workers)) for w in range(p.workers))
+        meta.update(arrival=spec.kind, requested_rate=scheduled / p.duration, scheduled=scheduled)
     if p.scenario == "throttling":
         meta.update(limit_requests=p.limit_requests, window_s=p.window_s, overdrive=p.overdrive)
     return meta
