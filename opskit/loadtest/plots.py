@@ -62,6 +62,8 @@ def _throughput(ax, df: pd.DataFrame) -> None:
     end = (ok["t"] + ok["duration_s"]).dropna().astype(int)
     per_s = end.value_counts().sort_index()
     ax.bar(per_s.index, per_s.values, width=0.9, label="completed req/s")
+    sent = df["t"].dropna().astype(int).value_counts().sort_index()
+    ax.step(sent.index, sent.values, where="mid", color="black", linewidth=1, label="started req/s")
     tok = ok.assign(sec=end).groupby("sec")["output_tokens"].sum()
     if tok.sum() > 0:
         ax2 = ax.twinx()
