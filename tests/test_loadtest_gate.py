@@ -23,7 +23,11 @@ pytestmark = pytest.mark.slow
 
 def loadtest(tmp_path: Path, *args: str, timeout: float = 90,
              env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path | None]:
-    """Run `opskit loadtest ARGS --out tmp/reports`; returns the result and the run directory."""
+    """Run `opskit loadtest ARGS --out tmp/reports`; returns the result and the run directory.
+
+    The developer's own OPSKIT_* settings (a real target, a key) are kept away from it; `env` adds variables.
+    """
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPSKIT_")}, **(env or {})}
     out = tmp_path / "reports"
     proc = subprocess.run([sys.executable, "-m", "opskit", "loadtest", *args, "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
@@ -150,7 +154,7 @@ def test_hmac_auth_from_config_through_the_proxy_and_no_secret_leaks(tmp_path, s
     cfg = tmp_path / "opskit.yaml"
     cfg.write_text(f"targets:\n  - name: mock\n    base_url: {mock.url}\n    auth: {{scheme: hmac, "
                    "api_key_env: LT_KEY_ID, secret_key_env: LT_SECRET}\n")
-    env = {**os.environ, "LT_KEY_ID": "kid-1", "LT_SECRET": secret}
+    env = {"LT_KEY_ID": "kid-1", "LT_SECRET": secret}
     proc, run = loadtest(tmp_path / "good", "streaming", "--config", str(cfg), "--duration", "3", "--users", "4",
                          env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
