@@ -59,6 +59,11 @@ def _progress_printer():
 @click.option("--proxy/--no-proxy", default=True, show_default=True, help="Route through opskit's metering proxy.")
 @click.option("--limit-requests", type=click.FloatRange(min=1), help="throttling: requests the target allows per window.")
 @click.option("--limit-window-s", type=click.FloatRange(min=0.1), help="throttling: the limit's window (default 60).")
+@click.option("--overdrive", type=click.FloatRange(min=1.0), default=2.0, show_default=True,
+              help="throttling: offered load as a multiple of the limit.")
+@click.option("--turns", type=click.IntRange(min=1), default=4, show_default=True, help="conversation: turns per chat.")
+@click.option("--keep-turns", type=click.IntRange(min=0), default=3, show_default=True,
+              help="conversation: earlier turns sent with each question (besides the system prompt).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Per-request timeout, seconds.")
 @click.option("--seed", type=int, default=1, show_default=True)
@@ -70,7 +75,8 @@ def _progress_printer():
               help="Relative change counted as a regression against --baseline.")
 def loadtest(scenarios, target_url, config_file, target_name, duration, rate, arrival, users, processes, stream,
              transport, model, input_tokens, input_spread, output_tokens, output_spread, prompts_file, mock_args,
-             proxy, limit_requests, limit_window_s, timeout_s, seed, out_dir, slo_file, baseline, tolerance) -> None:
+             proxy, limit_requests, limit_window_s, overdrive, turns, keep_turns, timeout_s, seed, out_dir, slo_file,
+             baseline, tolerance) -> None:
     """Run load-test scenarios against a target and gate on SLOs.
 
     \b
@@ -105,7 +111,8 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
                           config=config_file, target_name=target_name, duration=duration, rate=rate,
                           arrival=arrival, users=users, processes=processes, stream=stream, transport=transport,
                           model=model, prompt=prompt, mock_args=extra, proxy=proxy, limit_requests=limit_requests,
-                          window_s=limit_window_s, timeout_s=timeout_s, seed=seed, out_dir=out_dir)
+                          window_s=limit_window_s, overdrive=overdrive, turns=turns, keep_turns=keep_turns,
+                          timeout_s=timeout_s, seed=seed, out_dir=out_dir)
     progress, echo = _progress_printer()
     try:
         verdict, run_dir = gate.run(opts, echo, progress, slo_file)

@@ -53,6 +53,9 @@ class Options:
     proxy: bool = True
     limit_requests: float | None = None
     window_s: float | None = None
+    overdrive: float = 2.0
+    turns: int = 4
+    keep_turns: int = 3
     timeout_s: float = 30.0
     seed: int = 1
     out_dir: Path = Path("reports")
@@ -118,7 +121,7 @@ def scenario_params(opts: Options, scenario: str, run_dir: Path, target: Target,
                      duration=opts.duration, users=users, workers=opts.processes, seed=opts.seed,
                      timeout_s=opts.timeout_s, stream=opts.stream, transport=opts.transport, prompt=opts.prompt,
                      arrival={"kind": opts.arrival, "rate": rate, "seed": opts.seed}, limit_requests=limit,
-                     window_s=window)
+                     window_s=window, overdrive=opts.overdrive, turns=opts.turns, keep_turns=opts.keep_turns)
 
 
 def meta_for(p: RunParams) -> dict:
@@ -132,6 +135,8 @@ def meta_for(p: RunParams) -> dict:
         meta.update(arrival=spec.kind, requested_rate=scheduled / p.duration, scheduled=scheduled)
     if p.scenario == "throttling":
         meta.update(limit_requests=p.limit_requests, window_s=p.window_s, overdrive=p.overdrive)
+    if p.scenario == "conversation":
+        meta.update(turns=p.turns, keep_turns=p.keep_turns)
     return meta
 
 
