@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import websocket
@@ -90,3 +91,28 @@ def test_plain_get_on_ws_path_is_a_counted_400(mock_server):
     status, _, body = http("GET", mock_server.api + "/chat/stream")
     assert status == 400 and body["error"]["code"] == "upgrade_required"
     assert counters(mock_server)["requests"] == {"400": 1}
+
+
+def test_ws_malformed_chunk_and_hang(start_mock):
+    mock = start_mock("--malformed-rate", "1", *FAST)
+    ws = connect(mock)
+    try:
+        ws.send(json.dumps({"type": "request", "body": {**CHAT, "max_tokens": 6}}))
+        msgs = until_end(ws)
+    finally:
+        ws.close()
+    assert msgs[-1] == {"type": "done"} and [m["type"] for m in msgs].count("invalid") == 1
+    http("PUT", mock.admin_url + "/admin/faults", {"malformed_rate": 0, "hang_rate": 1})
+    ws = connect(mock)
+    ws.settimeout(0.5)
+    try:
+        ws.send(json.dumps({"type": "request", "body": CHAT}))
+        with pytest.raises(websocket.WebSocketTimeoutException):
+            ws.recv()
+    finally:
+        ws.close()
+    deadline = time.monotonic() + 5
+    while counters(mock)["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    c = counters(mock)
+    assert c["hangs"] == 1 and c["in_flight"] == 0 and c["malformed_chunks"] == 1
