@@ -218,3 +218,16 @@ def test_unavailable_metering_proxy_degrades_to_direct(tmp_path, monkeypatch):
     target = runner.open_target(runner.Options(proxy=True), tmp_path, "http://127.0.0.1:9")
     assert target.send_url == target.url == "http://127.0.0.1:9" and target.metrics_url is None
     assert "going direct" in target.notes[0]
+
+
+def test_reconcile_counts_calls_still_open_at_the_proxy():
+    from opskit.loadtest.gate import reconcile
+
+    rows = [row(t=i * 0.1) for i in range(5)] + [row(t=1.0, status=0, err="timeout")]
+    rows.append({**row(t=1.1, status=0, err="connection"), "t_sent": None})  # dropped: never sent
+    df = results.frame(rows)
+    before = {"200": 10.0, "in_flight": 0.0}
+    ok = reconcile("qps", df, before, {"200": 15.0, "in_flight": 1.0})  # the timed-out call is still open there
+    assert ok.passed and ok.note == "client 6 / proxy 6"
+    lost = reconcile("qps", df, before, {"200": 14.0, "in_flight": 1.0})
+    assert not lost.passed and lost.value == 1 and "by code" in lost.note

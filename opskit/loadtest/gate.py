@@ -46,8 +46,15 @@ def new_run_dir(out_dir: Path) -> Path:
 
 
 def reconcile(scenario: str, df: pd.DataFrame, before: dict, after: dict) -> Check:
-    """Client counts by status == the proxy's opskit_llm_requests_total delta by code."""
+    """Client counts by status == the proxy's opskit_llm_requests_total delta by code.
+
+    A call the client gave up on before any response (a timeout against a hung upstream: status 0 on
+    the client) may still be open at the proxy, which only notices when it relays a byte: such calls
+    are matched with the proxy's in-flight gauge and its code-0 records.
+    """
     proxy = {c: after.get(c, 0) - before.get(c, 0) for c in set(after) | set(before)}
+    in_flight = proxy.pop("in_flight", 0)
+    proxy["0"] = proxy.get("0", 0) + in_flight
     proxy = {c: int(v) for c, v in proxy.items() if v}
     sent = df[df["t_sent"].notna()]
     client = {str(k): int(v) for k, v in sent["status"].value_counts().items()}

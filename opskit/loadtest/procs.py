@@ -91,8 +91,9 @@ def start_exporter(run_dir: Path, upstream: str, config: str | None) -> tuple[su
     """`opskit exporter` with its metering proxy in front of `upstream`; returns {url, proxy_url}."""
     ready = run_dir / "exporter-ready.json"
     log = run_dir / "exporter.log"
+    # a short drain: at the end of a run only calls the client already gave up on can be in flight
     argv = [*OPSKIT, "exporter", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--upstream", upstream,
-            "--no-gpu", "--ready-file", str(ready)]
+            "--no-gpu", "--drain-s", "2", "--ready-file", str(ready)]
     if config:
         argv += ["--config", config]
     proc = start(argv, log)
@@ -113,7 +114,7 @@ def http_json(method: str, url: str, body: dict | None = None, timeout: float = 
 
 
 def requests_by_code(metrics_url: str, timeout: float = 5.0) -> dict[str, float]:
-    """opskit_llm_requests_total from the exporter, summed by `code`."""
+    """opskit_llm_requests_total from the exporter, summed by `code`, plus "in_flight": calls not ended yet."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(metrics_url.rstrip("/") + "/metrics", timeout=timeout) as resp:
@@ -124,4 +125,6 @@ def requests_by_code(metrics_url: str, timeout: float = 5.0) -> dict[str, float]
             if s.name == "opskit_llm_requests_total":
                 code = s.labels.get("code", "")
                 out[code] = out.get(code, 0.0) + s.value
+            elif s.name == "opskit_llm_requests_in_flight":
+                out["in_flight"] = out.get("in_flight", 0.0) + s.value
     return out
