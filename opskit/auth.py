@@ -72,6 +72,7 @@ class Authenticator:
 
     @property
     def scheme(self) -> str:
+        """none | bearer | oauth2 | hmac."""
         return self.config.scheme
 
     def headers(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:

@@ -43,10 +43,12 @@ class Admin:
         }
 
     async def get(self, request: web.Request) -> web.Response:
+        """GET /admin/{section}: the current settings."""
         current, _ = self.sections[request.match_info["section"]]
         return _json(current().to_json())
 
     async def put(self, request: web.Request) -> web.Response:
+        """PUT /admin/{section}: validate and apply a partial update; 400 changes nothing."""
         current, update = self.sections[request.match_info["section"]]
         try:
             changes = json.loads(await request.read())
@@ -59,12 +61,15 @@ class Admin:
         return _json(current().to_json())
 
     async def counters(self, request: web.Request) -> web.Response:
+        """GET /admin/counters."""
         return _json(self.state.counters.to_json())
 
     async def lateness(self, request: web.Request) -> web.Response:
+        """GET /admin/lateness."""
         return _json(self.state.lateness.to_json())
 
     async def reset(self, request: web.Request) -> web.Response:
+        """POST /admin/reset: zero counters and lateness, forget rate windows and quotas."""
         self.state.reset()
         return _json(self.state.counters.to_json())
 

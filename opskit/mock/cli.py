@@ -29,6 +29,7 @@ class OneLineCommand(click.Command):
     """Usage errors print as one line (`Error: ...`) with exit status 2, without the usage block."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse as click does, but turn usage errors into one-line FlagErrors."""
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
@@ -49,6 +50,7 @@ def parse_hostport(value: str, flag: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether a listen host is a loopback address (the admin API may only bind there)."""
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 

@@ -28,6 +28,7 @@ class Gate:
 
     @property
     def waiting(self) -> int:
+        """Requests queued for a slot."""
         return len(self._waiters)
 
     async def acquire(self) -> None:
@@ -52,6 +53,7 @@ class Gate:
         self._wake()
 
     def resize(self, capacity: int) -> None:
+        """Change the capacity now; waiters that fit are admitted at once."""
         self.capacity = capacity
         self._wake()
 
@@ -90,6 +92,7 @@ class RateLimiter:
         self._daily: dict[str, tuple[int, int]] = {}   # identity -> (UTC day number, requests)
 
     def reset(self) -> None:
+        """Forget every window and daily count."""
         self._windows.clear()
         self._daily.clear()
 

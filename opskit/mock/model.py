@@ -67,10 +67,12 @@ class Schedule:
 
     @property
     def output_tokens(self) -> int:
+        """Output tokens over all choices (usage.completion_tokens)."""
         return sum(self.lengths)
 
     @property
     def reasoning_tokens(self) -> int:
+        """Of which reasoning tokens."""
         return sum(self.reasoning)
 
     def chunks(self, choice: int) -> int:

@@ -54,10 +54,12 @@ class Api:
         return web.Response(status=status, body=body, content_type=_JSON, headers=headers)
 
     def auth_error(self, exc: AuthError, path: str, headers: dict[str, str] | None = None) -> web.Response:
+        """A counted 401 (or 400) for a refused credential."""
         type_ = "invalid_request_error" if exc.status == 400 else "authentication_error"
         return self.respond(exc.status, error_body(str(exc), type_, exc.code), path, headers)
 
     def identity(self, request: web.Request, body: bytes) -> str:
+        """The rate-limit identity of an authenticated request; raises AuthError."""
         return self.state.auth.authenticate(request.headers, request.method, request.raw_path, body,
                                             request.remote or "unknown")
 
@@ -137,6 +139,7 @@ class Api:
         return resp
 
     async def models(self, request: web.Request, path: str) -> web.Response:
+        """GET /v1/models."""
         try:
             self.identity(request, b"")
         except AuthError as exc:
@@ -168,6 +171,7 @@ class Api:
         return self.respond(200, dumps(issued), TOKEN_PATH, {"Cache-Control": "no-store"})
 
     async def fallback(self, request: web.Request) -> web.Response:
+        """Any other path: a counted 405 on a known path, else 404."""
         known = {*CHAT_PATHS, *TEXT_PATHS, *MODEL_PATHS, TOKEN_PATH, ws.WS_PATH}
         if request.path in known:
             return self.respond(405, error_body(f"Method {request.method} not allowed on {request.path}.",

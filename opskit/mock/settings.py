@@ -70,6 +70,7 @@ class Latency:
             setattr(self, key, value)
 
     def to_json(self) -> dict:
+        """The settings as the admin API shows them."""
         return asdict(self)
 
 
@@ -101,6 +102,7 @@ class Faults:
             setattr(self, key, value)
 
     def to_json(self) -> dict:
+        """The settings as the admin API shows them."""
         d = asdict(self)
         d["error_rate"] = {str(s): r for s, r in sorted(self.error_rate.items())}
         return d
@@ -144,4 +146,5 @@ class Limits:
             setattr(self, key, value)
 
     def to_json(self) -> dict:
+        """The settings as the admin API shows them."""
         return asdict(self)

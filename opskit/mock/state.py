@@ -42,6 +42,7 @@ class Counters:
     in_flight: int = 0
 
     def response(self, status: int, path: str) -> None:
+        """Count one response of the API listener."""
         key = str(status)
         self.requests[key] = self.requests.get(key, 0) + 1
         self.by_path[path] = self.by_path.get(path, 0) + 1
@@ -53,6 +54,7 @@ class Counters:
         self.in_flight = in_flight
 
     def to_json(self) -> dict:
+        """The counters as GET /admin/counters shows them."""
         return {"requests": dict(sorted(self.requests.items())), "by_path": dict(sorted(self.by_path.items())),
                 "ws": dict(sorted(self.ws.items())),
                 "tokens": {"input": self.input_tokens, "output": self.output_tokens},
@@ -79,6 +81,7 @@ class Lateness:
         self.max_s = 0.0
 
     def observe(self, late_s: float) -> None:
+        """Record how late (seconds; negative = early) one chunk left."""
         self.counts[bisect.bisect_left(self._bounds_s, late_s)] += 1
         if late_s > self.max_s:
             self.max_s = late_s
@@ -96,6 +99,7 @@ class Lateness:
         return None
 
     def to_json(self) -> dict:
+        """The histogram as GET /admin/lateness shows it."""
         return {"bounds_ms": list(self.BOUNDS_MS), "counts": list(self.counts), "chunks": sum(self.counts),
                 "max_ms": round(self.max_s * 1000, 3), "p50_le_ms": self.quantile_ms(0.5),
                 "p99_le_ms": self.quantile_ms(0.99)}
@@ -132,6 +136,7 @@ class MockState:
         self._prefix = os.urandom(4).hex()
 
     def request_id(self) -> str:
+        """A new request id, unique within this process."""
         return f"mock-{self._prefix}-{next(self._ids)}"
 
     def draw_faults(self, stream: bool) -> FaultDraw:

@@ -136,10 +136,12 @@ class Encoder:
         return self.prefix[kind][choice] + words + self.suffix
 
     def role(self, choice: int) -> bytes:
+        """The first chunk of a chat stream: the role, no text."""
         return self.head + b'"choices":[{"index":%d,"delta":{"role":"assistant","content":""},' \
             b'"logprobs":null,"finish_reason":null}]}' % choice
 
     def finish(self, choice: int, reason: str) -> bytes:
+        """A choice's last chunk, carrying its finish_reason."""
         if self.req.kind == "chat":
             return self.head + b'"choices":[{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%s"}]}' % (
                 choice, reason.encode())
@@ -147,9 +149,11 @@ class Encoder:
             choice, reason.encode())
 
     def usage_chunk(self, sched: Schedule) -> bytes:
+        """The usage-only chunk (`choices: []`) sent when include_usage is asked for."""
         return self.head + b'"choices":[],"usage":' + dumps(self.usage(sched)) + b"}"
 
     def usage(self, sched: Schedule) -> dict:
+        """The usage object, exact for the tokens the schedule streams."""
         p, c = self.req.prompt_tokens, sched.output_tokens
         u = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         if sched.reasoning_tokens:
@@ -157,6 +161,7 @@ class Encoder:
         return u
 
     def finish_reason(self, sched: Schedule, choice: int) -> str:
+        """"length" when max_tokens cut the choice, else "stop"."""
         return "length" if sched.lengths[choice] == self.req.max_tokens and not sched.stopped[choice] else "stop"
 
     def whole(self, sched: Schedule) -> bytes:
