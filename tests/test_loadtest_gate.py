@@ -56,11 +56,16 @@ def test_healthy_mock_passes_through_the_proxy_with_two_processes(tmp_path):
 
 
 def test_injected_errors_fail_the_gate_naming_the_error_ratio(tmp_path):
-    proc, _ = loadtest(tmp_path, "qps", "--duration", "4", "--rate", "60", "--no-proxy",
-                       "--mock-args", "--error-rate 500=0.08 --seed 3")
+    proc, run = loadtest(tmp_path, "qps", "--duration", "4", "--rate", "60", "--timeout", "2", "--mock-args",
+                         "--error-rate 500=0.08 --hang-rate 0.03 --cut-rate 0.03 --seed 3")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "qps error_ratio" in proc.stdout.splitlines()[-2]
+    assert "VERDICT: FAIL (missed: qps error_ratio)" in proc.stdout.splitlines()[-2]
     assert "server_error" in proc.stdout
+    # faults and all, the proxy saw exactly what the clients saw (hung calls still open there count too)
+    checks = {c["name"]: c for c in json.loads((run / "summary.json").read_text())["checks"]}
+    assert checks["proxy_reconciled"]["passed"], checks["proxy_reconciled"]["note"]
+    errors = json.loads((run / "summary.json").read_text())["scenarios"]["qps"]["errors"]
+    assert {"server_error", "timeout", "stream_broken"} <= set(errors)
 
 
 def test_slow_first_token_fails_the_gate_naming_ttft(tmp_path):
