@@ -85,7 +85,7 @@ class ChatClient:
     """Sends chat completions to one base URL. One per Locust process; safe across greenlets."""
 
     def __init__(self, base_url: str, path: str = "/v1/chat/completions", auth: AuthFn | None = None,
-                 timeout_s: float = 60.0, pool_size: int = 100, ws_auth: dict | None = None) -> None:
+                 timeout_s: float = 60.0, pool_size: int = 100, ws_auth: Callable[[], dict] | None = None) -> None:
         url = urlsplit(base_url)
         self.base_url = base_url.rstrip("/")
         self.prefix = url.path.rstrip("/")
@@ -203,7 +203,7 @@ class ChatClient:
             with gevent.Timeout(self.timeout_s):
                 ws = websocket.create_connection(ws_url, timeout=self.timeout_s)
                 row["status"] = 101
-                ws.send(json.dumps(self.ws_auth or {"type": "auth"}))
+                ws.send(json.dumps(self.ws_auth() if self.ws_auth else {"type": "auth"}))
                 ws.send(json.dumps({"type": "request", "body": body}))
                 self._ws_loop(ws, meter, row)
         except gevent.Timeout:
@@ -230,8 +230,8 @@ class ChatClient:
                 meter.done = True
                 break
             else:
-                err = msg.get("error") or {}
-                code = err.get("status") or err.get("code")
+                err = msg.get("error") if isinstance(msg.get("error"), dict) else {}
+                code = msg.get("status", err.get("status"))  # the HTTP status it stands for, when given
                 row["status"] = code if isinstance(code, int) else 500
                 row.update(t_end=now, duration_s=now - meter.t0, error=str(err.get("type") or "error")[:80],
                            error_type=records.error_type_for_status(row["status"]) or records.SERVER_ERROR)

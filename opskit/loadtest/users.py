@@ -15,6 +15,7 @@ longer than the pacing interval, which is the very case a release gate must see.
 
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import json
@@ -69,7 +70,7 @@ class Process:
 
 
 _PROC: Process | None = None
-_LAG: list[float] = []
+_LAG: collections.deque[float] = collections.deque(maxlen=360_000)  # the last hour of 10 ms samples
 
 
 def proc(host: str | None = None, scenario: str | None = None) -> Process:
@@ -122,8 +123,8 @@ def _auth(p: RunParams):
     from opskit.auth import Authenticator
 
     authenticator = Authenticator(target.auth)
-    ws = authenticator.ws_auth_message() if hasattr(authenticator, "ws_auth_message") else None
-    return authenticator.headers, ws
+    # a fresh WebSocket auth message per connection: HMAC timestamps and OAuth2 tokens age
+    return authenticator.headers, getattr(authenticator, "ws_auth_message", None)
 
 
 @events.test_stop.add_listener
