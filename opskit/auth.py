@@ -135,7 +135,7 @@ class Authenticator:
         req = urllib.request.Request(cfg.token_url, data=urllib.parse.urlencode(form).encode(), method="POST",
                                      headers={"Authorization": f"Basic {basic}", "Accept": "application/json",
                                               "Content-Type": "application/x-www-form-urlencoded"})
-        where = f"oauth2 token request to {cfg.token_url}"
+        where = f"oauth2 token request to {_redacted(cfg.token_url)}"
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 raw = resp.read(1 << 20)
@@ -153,6 +153,16 @@ class Authenticator:
         if not isinstance(token, str) or not token or lifetime <= 0:
             raise AuthError(f"{where} returned an unusable token")
         return token, lifetime
+
+
+def _redacted(url: str) -> str:
+    """The URL without user info or query string, which may carry credentials."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _oauth_error(exc: urllib.error.HTTPError) -> str:

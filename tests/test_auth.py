@@ -153,12 +153,13 @@ def test_oauth2_unreachable_token_url_is_one_line():
     with socket.socket() as s:     # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    auth = Authenticator(AuthConfig(scheme="oauth2", token_url=f"http://127.0.0.1:{port}/token", client_id="a",
+    url = f"http://user:zzz-pw@127.0.0.1:{port}/token?key=zzz-q"     # credentials in a URL stay out too
+    auth = Authenticator(AuthConfig(scheme="oauth2", token_url=url, client_id="a",
                                     client_secret=Secret("zzz-secret")), timeout_s=2)
     with pytest.raises(AuthError) as err:
         auth.token()
     assert str(err.value).startswith(f"oauth2 token request to http://127.0.0.1:{port}/token failed:")
-    assert "zzz-secret" not in str(err.value) and "\n" not in str(err.value)
+    assert "zzz" not in str(err.value) and "\n" not in str(err.value)
     assert "zzz" not in repr(auth)
 
 
