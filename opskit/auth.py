@@ -141,7 +141,7 @@ class Authenticator:
                 raw = resp.read(1 << 20)
         except urllib.error.HTTPError as exc:
             raise AuthError(f"{where} failed: HTTP {exc.code}{_oauth_error(exc)}") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, ValueError) as exc:   # ValueError: e.g. a bad port
             reason = getattr(exc, "reason", None) or exc
             raise AuthError(f"{where} failed: {str(reason).splitlines()[0] if str(reason) else type(exc).__name__}") from None
         try:
