@@ -160,8 +160,9 @@ def _redacted(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
+    port = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+    if port:
+        netloc += f":{port}"    # as written, even when it is out of range
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
