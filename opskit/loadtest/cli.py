@@ -107,6 +107,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
         if (target_url or config_file or os.environ.get(ENV_TARGET_URL)) and not limit_requests:
             # a real target's limit is unknown: the throttling checks could only fail; ask for it explicitly
             scenarios = tuple(s for s in scenarios if s != "throttling")
+            click.echo("note: throttling skipped: give --limit-requests (the target's limit) to run it", err=True)
     opts = runner.Options(scenarios=tuple(scenarios), target_url=target_url,
                           config=config_file, target_name=target_name, duration=duration, rate=rate,
                           arrival=arrival, users=users, processes=processes, stream=stream, transport=transport,
