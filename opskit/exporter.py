@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
-import json
 import logging
 import os
 import signal
@@ -32,7 +31,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from opskit import __version__, catalog, config
+from opskit import __version__, catalog, config, readyfile
 from opskit.callmetrics import CallMetrics, make
 from opskit.exposition import Renderer
 
@@ -270,13 +269,6 @@ class Exporter:
         return web.Response(text="opskit exporter: /metrics, /healthz\n")
 
 
-def write_ready_file(path: Path, info: dict) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
-
-
 async def serve(cfg: config.Config, opts: Options) -> None:
     """Run the exporter until SIGTERM or SIGINT, then shut down cleanly."""
     stop = asyncio.Event()
@@ -292,7 +284,7 @@ async def serve(cfg: config.Config, opts: Options) -> None:
     gc.freeze()  # long-lived server: keep start-up objects out of the collector's scans (DESIGN.md)
     log.info("%s", exporter.describe())
     if opts.ready_file is not None:
-        write_ready_file(opts.ready_file, exporter.ready_info())
+        readyfile.write(opts.ready_file, exporter.ready_info())
     await stop.wait()
     log.info("stopping: draining the proxy for up to %gs", opts.drain_s)
     await exporter.close()

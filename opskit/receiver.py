@@ -22,6 +22,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from opskit import readyfile
+
 
 def summary(payload: dict) -> str:
     """One line per notification: status, then each alert's name and labels."""
@@ -86,9 +88,7 @@ async def _serve(host: str, port: int, out: Path, ready: Path | None) -> None:
     bound = runner.addresses[0][1]
     url = f"http://{host}:{bound}"
     if ready is not None:
-        tmp = ready.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-        tmp.replace(ready)  # atomic: a reader never sees half a file
+        readyfile.write(ready, {"url": url, "pid": os.getpid()})
     print(f"receiver listening on {url}, writing {out}", flush=True)
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()

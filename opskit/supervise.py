@@ -9,7 +9,6 @@ from /proc, so a recycled pid is never mistaken for (and never killed as) one of
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -19,6 +18,8 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from opskit import readyfile
 
 
 class SuperviseError(Exception):
@@ -96,17 +97,15 @@ def _died(child: Child, proc: subprocess.Popen | None) -> SuperviseError | None:
 
 def wait_ready_file(child: Child, proc: subprocess.Popen | None, path: Path, timeout: float) -> dict:
     """Wait for the child to write its JSON ready file; error early if it dies first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.stat().st_size:
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                pass  # half-written: read again
-        if err := _died(child, proc):
-            raise err
-        time.sleep(0.05)
-    raise SuperviseError(f"{child.name} did not write {path} within {timeout:.0f}s: {log_tail(child)}")
+    def exited() -> str | None:
+        err = _died(child, proc)
+        return None if err is None else str(err)
+
+    try:
+        return readyfile.wait(path, exited, timeout, poll_s=0.05)
+    except readyfile.NotReady as exc:
+        msg = str(exc)
+        raise SuperviseError(msg if msg.startswith(child.name) else f"{child.name} {msg}: {log_tail(child)}") from None
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:

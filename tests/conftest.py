@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from opskit import readyfile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,18 +32,13 @@ class MockServer:
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> dict:
     """Wait until a process writes its JSON ready file; fail with its stderr if it dies first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.stat().st_size:
-            try:
-                return json.loads(path.read_text())
-            except ValueError:
-                pass
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
-            raise RuntimeError(f"process exited {proc.returncode} before it was ready: {err[-2000:]}")
-        time.sleep(0.02)
-    raise TimeoutError(f"{path} not written within {timeout}s")
+    def exited() -> str | None:
+        if proc.poll() is None:
+            return None
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        return f"process exited {proc.returncode} before it was ready: {err[-2000:]}"
+
+    return readyfile.wait(path, exited, timeout)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:

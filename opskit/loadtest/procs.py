@@ -12,9 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
+
+from opskit import readyfile
 
 OPSKIT = [sys.executable, "-m", "opskit"]
 
@@ -65,18 +66,14 @@ def tail(log: Path, lines: int = 1) -> str:
 
 def wait_ready(proc: subprocess.Popen, ready: Path, log: Path, what: str, timeout: float = 30.0) -> dict:
     """Wait for a child's JSON ready file; ProcError naming its last log line if it dies or stalls."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready.exists() and ready.stat().st_size:
-            try:
-                return json.loads(ready.read_text())
-            except ValueError:
-                pass
-        if proc.poll() is not None:
-            raise ProcError(f"{what} exited with status {proc.returncode}: {tail(log) or 'no output'}")
-        time.sleep(0.05)
-    stop(proc)
-    raise ProcError(f"{what} not ready within {timeout:g}s: {tail(log) or 'no output'}")
+    def exited() -> str | None:
+        return None if proc.poll() is None else f"exited with status {proc.returncode}"
+
+    try:
+        return readyfile.wait(ready, exited, timeout, poll_s=0.05)
+    except readyfile.NotReady as exc:
+        stop(proc)
+        raise ProcError(f"{what} {exc}: {tail(log) or 'no output'}") from None
 
 
 def start_mock(run_dir: Path, extra: list[str]) -> tuple[subprocess.Popen, dict]:

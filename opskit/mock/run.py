@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 from aiohttp import web
 
+from opskit import readyfile
 from opskit.mock.admin import build_admin_app
 from opskit.mock.server import build_app
 from opskit.mock.state import MockState
@@ -55,11 +54,8 @@ class ServeError(Exception):
 
 def write_ready(path: str, info: dict) -> None:
     """Write the ready file atomically: a reader sees nothing or the whole JSON."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, target)
+        readyfile.write(path, info)
     except OSError as exc:
         raise ServeError(f"cannot write the ready file {path}: {exc.strerror or exc}") from None
 
