@@ -269,6 +269,10 @@ class Exporter:
         return web.Response(text="opskit exporter: /metrics, /healthz\n")
 
 
+class ReadyFileError(Exception):
+    """The --ready-file could not be written (one line for the user)."""
+
+
 async def serve(cfg: config.Config, opts: Options) -> None:
     """Run the exporter until SIGTERM or SIGINT, then shut down cleanly."""
     stop = asyncio.Event()
@@ -284,7 +288,11 @@ async def serve(cfg: config.Config, opts: Options) -> None:
     gc.freeze()  # long-lived server: keep start-up objects out of the collector's scans (DESIGN.md)
     log.info("%s", exporter.describe())
     if opts.ready_file is not None:
-        readyfile.write(opts.ready_file, exporter.ready_info())
+        try:
+            readyfile.write(opts.ready_file, exporter.ready_info())
+        except OSError as exc:  # not an address problem: say which file, and stop what started
+            await exporter.close()
+            raise ReadyFileError(f"cannot write the ready file {opts.ready_file}: {exc.strerror or exc}") from None
     await stop.wait()
     log.info("stopping: draining the proxy for up to %gs", opts.drain_s)
     await exporter.close()
@@ -369,6 +377,8 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
                    ready_file=ready_file, max_body_bytes=max_body_bytes, drain_s=drain_s)
     try:
         _run(serve(cfg, opts))
+    except ReadyFileError as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc.strerror or exc}") from None
     except ImportError as exc:  # a part of the exporter missing from this installation

@@ -431,3 +431,15 @@ def test_exporter_port_in_use_is_one_line():
     err = out.stderr.decode()
     assert out.returncode == 1 and "cannot listen" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_exporter_unwritable_ready_file_is_one_line(tmp_path):
+    """A ready file that cannot be written is named as such, not reported as an address problem."""
+    ready = tmp_path / "no-such-dir" / "ready.json"
+    out = subprocess.run([sys.executable, "-m", "opskit", "exporter", "--no-gpu", "--listen", "127.0.0.1:0",
+                          "--ready-file", str(ready)], capture_output=True, timeout=30, cwd=ROOT, env=base_env())
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == f"Error: cannot write the ready file {ready}: No such file or directory", err
