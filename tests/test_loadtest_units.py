@@ -111,6 +111,20 @@ def test_summary_percentiles_tpot_and_error_ratio():
     assert s["output_tokens"] == 98 * 11 and s["throughput_rps"] == pytest.approx(9.8)
 
 
+def test_plots_of_a_run_where_every_call_failed_warn_nothing():
+    """An unreachable target fails every call; the report's figure must still render, and matplotlib
+    must not print legend warnings into the verdict on stderr."""
+    import warnings
+
+    from opskit.loadtest import plots
+
+    rows = [row("qps", t=i * 0.1, status=502, err="server_error") for i in range(20)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would fail here instead of reaching the user's terminal
+        png = plots.scenario_figure(results.frame(rows), "qps")
+    assert png.startswith("iVBORw0KGgo")  # base64 of the PNG signature
+
+
 def test_throttling_429s_are_not_errors_and_windows_are_counted():
     rows = [row("throttling", t=i * 0.1, status=200, retry_after=None) for i in range(10)]
     rows += [row("throttling", t=1.0 + i * 0.1, status=429, err="rate_limited", retry_after="4") for i in range(5)]

@@ -21,6 +21,15 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _legend(ax, **kwargs) -> None:
+    """A legend, or for a panel with nothing to plot (no successful call) a note: matplotlib would warn
+    on stderr about a legend with no labelled artists, in the middle of the verdict."""
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7, **kwargs)
+    else:
+        ax.text(0.5, 0.5, "no successful calls", ha="center", va="center", transform=ax.transAxes)
+
+
 def _over_time(ax, df: pd.DataFrame) -> None:
     ok = df[df["ok"]].sort_values("t")
     for col, label, color in (("duration_s", "duration", "tab:blue"), ("ttft_s", "TTFT", "tab:orange")):
@@ -32,7 +41,7 @@ def _over_time(ax, df: pd.DataFrame) -> None:
         ax.plot(s["t"], s[col].rolling(window, min_periods=1).quantile(0.95) * 1000, color=color,
                 label=f"{label} (rolling p95)")
     ax.set(title="latency over time", xlabel="s since start", ylabel="ms")
-    ax.legend(fontsize=7)
+    _legend(ax)
 
 
 def _percentiles(ax, df: pd.DataFrame) -> None:
@@ -44,7 +53,7 @@ def _percentiles(ax, df: pd.DataFrame) -> None:
             ax.plot(range(len(qs)), np.percentile(s, qs) * 1000, "o-", label=label)
     ax.set_xticks(range(len(qs)), [f"p{q:g}" for q in qs])
     ax.set(title="percentiles", ylabel="ms")
-    ax.legend(fontsize=7)
+    _legend(ax)
 
 
 def _histograms(ax, df: pd.DataFrame) -> None:
@@ -54,7 +63,7 @@ def _histograms(ax, df: pd.DataFrame) -> None:
         if len(s):
             ax.hist(s * 1000, bins=40, alpha=0.6, label=label)
     ax.set(title="histogram", xlabel="ms", ylabel="requests")
-    ax.legend(fontsize=7)
+    _legend(ax)
 
 
 def _throughput(ax, df: pd.DataFrame) -> None:
