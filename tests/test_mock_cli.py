@@ -28,6 +28,8 @@ BAD_FLAGS = [
     (["--listen", "127.0.0.1:0", "--auth", "hmac", "--api-key", "no-colon"], "KEYID:SECRET"),
     (["--listen", "127.0.0.1:0", "--auth", "oauth2"], "--client"),
     (["--listen", "127.0.0.1:0", "--ttft-ms", "fast"], "ttft-ms"),
+    (["--listen", "127.0.0.1:0", "--rate-window-s", "0"], "--rate-window-s: expected a number >= 0.001"),
+    (["--listen", "127.0.0.1:0", "--rpm", "0"], "--rpm: expected an integer >= 1, got 0"),
     (["--listen", "127.0.0.1:0", "--no-such-flag"], "no-such-flag"),
 ]
 

@@ -97,8 +97,10 @@ def _settings(o: dict) -> tuple[Latency, Faults, Limits]:
                        "malformed_rate": o["malformed_rate"], "extra_ttft_ms": o["extra_ttft_ms"]})
         limits.update({"rpm": o["rpm"], "tpm": o["tpm"], "daily_quota": o["daily_quota"],
                        "window_s": o["rate_window_s"]})
-    except SettingsError as exc:
-        _fail(f"--{str(exc).replace('_', '-')}")
+    except SettingsError as exc:  # messages name the admin API's keys; say the flag instead
+        key, _, rest = str(exc).partition(":")
+        flag = "rate_window_s" if key == "window_s" else key
+        _fail(f"--{flag.replace('_', '-')}:{rest.replace(' or null', '')}")
     return latency, faults, limits
 
 
