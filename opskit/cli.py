@@ -24,8 +24,24 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    """The same usage error without click's usage block and hint: one line, `Error: ...`, exit 2."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError) or exc.ctx is None:
+        return exc  # a bare `opskit report` still prints its help
+    one = click.UsageError(exc.format_message().replace("\n", " "))
+    one.exit_code = exc.exit_code
+    return one
+
+
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use."""
+    """A click group whose subcommands are imported on first use; usage errors print as one line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse as click does (`opskit --bad-flag` is a one-line usage error)."""
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -38,11 +54,13 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name), attr)
 
     def invoke(self, ctx: click.Context):
-        """Run the command; a config error anywhere becomes one line on stderr and exit 2."""
+        """Run the command; a usage or config error anywhere becomes one line on stderr and exit 2."""
         from opskit.config import ConfigError
 
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # from any subcommand or sub-group, however deep
+            raise _one_line(exc) from None
         except ConfigError as exc:
             click.echo(f"opskit: {exc}", err=True)
             ctx.exit(2)
