@@ -358,20 +358,38 @@ def status_lines(stack: Stack) -> tuple[list[str], bool]:
 
 @click.group()
 def stack() -> None:
-    """Run the local monitoring stack: mock, exporter, Prometheus, Alertmanager, receiver."""
+    """Run the local monitoring stack: mock, exporter, Prometheus, Alertmanager, receiver.
+
+    \b
+    Examples:
+      opskit stack up                                  # against the embedded mock, state in .stack/
+      opskit stack up --target https://api.deepseek.com --gpu off    # key from $OPSKIT_API_KEY
+      opskit stack status                              # exit 1 when any component is down
+      opskit stack down
+    """
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:  # checked as a flag, so the error names --scrape-interval rather than the config field
+        Timing(value).check()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[1]) from None
+    return value
 
 
 _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, type=click.Path(path_type=Path),
-                          help="where configs, data, logs and the pid/state file live")
+                          help="Where configs, data, logs and the pid/state file live.")
 
 
 @stack.command("up")
 @_state_opt
-@click.option("--config", "config", type=click.Path(), help="opskit config naming a real target (instead of the mock)")
-@click.option("--target", help="a real target's API root (instead of the mock); key from $OPSKIT_API_KEY")
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="YAML config naming a real target (instead of the mock).")
+@click.option("--target", help="A real target's API root (instead of the mock); key from $OPSKIT_API_KEY.")
 @click.option("--gpu", type=click.Choice(GPU_MODES), default="auto", show_default=True,
-              help="auto: GPU series when NVML is present; fake: the tests' fake libnvidia-ml; off")
-@click.option("--scrape-interval", default="5s", show_default=True, help="Prometheus scrape and rule interval")
+              help="auto: GPU series when NVML is present; fake: the tests' fake libnvidia-ml; off.")
+@click.option("--scrape-interval", default="5s", show_default=True, callback=_duration,
+              help="Prometheus scrape and rule interval.")
 def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, scrape_interval: str) -> None:
     """Start the stack in the background and print where each part listens (exit 0 if already up)."""
     timing = Timing(scrape_interval, scrape_interval)

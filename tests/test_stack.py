@@ -274,7 +274,8 @@ def test_missing_binary_is_one_line_and_starts_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--gpu", "maybe"], "Invalid value for '--gpu'"),
-    (["--scrape-interval", "soon"], "scrape_interval"),
+    (["--scrape-interval", "soon"],
+     "Error: Invalid value for '--scrape-interval': expected a duration such as 1s or 5m, got 'soon'"),
     (["--target", "ftp://x"], "config error"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
