@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -309,6 +309,10 @@ def running(state_dir: Path) -> Stack | None:
 
 def up(spec: StackSpec) -> Stack:
     """Start every component; on any failure stop what was started and raise StackError."""
+    # the components run with the source root as their working directory: paths given relative to
+    # the caller's (the default .stack, a --config file) must not be resolved against it
+    spec = replace(spec, state_dir=spec.state_dir.absolute(),
+                   config=os.path.abspath(spec.config) if spec.config else None)
     spec.timing.check()
     if spec.gpu not in GPU_MODES:
         raise StackError(f"--gpu: expected one of {', '.join(GPU_MODES)}, got {spec.gpu!r}")

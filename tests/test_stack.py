@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -288,11 +289,15 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
 
 
 @pytest.mark.slow
-def test_stack_against_a_configured_target_starts_no_mock(tmp_path, mock_server):
-    # A "real" target (here a separately started mock): the exporter proxies and probes it.
+def test_stack_against_a_configured_target_starts_no_mock(tmp_path, mock_server, monkeypatch):
+    # A "real" target (here a separately started mock): the exporter proxies and probes it. The state
+    # dir and config are given relative to the caller's directory, as `opskit stack up` does by default
+    # (.stack), though the components run elsewhere.
     need_binary("prometheus")
     need_binary("prometheus-alertmanager")
-    st = up(StackSpec(state_dir=tmp_path, target=mock_server.api, gpu="off"))
+    monkeypatch.chdir(tmp_path)
+    Path("opskit.yaml").write_text(f'targets: [{{name: real, base_url: "{mock_server.api}"}}]\n')
+    st = up(StackSpec(state_dir=Path("st"), config="opskit.yaml", gpu="off"))
     try:
         assert [c.child.name for c in st.components] == ["receiver", "exporter", "alertmanager", "prometheus"]
         body = json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}],
@@ -308,9 +313,9 @@ def test_stack_against_a_configured_target_starts_no_mock(tmp_path, mock_server)
         samples = [s for f in text_string_to_metric_families(metrics) for s in f.samples
                    if s.name == "opskit_llm_requests_total"]
         assert [(s.labels["source"], s.labels["target"], s.labels["code"], s.value) for s in samples
-                if s.labels["source"] == "proxy"] == [("proxy", "default", "200", 1.0)]
+                if s.labels["source"] == "proxy"] == [("proxy", "real", "200", 1.0)]
     finally:
-        stopped = stack_down(tmp_path)
+        stopped = stack_down(Path("st"))
     assert stopped == ["prometheus", "alertmanager", "exporter", "receiver"]
 
 
