@@ -80,6 +80,10 @@ def read_notifications(path: str | os.PathLike[str]) -> list[dict]:
     return out
 
 
+class _ReadyFileError(Exception):
+    """The --ready-file could not be written."""
+
+
 async def _serve(host: str, port: int, out: Path, ready: Path | None) -> None:
     runner = web.AppRunner(make_app(out), access_log=None)
     await runner.setup()
@@ -88,7 +92,11 @@ async def _serve(host: str, port: int, out: Path, ready: Path | None) -> None:
     bound = runner.addresses[0][1]
     url = f"http://{host}:{bound}"
     if ready is not None:
-        readyfile.write(ready, {"url": url, "pid": os.getpid()})
+        try:
+            readyfile.write(ready, {"url": url, "pid": os.getpid()})
+        except OSError as exc:  # not an address problem: say which file
+            await runner.cleanup()
+            raise _ReadyFileError(f"cannot write the ready file {ready}: {exc.strerror or exc}") from None
     print(f"receiver listening on {url}, writing {out}", flush=True)
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -111,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(_serve(host, int(port), Path(args.out), Path(args.ready_file) if args.ready_file else None))
+    except _ReadyFileError as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"receiver: cannot listen on {args.listen}: {exc.strerror}", file=sys.stderr)
         return 1

@@ -122,6 +122,14 @@ def test_receiver_bad_listen_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "--listen" in r.stderr
 
 
+def test_receiver_unwritable_ready_file_is_named(tmp_path):
+    ready = tmp_path / "missing-dir" / "rx.json"
+    r = subprocess.run([sys.executable, "-m", "opskit.receiver", "--out", str(tmp_path / "x"), "--ready-file",
+                        str(ready)], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"receiver: cannot write the ready file {ready}: No such file or directory"
+
+
 def test_read_notifications_skips_a_half_written_last_line(tmp_path):
     f = tmp_path / "n.jsonl"
     f.write_text('{"status": "firing", "alerts": []}\n{"status": "res')
