@@ -107,6 +107,7 @@ def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server)
     proc, run = loadtest(tmp_path / "ws", "streaming", "--duration", "3", "--users", "5", "--transport", "ws",
                          "--model", "deepseek-reasoner", "--target", mock_server.url)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"target {mock_server.url}; run directory" in proc.stderr  # direct: not "via metering proxy"
     df = results.load(run)
     assert (df["transport"] == "ws").all() and df["ttft_s"].notna().all() and (df["output_tokens"] > 0).all()
     # a reasoning model thinks first: the first output token comes after the first (reasoning) token

@@ -97,7 +97,7 @@ def open_target(opts: Options, run_dir: Path, target_url: str | None) -> Target:
         children.append(mock)
         target_url, admin = info["url"], info["admin_url"]
     t = Target(url=target_url, send_url=target_url, admin_url=admin, children=children)
-    if opts.proxy:
+    if opts.proxy and opts.transport != "ws":  # the proxy meters HTTP; a WebSocket run never passes it
         try:
             exp, info = procs.start_exporter(run_dir, target_url, opts.config)
             t.children.append(exp)
