@@ -220,6 +220,14 @@ def test_report_compare_cli_exit_codes(tmp_path):
     (tmp_path / "junk" / "summary.json").write_text("{not json")
     res = runner.invoke(main, ["report", "compare", str(a), str(tmp_path / "junk")])
     assert res.exit_code == 2 and "summary.json" in res.output and "Traceback" not in res.output
+    (tmp_path / "qps").mkdir()
+    (tmp_path / "qps" / "summary.json").write_text(json.dumps({"scenarios": {"qps": {"throughput_rps": 20.0}}}))
+    res = runner.invoke(main, ["report", "compare", str(a), str(tmp_path / "qps")])  # nothing to compare: not a pass
+    assert res.exit_code == 2
+    assert res.output.strip() == "Error: BASE and NEW have no scenario in common (BASE: streaming; NEW: qps)"
+    res = runner.invoke(main, ["loadtest", "qps", "--baseline", str(a)])  # refused before any load is sent
+    assert res.exit_code == 2
+    assert res.output.strip() == f"Error: --baseline {a} has none of the scenarios to run (it has: streaming)"
 
 
 def test_unavailable_metering_proxy_degrades_to_direct(tmp_path, monkeypatch):

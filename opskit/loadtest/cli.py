@@ -108,6 +108,9 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
             # a real target's limit is unknown: the throttling checks could only fail; ask for it explicitly
             scenarios = tuple(s for s in scenarios if s != "throttling")
             click.echo("note: throttling skipped: give --limit-requests (the target's limit) to run it", err=True)
+    if base is not None and not set(base["scenarios"]) & set(scenarios):  # else a gate that compares nothing
+        raise click.UsageError(f"--baseline {baseline} has none of the scenarios to run "
+                               f"(it has: {', '.join(sorted(base['scenarios'])) or 'none'})")
     opts = runner.Options(scenarios=tuple(scenarios), target_url=target_url,
                           config=config_file, target_name=target_name, duration=duration, rate=rate,
                           arrival=arrival, users=users, processes=processes, stream=stream, transport=transport,
@@ -157,6 +160,9 @@ def compare_cmd(base, new, tolerance, error_tolerance) -> None:
     from opskit.loadtest import compare
 
     b, n = compare.load_summary(base), compare.load_summary(new)
+    if not set(b["scenarios"]) & set(n["scenarios"]):  # comparing nothing must not read as "no regression"
+        raise click.UsageError(f"BASE and NEW have no scenario in common (BASE: {', '.join(sorted(b['scenarios']))}"
+                               f"; NEW: {', '.join(sorted(n['scenarios']))})")
     table = compare.compare(b, n, tolerance, error_tolerance)
     click.echo(compare.render(table, compare.only_in_one(b, n)))
     sys.exit(1 if table["regressed"].any() else 0)
