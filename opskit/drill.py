@@ -361,16 +361,24 @@ def _terminate(signum, frame):  # SIGTERM (CI timeout, kill): unwind so the stac
 
 @click.command()
 @click.option("--phase", "phase_names", multiple=True, type=click.Choice(drillplan.PHASE_NAMES),
-              help="run only these phases (repeatable); default all")
+              help="Run only these phases (repeatable; default: all).")
 @click.option("--rps", type=click.FloatRange(1, 200), default=20.0, show_default=True,
-              help="streaming calls per second through the proxy")
+              help="Streaming calls per second through the proxy.")
 @click.option("--phase-timeout", type=click.FloatRange(5, 300), default=45.0, show_default=True,
-              help="seconds for a fault's alerts to fire, and again to resolve")
+              help="Seconds for a fault's alerts to fire, and again to resolve.")
 @click.option("--max-seconds", type=click.FloatRange(30, 3600), default=300.0, show_default=True,
-              help="the whole drill's time limit")
-@click.option("--keep", is_flag=True, help="keep the stack's state dir (configs, logs) even on success")
+              help="The whole drill's time limit, seconds.")
+@click.option("--keep", is_flag=True, help="Keep the stack's state dir (configs, logs) even on success.")
 def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_seconds: float, keep: bool) -> None:
-    """Fire drill: inject faults into a live stack and check every alert fires, notifies and resolves."""
+    """Fire drill: inject faults into a live stack and check every alert fires, notifies and resolves.
+
+    Starts a private stack of its own (not `opskit stack`'s); exit 1 on any miss.
+
+    \b
+    Examples:
+      opskit drill                                     # every phase, then every dashboard query
+      opskit drill --phase errors --phase ttft --keep  # a subset; keep configs and logs
+    """
     from opskit import fakegpu
 
     try:

@@ -142,7 +142,13 @@ def _against_baseline(base: dict | None, run_dir: Path, tolerance: float) -> int
 
 @click.group()
 def report() -> None:
-    """Work with load-test run directories (reports/<run>/)."""
+    """Work with load-test run directories (reports/<run>/).
+
+    \b
+    Examples:
+      opskit report show reports/20261122-003616
+      opskit report compare reports/20261122-003616 reports/20261123-101500 --tolerance 0.1
+    """
 
 
 @report.command("compare")
