@@ -224,6 +224,14 @@ def parse(data: object, source: str = "<config>", env: dict[str, str] | None = N
     return Config(targets=parsed, probe=_probe(data.get("probe"), source), source=source)
 
 
+def _env_key_file(path: str) -> Secret:
+    """The key in the file $OPSKIT_API_KEY_FILE names; an error names the variable and the file."""
+    try:
+        return Secret(Path(path).expanduser().read_text().strip())
+    except OSError as exc:
+        raise ConfigError(f"${ENV_API_KEY_FILE}", "", f"a readable key file ({path}: {exc.strerror})") from None
+
+
 def load(path: str | os.PathLike[str] | None = None, target_url: str | None = None,
          env: dict[str, str] | None = None) -> Config:
     """Load the config file (if any), then apply $OPSKIT_TARGET_URL / $OPSKIT_API_KEY and flags.
@@ -254,9 +262,9 @@ def load(path: str | os.PathLike[str] | None = None, target_url: str | None = No
         if env.get(ENV_API_KEY):
             key = Secret(env[ENV_API_KEY].strip())
         elif env.get(ENV_API_KEY_FILE):
-            key = _read_secret({"api_key_file": env[ENV_API_KEY_FILE]}, "api_key", source, "api_key", env)
+            key = _env_key_file(env[ENV_API_KEY_FILE])
         auth = AuthConfig(scheme="bearer", api_key=key) if key else AuthConfig()
-        base = _url(url, source, "url")
+        base = _url(url, source, "")
         kind = "private" if urlsplit(base).hostname in ("127.0.0.1", "localhost", "::1") else "hosted"
         models = cfg.targets[0].models if cfg.targets else ("deepseek-chat", "deepseek-reasoner")
         cfg = Config(targets=(Target(name="default", base_url=base, kind=kind, models=models, auth=auth),),

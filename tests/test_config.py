@@ -88,6 +88,20 @@ def test_target_from_env_and_flag(tmp_path):
     assert cfg.target().kind == "hosted" and cfg.target().auth.scheme == "none"
 
 
+def test_target_from_flag_errors_name_the_flag_and_the_key_file(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        config.load(target_url="notaurl", env={})
+    assert str(exc.value) == "config error: --target: expected an http:// or https:// URL"
+    missing = tmp_path / "no-key"
+    with pytest.raises(ConfigError) as exc:
+        config.load(target_url="https://api.example.test", env={"OPSKIT_API_KEY_FILE": str(missing)})
+    assert str(exc.value) == ("config error: $OPSKIT_API_KEY_FILE: expected a readable key file "
+                              f"({missing}: No such file or directory)")
+    missing.write_text("sk-from-file\n")
+    cfg = config.load(target_url="https://api.example.test", env={"OPSKIT_API_KEY_FILE": str(missing)})
+    assert cfg.target().auth.api_key.reveal() == "sk-from-file"
+
+
 def test_no_target_is_a_config_error():
     with pytest.raises(ConfigError, match="at least one target"):
         config.load(env={}).target()
