@@ -294,7 +294,10 @@ async def serve(cfg: config.Config, opts: Options) -> None:
             await exporter.close()
             raise ReadyFileError(f"cannot write the ready file {opts.ready_file}: {exc.strerror or exc}") from None
     await stop.wait()
-    log.info("stopping: draining the proxy for up to %gs", opts.drain_s)
+    if exporter.proxy_port is not None:
+        log.info("stopping: draining the proxy for up to %gs", opts.drain_s)
+    else:
+        log.info("stopping")
     await exporter.close()
     log.info("stopped")
 

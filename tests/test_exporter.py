@@ -418,6 +418,7 @@ probe: {{interval_s: 60, max_tokens: 4, timeout_s: 10}}
     promtool_check(text)
     code, err = ex.stop()
     assert code == 0 and "probe primary,fallback" in err
+    assert "draining" not in err and err.rstrip().endswith("stopped")  # no proxy, nothing to drain
 
 
 @pytest.mark.slow
