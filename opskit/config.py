@@ -32,6 +32,10 @@ SCHEMES = ("none", "bearer", "oauth2", "hmac")
 ENV_TARGET_URL = "OPSKIT_TARGET_URL"
 ENV_API_KEY = "OPSKIT_API_KEY"
 ENV_API_KEY_FILE = "OPSKIT_API_KEY_FILE"
+TARGET_KEYS = ("name", "base_url", "kind", "models", "daily_quota_requests", "timeout_s", "auth")
+AUTH_KEYS = ("scheme", "api_key_env", "api_key_file", "secret_key_env", "secret_key_file", "token_url",
+             "client_id", "client_secret_env", "client_secret_file", "scope")
+PROBE_KEYS = ("interval_s", "prompt", "max_tokens", "timeout_s", "model")
 
 
 class ConfigError(Exception):
@@ -122,6 +126,13 @@ def _expect(cond: bool, source: str, key: str, what: str) -> None:
         raise ConfigError(source, key, what)
 
 
+def _known(spec: dict, allowed: tuple[str, ...], source: str, key: str, also: tuple[str, ...] = ()) -> None:
+    """A misspelt key (`api_key_evn`, `interval`) is an error, not a setting silently left at its default.
+    Keys in `also` pass here unlisted (an inline secret gets its own error later)."""
+    unknown = sorted(str(k) for k in spec if k not in allowed and k not in also)
+    _expect(not unknown, source, f"{key}.{unknown[0]}" if unknown else key, f"one of {', '.join(allowed)}")
+
+
 def _url(value: object, source: str, key: str) -> str:
     ok = isinstance(value, str) and urlsplit(value).scheme in ("http", "https") and bool(urlsplit(value).netloc)
     _expect(ok, source, key, "an http:// or https:// URL")
@@ -150,6 +161,7 @@ def _auth(spec: object, source: str, key: str, env: dict[str, str]) -> AuthConfi
     if spec is None:
         return AuthConfig()
     _expect(isinstance(spec, dict), source, key, "a mapping")
+    _known(spec, AUTH_KEYS, source, key, also=("api_key", "secret_key", "client_secret"))
     scheme = spec.get("scheme", "bearer")
     _expect(scheme in SCHEMES, source, f"{key}.scheme", " | ".join(SCHEMES))
     api_key = _read_secret(spec, "api_key", source, key, env)
@@ -172,6 +184,7 @@ def _auth(spec: object, source: str, key: str, env: dict[str, str]) -> AuthConfi
 def _target(spec: object, i: int, source: str, env: dict[str, str]) -> Target:
     key = f"targets[{i}]"
     _expect(isinstance(spec, dict), source, key, "a mapping")
+    _known(spec, TARGET_KEYS, source, key)
     name = spec.get("name")
     _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), source,
             f"{key}.name", "a name of letters, digits, - and _")
@@ -194,6 +207,7 @@ def _probe(spec: object, source: str) -> ProbeConfig:
     if spec is None:
         return ProbeConfig()
     _expect(isinstance(spec, dict), source, "probe", "a mapping")
+    _known(spec, PROBE_KEYS, source, "probe")
     d = ProbeConfig()
     interval = spec.get("interval_s", d.interval_s)
     _expect(isinstance(interval, int | float) and interval > 0, source, "probe.interval_s", "a positive number")

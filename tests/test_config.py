@@ -55,6 +55,11 @@ probe: {{interval_s: 30, max_tokens: 4}}
     ("targets: [{name: a, base_url: 'http://x'}, {name: a, base_url: 'http://y'}]", "targets", "unique"),
     ("probe: {interval_s: -1}", "probe.interval_s", "positive"),
     ("bogus: 1", "bogus", "only targets"),
+    # a misspelt key would otherwise leave its setting at the default without a word
+    ("targets: [{name: a, base_url: 'http://x', daily_quota: 5}]", "targets[0].daily_quota", "daily_quota_requests"),
+    ("targets: [{name: a, base_url: 'http://x', auth: {scheme: bearer, api_key_evn: K}}]",
+     "targets[0].auth.api_key_evn", "api_key_env, api_key_file"),
+    ("probe: {interval: 5}", "probe.interval", "one of interval_s, prompt"),
     ("targets: [\n  - name: [", "line", "valid YAML"),
 ])
 def test_bad_config_names_file_key_and_expectation(tmp_path, text, key, expected):
