@@ -151,6 +151,15 @@ def test_max_in_window_opens_windows_like_a_fixed_window_limiter():
 # ---- SLO verdicts and reports ----
 
 
+def test_error_ratio_note_gives_the_statuses_behind_the_error_types():
+    rows = [row(t=i * 0.1) for i in range(10)] + [row(t=1.0 + i * 0.1, status=401, err="client_error")
+                                                  for i in range(30)]
+    rows += [row(t=5.0, status=0, err="timeout"), row(t=5.1, status=200, err="stream_broken")]
+    v = slo.evaluate(results.frame(rows), slo.defaults(), {"scenario": "streaming", "duration": 6})
+    (check,) = [c for c in v.checks if c.name == "error_ratio"]
+    assert check.note == "client_error: 30, stream_broken: 1, timeout: 1 (status 0: 1, 401: 30)"
+
+
 def test_slo_defaults_come_from_thresholds_and_misses_are_named():
     assert slo.defaults()["ttft_p95_s"] == THRESHOLDS.ttft_p95_seconds
     slow = [row(t=i * 0.1, ttft=0.2 + THRESHOLDS.ttft_p95_seconds) for i in range(50)]

@@ -131,6 +131,11 @@ def check_summary(s: dict, objectives: dict[str, float | None]) -> list[Check]:
         checks.append(_check(sc, "duration_p90", s["duration_s"]["p90"], "<", o["duration_p90_s"]))
     if o.get("error_ratio") is not None:
         note = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items()))
+        # the statuses behind them: "client_error: 40" alone does not say that the key was wrong (401)
+        codes = [f"{k}: {v}" for k, v in s.get("status", {}).items()
+                 if not k.startswith("2") and not (sc == "throttling" and k == "429")]
+        if note and codes:
+            note += f" (status {', '.join(codes)})"
         checks.append(_check(sc, "error_ratio", s["error_ratio"], "<", o["error_ratio"], note))
     if s.get("requested_rate") and o.get("achieved_rate_ratio_min") is not None:
         checks.append(_check(sc, "achieved_rate_ratio", s["achieved_rate"] / s["requested_rate"], ">=",
