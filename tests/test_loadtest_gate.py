@@ -172,3 +172,38 @@ def test_hmac_auth_from_config_through_the_proxy_and_no_secret_leaks(tmp_path, s
                        "--no-proxy", env={**env, "LT_SECRET": "wrong"})
     assert proc.returncode == 1 and "streaming error_ratio" in proc.stdout.splitlines()[-2]
     assert "client_error" in proc.stdout
+
+
+def test_sigterm_stops_the_run_and_every_helper(tmp_path):
+    """A CI timeout's SIGTERM ends the run with 143 and leaves no mock or exporter behind."""
+    import signal
+    import time
+
+    from conftest import wait_for_file
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSKIT_")}
+    out = tmp_path / "reports"
+    proc = subprocess.Popen([sys.executable, "-m", "opskit", "loadtest", "qps", "--duration", "60", "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(out.glob("*/exporter-ready.json")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        run = next(out.glob("*/"))
+        pids = [wait_for_file(run / f"{name}-ready.json", proc)["pid"] for name in ("mock", "exporter")]
+        time.sleep(1)  # Locust is starting or running
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err.decode()
+    assert err.decode().strip().endswith("opskit loadtest: terminated; stopping the mock, the exporter and Locust")
+    assert "Traceback" not in err.decode()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        with open(f"/proc/{pid}/stat") as f:  # gone, or at worst a zombie awaiting its reaper
+            assert f.read().split(") ")[1][0] == "Z", f"helper {pid} outlived the run"
