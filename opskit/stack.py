@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import urllib.parse
@@ -373,6 +374,10 @@ def stack() -> None:
     """
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:  # checked as a flag, so the error names --scrape-interval rather than the config field
         Timing(value).check()
@@ -398,6 +403,7 @@ def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, sc
     """Start the stack in the background and print where each part listens (exit 0 if already up)."""
     timing = Timing(scrape_interval, scrape_interval)
     spec = StackSpec(state_dir=state_dir, config=config, target=target, gpu=gpu, timing=timing)
+    signal.signal(signal.SIGTERM, _terminated)  # unwind, so up() stops what it has started so far
     try:
         started = up(spec)
     except AlreadyUp as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -344,3 +345,21 @@ def test_stale_state_is_not_running_and_status_names_the_dead(tmp_path):
     finally:
         supervise.stop(live)
         proc.wait(timeout=5)
+
+
+@pytest.mark.slow
+def test_sigterm_during_up_stops_what_was_started(tmp_path):
+    need_binary("prometheus")
+    need_binary("prometheus-alertmanager")
+    proc = subprocess.Popen([sys.executable, "-m", "opskit", "stack", "up", "--state-dir", str(tmp_path), "--gpu", "off"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pid = wait_for_file(tmp_path / "receiver.ready.json", proc, timeout=30)["pid"]  # the first component
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop(proc)
+    assert proc.returncode == 143 and b"Traceback" not in err, err.decode()
+    assert not (tmp_path / "state.json").exists()
+    stat = Path(f"/proc/{pid}/stat")
+    assert not stat.exists() or stat.read_text().split(") ")[1][0] == "Z", "the receiver outlived stack up"
