@@ -151,6 +151,14 @@ def test_max_in_window_opens_windows_like_a_fixed_window_limiter():
 # ---- SLO verdicts and reports ----
 
 
+def test_progress_line_never_shows_more_time_than_the_run_has(tmp_path):
+    from opskit.loadtest.runner import progress_line
+
+    missing = tmp_path / "no-history.csv"  # before Locust writes its history: the clock only
+    assert progress_line("qps", 2.4, 20, missing) == "[qps]    2s/20s (18s left)"
+    assert progress_line("qps", 21.0, 20, missing) == "[qps]   20s/20s (finishing)"
+
+
 def test_error_ratio_note_gives_the_statuses_behind_the_error_types():
     rows = [row(t=i * 0.1) for i in range(10)] + [row(t=1.0 + i * 0.1, status=401, err="client_error")
                                                   for i in range(30)]

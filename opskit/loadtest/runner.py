@@ -193,7 +193,10 @@ def _watch(master: subprocess.Popen, p: RunParams, history: Path, progress: Call
 
 def progress_line(scenario: str, elapsed: float, duration: float, history: Path) -> str:
     """`[qps] 12s/20s (8s left)  48.9 req/s  p95 123 ms  errors 0` from Locust's history CSV."""
-    line = f"[{scenario}] {elapsed:4.0f}s/{duration:g}s ({max(0.0, duration - elapsed):.0f}s left)"
+    if elapsed >= duration:  # the grace after the deadline, while the last calls finish: not "5s/4s"
+        line = f"[{scenario}] {duration:4g}s/{duration:g}s (finishing)"
+    else:
+        line = f"[{scenario}] {elapsed:4.0f}s/{duration:g}s ({duration - elapsed:.0f}s left)"
     try:
         with history.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
