@@ -247,6 +247,14 @@ def test_report_compare_cli_exit_codes(tmp_path):
     assert res.output.strip() == f"Error: --baseline {a} has none of the scenarios to run (it has: streaming)"
 
 
+def test_out_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "reports"  # under a regular file: no directory can be made there
+    res = CliRunner().invoke(main, ["loadtest", "qps", "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip() == f"opskit loadtest: --out: cannot create a run directory under {out}: Not a directory"
+
+
 def test_unavailable_metering_proxy_degrades_to_direct(tmp_path, monkeypatch):
     from opskit.loadtest import procs, runner
 

@@ -42,6 +42,9 @@ def new_run_dir(out_dir: Path) -> Path:
             return d
         except FileExistsError:
             continue
+        except OSError as exc:  # --out names a file, an unwritable or impossible place: exit 2, one line
+            raise runner.RunError(f"--out: cannot create a run directory under {out_dir}: "
+                                  f"{exc.strerror or exc}") from None
     raise runner.RunError(f"cannot create a run directory under {out_dir}")
 
 
