@@ -166,8 +166,10 @@ class Exporter:
         extra = {}
         if opts.proxy_listen is not None:
             self.proxy_target = proxy_target(cfg, opts.upstream, opts.proxy_target)
-            if self.proxy_target[0] == PROXY_TARGET_FALLBACK:
-                extra[PROXY_TARGET_FALLBACK] = ()
+            if self.proxy_target[0] not in {t.name for t in cfg.targets}:
+                # an unconfigured upstream: its models are unknown, so every model label is `other`;
+                # never for a configured target, such as the `default` that --target makes
+                extra[self.proxy_target[0]] = ()
         if opts.probe:
             cfg.target()  # a probe needs a target: ConfigError (exit 2) before anything starts
         self.registry, self.metrics = build_registry(cfg, self.gpu, extra)

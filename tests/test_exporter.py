@@ -130,6 +130,20 @@ def test_proxy_target_matches_an_upstream_at_the_api_root():
     assert exporter.proxy_target(cfg, "https://vllm:8000")[0] == "default"
 
 
+def test_proxy_series_of_a_target_from_the_flag_keep_its_models():
+    # --target makes a configured target named `default`, the proxy's fallback name too: its models
+    # must still cap the proxy's model label, or every proxied call reads model="other"
+    cfg = config.load(target_url="http://127.0.0.1:9/v1", env={})
+    ex = exporter.Exporter(cfg, exporter.Options(listen=("127.0.0.1", 0), proxy_listen=("127.0.0.1", 0), gpu=False))
+    assert ex.proxy_target == ("default", "http://127.0.0.1:9/v1")
+    assert ex.metrics.model_label("default", "deepseek-chat") == "deepseek-chat"
+    assert ex.metrics.model_label("default", "gpt-x") == "other"
+    cfg = config.parse({"targets": [{"name": "a", "base_url": "http://h:1/v1"}]}, env={})
+    opts = exporter.Options(listen=("127.0.0.1", 0), proxy_listen=("127.0.0.1", 0), upstream="http://else:2", gpu=False)
+    ex = exporter.Exporter(cfg, opts)  # an upstream no target has: its models are unknown
+    assert ex.proxy_target[0] == "default" and ex.metrics.model_label("default", "deepseek-chat") == "other"
+
+
 def test_proxy_target_by_name():
     cfg = config.parse({"targets": [{"name": "a", "base_url": "http://h:1/v1"},
                                     {"name": "b", "base_url": "http://b:2/v1"}]}, env={})
