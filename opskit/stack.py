@@ -407,8 +407,13 @@ def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, sc
     try:
         started = up(spec)
     except AlreadyUp as exc:
-        click.echo(str(exc))
         started = exc.stack
+        lines, all_up = status_lines(started)
+        if not all_up:  # "already up" with exit 0 would hide a dead component from whoever runs up to repair
+            click.echo("\n".join(lines))
+            raise click.ClickException(f"stack partly down (state dir {state_dir}): `opskit stack down`, "
+                                       f"then `opskit stack up`, restarts it") from None
+        click.echo(str(exc))
     except StackError as exc:
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:

@@ -342,6 +342,11 @@ def test_stale_state_is_not_running_and_status_names_the_dead(tmp_path):
         r = CliRunner().invoke(main, ["stack", "status", "--state-dir", str(tmp_path)])
         assert r.exit_code == 1
         assert re.search(r"live\s+running", r.output) and re.search(r"dead\s+DOWN", r.output)
+        # a second `up` on a partly dead stack starts nothing, and says so with exit 1 rather than "already up"
+        r = CliRunner().invoke(main, ["stack", "up", "--state-dir", str(tmp_path)])
+        assert r.exit_code == 1 and re.search(r"dead\s+DOWN", r.output)
+        assert r.output.strip().splitlines()[-1] == (f"Error: stack partly down (state dir {tmp_path}): "
+                                                     "`opskit stack down`, then `opskit stack up`, restarts it")
     finally:
         supervise.stop(live)
         proc.wait(timeout=5)
