@@ -32,6 +32,16 @@ def test_fixed_rate_split_across_workers_is_the_exact_schedule():
     assert one[1] - one[0] == pytest.approx(0.02)
 
 
+def test_qps_meta_keeps_the_asked_rate_beside_the_drawn_one():
+    from opskit.loadtest.params import RunParams
+    from opskit.loadtest.runner import meta_for
+
+    p = RunParams(scenario="qps", duration=5.0, workers=2, arrival={"kind": "poisson", "rate": 200.0, "seed": 1})
+    meta = meta_for(p)
+    assert meta["rate"] == 200.0  # what --rate said; the report's "asked" line shows it
+    assert meta["requested_rate"] == meta["scheduled"] / 5.0 != 200.0  # a Poisson draw is judged on itself
+
+
 def test_poisson_rate_and_ramp_steps():
     poisson = list(shapes.arrivals(shapes.ArrivalSpec("poisson", rate=200.0, seed=7), 20.0))
     assert 3700 < len(poisson) < 4300  # 4000 expected, sd ~63

@@ -132,7 +132,8 @@ def meta_for(p: RunParams) -> dict:
         spec = shapes.ArrivalSpec(**p.arrival)
         # the schedule the workers actually walk (seeded): a Poisson run is judged on its own draws
         scheduled = sum(sum(1 for _ in shapes.arrivals(spec, p.duration, w, p.workers)) for w in range(p.workers))
-        meta.update(arrival=spec.kind, requested_rate=scheduled / p.duration, scheduled=scheduled)
+        # `rate` is what was asked (--rate), kept beside the drawn rate so the report shows both
+        meta.update(arrival=spec.kind, rate=spec.rate, requested_rate=scheduled / p.duration, scheduled=scheduled)
     if p.scenario == "throttling":
         meta.update(limit_requests=p.limit_requests, window_s=p.window_s, overdrive=p.overdrive)
     if p.scenario == "conversation":
