@@ -43,6 +43,16 @@ def test_bad_flags_one_line_exit_2(args, mention, clean_env):
     assert "Traceback" not in result.output
 
 
+def test_listen_addresses_read_as_the_exporter_reads_them():
+    from opskit.mock.cli import parse_hostport
+
+    assert parse_hostport("127.0.0.1:8000", "--listen") == ("127.0.0.1", 8000)
+    assert parse_hostport("[::1]:0", "--listen") == ("::1", 0)
+    assert parse_hostport(":8000", "--listen") == ("0.0.0.0", 8000)  # all interfaces, like --listen :9464
+    result = CliRunner().invoke(main, ["mock", "--listen", "127.0.0.1:0", "--admin-listen", ":0"])
+    assert result.exit_code == 2 and "loopback-only" in result.output  # the admin API still may not
+
+
 def test_secret_never_in_flag_errors(clean_env):
     result = CliRunner().invoke(main, ["mock", "--listen", "127.0.0.1:0", "--auth", "oauth2",
                                        "--client", "app:sup3rsecret", "--client", "broken"])

@@ -41,10 +41,10 @@ def _fail(message: str) -> None:
 
 
 def parse_hostport(value: str, flag: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[V6]:PORT` -> (host, port)."""
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces, as for `opskit exporter`) -> (host, port)."""
     host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    host = host.strip("[]") or "0.0.0.0"
+    if not sep or not port.isdigit() or int(port) > 65535:
         _fail(f"{flag}: expected HOST:PORT (port 0 picks a free one), got {value!r}")
     return host, int(port)
 
@@ -105,7 +105,7 @@ def _settings(o: dict) -> tuple[Latency, Faults, Limits]:
 
 
 @click.command(cls=OneLineCommand)
-@click.option("--listen", required=True, help="API address HOST:PORT (port 0 = a free port).")
+@click.option("--listen", required=True, help="API address HOST:PORT (:PORT = all interfaces, port 0 = a free port).")
 @click.option("--admin-listen", default="127.0.0.1:0", show_default=True, help="Admin address; loopback only.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), help="Written (atomically) once listening: JSON url/admin_url/pid.")
 @click.option("--seed", type=int, help="Seed for the latency model and fault dice (reproducible runs).")
