@@ -87,6 +87,7 @@ class Prober:
         self._clock, self._sleep = clock, sleep
         self._auth = None
         self._session: aiohttp.ClientSession | None = None
+        self._last_ok: bool | None = None  # the previous probe's outcome, for logging changes only
 
     async def probe_once(self) -> CallRecord:
         """Run one probe, account it, and return its record. Never raises on target failures."""
@@ -100,7 +101,20 @@ class Prober:
         self.metrics.finished(rec)
         self.success.labels(self.target.name).set(1 if rec.ok else 0)
         self.duration.labels(self.target.name).set(rec.duration_s)
+        self._log_change(rec)
         return rec
+
+    def _log_change(self, rec: CallRecord) -> None:
+        """One log line when the probe starts failing (and why) and one when it recovers, never one per
+        probe: the series count every failure, and a down target must not flood the sidecar's log."""
+        if rec.ok == self._last_ok:
+            return
+        if not rec.ok:
+            status = f"HTTP {rec.code}" if rec.code else "no response"
+            log.warning("probe of %s failing: %s (%s)", self.target.name, rec.error_type, status)
+        elif self._last_ok is False:
+            log.info("probe of %s succeeding again", self.target.name)
+        self._last_ok = rec.ok
 
     async def run_forever(self) -> None:
         """Probe at start, start + interval, ...; returns only when cancelled (then closes its session)."""

@@ -169,6 +169,21 @@ def test_probe_unreachable_and_timeout(start_mock):
     assert _requests(registry, 0, "timeout") == 1
 
 
+def test_probe_logs_when_it_starts_failing_and_when_it_recovers(caplog):
+    from opskit.records import CallRecord
+
+    caplog.set_level(logging.INFO, logger="opskit.probe")
+    prober, _ = _prober("http://127.0.0.1:9/v1")
+    outcomes = [(200, ""), (0, "connection"), (0, "connection"), (503, "server_error"), (200, ""), (200, "")]
+    for code, error_type in outcomes:
+        prober._log_change(CallRecord(target="m", source="probe", model=MODEL, code=code, error_type=error_type,
+                                      duration_s=0.1))
+    assert [r.getMessage() for r in caplog.records] == [
+        "probe of m failing: connection (no response)",  # once, not once per failed probe
+        "probe of m succeeding again",
+    ]
+
+
 def test_probe_broken_stream_counted(start_mock):
     mock = start_mock(*FAST, "--output-tokens-mean", "20", "--cut-rate", "1")
     prober, registry = _prober(mock.api, max_tokens=16)
