@@ -79,4 +79,9 @@ def main() -> None:
       opskit mock --listen 127.0.0.1:8000
       opskit exporter --listen 127.0.0.1:9464 --probe --config opskit.yaml
       opskit loadtest qps streaming
+      opskit report compare reports/<base run> reports/<new run>
+      opskit stack up; opskit stack status; opskit stack down
+      opskit drill
+
+    Each command's --help has more examples. Usage and config errors exit 2.
     """
