@@ -246,7 +246,13 @@ def test_report_compare_cli_exit_codes(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "summary.json").write_text("{not json")
     res = runner.invoke(main, ["report", "compare", str(a), str(tmp_path / "junk")])
-    assert res.exit_code == 2 and "summary.json" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert res.output.strip() == (f"opskit: config error: {tmp_path / 'junk' / 'summary.json'}: "
+                                  "expected a run's summary.json (it is not valid JSON)")
+    res = runner.invoke(main, ["report", "show", str(tmp_path)])  # a directory without a summary
+    assert res.exit_code == 2
+    assert res.output.strip() == (f"opskit: config error: {tmp_path / 'summary.json'}: "
+                                  "expected a run's summary.json (No such file or directory)")
     (tmp_path / "qps").mkdir()
     (tmp_path / "qps" / "summary.json").write_text(json.dumps({"scenarios": {"qps": {"throughput_rps": 20.0}}}))
     res = runner.invoke(main, ["report", "compare", str(a), str(tmp_path / "qps")])  # nothing to compare: not a pass

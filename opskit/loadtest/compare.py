@@ -33,8 +33,10 @@ def load_summary(path: str | Path) -> dict:
         p = p / "summary.json"
     try:
         data = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(str(p), "", f"a run's summary.json ({exc.__class__.__name__})") from None
+    except OSError as exc:  # e.g. a run that ended with a usage error before writing one
+        raise ConfigError(str(p), "", f"a run's summary.json ({exc.strerror or exc.__class__.__name__})") from None
+    except ValueError:
+        raise ConfigError(str(p), "", "a run's summary.json (it is not valid JSON)") from None
     if not isinstance(data, dict) or not isinstance(data.get("scenarios"), dict):
         raise ConfigError(str(p), "scenarios", "a summary written by opskit loadtest")
     return data
