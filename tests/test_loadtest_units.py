@@ -205,6 +205,10 @@ def test_slo_override_file(tmp_path):
     f.write_text("scenarios:\n  qps: {ttft_p99: 1}\n")
     with pytest.raises(ConfigError, match="scenarios.qps.ttft_p99"):
         slo.load(f)
+    f.write_text("scenarios:\n  qps: [\n")
+    with pytest.raises(ConfigError) as err:
+        slo.load(f)
+    assert str(err.value) == f"config error: {f}: line 3: expected valid YAML"  # where, not ParserError
     assert slo.load(ROOT / "loadtests" / "slo.yaml")  # the shipped file is valid
 
 

@@ -57,8 +57,11 @@ def load(path: str | Path | None) -> dict[str, dict]:
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(p), "", f"a readable YAML file ({exc.__class__.__name__})") from None
+    except OSError as exc:
+        raise ConfigError(str(p), "", f"a readable YAML file ({exc.strerror or exc.__class__.__name__})") from None
+    except yaml.YAMLError as exc:  # say where, as the targets config does
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(str(p), f"line {mark.line + 1}" if mark else "", "valid YAML") from None
     if not isinstance(data, dict) or set(data) - {"defaults", "scenarios"}:
         raise ConfigError(str(p), "", "a mapping with `defaults` and/or `scenarios`")
     table["*"].update(_section(data.get("defaults"), str(p), "defaults"))
