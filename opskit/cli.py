@@ -8,6 +8,7 @@ others. Register a command by adding one line to COMMANDS: name -> "module:attri
 from __future__ import annotations
 
 import importlib
+import math
 
 import click
 
@@ -22,6 +23,18 @@ COMMANDS: dict[str, str] = {
     "drill": "opskit.drill:drill",
     "exporter": "opskit.exporter:exporter_command",
 }
+
+
+class FiniteRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: click lets both through (nan compares false with
+    every bound), and `--rate nan` hung a load test while `--duration inf` crashed it."""
+
+    def convert(self, value, param, ctx):
+        """The float, or a usage error when it is out of range or not finite."""
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
 
 
 def _one_line(exc: click.UsageError) -> click.UsageError:

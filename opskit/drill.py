@@ -28,6 +28,7 @@ import aiohttp
 import click
 
 from opskit import drillplan, stack
+from opskit.cli import FiniteRange
 from opskit.drillplan import PHASES, Phase, Seen
 from opskit.receiver import read_notifications
 from opskit.stackconf import DRILL_TIMING
@@ -362,11 +363,11 @@ def _terminate(signum, frame):  # SIGTERM (CI timeout, kill): unwind so the stac
 @click.command()
 @click.option("--phase", "phase_names", multiple=True, type=click.Choice(drillplan.PHASE_NAMES),
               help="Run only these phases (repeatable; default: all).")
-@click.option("--rps", type=click.FloatRange(1, 200), default=20.0, show_default=True,
+@click.option("--rps", type=FiniteRange(1, 200), default=20.0, show_default=True,
               help="Streaming calls per second through the proxy.")
-@click.option("--phase-timeout", type=click.FloatRange(5, 300), default=45.0, show_default=True,
+@click.option("--phase-timeout", type=FiniteRange(5, 300), default=45.0, show_default=True,
               help="Seconds for a fault's alerts to fire, and again to resolve.")
-@click.option("--max-seconds", type=click.FloatRange(30, 3600), default=300.0, show_default=True,
+@click.option("--max-seconds", type=FiniteRange(30, 3600), default=300.0, show_default=True,
               help="The whole drill's time limit, seconds.")
 @click.option("--keep", is_flag=True, help="Keep the stack's state dir (configs, logs) even on success.")
 def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_seconds: float, keep: bool) -> None:

@@ -33,6 +33,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from opskit import __version__, catalog, config, readyfile
 from opskit.callmetrics import CallMetrics, make
+from opskit.cli import FiniteRange
 from opskit.exposition import Renderer
 
 log = logging.getLogger("opskit.exporter")
@@ -346,7 +347,7 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Write {url, proxy_url, pid} as JSON here once serving.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_BODY, show_default=True,
               help="Largest request body the proxy accepts (413 beyond).")
-@click.option("--drain-s", type=click.FloatRange(min=0), default=20.0, show_default=True,
+@click.option("--drain-s", type=FiniteRange(min=0), default=20.0, show_default=True,
               help="On SIGTERM, how long in-flight proxied calls may take to finish.")
 def exporter_command(listen, config_file, target_url, proxy_listen, upstream, proxy_target_name, probe, gpu,
                      nvml_lib, ready_file, max_body_bytes, drain_s) -> None:

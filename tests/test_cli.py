@@ -21,6 +21,14 @@ USAGE_ERRORS = [
     (["stack", "up", "--gpu", "nope"], "Error: Invalid value for '--gpu': 'nope' is not one of 'auto', 'fake', 'off'."),
     (["drill", "--rps", "0"], "Error: Invalid value for '--rps': 0.0 is not in the range 1<=x<=200."),
     (["exporter", "--upstream", "http://127.0.0.1:1"], "Error: --upstream needs --proxy-listen"),
+    # nan passes click's range checks (it compares false with every bound) and inf passes a lower bound:
+    # `--rate nan` hung the load test, `--duration inf` crashed it
+    (["loadtest", "qps", "--rate", "nan"], "Error: Invalid value for '--rate': 'nan' is not a finite number."),
+    (["loadtest", "--duration", "inf"], "Error: Invalid value for '--duration': 'inf' is not a finite number."),
+    (["report", "compare", "/", "/", "--tolerance", "nan"],
+     "Error: Invalid value for '--tolerance': 'nan' is not a finite number."),
+    (["exporter", "--drain-s", "inf"], "Error: Invalid value for '--drain-s': 'inf' is not a finite number."),
+    (["drill", "--rps", "nan"], "Error: Invalid value for '--rps': 'nan' is not a finite number."),
 ]
 
 

@@ -30,6 +30,8 @@ BAD_FLAGS = [
     (["--listen", "127.0.0.1:0", "--ttft-ms", "fast"], "ttft-ms"),
     (["--listen", "127.0.0.1:0", "--rate-window-s", "0"], "--rate-window-s: expected a number >= 0.001"),
     (["--listen", "127.0.0.1:0", "--rpm", "0"], "--rpm: expected an integer >= 1, got 0"),
+    (["--listen", "127.0.0.1:0", "--ttft-ms", "inf"], "--ttft-ms: expected a number >= 0, got inf"),
+    (["--listen", "127.0.0.1:0", "--hang-rate", "nan"], "--hang-rate: expected a number between 0 and 1, got nan"),
     (["--listen", "127.0.0.1:0", "--no-such-flag"], "no-such-flag"),
 ]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from opskit.cli import FiniteRange
 from opskit.config import ENV_TARGET_URL, ConfigError
 
 
@@ -40,8 +41,8 @@ def _progress_printer():
 @click.option("--target", "target_url", help="API root of the target (else $OPSKIT_TARGET_URL, else the embedded mock).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config with targets and auth.")
 @click.option("--target-name", help="Which configured target (default: the first).")
-@click.option("--duration", type=click.FloatRange(min=1), default=20.0, show_default=True, help="Seconds per scenario.")
-@click.option("--rate", type=click.FloatRange(min=0.01), help="qps: offered requests/s (default 20).")
+@click.option("--duration", type=FiniteRange(min=1), default=20.0, show_default=True, help="Seconds per scenario.")
+@click.option("--rate", type=FiniteRange(min=0.01), help="qps: offered requests/s (default 20).")
 @click.option("--arrival", type=click.Choice(["fixed", "poisson", "ramp"]), default="fixed", show_default=True,
               help="qps: arrival process.")
 @click.option("--users", type=click.IntRange(min=1), help="Concurrent users (streaming 50, conversation 10, throttling 8).")
@@ -58,21 +59,21 @@ def _progress_printer():
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="JSONL file of prompts instead.")
 @click.option("--mock-args", default="", help='Flags for the embedded mock, e.g. "--error-rate 500=0.05".')
 @click.option("--proxy/--no-proxy", default=True, show_default=True, help="Route through opskit's metering proxy.")
-@click.option("--limit-requests", type=click.FloatRange(min=1), help="throttling: requests the target allows per window.")
-@click.option("--limit-window-s", type=click.FloatRange(min=0.1), help="throttling: the limit's window (default 60).")
-@click.option("--overdrive", type=click.FloatRange(min=1.0), default=2.0, show_default=True,
+@click.option("--limit-requests", type=FiniteRange(min=1), help="throttling: requests the target allows per window.")
+@click.option("--limit-window-s", type=FiniteRange(min=0.1), help="throttling: the limit's window (default 60).")
+@click.option("--overdrive", type=FiniteRange(min=1.0), default=2.0, show_default=True,
               help="throttling: offered load as a multiple of the limit.")
 @click.option("--turns", type=click.IntRange(min=1), default=4, show_default=True, help="conversation: turns per chat.")
 @click.option("--keep-turns", type=click.IntRange(min=0), default=3, show_default=True,
               help="conversation: earlier turns sent with each question (besides the system prompt).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteRange(min=0.1), default=30.0, show_default=True,
               help="Per-request timeout, seconds.")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
               show_default=True, help="Run directories go under here.")
 @click.option("--slo", "slo_file", type=click.Path(dir_okay=False), help="SLO override file (default loadtests/slo.yaml).")
 @click.option("--baseline", type=click.Path(), help="A previous run directory: compare and fail on regression.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=0.10, show_default=True,
+@click.option("--tolerance", type=FiniteRange(min=0), default=0.10, show_default=True,
               help="Relative change counted as a regression against --baseline.")
 def loadtest(scenarios, target_url, config_file, target_name, duration, rate, arrival, users, processes, stream,
              transport, model, input_tokens, input_spread, output_tokens, output_spread, prompts_file, mock_args,
@@ -165,9 +166,9 @@ def report() -> None:
 @report.command("compare")
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("new", type=click.Path(exists=True))
-@click.option("--tolerance", type=click.FloatRange(min=0), default=0.10, show_default=True,
+@click.option("--tolerance", type=FiniteRange(min=0), default=0.10, show_default=True,
               help="Relative worsening of a latency or throughput counted as a regression.")
-@click.option("--error-tolerance", type=click.FloatRange(min=0), default=0.005, show_default=True,
+@click.option("--error-tolerance", type=FiniteRange(min=0), default=0.005, show_default=True,
               help="Absolute rise of the error ratio counted as a regression.")
 def compare_cmd(base, new, tolerance, error_tolerance) -> None:
     """Compare two runs: a table of metric changes; exit 1 on a regression.

@@ -7,6 +7,7 @@ one-line message. Each `update()` validates every key first and changes nothing 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 ERROR_STATUSES = (500, 502, 503)
@@ -17,7 +18,8 @@ class SettingsError(ValueError):
 
 
 def _number(key: str, value: object, lo: float = 0.0, hi: float | None = None) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    # finite only: an infinite TTFT or window would hang every request (json.loads reads Infinity too)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < lo or (hi is not None and value > hi):
         span = f"between {lo:g} and {hi:g}" if hi is not None else f">= {lo:g}"
         raise SettingsError(f"{key}: expected a number {span}, got {value!r}")
