@@ -20,6 +20,7 @@ A malformed config raises ConfigError, which the CLI prints as one line and exit
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,11 @@ def _known(spec: dict, allowed: tuple[str, ...], source: str, key: str, also: tu
     _expect(not unknown, source, f"{key}.{unknown[0]}" if unknown else key, f"one of {', '.join(allowed)}")
 
 
+def _positive(value: object) -> bool:
+    """A positive, finite number (YAML's .inf would make a probe never run or never time out)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _url(value: object, source: str, key: str) -> str:
     ok = isinstance(value, str) and urlsplit(value).scheme in ("http", "https") and bool(urlsplit(value).netloc)
     _expect(ok, source, key, "an http:// or https:// URL")
@@ -197,7 +203,7 @@ def _target(spec: object, i: int, source: str, env: dict[str, str]) -> Target:
     _expect(quota is None or (isinstance(quota, int) and quota > 0), source, f"{key}.daily_quota_requests",
             "a positive integer")
     timeout = spec.get("timeout_s", 60.0)
-    _expect(isinstance(timeout, int | float) and timeout > 0, source, f"{key}.timeout_s", "a positive number")
+    _expect(_positive(timeout), source, f"{key}.timeout_s", "a positive number")
     return Target(name=name, base_url=_url(spec.get("base_url"), source, f"{key}.base_url"), kind=kind,
                   models=tuple(models), auth=_auth(spec.get("auth"), source, f"{key}.auth", env),
                   daily_quota_requests=quota, timeout_s=float(timeout))
@@ -210,13 +216,13 @@ def _probe(spec: object, source: str) -> ProbeConfig:
     _known(spec, PROBE_KEYS, source, "probe")
     d = ProbeConfig()
     interval = spec.get("interval_s", d.interval_s)
-    _expect(isinstance(interval, int | float) and interval > 0, source, "probe.interval_s", "a positive number")
+    _expect(_positive(interval), source, "probe.interval_s", "a positive number")
     max_tokens = spec.get("max_tokens", d.max_tokens)
     _expect(isinstance(max_tokens, int) and max_tokens > 0, source, "probe.max_tokens", "a positive integer")
     prompt = spec.get("prompt", d.prompt)
     _expect(isinstance(prompt, str) and prompt, source, "probe.prompt", "a non-empty string")
     timeout = spec.get("timeout_s", d.timeout_s)
-    _expect(isinstance(timeout, int | float) and timeout > 0, source, "probe.timeout_s", "a positive number")
+    _expect(_positive(timeout), source, "probe.timeout_s", "a positive number")
     model = spec.get("model")
     _expect(model is None or isinstance(model, str), source, "probe.model", "a model name")
     return ProbeConfig(float(interval), prompt, max_tokens, float(timeout), model)

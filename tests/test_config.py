@@ -54,6 +54,9 @@ probe: {{interval_s: 30, max_tokens: 4}}
      "targets[0].auth.api_key_env", "$NOPE to be set"),
     ("targets: [{name: a, base_url: 'http://x'}, {name: a, base_url: 'http://y'}]", "targets", "unique"),
     ("probe: {interval_s: -1}", "probe.interval_s", "positive"),
+    ("probe: {interval_s: .inf}", "probe.interval_s", "positive"),  # would never probe
+    ("probe: {timeout_s: .nan}", "probe.timeout_s", "positive"),
+    ("targets: [{name: a, base_url: 'http://x', timeout_s: .inf}]", "targets[0].timeout_s", "positive"),
     ("bogus: 1", "bogus", "only targets"),
     # a misspelt key would otherwise leave its setting at the default without a word
     ("targets: [{name: a, base_url: 'http://x', daily_quota: 5}]", "targets[0].daily_quota", "daily_quota_requests"),

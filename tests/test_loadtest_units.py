@@ -205,6 +205,9 @@ def test_slo_override_file(tmp_path):
     f.write_text("scenarios:\n  qps: {ttft_p99: 1}\n")
     with pytest.raises(ConfigError, match="scenarios.qps.ttft_p99"):
         slo.load(f)
+    f.write_text("scenarios:\n  qps: {ttft_p95_s: .nan}\n")  # nan would pass every check
+    with pytest.raises(ConfigError, match="scenarios.qps.ttft_p95_s: expected a non-negative number or null"):
+        slo.load(f)
     f.write_text("scenarios:\n  qps: [\n")
     with pytest.raises(ConfigError) as err:
         slo.load(f)

@@ -42,7 +42,7 @@ def _section(data: object, source: str, key: str) -> dict:
     for k, v in data.items():
         if k not in KEYS:
             raise ConfigError(source, f"{key}.{k}", f"one of {', '.join(KEYS)}")
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0 or v == float("inf")):
             raise ConfigError(source, f"{key}.{k}", "a non-negative number or null")
     return dict(data)
 
