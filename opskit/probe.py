@@ -93,24 +93,25 @@ class Prober:
         """Run one probe, account it, and return its record. Never raises on target failures."""
         self.metrics.started(self.target.name, SOURCE)
         t0 = perf_counter()
+        detail = None
         try:
             rec = await self._call(t0)
         except Exception as exc:  # e.g. the auth token endpoint failing: the probe failed, not the exporter
-            log.warning("probe of %s failed before the call: %s", self.target.name, type(exc).__name__)
+            detail = f"failed before the call: {type(exc).__name__}"
             rec = self._record(0, records.CONNECTION, t0)
         self.metrics.finished(rec)
         self.success.labels(self.target.name).set(1 if rec.ok else 0)
         self.duration.labels(self.target.name).set(rec.duration_s)
-        self._log_change(rec)
+        self._log_change(rec, detail)
         return rec
 
-    def _log_change(self, rec: CallRecord) -> None:
+    def _log_change(self, rec: CallRecord, detail: str | None = None) -> None:
         """One log line when the probe starts failing (and why) and one when it recovers, never one per
         probe: the series count every failure, and a down target must not flood the sidecar's log."""
         if rec.ok == self._last_ok:
             return
         if not rec.ok:
-            status = f"HTTP {rec.code}" if rec.code else "no response"
+            status = detail or (f"HTTP {rec.code}" if rec.code else "no response")
             log.warning("probe of %s failing: %s (%s)", self.target.name, rec.error_type, status)
         elif self._last_ok is False:
             log.info("probe of %s succeeding again", self.target.name)

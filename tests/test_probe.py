@@ -184,6 +184,29 @@ def test_probe_logs_when_it_starts_failing_and_when_it_recovers(caplog):
     ]
 
 
+def test_probe_failing_before_the_call_logs_once(caplog):
+    # the OAuth2 token endpoint is down: every probe fails before its call, and says so once
+    caplog.set_level(logging.INFO, logger="opskit.probe")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    auth = AuthConfig(scheme="oauth2", token_url=f"http://127.0.0.1:{dead}/oauth/token", client_id="app",
+                      client_secret=Secret("cs-secret"))
+    prober, registry = _prober(f"http://127.0.0.1:{dead}/v1", auth=auth)
+
+    async def twice():
+        try:
+            return [await prober.probe_once() for _ in range(2)]
+        finally:
+            await prober.close()
+    recs = asyncio.run(twice())
+    assert [(r.code, r.error_type) for r in recs] == [(0, "connection")] * 2
+    assert _requests(registry, 0, "connection") == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("probe of m failing: connection (failed before the call: ")
+    assert "cs-secret" not in caplog.text
+
+
 def test_probe_broken_stream_counted(start_mock):
     mock = start_mock(*FAST, "--output-tokens-mean", "20", "--cut-rate", "1")
     prober, registry = _prober(mock.api, max_tokens=16)
