@@ -55,6 +55,7 @@ from opskit.records import CallRecord
 from opskit.sse import SSEParser, StreamMeter, completion_usage
 from opskit.upstream import HIGH_WATER, ClientGone, Exchange, Pool, UpstreamError, UpstreamTimeout
 
+LOG_EVERY_S = 10.0  # upstream failures are logged at most this often
 log = logging.getLogger("opskit.proxy")
 
 SOURCE = "proxy"
@@ -257,6 +258,18 @@ class _Proxy:
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
+        self._logged_at, self._unlogged = -LOG_EVERY_S, 0
+
+    def _log_failure(self, exc: Exception) -> None:
+        """At most one line per LOG_EVERY_S, with a count of the failures since: with the upstream down,
+        a line per call would flood the sidecar's log at the traffic's rate (the metrics count each)."""
+        now = perf_counter()
+        if now - self._logged_at < LOG_EVERY_S:
+            self._unlogged += 1
+            return
+        since = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
+        log.warning("upstream of %s failed: %s%s", self.target, exc, since)
+        self._logged_at, self._unlogged = now, 0
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for every request the proxy receives."""
@@ -313,7 +326,7 @@ class _Proxy:
         except UpstreamTimeout:
             return self._failed(call, 504, records.TIMEOUT, "upstream did not answer in time", "upstream_timeout")
         except UpstreamError as exc:
-            log.warning("upstream of %s failed: %s", self.target, exc)
+            self._log_failure(exc)
             return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable")
         return await self._relay(request, ex, call)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import socket
 import sys
 import threading
@@ -300,6 +301,19 @@ def test_upstream_down_gives_502(proxy_factory):
     r = _post(p.url)
     assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_unreachable"
     assert p.settle(1) == 1 and p.count(502, "connection") == 1
+
+
+def test_upstream_down_is_logged_once_per_interval_not_per_call(proxy_factory, caplog):
+    caplog.set_level(logging.WARNING, logger="opskit.proxy")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    p = proxy_factory(f"http://127.0.0.1:{dead}", connect_timeout_s=2)
+    for _ in range(5):
+        assert _post(p.url).status_code == 502
+    assert p.settle(5) == 5 and p.count(502, "connection") == 5  # every failure is counted...
+    lines = [r.getMessage() for r in caplog.records if r.name == "opskit.proxy"]
+    assert len(lines) == 1 and lines[0].startswith("upstream of ")  # ...but the log gets one line
 
 
 def test_upstream_hang_gives_504(upstream, proxy_factory):
