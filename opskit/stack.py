@@ -400,7 +400,8 @@ _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default
 @click.option("--scrape-interval", default="5s", show_default=True, callback=_duration,
               help="Prometheus scrape and rule interval.")
 def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, scrape_interval: str) -> None:
-    """Start the stack in the background and print where each part listens (exit 0 if already up)."""
+    """Start the stack in the background and print where each part listens (exit 0 if already up, 1 if
+    partly down)."""
     timing = Timing(scrape_interval, scrape_interval)
     spec = StackSpec(state_dir=state_dir, config=config, target=target, gpu=gpu, timing=timing)
     signal.signal(signal.SIGTERM, _terminated)  # unwind, so up() stops what it has started so far
