@@ -169,6 +169,15 @@ def test_progress_line_never_shows_more_time_than_the_run_has(tmp_path):
     assert progress_line("qps", 21.0, 20, missing) == "[qps]   20s/20s (finishing)"
 
 
+def test_ttft_check_of_a_non_streamed_run_says_what_ttft_means_there():
+    rows = [row(t=i * 0.1, dur=0.8, ttft=0.8, streamed=False) for i in range(20)]
+    v = slo.evaluate(results.frame(rows), slo.defaults(), {"scenario": "qps", "duration": 2})
+    (check,) = [c for c in v.checks if c.name == "ttft_p95"]
+    assert not check.passed and check.note == "not streamed: TTFT is the whole response"
+    v = slo.evaluate(results.frame([row(t=i * 0.1) for i in range(20)]), slo.defaults(), {"duration": 2})
+    assert [c.note for c in v.checks if c.name == "ttft_p95"] == [""]
+
+
 def test_error_ratio_note_gives_the_statuses_behind_the_error_types():
     rows = [row(t=i * 0.1) for i in range(10)] + [row(t=1.0 + i * 0.1, status=401, err="client_error")
                                                   for i in range(30)]

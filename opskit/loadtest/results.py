@@ -160,6 +160,7 @@ def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
            "output_tokens": int(ok["output_tokens"].fillna(0).sum()),
            "tokens_from_usage_ratio": float(ok["tokens_from_usage"].fillna(False).astype(bool).mean())
            if len(ok) else None,
+           "streamed_ratio": float(ok["streamed"].fillna(False).astype(bool).mean()) if len(ok) else None,
            "duration": duration, "ground_truth": _ground_truth(ok)}
     if meta.get("requested_rate"):
         sent = df[df["t_sent"].notna() & (df["t_sent"] - df["t_sched"].min() <= duration)]
