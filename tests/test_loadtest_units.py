@@ -147,6 +147,13 @@ def test_throttling_429s_are_not_errors_and_windows_are_counted():
     checks = {c.name: c for c in slo.check_summary(s, slo.defaults())}
     assert not checks["accepted_within_limit"].passed and not checks["retry_after_on_429"].passed
     assert checks["throttled"].passed and checks["no_5xx_when_throttled"].passed
+    assert checks["accepted_within_limit"].note == "10 accepted in 5s, limit 8"
+    # no --limit-requests: the target's header gives the limit, but not its window, which the note says
+    rows = [{**r, "rl_limit_requests": 30} for r in rows]
+    s = results.summarize(results.frame(rows), {"scenario": "throttling", "duration": 5.0})
+    checks = {c.name: c for c in slo.check_summary(s, slo.defaults())}
+    assert checks["accepted_within_limit"].note == ("10 accepted in 60s, limit 30 "
+                                                    "(x-ratelimit-limit-requests; window: --limit-window-s)")
 
 
 def test_max_in_window_opens_windows_like_a_fixed_window_limiter():

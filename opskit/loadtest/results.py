@@ -128,7 +128,9 @@ def _throttling(df: pd.DataFrame, meta: dict) -> dict:
             if len(first429) and len(okrow):
                 recover.append(float(okrow["t_end"].iloc[0] - first429["t_end"].iloc[0]))
     duration = float(meta.get("duration") or (df["t_end"].max() - df["t_sched"].min()) or 1.0)
-    return {"limit_requests": meta.get("limit_requests") or (float(advertised.iloc[0]) if len(advertised) else None),
+    given = meta.get("limit_requests")
+    return {"limit_requests": given or (float(advertised.iloc[0]) if len(advertised) else None),
+            "limit_source": "flag" if given else "header",
             "window_s": window, "accepted": int(len(accepted)),
             "max_accepted_in_window": max_in_window(accepted["t_sent"].to_numpy(), window),
             "accepted_rate": len(accepted) / duration, "rate_limited": int(len(limited)),

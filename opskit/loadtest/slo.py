@@ -153,7 +153,9 @@ def check_summary(s: dict, objectives: dict[str, float | None]) -> list[Check]:
 def _throttling_checks(sc: str, t: dict, tolerance: float) -> list[Check]:
     limit = t.get("limit_requests")
     per_window = None if limit is None else float(limit) * (1 + tolerance)
-    note = f"{t['max_accepted_in_window']} accepted in {t['window_s']:g}s, limit {limit}"
+    note = f"{t['max_accepted_in_window']} accepted in {t['window_s']:g}s, limit {limit:g}" if limit else ""
+    if limit and t.get("limit_source") == "header":  # the header has no window: say where 60 s came from
+        note += " (x-ratelimit-limit-requests; window: --limit-window-s)"
     return [
         _check(sc, "accepted_within_limit", t["max_accepted_in_window"] if limit else None, "<=", per_window,
                note if limit else "limit unknown: pass --limit-requests (or the target sends x-ratelimit-limit-requests)"),
