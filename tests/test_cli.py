@@ -21,6 +21,8 @@ USAGE_ERRORS = [
     (["stack", "up", "--gpu", "nope"], "Error: Invalid value for '--gpu': 'nope' is not one of 'auto', 'fake', 'off'."),
     (["drill", "--rps", "0"], "Error: Invalid value for '--rps': 0.0 is not in the range 1<=x<=200."),
     (["exporter", "--upstream", "http://127.0.0.1:1"], "Error: --upstream needs --proxy-listen"),
+    (["loadtest", "qps", "--target-name", "deepseek"],
+     "Error: --target-name picks one of the targets of --config; give --config"),
     # nan passes click's range checks (it compares false with every bound) and inf passes a lower bound:
     # `--rate nan` hung the load test, `--duration inf` crashed it
     (["loadtest", "qps", "--rate", "nan"], "Error: Invalid value for '--rate': 'nan' is not a finite number."),

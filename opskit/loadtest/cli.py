@@ -102,6 +102,8 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
         raise click.BadParameter(str(exc), param_hint="--mock-args") from None
     if extra and (target_url or config_file):
         raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    if target_name and not config_file:  # else ignored: the run would go to the mock or --target instead
+        raise click.UsageError("--target-name picks one of the targets of --config; give --config")
     base = compare.load_summary(baseline) if baseline else None
     prompt = PromptSpec(input_tokens, input_spread, output_tokens, output_spread, prompts_file).__dict__
     if not scenarios:
