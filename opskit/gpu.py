@@ -160,7 +160,8 @@ class GpuCollector(Collector):
     def __init__(self, lib_path: str | None = None, visible: str | None = None,
                  retry_s: float = DEFAULT_RETRY_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._lib_path = lib_path
-        self._selectors = parse_visible(visible)
+        self._visible, self._selectors = visible, parse_visible(visible)
+        self._selection_checked = False         # whether this NVML session's selection was checked
         self._by_uuid = any(s.startswith("GPU-") for s in self._selectors or ())
         self._retry_s = retry_s
         self._clock = clock
@@ -226,7 +227,17 @@ class GpuCollector(Collector):
             sample = self._read(index)
             if sample is not None:
                 samples.append(sample)
+        if not self._selection_checked:
+            self._check_selection(count, samples)
         return True, samples
+
+    def _check_selection(self, count: int, samples: list[GpuSample]) -> None:
+        """Once per NVML session: a device list that names no GPU NVML sees (a typo, a stale UUID) would
+        otherwise leave `opskit_gpu_up 1` and no GPU series without a word."""
+        self._selection_checked = True
+        if self._selectors and count and not samples and not self._failing:
+            log.warning("no GPU series: the visible-devices list %r (%s) matches none of the %d GPU(s) NVML "
+                        "sees", self._visible, " or ".join(ENV_VARS), count)
 
     def _init(self) -> bool:
         """Try nvmlInit, at most once per retry period. True when NVML is up."""
@@ -252,6 +263,7 @@ class GpuCollector(Collector):
                 self._last_init_error = why
             return False
         self._initialized, self._last_init_error = True, None
+        self._selection_checked = False
         self._devices.clear()
         log.info("NVML up: driver %s, %d GPU(s)", self._driver, count)
         return True

@@ -159,6 +159,23 @@ def test_visible_devices_select_by_index_and_uuid(state, collect):
     promtool_check(reg)
 
 
+def test_visible_devices_matching_no_gpu_are_logged_once(state, collect, caplog):
+    write_state(state, fake_gpus(2, util=1))
+    with caplog.at_level(logging.INFO, logger="opskit.gpu"):
+        reg, _ = collect(visible="GPU-ffff,5")  # a stale UUID and an index this node does not have
+        for _ in range(3):
+            assert val(reg, "opskit_gpu_up") == 1 and val(reg, "opskit_gpu_utilization_ratio", 0) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["no GPU series: the visible-devices list 'GPU-ffff,5' (NVIDIA_VISIBLE_DEVICES or "
+                        "CUDA_VISIBLE_DEVICES) matches none of the 2 GPU(s) NVML sees"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="opskit.gpu"):
+        for visible in ("1", "none"):  # one GPU matches; none is asked for: nothing to warn about
+            reg, _ = collect(visible=visible)
+            val(reg, "opskit_gpu_up")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_invisible_lost_gpu_is_not_ours_to_count(state, collect):
     gpus = fake_gpus(2)
     gpus[0].lost = True
