@@ -35,6 +35,11 @@ from opskit.loadtest import results  # noqa: E402
 PIN = shutil.which("taskset") and (os.cpu_count() or 1) >= 2 and "--no-pin" not in sys.argv
 
 
+
+def _row_text(row: dict) -> str:
+    """One measured level as `key=value` pairs (numpy scalars printed as plain numbers)."""
+    return "  ".join(f"{k}={float(v):g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
 def pinned(core: int, argv: list[str]) -> list[str]:
     return ["taskset", "-c", str(core), *argv] if PIN else argv
 
@@ -76,7 +81,7 @@ def open_loop(tmp: Path, url: str, rates: list[int], processes: int, duration: i
         rows.append({"processes": processes, "rate": rate, "achieved": round(s["achieved_rate"], 1),
                      "ratio": round(s["achieved_rate"] / rate, 4), "lag_p99_ms": round(1000 * s["send_lag_s"]["p99"], 2),
                      "ok": s["ok"], "errors": sum(s["errors"].values())})
-        print(rows[-1], flush=True)
+        print(_row_text(rows[-1]), flush=True)
     return rows
 
 
@@ -107,7 +112,7 @@ def streams(tmp: Path, url: str, users: list[int], duration: int) -> list[dict]:
         lag = results.client_lag(df.attrs["run_dir"], "streaming") or {}
         rows.append({"streams": n, "own_lag_p50_ms": round(1000 * lag.get("p50", 0), 2),
                      "own_lag_p99_ms": round(1000 * lag.get("p99", 0), 2), **stream_errors(df, 0.050, 20)})
-        print(rows[-1], flush=True)
+        print(_row_text(rows[-1]), flush=True)
     return rows
 
 
