@@ -71,18 +71,18 @@ def test_ready_file_and_clean_exit_on_signal(start_mock, sig):
 
 
 @pytest.mark.slow
-def test_port_in_use_is_one_line_exit_2():
+def test_port_in_use_is_one_line_exit_1():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         proc = subprocess.run([sys.executable, "-m", "opskit", "mock", "--listen", f"127.0.0.1:{port}"],
                               capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "cannot listen" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "opskit", "mock", "--listen", "127.0.0.1:0", "--ready-file",
                            "/nonexistent-dir/ready.json"], capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert proc.returncode == 2 and proc.stderr.startswith("Error: cannot write the ready file")
+    assert proc.returncode == 1 and proc.stderr.startswith("Error: cannot write the ready file")
 
 
 def test_model_same_seed_same_schedule_and_bounds():

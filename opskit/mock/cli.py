@@ -157,6 +157,6 @@ def mock(**o) -> None:
     from opskit.mock.run import ServeError, serve  # aiohttp/uvloop only when actually serving
     try:
         serve(state, (host, port), (admin_host, admin_port), o["ready_file"])
-    except ServeError as exc:
+    except ServeError as exc:  # the machine's state, not the flags: exit 1, as `opskit exporter` does
         click.echo(f"Error: {exc}", err=True)
-        raise SystemExit(2) from None
+        raise SystemExit(1) from None
