@@ -58,6 +58,7 @@ class Options:
     ready_file: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
     drain_s: float = 20.0
+    upstream_timeout_s: float = 300.0
 
 
 def parse_hostport(value: str, flag: str = "--listen") -> tuple[str, int]:
@@ -207,7 +208,8 @@ class Exporter:
         name, upstream = self.proxy_target
         host, port = self.opts.proxy_listen
         self._proxy = await start_proxy(host, port, upstream, name, self.metrics,
-                                        max_body_bytes=self.opts.max_body_bytes)
+                                        max_body_bytes=self.opts.max_body_bytes,
+                                        timeout_s=self.opts.upstream_timeout_s)
         self.proxy_port = self._proxy.port
 
     def _start_probers(self) -> None:
@@ -349,8 +351,10 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Largest request body the proxy accepts (413 beyond).")
 @click.option("--drain-s", type=FiniteRange(min=0), default=20.0, show_default=True,
               help="On SIGTERM, how long in-flight proxied calls may take to finish.")
+@click.option("--upstream-timeout-s", type=FiniteRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="A proxied call whose upstream sends nothing for this long ends 504/timeout.")
 def exporter_command(listen, config_file, target_url, proxy_listen, upstream, proxy_target_name, probe, gpu,
-                     nvml_lib, ready_file, max_body_bytes, drain_s) -> None:
+                     nvml_lib, ready_file, max_body_bytes, drain_s, upstream_timeout_s) -> None:
     """Serve Prometheus metrics: GPUs (NVML), a metering proxy for real calls, canary probes.
 
     \b
@@ -380,7 +384,8 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
         visible = visible_from_env(os.environ)
     opts = Options(listen=listen, proxy_listen=proxy_listen, upstream=upstream, proxy_target=proxy_target_name,
                    probe=probe, gpu=gpu, nvml_lib=os.path.abspath(nvml_lib) if nvml_lib else None, visible_devices=visible,
-                   ready_file=ready_file, max_body_bytes=max_body_bytes, drain_s=drain_s)
+                   ready_file=ready_file, max_body_bytes=max_body_bytes, drain_s=drain_s,
+                   upstream_timeout_s=upstream_timeout_s)
     try:
         _run(serve(cfg, opts))
     except ReadyFileError as exc:

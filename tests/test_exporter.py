@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -333,6 +335,22 @@ def test_exporter_meters_calls_through_the_proxy(start_exporter, mock_server):
     promtool_check(text)
     code, err = ex.stop()
     assert code == 0 and SECRET not in err and "proxy http://127.0.0.1:" in err
+
+
+def test_upstream_timeout_flag_ends_a_silent_call_504(start_exporter, start_mock):
+    mock = start_mock("--hang-rate", "1")
+    ex = start_exporter("--no-gpu", "--proxy-listen", "127.0.0.1:0", "--upstream", mock.url,
+                        "--upstream-timeout-s", "0.5", env=base_env())
+    req = urllib.request.Request(ex.info["proxy_url"] + "/v1/chat/completions", method="POST",
+                                 data=json.dumps({"model": "deepseek-chat",
+                                                  "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=20)
+    assert err.value.code == 504 and time.monotonic() - t0 < 5  # not the 300 s default
+    assert sample(ex.metrics(), "opskit_llm_requests_total", target="default", source="proxy", code="504",
+                  error_type="timeout") == 1
 
 
 @pytest.mark.slow
