@@ -74,6 +74,38 @@ def check(state: MockState, req: GenRequest, identity: str) -> tuple[dict[str, s
     return verdict.headers, faults
 
 
+class Tracked:
+    """`with Tracked(state):` counts a request in flight for the handler's lifetime, and a client that
+    went away (the handler cancelled) as a disconnect: one place keeps these counters exact."""
+
+    __slots__ = ("counters",)
+
+    def __init__(self, state: MockState) -> None:
+        self.counters = state.counters
+
+    def __enter__(self) -> None:
+        self.counters.in_flight += 1
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.counters.in_flight -= 1
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            self.counters.client_disconnects += 1
+        return False
+
+
+async def generate(state: MockState, req: GenRequest, identity: str, arrival: float, rid: str,
+                   rate_headers: dict[str, str], faults: FaultDraw, respond: Callable[[Admission], Awaitable]):
+    """A checked request from here on, for HTTP and WebSocket alike: the hang fault, then a capacity
+    slot, then `respond(admission)`; the slot is given back however that ends."""
+    if faults.hang:
+        await hang(state)
+    adm = await admit(state, req, identity, arrival, rid, rate_headers, faults)
+    try:
+        return await respond(adm)
+    finally:
+        state.gate.release()
+
+
 async def hang(state: MockState) -> None:
     """The hang fault: never answer; ends only when the client goes away (the handler is cancelled)."""
     state.counters.hangs += 1

@@ -65,11 +65,10 @@ class Api:
 
     async def generate(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
         """Chat or text completion, streamed or not."""
-        state, counters = self.state, self.state.counters
+        state = self.state
         arrival = time.perf_counter()
         rid = state.request_id()
-        counters.in_flight += 1
-        try:
+        with engine.Tracked(state):
             try:
                 body = await request.read()
             except web.HTTPException as exc:     # 413: over client_max_size
@@ -86,21 +85,13 @@ class Api:
                                     {"x-mock-request-id": rid})
             except Refused as exc:
                 return self.respond(exc.status, exc.body, path, {**exc.headers, "x-mock-request-id": rid})
-            if faults.hang:
-                await engine.hang(state)
-            adm = await engine.admit(state, req, identity, arrival, rid, rate_headers, faults)
-            try:
+
+            async def respond(adm: engine.Admission) -> web.StreamResponse:
                 if req.stream:
                     return await self._stream(request, adm, path)
-                body = await engine.complete(state, adm)
-                return self.respond(200, body, path, adm.headers)
-            finally:
-                state.gate.release()
-        except asyncio.CancelledError:
-            counters.client_disconnects += 1
-            raise
-        finally:
-            counters.in_flight -= 1
+                return self.respond(200, await engine.complete(state, adm), path, adm.headers)
+
+            return await engine.generate(state, req, identity, arrival, rid, rate_headers, faults, respond)
 
     async def _stream(self, request: web.Request, adm: engine.Admission, path: str) -> web.StreamResponse:
         counters = self.state.counters

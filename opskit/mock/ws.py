@@ -14,7 +14,6 @@ same request would have had (the upgrade itself is counted as a 101 response).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
@@ -93,10 +92,8 @@ def _count(state: MockState, status: int) -> None:
 async def _serve(request: web.Request, sock: web.WebSocketResponse, state: MockState, identity: str,
                  body: object) -> bool:
     """One request on the socket; False when the connection is gone (cut or client left)."""
-    counters = state.counters
     arrival = time.perf_counter()
-    counters.in_flight += 1
-    try:
+    with engine.Tracked(state):
         try:
             # WebSocket requests always stream, whatever the body says.
             req = parse_request(dumps({**body, "stream": True} if isinstance(body, dict) else body), "chat")
@@ -110,18 +107,8 @@ async def _serve(request: web.Request, sock: web.WebSocketResponse, state: MockS
             err = json.dumps(json.loads(exc.body)["error"])
             await sock.send_str(f'{{"type":"error","status":{exc.status},"error":{err}}}')
             return True
-        if faults.hang:
-            await engine.hang(state)
-        adm = await engine.admit(state, req, identity, arrival, state.request_id(), rate_headers, faults)
-        try:
-            return await _play(request, sock, state, adm)
-        finally:
-            state.gate.release()
-    except asyncio.CancelledError:
-        counters.client_disconnects += 1
-        raise
-    finally:
-        counters.in_flight -= 1
+        return await engine.generate(state, req, identity, arrival, state.request_id(), rate_headers, faults,
+                                     lambda adm: _play(request, sock, state, adm))
 
 
 async def _play(request: web.Request, sock: web.WebSocketResponse, state: MockState, adm: engine.Admission) -> bool:
