@@ -38,12 +38,12 @@ loadtest: install
 		$(if $(BASELINE),--baseline $(BASELINE))
 
 dashboards: install
-	$(BIN)/python -m dashboards.build
+	$(BIN)/opskit generate dashboards
 
 # Kubernetes manifests made from alerts/ and dashboards/ (PrometheusRule, Grafana ConfigMaps).
 .PHONY: manifests
 manifests: install
-	$(BIN)/python -m deploy.generate
+	$(BIN)/opskit generate manifests
 
 check-alerts: install
 	alerts/check.sh

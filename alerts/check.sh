@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 
 PROMTOOL=${PROMTOOL:-promtool}
 AMTOOL=${AMTOOL:-amtool}
-PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+OPSKIT=${OPSKIT:-.venv/bin/opskit}
+[ -x "$OPSKIT" ] || OPSKIT=opskit
 AM=alerts/alertmanager.yml
 failed=0
 checks=0
@@ -35,7 +35,7 @@ done
 
 # The committed Alertmanager config carries the placeholder receivers, whatever this shell exports.
 run env -u OPSKIT_ALERT_RECEIVER_URL -u OPSKIT_ALERT_PAGER_URL -u OPSKIT_ALERT_CHAT_URL \
-    -u OPSKIT_ALERT_TICKET_URL "$PY" -m alerts.generate --check
+    -u OPSKIT_ALERT_TICKET_URL "$OPSKIT" generate alerts --check
 run "$PROMTOOL" check rules alerts/*.rules.yml
 run "$PROMTOOL" test rules alerts/tests/*.yml
 run "$AMTOOL" check-config "$AM"

@@ -1,7 +1,7 @@
 """Scrape cost and memory of `opskit exporter`: /metrics with 8 GPUs and 10 targets' call series.
 
 Targets: a scrape <= 10 ms, exporter RSS <= 80 MB. The exporter runs as its own process on the fake
-NVML (tests/fakenvml, 8 GPUs, loaded through LD_LIBRARY_PATH by the real pynvml binding) with a
+NVML (opskit/live/fakenvml, 8 GPUs, loaded through LD_LIBRARY_PATH by the real pynvml binding) with a
 config of 10 targets x 2 models; before it reports ready it is filled with call series for every
 target x source (proxy, probe) x model (2 configured + other) x outcome (200, 429, 500), which is
 more label sets than a sidecar normally has. The client times /metrics over one keep-alive
@@ -42,7 +42,7 @@ def write_config(path: Path) -> None:
 
 def populate(metrics, cfg) -> None:
     """Call series for every target x source x model x outcome, with tokens and latencies."""
-    from opskit.records import CallRecord
+    from opskit.core.records import CallRecord
 
     outcomes = ((200, ""), (429, "rate_limited"), (500, "server_error"))
     for t in cfg.targets:
@@ -63,8 +63,9 @@ def serve(config_path: str, ready: str) -> None:
 
     import prometheus_client
 
-    from opskit import config, exporter
-    from opskit.gpu import visible_from_env
+    from opskit.core import config
+    from opskit.sidecar import exporter
+    from opskit.sidecar.gpu import visible_from_env
 
     logging.basicConfig(level=logging.WARNING)
     prometheus_client.disable_created_metrics()
@@ -100,7 +101,7 @@ def pin(cpu: int) -> list[str]:
 
 
 def measure(scrapes: int) -> None:
-    from tests.fakenvml import build_fake_nvml, fake_gpus, write_state
+    from opskit.live.fakenvml import build_fake_nvml, fake_gpus, write_state
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -159,13 +160,14 @@ def report(info: dict, pid: int, scrapes: int) -> None:
 
 
 def render_ab(config_path: Path, rounds: int = 7) -> None:
-    """In this process: prometheus_client's generate_latest vs opskit.exposition on the same registry."""
+    """In this process: prometheus_client's generate_latest vs opskit.sidecar.fast_exposition on the same registry."""
     import timeit
 
     import prometheus_client
 
-    from opskit import config, exporter
-    from opskit.exposition import Renderer
+    from opskit.core import config
+    from opskit.sidecar import exporter
+    from opskit.sidecar.fast_exposition import Renderer
 
     prometheus_client.disable_created_metrics()
     cfg = config.load(config_path)
@@ -179,7 +181,7 @@ def render_ab(config_path: Path, rounds: int = 7) -> None:
         b.append(timeit.timeit(renderer.render, number=3) / 3)
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"  call series render, in-process (median of {rounds}): generate_latest {ma * 1e3:.1f} ms, "
-          f"opskit.exposition {mb * 1e3:.1f} ms ({ma / mb:.0f}x)")
+          f"opskit.sidecar.fast_exposition {mb * 1e3:.1f} ms ({ma / mb:.0f}x)")
 
 
 def main() -> None:

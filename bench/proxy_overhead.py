@@ -42,7 +42,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from opskit.sse import SSEParser, StreamMeter  # noqa: E402
+from opskit.core.sse import SSEParser, StreamMeter  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 README = ROOT / "bench" / "README.md"
@@ -190,8 +190,8 @@ def python_per_chunk_us(n: int = 50_000) -> tuple[float, float]:
     real process is the event loop's wake-up, recv and send."""
     from multidict import CIMultiDict
 
-    from opskit.proxy import _Call, _sink
-    from opskit.upstream import Conn, Pool
+    from opskit.sidecar.proxy import _Call, _sink
+    from opskit.sidecar.upstream_client import Conn, Pool
 
     class Null:
         def write(self, data): pass
@@ -298,7 +298,7 @@ How to read it:
 - History: the first version used aiohttp's client for the upstream: 62-94 us per chunk (gross),
   330-490 us per request and added TTFT p50 58 ms (one paired run) on the same machine. Pulling each chunk through
   aiohttp's StreamReader cost a future, a task switch and a timer reschedule per chunk;
-  opskit.upstream pushes it from `data_received` instead, and a body that is complete with its head
+  opskit.sidecar.upstream_client pushes it from `data_received` instead, and a body that is complete with its head
   goes out in one write.
 - What is left per request is mostly aiohttp's server side and prometheus_client's `labels()` (seven
   look-ups per call in CallMetrics.started/finished).

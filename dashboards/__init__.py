@@ -1,2 +1,2 @@
-"""Grafana dashboards as code (grafanalib): *.dashboard.py, panel helpers, and build.py which writes
-the JSON and Grafana provisioning files under dashboards/generated/."""
+"""Grafana dashboards as code (*.dashboard.py, built by `opskit generate dashboards` into generated/);
+shipped with opskit."""

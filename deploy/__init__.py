@@ -1,1 +1,1 @@
-"""Kubernetes manifests for opskit and the generator of the ones made from alerts/ and dashboards/."""
+"""Kubernetes manifests for opskit (generated/ is written by `opskit generate manifests`); shipped with opskit."""

@@ -8,42 +8,22 @@ others. Register a command by adding one line to COMMANDS: name -> "module:attri
 from __future__ import annotations
 
 import importlib
-import math
 
 import click
 
 from opskit import __version__
+from opskit.core.cli_helpers import CONTEXT, one_line
 
 COMMANDS: dict[str, str] = {
     # name:        "module:click command"
     "mock": "opskit.mock.cli:mock",
     "loadtest": "opskit.loadtest.cli:loadtest",
     "report": "opskit.loadtest.cli:report",
-    "stack": "opskit.stack:stack",
-    "drill": "opskit.drill:drill",
-    "exporter": "opskit.exporter:exporter_command",
+    "stack": "opskit.live.stack:stack",
+    "generate": "opskit.opscode.generate:generate",
+    "drill": "opskit.live.drill:drill",
+    "exporter": "opskit.sidecar.exporter:exporter_command",
 }
-
-
-class FiniteRange(click.FloatRange):
-    """click.FloatRange that also refuses nan and inf: click lets both through (nan compares false with
-    every bound), and `--rate nan` hung a load test while `--duration inf` crashed it."""
-
-    def convert(self, value, param, ctx):
-        """The float, or a usage error when it is out of range or not finite."""
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return rv
-
-
-def _one_line(exc: click.UsageError) -> click.UsageError:
-    """The same usage error without click's usage block and hint: one line, `Error: ...`, exit 2."""
-    if isinstance(exc, click.exceptions.NoArgsIsHelpError) or exc.ctx is None:
-        return exc  # a bare `opskit report` still prints its help
-    one = click.UsageError(exc.format_message().replace("\n", " "))
-    one.exit_code = exc.exit_code
-    return one
 
 
 class LazyGroup(click.Group):
@@ -54,7 +34,7 @@ class LazyGroup(click.Group):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
-            raise _one_line(exc) from None
+            raise one_line(exc) from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -68,12 +48,12 @@ class LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         """Run the command; a usage or config error anywhere becomes one line on stderr and exit 2."""
-        from opskit.config import ConfigError
+        from opskit.core.config import ConfigError
 
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:  # from any subcommand or sub-group, however deep
-            raise _one_line(exc) from None
+            raise one_line(exc) from None
         except ConfigError as exc:
             click.echo(f"opskit: {exc}", err=True)
             ctx.exit(2)
@@ -82,7 +62,7 @@ class LazyGroup(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="opskit")
 def main() -> None:
     """opskit: monitor and load-test an OpenAI-compatible LLM API.
@@ -95,6 +75,7 @@ def main() -> None:
       opskit report compare reports/<base run> reports/<new run>
       opskit stack up; opskit stack status; opskit stack down
       opskit drill
+      opskit generate alerts --check
 
     Each command's --help has more examples. Usage and config errors exit 2.
     """

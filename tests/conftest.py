@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from opskit import readyfile
+from opskit.core import readyfile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,8 +95,8 @@ def clean_env(monkeypatch):
 
 @pytest.fixture(scope="session")
 def fake_nvml(tmp_path_factory) -> Path:
-    """The fake libnvidia-ml.so.1 (tests/fakenvml), built once per session; skips without gcc."""
-    from tests.fakenvml import build_fake_nvml
+    """The fake libnvidia-ml.so.1 (opskit/live/fakenvml), built once per session; skips without gcc."""
+    from opskit.live.fakenvml import build_fake_nvml
 
     if not (shutil.which("gcc") or shutil.which("cc")):
         pytest.skip("gcc not installed (needed to build the fake NVML library)")

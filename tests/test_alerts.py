@@ -19,10 +19,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from alerts import alertmanager, generate, rules
-from alerts.promql import series_names
-from opskit import catalog, thresholds
-from opskit.config import ConfigError
+from opskit import cli
+from opskit.core import catalog, thresholds
+from opskit.core.config import ConfigError
+from opskit.opscode import alert_rules, routing, rules_file
+from opskit.opscode.promql import series_names
 from tests.conftest import need_binary, stop
 
 ALERTS_DIR = Path(__file__).resolve().parent.parent / "alerts"
@@ -38,21 +39,21 @@ def _alert_rules(text: str) -> dict[str, dict]:
 
 
 def test_committed_files_are_what_the_generator_writes():
-    # THRESHOLDS is what `python -m alerts.generate` uses; a changed threshold must be regenerated.
-    for name, text in generate.outputs(thresholds.THRESHOLDS).items():
-        assert (ALERTS_DIR / name).read_text() == text, f"alerts/{name} is stale: run python -m alerts.generate"
+    # THRESHOLDS is what `opskit generate alerts` uses; a changed threshold must be regenerated.
+    for name, text in rules_file.outputs(thresholds.THRESHOLDS).items():
+        assert (ALERTS_DIR / name).read_text() == text, f"alerts/{name} is stale: run opskit generate alerts"
 
 
 def test_rules_name_only_catalogue_series_or_own_recordings():
-    known = catalog.all_series() | rules.recording_names()
+    known = catalog.all_series() | alert_rules.recording_names()
     seen = set()
-    for rule in _rules(generate.render_rules(T)):
+    for rule in _rules(rules_file.render_rules(T)):
         names = series_names(rule["expr"])
         assert names, f"no series found in {rule['expr']!r}"
         assert names <= known, f"{rule.get('alert') or rule['record']} names unknown series {names - known}"
         seen |= names
     # The scanner must be finding real names, not skipping everything.
-    assert {"opskit_llm_requests_total", "opskit_gpu_up", "up", rules.TTFT_P95} <= seen
+    assert {"opskit_llm_requests_total", "opskit_gpu_up", "up", alert_rules.TTFT_P95} <= seen
 
 
 def test_series_scanner_ignores_functions_labels_and_keywords():
@@ -62,7 +63,7 @@ def test_series_scanner_ignores_functions_labels_and_keywords():
 
 
 def test_recording_rule_names_follow_level_metric_operation():
-    for name in rules.recording_names():
+    for name in alert_rules.recording_names():
         assert re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", name), name
 
 
@@ -74,10 +75,10 @@ def test_thresholds_sit_on_bucket_edges():
 def test_every_alert_has_severity_annotations_and_a_runbook_section():
     runbook = (ALERTS_DIR / "runbook.md").read_text()
     anchors = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, re.M)}
-    alerts = _alert_rules(generate.render_rules(T, runbook_base="https://wiki.example/runbook"))
+    alerts = _alert_rules(rules_file.render_rules(T, runbook_base="https://wiki.example/runbook"))
     assert len(alerts) >= 13
     for name, rule in alerts.items():
-        assert rule["labels"]["severity"] in alertmanager.SEVERITY_RECEIVER, name
+        assert rule["labels"]["severity"] in routing.SEVERITY_RECEIVER, name
         ann = rule["annotations"]
         assert ann["summary"] and ann["description"], name
         assert "$value" in ann["description"] or "for" in rule, name
@@ -87,7 +88,7 @@ def test_every_alert_has_severity_annotations_and_a_runbook_section():
 
 
 def test_required_alerts_and_their_thresholds():
-    alerts = _alert_rules(generate.render_rules(T))
+    alerts = _alert_rules(rules_file.render_rules(T))
     assert alerts["LLMHighTimeToFirstToken"]["expr"].endswith("> 0.5")
     assert alerts["LLMHighTimeToFirstToken"]["for"] == "5m"
     assert alerts["LLMHighRequestLatency"]["expr"].endswith("> 2")
@@ -104,8 +105,8 @@ GUARDED = ("LLMHighErrorRate", "LLMErrorRateCritical", "LLMRateLimited")
 
 
 def test_ratio_alerts_need_min_request_rate_and_burn_alerts_do_not():
-    alerts = _alert_rules(generate.render_rules(T))
-    guard = f" and on (target) {rules.REQUESTS_RATE} > {rules.num(T.min_request_rate)}"
+    alerts = _alert_rules(rules_file.render_rules(T))
+    guard = f" and on (target) {alert_rules.REQUESTS_RATE} > {alert_rules.num(T.min_request_rate)}"
     for name in GUARDED:
         # The ratio stays on the left of `and`, so $value in the description is still the ratio.
         assert alerts[name]["expr"].endswith(guard), name
@@ -113,7 +114,7 @@ def test_ratio_alerts_need_min_request_rate_and_burn_alerts_do_not():
     # Their long windows need many failed canaries, and a quiet target's steady failures must
     # still reach someone: the burn alerts read the SLO ratios alone.
     for name in ("LLMErrorBudgetFastBurn", "LLMErrorBudgetSlowBurn"):
-        assert rules.REQUESTS_RATE not in alerts[name]["expr"], name
+        assert alert_rules.REQUESTS_RATE not in alerts[name]["expr"], name
 
 
 def test_min_request_rate_is_overridable(tmp_path, clean_env):
@@ -121,8 +122,8 @@ def test_min_request_rate_is_overridable(tmp_path, clean_env):
     override.write_text("min_request_rate: 1\n")
     t = thresholds.load(override)
     assert t.min_request_rate == 1
-    alerts = _alert_rules(generate.render_rules(t))
-    assert all(alerts[n]["expr"].endswith(f"{rules.REQUESTS_RATE} > 1") for n in GUARDED)
+    alerts = _alert_rules(rules_file.render_rules(t))
+    assert all(alerts[n]["expr"].endswith(f"{alert_rules.REQUESTS_RATE} > 1") for n in GUARDED)
     override.write_text("min_request_rate: often\n")
     with pytest.raises(ConfigError, match="min_request_rate: expected a number"):
         thresholds.load(override)
@@ -168,7 +169,7 @@ def test_every_alert_is_promtool_tested_on_both_sides_of_for():
             for t in case.get("alert_rule_test", []):
                 bucket = fired if t.get("exp_alerts") else quiet
                 bucket.setdefault(t["alertname"], []).append(t["eval_time"])
-    for name, rule in _alert_rules(generate.render_rules(T)).items():
+    for name, rule in _alert_rules(rules_file.render_rules(T)).items():
         assert name in fired, f"no promtool test sees {name} fire"
         assert name in quiet, f"no promtool test checks {name} stays quiet"
         if "for" in rule:
@@ -183,13 +184,13 @@ def _minutes(duration: str) -> int:
 
 
 def test_promtool_tests_fix_the_group_order():
-    groups = [g.name for g in rules.groups(T)]
+    groups = [g.name for g in alert_rules.groups(T)]
     for doc in _promtool_tests():
         assert doc["group_eval_order"] == groups
 
 
 def test_short_for_replaces_every_for_and_is_valid_for_promtool(tmp_path):
-    text = generate.render_rules(T, short_for="30s", eval_interval="5s", exporter_job="drill-exporter")
+    text = rules_file.render_rules(T, short_for="30s", eval_interval="5s", exporter_job="drill-exporter")
     alerts = _alert_rules(text)
     assert {r["for"] for r in alerts.values() if "for" in r} == {"30s"}
     assert 'up{job=~"drill-exporter"}' in alerts["OpskitExporterDown"]["expr"]
@@ -204,18 +205,18 @@ def test_short_for_replaces_every_for_and_is_valid_for_promtool(tmp_path):
 @pytest.mark.parametrize("kw", [{"short_for": "soon"}, {"eval_interval": "5"}])
 def test_bad_durations_are_rejected(kw):
     with pytest.raises(ValueError, match="not a Prometheus duration"):
-        generate.render_rules(T, **kw)
+        rules_file.render_rules(T, **kw)
 
 
 def test_cli_writes_checks_and_reports_staleness(tmp_path, clean_env):
     runner = CliRunner()
-    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--check"])
+    res = runner.invoke(cli.main, ["generate", "alerts", "--out-dir", str(tmp_path), "--check"])
     assert res.exit_code == 1 and "out of date" in res.output
-    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--receiver-url", "http://127.0.0.1:9/hook"])
+    res = runner.invoke(cli.main, ["generate", "alerts", "--out-dir", str(tmp_path), "--receiver-url", "http://127.0.0.1:9/hook"])
     assert res.exit_code == 0, res.output
     am = yaml.safe_load((tmp_path / "alertmanager.yml").read_text())
     assert {c["url"] for r in am["receivers"] for c in r["webhook_configs"]} == {"http://127.0.0.1:9/hook"}
-    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--check", "--receiver-url",
+    res = runner.invoke(cli.main, ["generate", "alerts", "--out-dir", str(tmp_path), "--check", "--receiver-url",
                                         "http://127.0.0.1:9/hook"])
     assert res.exit_code == 0, res.output
 
@@ -224,30 +225,30 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, clean_env):
     runner = CliRunner()
     bad = tmp_path / "t.yaml"
     bad.write_text("ttft_p95_seconds: fast\n")
-    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--thresholds", str(bad)])
+    res = runner.invoke(cli.main, ["generate", "alerts", "--out-dir", str(tmp_path), "--thresholds", str(bad)])
     assert res.exit_code == 2 and "ttft_p95_seconds" in res.output and "Traceback" not in res.output
-    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--short-for", "quick"])
+    res = runner.invoke(cli.main, ["generate", "alerts", "--out-dir", str(tmp_path), "--short-for", "quick"])
     assert res.exit_code == 2 and "not a Prometheus duration" in res.output
-    res = runner.invoke(generate.main, ["--out-dir", str(tmp_path), "--pager-url", "ftp://x"])
+    res = runner.invoke(cli.main, ["generate", "alerts", "--out-dir", str(tmp_path), "--pager-url", "ftp://x"])
     assert res.exit_code == 2 and "pager receiver URL" in res.output
 
 
 def test_threshold_override_file_changes_the_rules(tmp_path, clean_env):
     override = tmp_path / "t.yaml"
     override.write_text("ttft_p95_seconds: 0.75\nerror_ratio: 0.05\nerror_for: 7m\n")
-    alerts = _alert_rules(generate.render_rules(thresholds.load(override)))
+    alerts = _alert_rules(rules_file.render_rules(thresholds.load(override)))
     assert alerts["LLMHighTimeToFirstToken"]["expr"].endswith("> 0.75")
     assert "750ms" in alerts["LLMHighTimeToFirstToken"]["annotations"]["description"]
-    assert alerts["LLMHighErrorRate"]["expr"].startswith(f"{rules.ERRORS_RATIO} > 0.05 and")
+    assert alerts["LLMHighErrorRate"]["expr"].startswith(f"{alert_rules.ERRORS_RATIO} > 0.05 and")
     assert alerts["LLMHighErrorRate"]["for"] == "7m"
     slo = dataclasses.replace(T, availability_slo=0.999)
-    assert "> 0.0144" in _alert_rules(generate.render_rules(slo))["LLMErrorBudgetFastBurn"]["expr"]
+    assert "> 0.0144" in _alert_rules(rules_file.render_rules(slo))["LLMErrorBudgetFastBurn"]["expr"]
 
 
 def test_alertmanager_config_with_custom_urls_passes_amtool(tmp_path):
     urls = {"pager": "https://pager.example/hook", "chat": "http://127.0.0.1:8080/chat"}
     path = tmp_path / "am.yml"
-    path.write_text(generate.render_alertmanager(urls=urls, group_wait="1s"))
+    path.write_text(rules_file.render_alertmanager(urls=urls, group_wait="1s"))
     amtool = need_binary("amtool")
     proc = subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -256,7 +257,7 @@ def test_alertmanager_config_with_custom_urls_passes_amtool(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with pytest.raises(ValueError, match="unknown receiver"):
-        alertmanager.config(urls={"sms": "http://x"})
+        routing.config(urls={"sms": "http://x"})
 
 
 # --- a real Alertmanager: routing by severity and inhibition while an exporter is down ---------
@@ -304,8 +305,8 @@ def alertmanager_url(tmp_path, webhook):
     binary = need_binary("prometheus-alertmanager")
     base, _ = webhook
     config = tmp_path / "alertmanager.yml"
-    config.write_text(generate.render_alertmanager(
-        urls={name: f"{base}/{name}" for name in alertmanager.RECEIVERS}, group_wait="1s", group_interval="1s"))
+    config.write_text(rules_file.render_alertmanager(
+        urls={name: f"{base}/{name}" for name in routing.RECEIVERS}, group_wait="1s", group_interval="1s"))
     port = _free_port()
     proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.path={tmp_path / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],

@@ -1,4 +1,4 @@
-"""opskit.auth (client side) against the mock's real auth schemes, over real HTTP and WebSocket."""
+"""opskit.core.auth (client side) against the mock's real auth schemes, over real HTTP and WebSocket."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import openai
 import pytest
 import websocket
 
-from opskit.auth import Authenticator, AuthError, sign
-from opskit.config import AuthConfig, Secret
+from opskit.core.auth import Authenticator, AuthError, sign
+from opskit.core.config import AuthConfig, Secret
 
 pytestmark = pytest.mark.slow
 

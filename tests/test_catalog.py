@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from opskit import catalog, records, thresholds
-from opskit.callmetrics import CallMetrics
-from opskit.config import ConfigError
-from opskit.records import CallRecord
+from opskit.core import catalog, records, thresholds
+from opskit.core.config import ConfigError
+from opskit.core.records import CallRecord
+from opskit.sidecar.call_metrics import CallMetrics
 
 
 def test_names_follow_prometheus_conventions():

@@ -3,8 +3,8 @@
 import pytest
 from click.testing import CliRunner
 
-from opskit import config
-from opskit.config import ConfigError, Secret
+from opskit.core import config
+from opskit.core.config import ConfigError, Secret
 
 
 def write(tmp_path, text):

@@ -12,22 +12,23 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from alerts import generate
-from alerts.promql import series_names
-from dashboards import build
-from opskit import catalog, thresholds
-from tests.conftest import need_binary
+from opskit import cli
+from opskit.core import catalog, thresholds
+from opskit.opscode import dashboards as builder
+from opskit.opscode import rules_file
+from opskit.opscode.promql import series_names
+from tests.conftest import ROOT, need_binary
 
 T = thresholds.THRESHOLDS
 
 
 @pytest.fixture(scope="module")
 def dashboards():
-    return build.build_all(T)
+    return builder.build_all(T)
 
 
 def _json(d) -> dict:
-    return json.loads(build.to_json(d))
+    return json.loads(builder.to_json(d))
 
 
 def _panel(d, title: str) -> dict:
@@ -39,8 +40,8 @@ def _lines(panel: dict) -> list[float]:
 
 
 def test_committed_json_and_provisioning_are_up_to_date():
-    for name, text in build.outputs(T).items():
-        path = build.GENERATED / name
+    for name, text in builder.outputs(T).items():
+        path = ROOT / "dashboards" / "generated" / name
         assert path.is_file() and path.read_text() == text, f"dashboards/generated/{name} is stale: make dashboards"
 
 
@@ -67,7 +68,7 @@ def test_every_panel_has_unit_description_and_a_unique_id(dashboards):
 
 def test_queries_name_only_catalogue_series(dashboards):
     known = catalog.all_series()
-    queries = build.all_queries(T)
+    queries = builder.all_queries(T)
     assert len(queries) >= 20
     for dash, title, expr in queries:
         names = series_names(expr)
@@ -82,7 +83,7 @@ def test_queries_name_only_catalogue_series(dashboards):
 
 def test_every_query_parses_as_promql(tmp_path):
     # promtool 2.42 has no standalone parser: as recording rules, `check rules` parses every expr.
-    queries = build.all_queries(T)
+    queries = builder.all_queries(T)
     rules = [{"record": f"opskit_dashboard_check:query{i}", "expr": q} for i, (_, _, q) in enumerate(queries)]
     path = tmp_path / "queries.rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
@@ -96,14 +97,14 @@ def test_promtool_check_catches_a_broken_query(tmp_path):
     # The parse check above must be able to fail.
     path = tmp_path / "bad.rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [
-        {"record": "x:y:z", "expr": build.substitute("sum by (target (rate(up[$__rate_interval]))")}]}]}))
+        {"record": "x:y:z", "expr": builder.substitute("sum by (target (rate(up[$__rate_interval]))")}]}]}))
     proc = subprocess.run([need_binary("promtool"), "check", "rules", str(path)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
 
 
 def test_substitute_fills_variables():
-    assert build.substitute('rate(x{a=~"$target",b=~"${model}"}[$__rate_interval])') == 'rate(x{a=~".*",b=~".*"}[5m])'
+    assert builder.substitute('rate(x{a=~"$target",b=~"${model}"}[$__rate_interval])') == 'rate(x{a=~".*",b=~".*"}[5m])'
 
 
 def test_threshold_lines_are_the_alert_thresholds(dashboards):
@@ -120,7 +121,7 @@ def test_ratio_panels_state_the_alerts_traffic_guard(dashboards):
     # The panels plot every target's ratio; their descriptions say why a quiet one does not alert.
     for title in ("Error ratio", "429 share"):
         assert f"at least {T.min_request_rate:g} calls/s" in _panel(dashboards["llm_api"], title)["description"]
-    changed = build.build_all(dataclasses.replace(T, min_request_rate=0.5))
+    changed = builder.build_all(dataclasses.replace(T, min_request_rate=0.5))
     assert "at least 0.5 calls/s (30/min)" in _panel(changed["llm_api"], "Error ratio")["description"]
 
 
@@ -128,18 +129,18 @@ def test_a_changed_threshold_changes_rules_and_dashboards_together(tmp_path):
     changed = dataclasses.replace(T, ttft_p95_seconds=0.75, gpu_utilization_ratio=0.8, error_ratio=0.05)
     # Still on a bucket edge, as the catalogue demands.
     assert changed.ttft_p95_seconds in catalog.threshold_edges(changed)["ttft_p95_seconds"][1]
-    rules_text = generate.render_rules(changed)
+    rules_text = rules_file.render_rules(changed)
     assert "target:opskit_llm_ttft_seconds:p95_5m > 0.75" in rules_text
     assert "opskit_gpu_utilization_ratio > 0.8\n" in rules_text
     assert "target:opskit_llm_errors:ratio_rate5m > 0.05" in rules_text
-    dash = build.build_all(changed)
+    dash = builder.build_all(changed)
     assert _lines(_panel(dash["llm_api"], "Time to first token")) == [0.75]
     assert _lines(_panel(dash["gpu"], "GPU utilization")) == [0.8]
     assert _lines(_panel(dash["llm_api"], "Error ratio")) == [0.05, T.error_ratio_critical]
     # The same through an override file, the way an operator changes them.
     override = tmp_path / "thresholds.yaml"
     override.write_text("ttft_p95_seconds: 0.75\n")
-    res = CliRunner().invoke(build.main, ["--out-dir", str(tmp_path / "g"), "--thresholds", str(override)])
+    res = CliRunner().invoke(cli.main, ["generate", "dashboards", "--out-dir", str(tmp_path / "g"), "--thresholds", str(override)])
     assert res.exit_code == 0, res.output
     steps = json.loads((tmp_path / "g" / "llm_api.json").read_text())
     ttft = next(p for p in steps["panels"] if p["title"] == "Time to first token")
@@ -147,7 +148,7 @@ def test_a_changed_threshold_changes_rules_and_dashboards_together(tmp_path):
 
 
 def test_provisioning_points_grafana_at_the_json_and_prometheus(dashboards):
-    files = build.provisioning("/srv/dash", "http://127.0.0.1:19090")
+    files = builder.provisioning("/srv/dash", "http://127.0.0.1:19090")
     provider = yaml.safe_load(files["provisioning/dashboards/opskit.yml"])["providers"][0]
     assert provider["type"] == "file" and provider["options"]["path"] == "/srv/dash"
     ds = yaml.safe_load(files["provisioning/datasources/opskit.yml"])["datasources"][0]
@@ -159,11 +160,11 @@ def test_provisioning_points_grafana_at_the_json_and_prometheus(dashboards):
 
 def test_cli_check_and_errors(tmp_path, clean_env):
     runner = CliRunner()
-    res = runner.invoke(build.main, ["--out-dir", str(tmp_path), "--check"])
+    res = runner.invoke(cli.main, ["generate", "dashboards", "--out-dir", str(tmp_path), "--check"])
     assert res.exit_code == 1 and "out of date" in res.output
-    assert runner.invoke(build.main, ["--out-dir", str(tmp_path)]).exit_code == 0
-    assert runner.invoke(build.main, ["--out-dir", str(tmp_path), "--check"]).exit_code == 0
+    assert runner.invoke(cli.main, ["generate", "dashboards", "--out-dir", str(tmp_path)]).exit_code == 0
+    assert runner.invoke(cli.main, ["generate", "dashboards", "--out-dir", str(tmp_path), "--check"]).exit_code == 0
     bad = tmp_path / "t.yaml"
     bad.write_text("no_such_threshold: 1\n")
-    res = runner.invoke(build.main, ["--out-dir", str(tmp_path), "--thresholds", str(bad)])
+    res = runner.invoke(cli.main, ["generate", "dashboards", "--out-dir", str(tmp_path), "--thresholds", str(bad)])
     assert res.exit_code == 2 and "no_such_threshold" in res.output and "Traceback" not in res.output

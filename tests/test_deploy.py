@@ -15,11 +15,12 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from click.testing import CliRunner
 
-from deploy import generate
-from opskit import __version__
-from opskit import config as cfgmod
-from opskit.supervise import free_port
+from opskit import __version__, cli
+from opskit.core import config as cfgmod
+from opskit.core.processes import free_port
+from opskit.opscode import manifests
 from tests.conftest import ROOT, stop, wait_for_file
 
 DEPLOY = ROOT / "deploy"
@@ -117,7 +118,7 @@ def test_podmonitor_selects_every_exporter_pod_on_its_metrics_port():
 def test_prometheusrule_is_generated_from_the_rules_files():
     (pr,) = by_kind("PrometheusRule")
     assert pr["apiVersion"] == "monitoring.coreos.com/v1" and pr["metadata"]["name"] == "opskit"
-    expected = [g for f in generate.rule_files() for g in yaml.safe_load(f.read_text())["groups"]]
+    expected = [g for f in manifests.rule_files(ROOT / "alerts") for g in yaml.safe_load(f.read_text())["groups"]]
     assert expected, "alerts/*.rules.yml missing"
     assert pr["spec"]["groups"] == expected
     for group in pr["spec"]["groups"]:
@@ -140,31 +141,38 @@ def test_prometheusrule_spec_passes_promtool(tmp_path):
 
 
 def test_dashboard_configmaps_are_labelled_for_grafana_and_hold_valid_json():
-    boards = generate.dashboard_files()
+    boards = manifests.dashboard_files(ROOT / "dashboards")
     maps = [d for name, d in docs() if name == "dashboards.yaml"]
     assert len(maps) == len(boards)
     for cm, path in zip(maps, boards, strict=True):
         assert cm["kind"] == "ConfigMap" and cm["metadata"]["labels"]["grafana_dashboard"] == "1"
         (key, text), = cm["data"].items()
         assert key == path.name and json.loads(text) == json.loads(path.read_text())
-        assert len(yaml.safe_dump(cm).encode()) < generate.CONFIGMAP_MAX_BYTES
+        assert len(yaml.safe_dump(cm).encode()) < manifests.CONFIGMAP_MAX_BYTES
 
 
 def test_generated_files_are_up_to_date():
-    for name, text in generate.outputs().items():
+    for name, text in manifests.outputs(ROOT / "alerts", ROOT / "dashboards").items():
         committed = DEPLOY / "generated" / name
-        assert committed.read_text() == text, f"{committed} is stale: run python -m deploy.generate"
+        assert committed.read_text() == text, f"{committed} is stale: run opskit generate manifests"
 
 
-def test_generate_check_reports_a_stale_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(generate, "OUT", tmp_path)
-    assert generate.main(["--check"]) == 1
-    assert "out of date" in capsys.readouterr().err
-    assert generate.main([]) == 0 and generate.main(["--check"]) == 0
+def test_generate_check_reports_a_stale_file(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path), "--check"])
+    assert res.exit_code == 1 and "out of date" in res.output and "prometheusrule.yaml" in res.output
+    assert runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path)]).exit_code == 0
+    res = runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path), "--check"])
+    assert res.exit_code == 0 and "up to date" in res.output
+    broken = tmp_path / "rules"
+    broken.mkdir()
+    (broken / "x.rules.yml").write_text("groups: [unclosed\n")
+    res = runner.invoke(cli.main, ["generate", "manifests", "--alerts-dir", str(broken), "--out-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "valid YAML" in res.output and "Traceback" not in res.output
 
 
 def test_configmap_name_is_dns_safe():
-    assert generate.configmap_name(Path("LLM API.dashboard.json")) == "opskit-dashboard-llm-api"
+    assert manifests.configmap_name(Path("LLM API.dashboard.json")) == "opskit-dashboard-llm-api"
 
 
 def _exporter_args() -> list[list[str]]:

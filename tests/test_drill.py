@@ -14,10 +14,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alerts import alertmanager, generate
-from opskit import drillplan, stack
-from opskit.drillplan import PHASES, Phase, Seen, compress_expr, compress_rules, compress_window, phase_misses
-from opskit.thresholds import Thresholds
+from opskit.core.thresholds import Thresholds
+from opskit.live import drill_plan, stack
+from opskit.live.drill_plan import (
+    PHASES,
+    Phase,
+    Seen,
+    compress_expr,
+    compress_rules,
+    compress_window,
+    phase_misses,
+)
+from opskit.opscode import routing, rules_file
 from tests.conftest import ROOT, need_binary
 
 # ---------------------------------------------------------------- time compression (pure)
@@ -32,8 +40,8 @@ def test_compress_window_scales_and_clamps(window, expected):
 
 def test_seconds_rejects_garbage():
     with pytest.raises(ValueError):
-        drillplan.seconds("5 minutes")
-    assert drillplan.seconds("1h30m") == 5400 and drillplan.seconds("500ms") == 0.5
+        drill_plan.seconds("5 minutes")
+    assert drill_plan.seconds("1h30m") == 5400 and drill_plan.seconds("500ms") == 0.5
 
 
 def test_compress_expr_touches_only_range_windows():
@@ -45,7 +53,7 @@ def test_compress_expr_touches_only_range_windows():
 
 
 def _rendered() -> str:
-    return generate.render_rules(Thresholds(), short_for=drillplan.SHORT_FOR)
+    return rules_file.render_rules(Thresholds(), short_for=drill_plan.SHORT_FOR)
 
 
 def test_compress_rules_keeps_every_rule_and_threshold():
@@ -59,7 +67,7 @@ def test_compress_rules_keeps_every_rule_and_threshold():
         assert strip(a["expr"]) == strip(b["expr"])          # thresholds and selectors untouched
         windows = re.findall(r"\[(\d+)s[\]:]", a["expr"])
         assert all(10 <= int(w) <= 20 for w in windows)
-        assert a.get("for") == (drillplan.SHORT_FOR if "for" in b else None)
+        assert a.get("for") == (drill_plan.SHORT_FOR if "for" in b else None)
         assert a.get("labels") == b.get("labels") and a.get("annotations") == b.get("annotations")
 
 
@@ -80,23 +88,23 @@ def test_compress_rules_rejects_a_non_rules_file():
 
 
 def test_every_alert_the_plan_names_exists_with_a_routed_severity():
-    severities = drillplan.alert_severities(_rendered())
+    severities = drill_plan.alert_severities(_rendered())
     for phase in PHASES:
         for name in phase.required | phase.allowed:
             assert name in severities, f"{phase.name}: {name} is not an alert of alerts/"
         for name in phase.required:
-            assert severities[name] in alertmanager.SEVERITY_RECEIVER, name
+            assert severities[name] in routing.SEVERITY_RECEIVER, name
 
 
 def test_every_llm_and_gpu_alert_is_drilled():
     # An alert no phase fires is an alert no drill ever proved; list deliberate exceptions here.
     undrilled = {"LLMQuotaNearlyExhausted"}  # needs 80 % of a day's quota in one window
     drilled = {n for p in PHASES for n in p.required}
-    assert set(drillplan.alert_severities(_rendered())) - drilled == undrilled
+    assert set(drill_plan.alert_severities(_rendered())) - drilled == undrilled
 
 
 def test_phase_names_are_unique_and_hold_phases_expect_nothing():
-    assert len(drillplan.PHASE_NAMES) == len(set(drillplan.PHASE_NAMES))
+    assert len(drill_plan.PHASE_NAMES) == len(set(drill_plan.PHASE_NAMES))
     for p in PHASES:
         assert bool(p.required) != bool(p.hold_s), p.name
 
@@ -161,16 +169,16 @@ def test_an_alert_missing_from_the_rules_is_named():
 def _need_stack_binaries():
     need_binary("prometheus")
     need_binary("prometheus-alertmanager")
-    from opskit import fakegpu
+    from opskit.live import fake_gpu
 
-    if reason := fakegpu.unavailable_reason():
+    if reason := fake_gpu.unavailable_reason():
         pytest.skip(reason)
 
 
 @pytest.mark.slow
 def test_live_drill_passes_a_real_fault_and_catches_a_missing_alert(tmp_path, capsys):
     # One stack: the GPU fault must pass end to end; a fault too weak to alert must be a miss.
-    from opskit import drill
+    from opskit.live import drill
 
     _need_stack_binaries()
     project = drill.load_project()
@@ -224,8 +232,8 @@ def _processes_mentioning(text: str) -> list[str]:
 
 def test_restore_puts_back_exactly_what_a_phase_changed():
     before = {"error_rate": {"502": 0.01}, "extra_ttft_ms": 0.0, "hang_rate": 0.0}
-    assert drillplan.restore({"error_rate": {"500": 0.05, "502": 0.5}}, before) == \
+    assert drill_plan.restore({"error_rate": {"500": 0.05, "502": 0.5}}, before) == \
         {"error_rate": {"500": 0, "502": 0.01}}
-    assert drillplan.restore({"extra_ttft_ms": 1000}, before) == {"extra_ttft_ms": 0.0}
+    assert drill_plan.restore({"extra_ttft_ms": 1000}, before) == {"extra_ttft_ms": 0.0}
     limits = {"rpm": None, "tpm": None, "daily_quota": None, "window_s": 60.0}
-    assert drillplan.restore({"rpm": 5, "tpm": 10, "window_s": 1}, limits) == {"rpm": None, "tpm": None, "window_s": 60.0}
+    assert drill_plan.restore({"rpm": 5, "tpm": 10, "window_s": 1}, limits) == {"rpm": None, "tpm": None, "window_s": 60.0}

@@ -17,12 +17,14 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from opskit import __version__, catalog, config, exporter
+from opskit import __version__
 from opskit.cli import main
-from opskit.gpu import GpuCollector
-from opskit.records import CallRecord
+from opskit.core import catalog, config
+from opskit.core.records import CallRecord
+from opskit.live.fakenvml import NOT_SUPPORTED, fake_gpus, uuid_for, write_state
+from opskit.sidecar import exporter
+from opskit.sidecar.gpu import GpuCollector
 from tests.conftest import ROOT, need_binary, stop, wait_for_file
-from tests.fakenvml import NOT_SUPPORTED, fake_gpus, uuid_for, write_state
 
 SECRET = "sk-test-must-never-appear-0123456789"
 
@@ -64,7 +66,7 @@ def test_fast_exposition_equals_generate_latest(fake_nvml, tmp_path, monkeypatch
     import prometheus_client
     from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
-    from opskit.exposition import Renderer
+    from opskit.sidecar.fast_exposition import Renderer
 
     monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)  # as the exporter runs
     monkeypatch.setenv("FAKE_NVML_STATE", str(write_state(tmp_path / "s", fake_gpus(3, util=42))))

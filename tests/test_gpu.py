@@ -1,4 +1,4 @@
-"""GpuCollector through the real pynvml binding, against the fake libnvidia-ml.so.1 (tests/fakenvml)."""
+"""GpuCollector through the real pynvml binding, against the fake libnvidia-ml.so.1 (opskit/live/fakenvml)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import subprocess
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from opskit import gpu
+from opskit.live.fakenvml import GIB, NOT_SUPPORTED, UNKNOWN_ERROR, fake_gpus, uuid_for, write_state
+from opskit.sidecar import gpu
 from tests.conftest import need_binary
-from tests.fakenvml import GIB, NOT_SUPPORTED, UNKNOWN_ERROR, fake_gpus, uuid_for, write_state
 
 
 class Clock:
@@ -115,7 +115,7 @@ def test_gpu_lost_mid_run_drops_only_its_series_and_counts(state, collect, caplo
     assert val(reg, "opskit_gpu_utilization_ratio", 1) == pytest.approx(0.5)
     gpus[1].lost = True
     write_state(state, gpus)
-    with caplog.at_level(logging.INFO, logger="opskit.gpu"):
+    with caplog.at_level(logging.INFO, logger="opskit.sidecar.gpu"):
         for _ in range(2):
             assert val(reg, "opskit_gpu_utilization_ratio", 1) is None
     assert val(reg, "opskit_gpu_info", 1, name="NVIDIA H100 80GB HBM3", driver_version="550.54.15") is None
@@ -161,7 +161,7 @@ def test_visible_devices_select_by_index_and_uuid(state, collect):
 
 def test_visible_devices_matching_no_gpu_are_logged_once(state, collect, caplog):
     write_state(state, fake_gpus(2, util=1))
-    with caplog.at_level(logging.INFO, logger="opskit.gpu"):
+    with caplog.at_level(logging.INFO, logger="opskit.sidecar.gpu"):
         reg, _ = collect(visible="GPU-ffff,5")  # a stale UUID and an index this node does not have
         for _ in range(3):
             assert val(reg, "opskit_gpu_up") == 1 and val(reg, "opskit_gpu_utilization_ratio", 0) is None
@@ -169,7 +169,7 @@ def test_visible_devices_matching_no_gpu_are_logged_once(state, collect, caplog)
     assert warnings == ["no GPU series: the visible-devices list 'GPU-ffff,5' (NVIDIA_VISIBLE_DEVICES or "
                         "CUDA_VISIBLE_DEVICES) matches none of the 2 GPU(s) NVML sees"]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="opskit.gpu"):
+    with caplog.at_level(logging.INFO, logger="opskit.sidecar.gpu"):
         for visible in ("1", "none"):  # one GPU matches; none is asked for: nothing to warn about
             reg, _ = collect(visible=visible)
             val(reg, "opskit_gpu_up")
@@ -205,7 +205,7 @@ def test_no_library_gpu_absent_up_zero_one_log_and_rate_limited_retry(tmp_path, 
     write_state(state, fake_gpus(2, util=60))
     lib = tmp_path / "later" / "libnvidia-ml.so.1"   # the driver appears later
     clock = Clock()
-    with caplog.at_level(logging.INFO, logger="opskit.gpu"):
+    with caplog.at_level(logging.INFO, logger="opskit.sidecar.gpu"):
         reg, c = collect(lib_path=str(lib), retry_s=30, clock=clock)
         for _ in range(3):
             assert val(reg, "opskit_gpu_up") == 0
@@ -249,7 +249,7 @@ def test_driver_level_failure_mid_run_sets_up_zero(state, collect):
 
 def test_registering_twice_is_refused_without_touching_nvml(tmp_path, caplog):
     reg = CollectorRegistry()
-    with caplog.at_level(logging.INFO, logger="opskit.gpu"):
+    with caplog.at_level(logging.INFO, logger="opskit.sidecar.gpu"):
         reg.register(gpu.GpuCollector(lib_path=str(tmp_path / "absent.so")))
         with pytest.raises(ValueError, match="opskit_gpu_up"):
             reg.register(gpu.GpuCollector(lib_path=str(tmp_path / "absent.so")))

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from opskit.cli import main
-from opskit.config import ConfigError
+from opskit.core.config import ConfigError
+from opskit.core.thresholds import THRESHOLDS
 from opskit.loadtest import compare, report, results, shapes, slo
 from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, load_file
-from opskit.thresholds import THRESHOLDS
 
 ROOT = Path(__file__).resolve().parent.parent
 

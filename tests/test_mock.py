@@ -10,7 +10,7 @@ import urllib.request
 import openai
 import pytest
 
-from opskit.sse import SSEParser
+from opskit.core.sse import SSEParser
 
 pytestmark = pytest.mark.slow
 

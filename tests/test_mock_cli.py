@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from conftest import ROOT
 
 from opskit.cli import main
+from opskit.mock.latency_model import CONTENT, REASONING, LatencyModel, plan_chunks
 from opskit.mock.limits import Gate, RateLimiter
-from opskit.mock.model import CONTENT, REASONING, LatencyModel, plan_chunks
 from opskit.mock.settings import Latency, Limits
 
 BAD_FLAGS = [

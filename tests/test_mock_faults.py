@@ -13,7 +13,7 @@ import pytest
 from test_mock import CHAT, counters
 from test_mock import http as call
 
-from opskit.sse import SSEParser
+from opskit.core.sse import SSEParser
 
 pytestmark = pytest.mark.slow
 

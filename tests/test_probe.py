@@ -10,9 +10,9 @@ import httpx2 as httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from opskit.callmetrics import CallMetrics
-from opskit.config import AuthConfig, ProbeConfig, Secret, Target
-from opskit.probe import Prober, next_slot
+from opskit.core.config import AuthConfig, ProbeConfig, Secret, Target
+from opskit.sidecar.call_metrics import CallMetrics
+from opskit.sidecar.probe import Prober, next_slot
 
 MODEL = "deepseek-chat"
 FAST = ("--ttft-ms", "5", "--ttft-jitter-ms", "0", "--itl-ms", "1", "--itl-jitter-ms", "0", "--output-tokens-spread", "0")
@@ -170,9 +170,9 @@ def test_probe_unreachable_and_timeout(start_mock):
 
 
 def test_probe_logs_when_it_starts_failing_and_when_it_recovers(caplog):
-    from opskit.records import CallRecord
+    from opskit.core.records import CallRecord
 
-    caplog.set_level(logging.INFO, logger="opskit.probe")
+    caplog.set_level(logging.INFO, logger="opskit.sidecar.probe")
     prober, _ = _prober("http://127.0.0.1:9/v1")
     outcomes = [(200, ""), (0, "connection"), (0, "connection"), (503, "server_error"), (200, ""), (200, "")]
     for code, error_type in outcomes:
@@ -186,7 +186,7 @@ def test_probe_logs_when_it_starts_failing_and_when_it_recovers(caplog):
 
 def test_probe_failing_before_the_call_logs_once(caplog):
     # the OAuth2 token endpoint is down: every probe fails before its call, and says so once
-    caplog.set_level(logging.INFO, logger="opskit.probe")
+    caplog.set_level(logging.INFO, logger="opskit.sidecar.probe")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]

@@ -22,8 +22,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from opskit.callmetrics import CallMetrics
-from opskit.proxy import start_proxy
+from opskit.sidecar.call_metrics import CallMetrics
+from opskit.sidecar.proxy import start_proxy
 
 TARGET = "t1"
 MODEL = "deepseek-chat"
@@ -304,7 +304,7 @@ def test_upstream_down_gives_502(proxy_factory):
 
 
 def test_upstream_down_is_logged_once_per_interval_not_per_call(proxy_factory, caplog):
-    caplog.set_level(logging.WARNING, logger="opskit.proxy")
+    caplog.set_level(logging.WARNING, logger="opskit.sidecar.proxy")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
@@ -312,7 +312,7 @@ def test_upstream_down_is_logged_once_per_interval_not_per_call(proxy_factory, c
     for _ in range(5):
         assert _post(p.url).status_code == 502
     assert p.settle(5) == 5 and p.count(502, "connection") == 5  # every failure is counted...
-    lines = [r.getMessage() for r in caplog.records if r.name == "opskit.proxy"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "opskit.sidecar.proxy"]
     assert len(lines) == 1 and lines[0].startswith("upstream of ")  # ...but the log gets one line
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from opskit.sse import DONE, SSEParser, StreamMeter, completion_usage
+from opskit.core.sse import DONE, SSEParser, StreamMeter, completion_usage
 
 
 def chunk(content=None, reasoning=None, role=None, usage=None, finish=None):

@@ -16,18 +16,19 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from opskit import stackconf, supervise
-from opskit.receiver import read_notifications, summary
-from opskit.stack import Stack, StackError, StackSpec, query, up
-from opskit.stack import down as stack_down
-from opskit.stackconf import DRILL_TIMING, Timing
+from opskit.core import processes
+from opskit.live import stack_config
+from opskit.live.alert_receiver import read_notifications, summary
+from opskit.live.stack import Stack, StackError, StackSpec, query, up
+from opskit.live.stack import down as stack_down
+from opskit.live.stack_config import DRILL_TIMING, Timing
 from tests.conftest import ROOT, need_binary, stop, wait_for_file
 
 # ---------------------------------------------------------------- generated configs (no I/O)
 
 
 def test_prometheus_yml_scrapes_exporter_and_sends_to_alertmanager():
-    text = stackconf.prometheus_yml("http://127.0.0.1:9464", "http://127.0.0.1:9093", ["/s/rules/a.rules.yml"],
+    text = stack_config.prometheus_yml("http://127.0.0.1:9464", "http://127.0.0.1:9093", ["/s/rules/a.rules.yml"],
                                     DRILL_TIMING)
     cfg = yaml.safe_load(text)
     assert cfg["global"] == {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
@@ -39,19 +40,19 @@ def test_prometheus_yml_scrapes_exporter_and_sends_to_alertmanager():
 
 
 def test_prometheus_yml_keeps_a_metrics_path_given_in_the_url():
-    cfg = yaml.safe_load(stackconf.prometheus_yml("http://127.0.0.1:1/x/metrics", "http://127.0.0.1:2", [],
+    cfg = yaml.safe_load(stack_config.prometheus_yml("http://127.0.0.1:1/x/metrics", "http://127.0.0.1:2", [],
                                                   Timing()))
     assert cfg["scrape_configs"][0]["metrics_path"] == "/x/metrics"
 
 
 def test_host_port_rejects_a_url_without_port():
     with pytest.raises(ValueError, match="HOST:PORT"):
-        stackconf.host_port("http://example.com/metrics")
+        stack_config.host_port("http://example.com/metrics")
 
 
 def test_alertmanager_yml_routes_everything_to_the_webhook_with_resolved():
-    cfg = yaml.safe_load(stackconf.alertmanager_yml("http://127.0.0.1:5/alerts", DRILL_TIMING))
-    assert cfg["route"]["receiver"] == stackconf.RECEIVER_NAME
+    cfg = yaml.safe_load(stack_config.alertmanager_yml("http://127.0.0.1:5/alerts", DRILL_TIMING))
+    assert cfg["route"]["receiver"] == stack_config.RECEIVER_NAME
     assert cfg["route"]["group_wait"] == "1s" and cfg["route"]["group_interval"] == "1s"
     hook = cfg["receivers"][0]["webhook_configs"][0]
     assert hook == {"url": "http://127.0.0.1:5/alerts", "send_resolved": True}
@@ -66,7 +67,7 @@ def test_retime_alertmanager_keeps_the_tree_and_replaces_every_receiver():
         "inhibit_rules": [{"source_matchers": ['severity="critical"'], "target_matchers": ['severity="warning"'],
                            "equal": ["target"]}],
     }
-    cfg = yaml.safe_load(stackconf.retime_alertmanager(yaml.safe_dump(project), "http://127.0.0.1:7/a", DRILL_TIMING))
+    cfg = yaml.safe_load(stack_config.retime_alertmanager(yaml.safe_dump(project), "http://127.0.0.1:7/a", DRILL_TIMING))
     assert cfg["route"]["group_wait"] == "1s" and cfg["route"]["repeat_interval"] == "1h"
     assert cfg["route"]["routes"][0]["group_wait"] == "1s"
     assert cfg["route"]["routes"][0]["receiver"] == "pager"
@@ -97,7 +98,7 @@ def _post(url: str, body: bytes) -> int:
 
 def test_receiver_appends_each_notification_and_rejects_garbage(tmp_path):
     out, ready = tmp_path / "n.jsonl", tmp_path / "ready.json"
-    proc = subprocess.Popen([sys.executable, "-m", "opskit.receiver", "--out", str(out), "--ready-file", str(ready)],
+    proc = subprocess.Popen([sys.executable, "-m", "opskit.live.alert_receiver", "--out", str(out), "--ready-file", str(ready)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
         url = wait_for_file(ready, proc)["url"]
@@ -117,7 +118,7 @@ def test_receiver_appends_each_notification_and_rejects_garbage(tmp_path):
 
 
 def test_receiver_bad_listen_is_one_line_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "opskit.receiver", "--out", str(tmp_path / "x"), "--listen", "nope"],
+    r = subprocess.run([sys.executable, "-m", "opskit.live.alert_receiver", "--out", str(tmp_path / "x"), "--listen", "nope"],
                        capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--listen" in r.stderr
@@ -125,7 +126,7 @@ def test_receiver_bad_listen_is_one_line_exit_2(tmp_path):
 
 def test_receiver_unwritable_ready_file_is_named(tmp_path):
     ready = tmp_path / "missing-dir" / "rx.json"
-    r = subprocess.run([sys.executable, "-m", "opskit.receiver", "--out", str(tmp_path / "x"), "--ready-file",
+    r = subprocess.run([sys.executable, "-m", "opskit.live.alert_receiver", "--out", str(tmp_path / "x"), "--ready-file",
                         str(ready)], capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert r.returncode == 1
     assert r.stderr.strip() == f"receiver: cannot write the ready file {ready}: No such file or directory"
@@ -155,42 +156,42 @@ def test_stop_kills_the_whole_process_group(tmp_path):
               "open(sys.argv[1], 'w').write(str(p.pid))\n"
               "time.sleep(60)\n")
     pidfile = tmp_path / "grandchild"
-    child, proc = supervise.spawn("t", [sys.executable, "-c", script, str(pidfile)], tmp_path / "t.log")
+    child, proc = processes.spawn("t", [sys.executable, "-c", script, str(pidfile)], tmp_path / "t.log")
     deadline = time.monotonic() + 10
     while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     grandchild = int(pidfile.read_text())
-    assert supervise.alive(child) and supervise.proc_start_time(grandchild) is not None
-    assert supervise.stop(child, timeout=1.0) is True
+    assert processes.alive(child) and processes.proc_start_time(grandchild) is not None
+    assert processes.stop(child, timeout=1.0) is True
     proc.wait(timeout=5)
     deadline = time.monotonic() + 5
-    while supervise.proc_start_time(grandchild) is not None and time.monotonic() < deadline:
+    while processes.proc_start_time(grandchild) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert supervise.proc_start_time(grandchild) is None
-    assert supervise.stop(child) is False
+    assert processes.proc_start_time(grandchild) is None
+    assert processes.stop(child) is False
 
 
 def test_a_recycled_pid_is_not_ours(tmp_path):
-    child, proc = supervise.spawn("t", [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "t.log")
+    child, proc = processes.spawn("t", [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "t.log")
     try:
-        impostor = supervise.Child("t", child.pid, child.start_time + 1, child.log)
-        assert supervise.alive(child) and not supervise.alive(impostor)
-        assert supervise.stop(impostor) is False and proc.poll() is None
+        impostor = processes.Child("t", child.pid, child.start_time + 1, child.log)
+        assert processes.alive(child) and not processes.alive(impostor)
+        assert processes.stop(impostor) is False and proc.poll() is None
     finally:
-        supervise.stop(child)
+        processes.stop(child)
         proc.wait(timeout=5)
 
 
 def test_wait_ready_file_reports_an_early_death_with_the_log(tmp_path):
-    child, proc = supervise.spawn("bad", [sys.executable, "-c", "import sys; print('boom here'); sys.exit(3)"],
+    child, proc = processes.spawn("bad", [sys.executable, "-c", "import sys; print('boom here'); sys.exit(3)"],
                                   tmp_path / "bad.log")
-    with pytest.raises(supervise.SuperviseError, match="bad exited with status 3 .*boom here"):
-        supervise.wait_ready_file(child, proc, tmp_path / "never.json", timeout=10)
+    with pytest.raises(processes.SuperviseError, match="bad exited with status 3 .*boom here"):
+        processes.wait_ready_file(child, proc, tmp_path / "never.json", timeout=10)
 
 
 def test_spawn_of_a_missing_binary_is_one_line(tmp_path):
-    with pytest.raises(supervise.SuperviseError, match="cannot run /nonexistent/bin"):
-        supervise.spawn("x", ["/nonexistent/bin"], tmp_path / "x.log")
+    with pytest.raises(processes.SuperviseError, match="cannot run /nonexistent/bin"):
+        processes.spawn("x", ["/nonexistent/bin"], tmp_path / "x.log")
 
 
 def test_cli_status_and_down_without_a_stack(tmp_path):
@@ -215,9 +216,9 @@ def test_cli_damaged_state_file_is_one_line(tmp_path):
 # ---------------------------------------------------------------- the whole stack (real binaries)
 
 
-def _pids(state_dir) -> list[supervise.Child]:
+def _pids(state_dir) -> list[processes.Child]:
     data = json.loads((state_dir / "state.json").read_text())
-    return [supervise.Child(**{k: v for k, v in c.items() if k != "urls"}) for c in data["components"]]
+    return [processes.Child(**{k: v for k, v in c.items() if k != "urls"}) for c in data["components"]]
 
 
 @pytest.mark.slow
@@ -233,7 +234,7 @@ def test_stack_up_status_down_leaves_nothing_running(tmp_path):
         assert r.exit_code == 0, r.output
         children = _pids(state)
         assert [c.name for c in children] == ["receiver", "mock", "exporter", "alertmanager", "prometheus"]
-        assert all(supervise.alive(c) for c in children)
+        assert all(processes.alive(c) for c in children)
         stack = Stack.load(state)
         prom = stack.url("prometheus")
         # Prometheus scrapes the exporter, which reads the fake GPU through pynvml and loads the rules.
@@ -242,7 +243,7 @@ def test_stack_up_status_down_leaves_nothing_running(tmp_path):
         with urllib.request.urlopen(prom + "/api/v1/rules", timeout=5) as resp:
             names = {ru["name"] for g in json.loads(resp.read())["data"]["groups"] for ru in g["rules"]}
         assert {"LLMHighErrorRate", "GPUHighUtilization"} <= names
-        assert supervise.http_ok(stack.url("alertmanager") + "/-/ready")
+        assert processes.http_ok(stack.url("alertmanager") + "/-/ready")
         r = runner.invoke(main, ["stack", "status", "--state-dir", str(state)])
         assert r.exit_code == 0 and r.output.count("running") == 5 and prom in r.output
         r = runner.invoke(main, ["stack", "up", "--state-dir", str(state)])
@@ -251,7 +252,7 @@ def test_stack_up_status_down_leaves_nothing_running(tmp_path):
     finally:
         r = runner.invoke(main, ["stack", "down", "--state-dir", str(state)])
     assert r.exit_code == 0 and "stopped: prometheus, alertmanager, exporter, mock, receiver" in r.output
-    assert not any(supervise.alive(c) for c in children)
+    assert not any(processes.alive(c) for c in children)
     r = runner.invoke(main, ["stack", "status", "--state-dir", str(state)])
     assert r.exit_code == 1 and "down" in r.output
 
@@ -269,7 +270,7 @@ def test_a_component_failing_at_start_stops_the_others(tmp_path):
     # Every process it had started (by the pids in their logs' ready files) is gone.
     for name in ("receiver", "mock", "exporter"):
         pid = json.loads((tmp_path / f"{name}.ready.json").read_text())["pid"]
-        assert supervise.proc_start_time(pid) is None, name
+        assert processes.proc_start_time(pid) is None, name
 
 
 def test_missing_binary_is_one_line_and_starts_nothing(tmp_path, monkeypatch):
@@ -330,11 +331,11 @@ def test_stack_against_a_configured_target_starts_no_mock(tmp_path, mock_server,
 
 def test_stale_state_is_not_running_and_status_names_the_dead(tmp_path):
     from opskit.cli import main
-    from opskit.stack import Component, running
+    from opskit.live.stack import Component, running
 
-    live, proc = supervise.spawn("live", [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "l.log")
+    live, proc = processes.spawn("live", [sys.executable, "-c", "import time; time.sleep(30)"], tmp_path / "l.log")
     try:
-        dead = supervise.Child("dead", live.pid, live.start_time + 7, str(tmp_path / "d.log"))  # a recycled pid
+        dead = processes.Child("dead", live.pid, live.start_time + 7, str(tmp_path / "d.log"))  # a recycled pid
         Stack(tmp_path, [Component(dead, {"url": "http://127.0.0.1:1"})], {}).save()
         assert running(tmp_path) is None  # `up` would start afresh
         Stack(tmp_path, [Component(live, {"url": "http://127.0.0.1:2"}), Component(dead, {})], {}).save()
@@ -348,7 +349,7 @@ def test_stale_state_is_not_running_and_status_names_the_dead(tmp_path):
         assert r.output.strip().splitlines()[-1] == (f"Error: stack partly down (state dir {tmp_path}): "
                                                      "`opskit stack down`, then `opskit stack up`, restarts it")
     finally:
-        supervise.stop(live)
+        processes.stop(live)
         proc.wait(timeout=5)
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
 import click
 
-from opskit.cli import FiniteRange
-from opskit.config import ENV_TARGET_URL, ConfigError
+from opskit.core.cli_helpers import FiniteRange, sigterm_unwinds
+from opskit.core.config import ENV_TARGET_URL, ConfigError
 
 
 def _progress_printer():
@@ -124,22 +123,18 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
     progress, echo = _progress_printer()
     # SIGTERM (a CI job's timeout, kill) must unwind like Ctrl-C does, or the mock, the exporter and
     # Locust, each in its own session, would outlive the run
-    signal.signal(signal.SIGTERM, _terminated)
+    say = lambda: click.echo("opskit loadtest: terminated; stopping the mock, the exporter and Locust",  # noqa: E731
+                             err=True)
     try:
-        verdict, run_dir = gate.run(opts, echo, progress, slo_file)
+        with sigterm_unwinds(say):
+            verdict, run_dir = gate.run(opts, echo, progress, slo_file)
     except (runner.RunError, runner.procs.ProcError) as exc:
         echo(f"opskit loadtest: {exc}")
         sys.exit(2)
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     click.echo(report.render(verdict))
     click.echo(f"report: {run_dir / 'report.html'}")
     sys.exit(max(0 if verdict.passed else 1, _against_baseline(base, run_dir, tolerance)))
 
-
-def _terminated(signum, frame):
-    click.echo("opskit loadtest: terminated; stopping the mock, the exporter and Locust", err=True)
-    raise SystemExit(128 + signum)
 
 
 def _against_baseline(base: dict | None, run_dir: Path, tolerance: float) -> int:

@@ -4,7 +4,7 @@ It runs inside Locust processes (gevent), on geventhttpclient's connection pool 
 Locust's FastHttpUser) and, for the mock's WebSocket transport, on websocket-client. It does not import
 locust, so Locust only sees what `users` reports to it.
 
-Streams are read line by line as they arrive and fed to opskit.sse's incremental parser; each event
+Streams are read line by line as they arrive and fed to opskit.core.sse's incremental parser; each event
 is stamped with the perf_counter reading taken when its line came out of the socket. All times are
 measured from `t_sched`: the scheduled send time for open-loop load, the send time otherwise.
 """
@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import gevent
 from geventhttpclient import HTTPClient
 
-from opskit import records
-from opskit.sse import SSEParser, StreamMeter, completion_usage
+from opskit.core import records
+from opskit.core.sse import SSEParser, StreamMeter, completion_usage
 
 perf = time.perf_counter
 GROUND_TRUTH = (("x-mock-ttft-ms", "mock_ttft_ms", float), ("x-mock-queue-ms", "mock_queue_ms", float),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from opskit.config import ConfigError
+from opskit.core.config import ConfigError
 
 # (metric label, path in a scenario summary, higher_is_better)
 METRICS = (

@@ -14,22 +14,15 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
-from opskit import config
+from opskit.core import config
+from opskit.core.cli_helpers import redact_url
 from opskit.loadtest import procs, results, runner, slo
 from opskit.loadtest.slo import Check, Verdict
 
 DEFAULT_SLO_FILE = runner.LOCUSTFILES / "slo.yaml"
-
-
-def _public(url: str) -> str:
-    """A URL safe to print: no user:password part."""
-    u = urlsplit(url)
-    return urlunsplit((u.scheme, u.hostname + (f":{u.port}" if u.port else "") if u.hostname else u.netloc,
-                       u.path, "", ""))
 
 
 def new_run_dir(out_dir: Path) -> Path:
@@ -133,14 +126,14 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
     try:
         for note in target.notes:
             echo(f"note: {note}")
-        echo(f"target {_public(target.url)}{' via metering proxy' if target.metrics_url else ''}; "
+        echo(f"target {redact_url(target.url)}{' via metering proxy' if target.metrics_url else ''}; "
              f"run directory {run_dir}")
         for name in opts.scenarios:
             v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress)
             verdict.extend(v)
     finally:
         target.close()
-    write(run_dir, verdict, metas, _public(target.url), target.notes)
+    write(run_dir, verdict, metas, redact_url(target.url), target.notes)
     return verdict, run_dir
 
 

@@ -12,7 +12,7 @@ Columns (None where not applicable):
   duration_s                     t_end - t_sched (DESIGN.md: from the scheduled time)
   ttft_s, ttfot_s                first text (content or reasoning) / first content, from t_sched
   itl                            list of inter-token gaps (s), each divided by the tokens of its chunk
-  status, error_type, error      HTTP status (0: none), opskit.records error type, short reason
+  status, error_type, error      HTTP status (0: none), opskit.core.records error type, short reason
   input_tokens, output_tokens, tokens_from_usage, text_chunks, streamed, transport
   retry_after, rl_limit_requests response headers of a throttled target (raw strings)
   mock_ttft_ms, mock_queue_ms, mock_output_tokens   ground truth from `opskit mock` when present

@@ -15,7 +15,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from opskit import readyfile
+from opskit.core import readyfile
 
 OPSKIT = [sys.executable, "-m", "opskit"]
 

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from opskit.config import ConfigError
+from opskit.core.config import ConfigError
 
 _WORDS = ("the", "and", "for", "you", "can", "not", "but", "all", "any", "her", "was", "one", "our",
           "out", "day", "get", "has", "him", "how", "man", "new", "now", "old", "see", "two", "way")

@@ -23,13 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import opskit
 from opskit.loadtest import procs, shapes
 from opskit.loadtest.params import ENV, RunParams
+from opskit.shipped import folder
 
 SCENARIOS = ("qps", "streaming", "throttling", "conversation")
 DEFAULT_SCENARIOS = SCENARIOS
-LOCUSTFILES = Path(opskit.__file__).resolve().parent.parent / "loadtests"
+LOCUSTFILES = folder("loadtests")
 
 
 @dataclass

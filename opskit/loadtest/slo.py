@@ -1,6 +1,6 @@
 """Service level objectives for the release gate and their evaluation. Pure computation.
 
-Defaults come from opskit.thresholds (the same values the alerts use): p95 TTFT < 500 ms, p90 request
+Defaults come from opskit.core.thresholds (the same values the alerts use): p95 TTFT < 500 ms, p90 request
 duration < 2 s, error ratio < 2 %. A YAML file (loadtests/slo.yaml) overrides them per scenario:
 
     defaults:   {ttft_p95_s: 0.5, duration_p90_s: 2.0, error_ratio: 0.02}
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from opskit.config import ConfigError
+from opskit.core.config import ConfigError
+from opskit.core.thresholds import THRESHOLDS
 from opskit.loadtest import results
-from opskit.thresholds import THRESHOLDS
 
 KEYS = ("ttft_p95_s", "duration_p90_s", "error_ratio", "achieved_rate_ratio_min", "limit_tolerance")
 

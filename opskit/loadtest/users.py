@@ -29,7 +29,7 @@ import gevent.pool
 import locust.stats
 from locust import User, constant, constant_pacing, events, task
 
-from opskit import records
+from opskit.core import records
 from opskit.loadtest import shapes
 from opskit.loadtest.client import ChatClient
 from opskit.loadtest.log import RequestLog
@@ -115,12 +115,12 @@ def _auth(p: RunParams):
     """Header function and WebSocket auth message for the target's scheme (secrets stay in this process)."""
     if not (p.config_path or p.target_url):
         return None, None
-    from opskit import config
+    from opskit.core import config
 
     target = config.load(p.config_path, p.target_url).target(p.target_name)
     if target.auth.scheme == "none":
         return None, None
-    from opskit.auth import Authenticator
+    from opskit.core.auth import Authenticator
 
     authenticator = Authenticator(target.auth)
     # a fresh WebSocket auth message per connection: HMAC timestamps and OAuth2 tokens age

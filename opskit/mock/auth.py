@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from opskit.auth import WS_PATH, sign  # one definition of the signature, shared with the client
+from opskit.core.auth import WS_PATH, sign  # one definition of the signature, shared with the client
 
 SCHEMES = ("none", "bearer", "oauth2", "hmac")
 MAX_SKEW_S = 300.0

@@ -12,6 +12,7 @@ import os
 
 import click
 
+from opskit.core.cli_helpers import is_loopback, parse_hostport
 from opskit.mock.auth import ServerAuth, parse_pairs
 from opskit.mock.settings import Faults, Latency, Limits, SettingsError, parse_error_rates
 from opskit.mock.state import DEFAULT_MODELS, MockState
@@ -40,18 +41,11 @@ def _fail(message: str) -> None:
     raise FlagError(message)
 
 
-def parse_hostport(value: str, flag: str) -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces, as for `opskit exporter`) -> (host, port)."""
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-    if not sep or not port.isdigit() or int(port) > 65535:
-        _fail(f"{flag}: expected HOST:PORT (port 0 picks a free one), got {value!r}")
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listen host is a loopback address (the admin API may only bind there)."""
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+def _hostport(value: str, flag: str) -> tuple[str, int]:
+    try:
+        return parse_hostport(value, flag)
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def _auth(scheme: str, api_keys: tuple[str, ...], clients: tuple[str, ...], ttl: float) -> ServerAuth:
@@ -145,8 +139,8 @@ def mock(**o) -> None:
     Keys given with --api-key are visible in the process list; prefer $OPSKIT_MOCK_API_KEYS.
     The admin API (faults, limits, latency, counters) listens on --admin-listen; see the README.
     """
-    host, port = parse_hostport(o["listen"], "--listen")
-    admin_host, admin_port = parse_hostport(o["admin_listen"], "--admin-listen")
+    host, port = _hostport(o["listen"], "--listen")
+    admin_host, admin_port = _hostport(o["admin_listen"], "--admin-listen")
     if not is_loopback(admin_host):
         _fail(f"--admin-listen: the admin API is loopback-only; got {admin_host!r}")
     if o["token_ttl_s"] <= 0:

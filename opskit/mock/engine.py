@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from opskit.mock.model import Schedule
+from opskit.mock.latency_model import Schedule
 from opskit.mock.state import REASONING_MODELS, FaultDraw, MockState
 from opskit.mock.wire import Encoder, GenRequest, error_body
 

@@ -19,7 +19,7 @@ import sys
 
 from aiohttp import web
 
-from opskit import readyfile
+from opskit.core import readyfile
 from opskit.mock.admin import build_admin_app
 from opskit.mock.server import build_app
 from opskit.mock.state import MockState

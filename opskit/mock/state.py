@@ -16,8 +16,8 @@ import random
 from dataclasses import dataclass, field
 
 from opskit.mock.auth import ServerAuth
+from opskit.mock.latency_model import LatencyModel
 from opskit.mock.limits import Gate, RateLimiter
-from opskit.mock.model import LatencyModel
 from opskit.mock.settings import Faults, Latency, Limits
 
 DEFAULT_MODELS = ("deepseek-chat", "deepseek-reasoner")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from opskit.mock.model import CONTENT, Schedule, estimate_tokens
+from opskit.mock.latency_model import CONTENT, Schedule, estimate_tokens
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

@@ -3,11 +3,11 @@
 One process, one asyncio event loop, one fresh CollectorRegistry (no global registry):
 
 - `opskit_build_info`, and `opskit_llm_quota_limit_requests` for targets with a configured quota;
-- the GPU collector (opskit.gpu), read from NVML at scrape time;
-- the call series (opskit.callmetrics), fed by the metering proxy (`--proxy-listen`, opskit.proxy)
-  and by the active probe (`--probe`, opskit.probe), both on the same loop.
+- the GPU collector (opskit.sidecar.gpu), read from NVML at scrape time;
+- the call series (opskit.sidecar.call_metrics), fed by the metering proxy (`--proxy-listen`, opskit.sidecar.proxy)
+  and by the active probe (`--probe`, opskit.sidecar.probe), both on the same loop.
 
-/metrics is rendered by opskit.exposition (the bytes of prometheus_client's generate_latest in the
+/metrics is rendered by opskit.sidecar.fast_exposition (the bytes of prometheus_client's generate_latest in the
 text format 0.0.4, ~20x cheaper for the call histograms) on one worker thread, so a slow NVML call
 never stalls the proxy's streams on the event loop (ctypes releases the GIL while NVML works); one
 worker also means scrapes never overlap. `/healthz` answers 200 "ok" from the loop itself.
@@ -24,19 +24,20 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import click
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from opskit import __version__, catalog, config, readyfile
-from opskit.callmetrics import CallMetrics, make
-from opskit.cli import FiniteRange
-from opskit.exposition import Renderer
+from opskit import __version__
+from opskit.core import catalog, config, readyfile
+from opskit.core.cli_helpers import FiniteRange, parse_hostport, redact_url
+from opskit.sidecar.call_metrics import CallMetrics, make
+from opskit.sidecar.fast_exposition import Renderer
 
-log = logging.getLogger("opskit.exporter")
+log = logging.getLogger("opskit.sidecar.exporter")
 
 DEFAULT_LISTEN = "0.0.0.0:9464"
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
@@ -59,21 +60,6 @@ class Options:
     max_body_bytes: int = DEFAULT_MAX_BODY
     drain_s: float = 20.0
     upstream_timeout_s: float = 300.0
-
-
-def parse_hostport(value: str, flag: str = "--listen") -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces) -> (host, port); ValueError if malformed."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{flag}: expected HOST:PORT with a port 0-65535, got {value!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
-
-def redact_url(url: str) -> str:
-    """A URL fit for logs: no user:password@, no query string (either may carry a key)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def local_url(host: str, port: int) -> str:
@@ -161,7 +147,7 @@ class Exporter:
         self.cfg, self.opts = cfg, opts
         self.gpu = None
         if opts.gpu:
-            from opskit.gpu import GpuCollector
+            from opskit.sidecar.gpu import GpuCollector
 
             self.gpu = GpuCollector(lib_path=opts.nvml_lib, visible=opts.visible_devices)
         self.proxy_target: tuple[str, str] | None = None
@@ -203,7 +189,7 @@ class Exporter:
             self._start_probers()
 
     async def _start_proxy(self) -> None:
-        from opskit.proxy import start_proxy  # aiohttp client and SSE metering only when proxying
+        from opskit.sidecar.proxy import start_proxy  # aiohttp client and SSE metering only when proxying
 
         name, upstream = self.proxy_target
         host, port = self.opts.proxy_listen
@@ -213,7 +199,7 @@ class Exporter:
         self.proxy_port = self._proxy.port
 
     def _start_probers(self) -> None:
-        from opskit.probe import Prober
+        from opskit.sidecar.probe import Prober
 
         for t in self.cfg.targets:  # the Probers of one registry share its probe gauges
             prober = Prober(t, self.cfg.probe, self.metrics, self.registry)
@@ -379,7 +365,7 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
     prometheus_client.disable_created_metrics()  # *_created series double the page and nothing reads them
     visible = None
     if gpu:
-        from opskit.gpu import visible_from_env  # pynvml only when GPUs are wanted
+        from opskit.sidecar.gpu import visible_from_env  # pynvml only when GPUs are wanted
 
         visible = visible_from_env(os.environ)
     opts = Options(listen=listen, proxy_listen=proxy_listen, upstream=upstream, proxy_target=proxy_target_name,

@@ -1,13 +1,9 @@
 """Build every dashboards/*.dashboard.py into Grafana JSON plus file-provisioning YAML.
 
-    python -m dashboards.build                  # (make dashboards) rewrite dashboards/generated/
-    python -m dashboards.build --check          # exit 1 if dashboards/generated/ is out of date
-    python -m dashboards.build --out-dir /tmp/g --prometheus-url http://127.0.0.1:9090
-
-Output (sorted keys, stable for diffs): generated/<name>.json and generated/provisioning/
-{dashboards,datasources}/opskit.yml, ready for Grafana's /etc/grafana/provisioning. Other code may
-call `build_all(thresholds)` and `all_queries()` (every panel query with its variables filled in,
-ready to run against a real Prometheus).
+Output (sorted keys, stable for diffs): <name>.json and provisioning/{dashboards,datasources}/opskit.yml,
+ready for Grafana's /etc/grafana/provisioning; `opskit generate dashboards` writes them under
+dashboards/generated/. Other code may call `build_all(thresholds)` and `all_queries()` (every panel
+query with its variables filled in, ready to run against a real Prometheus).
 """
 
 from __future__ import annotations
@@ -15,20 +11,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
-import click
 import yaml
 from grafanalib._gen import DashboardEncoder
 from grafanalib.core import Dashboard
 
-from opskit import thresholds as thresholds_mod
-from opskit.config import ConfigError
-from opskit.thresholds import Thresholds
+from opskit.core import thresholds as thresholds_mod
+from opskit.core.thresholds import Thresholds
+from opskit.shipped import folder
 
-HERE = Path(__file__).resolve().parent
-GENERATED = HERE / "generated"
 SUFFIX = ".dashboard.py"
 DEFAULT_DASHBOARDS_PATH = "/var/lib/grafana/dashboards/opskit"
 DEFAULT_PROMETHEUS_URL = "http://127.0.0.1:9090"
@@ -50,7 +42,7 @@ def _load(path: Path):
 def build_all(t: Thresholds | None = None) -> dict[str, Dashboard]:
     """Dashboard name (file stem) -> Dashboard built for thresholds `t` (default THRESHOLDS)."""
     t = t or thresholds_mod.THRESHOLDS
-    return {p.name[:-len(SUFFIX)]: _load(p).build(t) for p in sorted(HERE.glob(f"*{SUFFIX}"))}
+    return {p.name[:-len(SUFFIX)]: _load(p).build(t) for p in sorted(folder("dashboards").glob(f"*{SUFFIX}"))}
 
 
 def to_json(d: Dashboard) -> str:
@@ -97,36 +89,3 @@ def all_queries(t: Thresholds | None = None) -> list[tuple[str, str, str]]:
     return [(d.title, p.title, substitute(target.expr))
             for d in build_all(t).values() for p in panels(d) for target in p.targets]
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=GENERATED, show_default=True)
-@click.option("--thresholds", "thresholds_file", type=click.Path(dir_okay=False),
-              help="Threshold overrides (YAML); default $OPSKIT_THRESHOLDS, else the built-in values.")
-@click.option("--dashboards-path", default=DEFAULT_DASHBOARDS_PATH, show_default=True,
-              help="Where Grafana will find the JSON files (the provider's path).")
-@click.option("--prometheus-url", default=DEFAULT_PROMETHEUS_URL, show_default=True,
-              help="URL of the provisioned Prometheus datasource.")
-@click.option("--check", is_flag=True, help="Write nothing; exit 1 if --out-dir is out of date.")
-def main(out_dir: Path, thresholds_file: str | None, dashboards_path: str, prometheus_url: str,
-         check: bool) -> None:
-    """Build the Grafana dashboards and their provisioning files."""
-    try:
-        t = thresholds_mod.load(thresholds_file)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(2)
-    files = outputs(t, dashboards_path=dashboards_path, prometheus_url=prometheus_url)
-    stale = [n for n, text in files.items() if not (out_dir / n).is_file() or (out_dir / n).read_text() != text]
-    if check:
-        if stale:
-            click.echo(f"out of date: {', '.join(stale)} (run: make dashboards)", err=True)
-            sys.exit(1)
-        return
-    for name, text in files.items():
-        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (out_dir / name).write_text(text)
-    click.echo(f"wrote {len(files)} files under {out_dir}")
-
-
-if __name__ == "__main__":
-    main()

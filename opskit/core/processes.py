@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opskit import readyfile
+from opskit.core import readyfile
 
 
 class SuperviseError(Exception):

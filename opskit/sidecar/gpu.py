@@ -28,10 +28,10 @@ import pynvml
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from opskit import catalog
-from opskit.records import GpuSample
+from opskit.core import catalog
+from opskit.core.records import GpuSample
 
-log = logging.getLogger("opskit.gpu")
+log = logging.getLogger("opskit.sidecar.gpu")
 
 # NVML error code -> short snake_case reason, from pynvml's own constants (a bounded label set).
 REASONS: dict[int, str] = {

@@ -1,6 +1,6 @@
 """Client-side authentication for any transport: bearer keys, OAuth2 client credentials, HMAC signing.
 
-Build one `Authenticator` per target from its `opskit.config.AuthConfig` and ask it for the headers
+Build one `Authenticator` per target from its `opskit.core.config.AuthConfig` and ask it for the headers
 of each request; it does no I/O of its own except fetching OAuth2 tokens.
 
     auth = Authenticator(target.auth)
@@ -39,7 +39,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 
-from opskit.config import AuthConfig
+from opskit.core.config import AuthConfig
 
 WS_PATH = "/v1/chat/stream"
 REFRESH_FRACTION = 0.1    # refresh when this share of the token's lifetime is left...

@@ -30,7 +30,7 @@ forwarded but not metered, because it is not a model call and would skew latency
 - Not proxied: WebSocket upgrades (Upgrade is hop-by-hop). A client that hangs up while the upstream
   is still thinking is noticed at the first byte the proxy relays (the call then ends client_disconnect).
 
-Speed: the upstream side is opskit.upstream, which pushes each body piece from `data_received`
+Speed: the upstream side is opskit.sidecar.upstream_client, which pushes each body piece from `data_received`
 straight through `_sink` (write to the client, then meter) with no task switch per chunk; a body that
 is complete when its head is parsed goes out in one write with the headers. bench/proxy_overhead.py
 measures what this costs.
@@ -49,20 +49,27 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from opskit import records
-from opskit.callmetrics import CallMetrics
-from opskit.records import CallRecord
-from opskit.sse import SSEParser, StreamMeter, completion_usage
-from opskit.upstream import HIGH_WATER, ClientGone, Exchange, Pool, UpstreamError, UpstreamTimeout
+from opskit.core import records
+from opskit.core.records import CallRecord
+from opskit.core.sse import SSEParser, StreamMeter, completion_usage
+from opskit.sidecar.call_metrics import CallMetrics
+from opskit.sidecar.upstream_client import (
+    HIGH_WATER,
+    ClientGone,
+    Exchange,
+    Pool,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 LOG_EVERY_S = 10.0  # upstream failures are logged at most this often
-log = logging.getLogger("opskit.proxy")
+log = logging.getLogger("opskit.sidecar.proxy")
 
 SOURCE = "proxy"
 METERED_SUFFIXES = ("/chat/completions", "/completions")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
-# Also dropped from requests: opskit.upstream writes Host and Content-Length itself, and it sends the
+# Also dropped from requests: opskit.sidecar.upstream_client writes Host and Content-Length itself, and it sends the
 # body at once, so an Expect: 100-continue (the proxy already answered it) must not reach the upstream.
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}

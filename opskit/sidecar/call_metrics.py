@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from opskit import catalog
-from opskit.catalog import Metric
-from opskit.records import CallRecord
+from opskit.core import catalog
+from opskit.core.catalog import Metric
+from opskit.core.records import CallRecord
 
 
 def make(metric: Metric, registry: CollectorRegistry, labels: Iterable[str] | None = None):

@@ -2,7 +2,7 @@
 
 It starts a private stack (mock, exporter with the fake GPU, Prometheus with the project's rules
 compressed in time, Alertmanager with the project's routing, webhook receiver), drives light load
-through the exporter's metering proxy, then injects each fault of opskit.drillplan.PHASES through
+through the exporter's metering proxy, then injects each fault of opskit.live.drill_plan.PHASES through
 the mock's admin API (or the fake GPU's state file). For each it checks that the expected alerts go
 pending, fire, reach the receiver with the right labels and route, and resolve once the fault is
 cleared, and that no other alert fires. At the end every dashboard panel's query must return data
@@ -27,11 +27,11 @@ from pathlib import Path
 import aiohttp
 import click
 
-from opskit import drillplan, stack
-from opskit.cli import FiniteRange
-from opskit.drillplan import PHASES, Phase, Seen
-from opskit.receiver import read_notifications
-from opskit.stackconf import DRILL_TIMING
+from opskit.core.cli_helpers import FiniteRange, sigterm_unwinds
+from opskit.live import drill_plan, stack
+from opskit.live.alert_receiver import read_notifications
+from opskit.live.drill_plan import PHASES, Phase, Seen
+from opskit.live.stack_config import DRILL_TIMING
 
 POLL_S = 0.5
 REQUEST_BODY = {"model": "deepseek-chat", "stream": True, "stream_options": {"include_usage": True},
@@ -51,23 +51,13 @@ class Project:
 
 def load_project() -> Project:
     """The project's rules (rendered from the thresholds), routing and dashboard queries."""
-    from opskit import thresholds
+    from opskit.core import thresholds
+    from opskit.opscode import routing, rules_file
+    from opskit.opscode.dashboards import all_queries
 
-    if str(stack.ROOT) not in sys.path:  # alerts/ and dashboards/ live beside the package, not in it
-        sys.path.append(str(stack.ROOT))
-    try:
-        from alerts import alertmanager, generate
-    except ImportError:
-        raise stack.StackError("the drill needs the alerts/ generator of a source checkout") from None
-    text = drillplan.compress_rules(generate.render_rules(thresholds.load(), short_for=drillplan.SHORT_FOR))
-    try:
-        from dashboards.build import all_queries
-
-        queries = all_queries()
-    except ImportError:
-        queries = None
-    return Project(text, drillplan.alert_severities(text), generate.render_alertmanager(),
-                   dict(alertmanager.SEVERITY_RECEIVER), queries)
+    text = drill_plan.compress_rules(rules_file.render_rules(thresholds.load(), short_for=drill_plan.SHORT_FOR))
+    return Project(text, drill_plan.alert_severities(text), rules_file.render_alertmanager(),
+                   dict(routing.SEVERITY_RECEIVER), all_queries())
 
 
 class Load:
@@ -182,11 +172,11 @@ async def apply(phase: Phase, ctx: dict, inject: bool) -> None:
             saved[section] = await _admin(session, admin, section)
             await _admin(session, admin, section, changes)
         else:
-            await _admin(session, admin, section, drillplan.restore(changes, saved[section]))
+            await _admin(session, admin, section, drill_plan.restore(changes, saved[section]))
     if phase.gpu is not None and ctx["gpu_state"]:
-        from opskit import fakegpu
+        from opskit.live import fake_gpu
 
-        fakegpu.set_gpu(Path(ctx["gpu_state"]), **(phase.gpu if inject else {}))
+        fake_gpu.set_gpu(Path(ctx["gpu_state"]), **(phase.gpu if inject else {}))
     if phase.stop_exporter:
         # Calls in flight through a frozen proxy would time out and count as errors after it
         # thaws: pause the load while the exporter is frozen.
@@ -296,7 +286,7 @@ async def run_phases(phases: list[Phase], ctx: dict, project: Project, timeout_s
         click.echo(f"  {'alert':<26} {'role':<12} {'pending':>7} {'firing':>7} {'deliver':>7} {'resolve':>7}  receiver")
         seen, t0, t1 = await run_phase(phase, ctx, timeout_s)
         click.echo("\n".join(report_phase(phase, seen, t0, t1)) or "  (no alert went pending)")
-        found = drillplan.phase_misses(phase, seen, project.severities, project.routes)
+        found = drill_plan.phase_misses(phase, seen, project.severities, project.routes)
         click.echo("  " + ("; ".join(found) if found else "ok"))
         misses += [f"{phase.name}: {m}" for m in found]
         if left := await settle(ctx["watcher"], timeout_s):
@@ -356,12 +346,9 @@ def run(spec: stack.StackSpec, project: Project, phases: list[Phase], rps: float
         return ["interrupted"]
 
 
-def _terminate(signum, frame):  # SIGTERM (CI timeout, kill): unwind so the stack is stopped
-    raise SystemExit(128 + signum)
-
 
 @click.command()
-@click.option("--phase", "phase_names", multiple=True, type=click.Choice(drillplan.PHASE_NAMES),
+@click.option("--phase", "phase_names", multiple=True, type=click.Choice(drill_plan.PHASE_NAMES),
               help="Run only these phases (repeatable; default: all).")
 @click.option("--rps", type=FiniteRange(1, 200), default=20.0, show_default=True,
               help="Streaming calls per second through the proxy.")
@@ -380,14 +367,14 @@ def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_se
       opskit drill                                     # every phase, then every dashboard query
       opskit drill --phase errors --phase ttft --keep  # a subset; keep configs and logs
     """
-    from opskit import fakegpu
+    from opskit.live import fake_gpu
 
     try:
         project = load_project()
     except stack.StackError as exc:
         raise click.ClickException(str(exc)) from None
     phases = [p for p in PHASES if not phase_names or p.name in phase_names]
-    no_gpu = fakegpu.unavailable_reason()
+    no_gpu = fake_gpu.unavailable_reason()
     if no_gpu:
         click.echo(f"GPU phases skipped: {no_gpu}")
         phases = [p for p in phases if not p.needs_gpu]
@@ -395,10 +382,10 @@ def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_se
     spec = stack.StackSpec(state_dir=state_dir, timing=DRILL_TIMING, probe_interval_s=1.0,
                            rules={"drill.rules.yml": project.rules}, alertmanager_yml=project.alertmanager_yml,
                            gpu="off" if no_gpu else "fake")
-    signal.signal(signal.SIGTERM, _terminate)
     started = time.monotonic()
     try:
-        misses = run(spec, project, phases, rps, phase_timeout, started + max_seconds, gpu=not no_gpu)
+        with sigterm_unwinds():  # unwind, so the stack is stopped
+            misses = run(spec, project, phases, rps, phase_timeout, started + max_seconds, gpu=not no_gpu)
     finally:
         stack.down(state_dir)
     if misses or keep:

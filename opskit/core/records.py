@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# error_type values; "" means success. Kept in step with opskit.catalog.ERROR_TYPES.
+# error_type values; "" means success. Kept in step with opskit.core.catalog.ERROR_TYPES.
 OK = ""
 RATE_LIMITED = "rate_limited"
 CLIENT_ERROR = "client_error"

@@ -1,6 +1,6 @@
 """Recording rules and alerts, as data built from a `Thresholds`.
 
-Every number and `for:` duration comes from opskit.thresholds; the burn-rate factors and windows
+Every number and `for:` duration comes from opskit.core.thresholds; the burn-rate factors and windows
 are the SRE workbook's multi-window, multi-burn-rate method (they define the method, not a
 threshold). Recording rules follow `level:metric:operation` naming. LLM alerts are aggregated
 `by (target)`; the ratio alerts (error rate, 429 share) also need `min_request_rate` of traffic, so
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from opskit import catalog
-from opskit.thresholds import Thresholds
+from opskit.core import catalog
+from opskit.core.thresholds import Thresholds
 
 REQ = catalog.LLM_REQUESTS.name
 # Error types that spend the availability budget: the server or the path to it failed. 429s have

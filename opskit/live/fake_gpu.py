@@ -1,38 +1,30 @@
 """The tests' fake libnvidia-ml, for running the stack and the drill on a machine without a GPU.
 
-The fake library and its builder live in the source tree under `tests/fakenvml/` (they are test
-tooling, not shipped code); this module only finds them. The exporter still goes through the real
+The fake library and its builder ship in `opskit.live.fakenvml` (a C file built with gcc against the
+`nvml.h` of the `nvidia-nvml-dev` wheel, where both are present); this module only reaches them. The exporter still goes through the real
 binding path: pynvml loads the fake `libnvidia-ml.so.1` from LD_LIBRARY_PATH and reads GPU values
 from the JSON state file named by $FAKE_NVML_STATE, which the drill rewrites to inject load.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 STATE_ENV = "FAKE_NVML_STATE"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeGpuUnavailable(Exception):
-    """The fake NVML cannot be used here (no source tree, or no C compiler); one-line message."""
+    """The fake NVML cannot be used here (no C compiler, no nvml.h); one-line message."""
 
 
 def _builder():
-    if not (ROOT / "tests" / "fakenvml").is_dir():
-        raise FakeGpuUnavailable("the fake NVML (tests/fakenvml/) is only in a source checkout")
-    if str(ROOT) not in sys.path:  # `opskit` run from an installed entry point, not from pytest
-        sys.path.append(str(ROOT))
-    try:
-        return importlib.import_module("tests.fakenvml")
-    except ImportError as exc:
-        raise FakeGpuUnavailable(f"cannot import tests.fakenvml: {exc}") from None
+    from opskit.live import fakenvml
+
+    return fakenvml
 
 
 def unavailable_reason() -> str | None:
-    """Why the fake NVML cannot be built here (no source tree, no gcc, no nvml.h), or None."""
+    """Why the fake NVML cannot be built here (no gcc, no nvml.h), or None."""
     import shutil
 
     try:
@@ -64,7 +56,7 @@ def set_utilization(state: Path, utilization: float) -> None:
 
 def set_gpu(state: Path, **fields) -> None:
     """Rewrite the state file: one healthy fake GPU (20 % busy, 20 of 80 GiB used) with `fields`
-    changed, e.g. util=95, power_mw="!" (that NVML query fails) or index=1; see tests/fakenvml."""
+    changed, e.g. util=95, power_mw="!" (that NVML query fails) or index=1; see opskit/live/fakenvml."""
     mod = _builder()
     index = fields.pop("index", 0)  # 1 alone: a gap, so NVML cannot count the devices
     values = {"util": 20, "mem_used": 20 * mod.GIB, **fields}

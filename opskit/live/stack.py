@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import urllib.parse
@@ -24,11 +23,13 @@ from pathlib import Path
 
 import click
 
-from opskit import stackconf, supervise
-from opskit.stackconf import Timing
-from opskit.supervise import Child, SuperviseError
+from opskit.core import processes
+from opskit.core.cli_helpers import sigterm_unwinds
+from opskit.core.processes import Child, SuperviseError
+from opskit.live import stack_config
+from opskit.live.stack_config import Timing
+from opskit.shipped import folder
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = ".stack"
 PROMETHEUS = "prometheus"
 ALERTMANAGER = "prometheus-alertmanager"
@@ -143,11 +144,11 @@ class _Starter:
     def with_ready_file(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> dict:
         ready = self.dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
-        child, proc = supervise.spawn(name, [*argv, "--ready-file", str(ready)], self.dir / "logs" / f"{name}.log",
-                                      env=env, cwd=ROOT)
+        child, proc = processes.spawn(name, [*argv, "--ready-file", str(ready)], self.dir / "logs" / f"{name}.log",
+                                      env=env)
         comp = Component(child, {})
         self.components.append(comp)
-        info = supervise.wait_ready_file(child, proc, ready, self.spec.ready_timeout_s)
+        info = processes.wait_ready_file(child, proc, ready, self.spec.ready_timeout_s)
         comp.urls = {k: v for k, v in info.items() if k.endswith("url") and isinstance(v, str)}
         return info
 
@@ -155,24 +156,24 @@ class _Starter:
         """Start a binary that must be given its port (`argv_for(port)`), retrying on a port taken
         between our probe and its bind (other tests and stacks pick ports concurrently)."""
         for attempt in range(attempts):
-            port = supervise.free_port()
+            port = processes.free_port()
             url = f"http://127.0.0.1:{port}"
-            child, proc = supervise.spawn(name, argv_for(port), self.dir / "logs" / f"{name}.log", cwd=self.dir)
+            child, proc = processes.spawn(name, argv_for(port), self.dir / "logs" / f"{name}.log", cwd=self.dir)
             comp = Component(child, {"url": url})
             self.components.append(comp)
             try:
-                supervise.wait_http(child, proc, url + ready_path, self.spec.ready_timeout_s)
+                processes.wait_http(child, proc, url + ready_path, self.spec.ready_timeout_s)
                 return url
             except SuperviseError as exc:
                 if "address already in use" not in str(exc) or attempt == attempts - 1:
                     raise
                 self.components.remove(comp)
-                supervise.stop(child)
+                processes.stop(child)
         raise AssertionError("unreachable")
 
     def stop_all(self) -> None:
         for comp in reversed(self.components):
-            supervise.stop(comp.child)
+            processes.stop(comp.child)
 
 
 def _exporter_config(spec: StackSpec, mock_url: str) -> str:
@@ -220,11 +221,11 @@ def _gpu_flags(st: _Starter, env: dict[str, str]) -> list[str]:
     if st.spec.gpu == "off" or st.spec.gpu == "auto" and not nvml_present():
         return ["--no-gpu"]
     if st.spec.gpu == "fake":
-        from opskit import fakegpu
+        from opskit.live import fake_gpu
 
-        lib_dir, state = fakegpu.prepare(st.dir / "fakenvml")
+        lib_dir, state = fake_gpu.prepare(st.dir / "fakenvml")
         env["LD_LIBRARY_PATH"] = f"{lib_dir}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(lib_dir)
-        env[fakegpu.STATE_ENV] = str(state)
+        env[fake_gpu.STATE_ENV] = str(state)
         st.files["fake_nvml_state"] = str(state)
     return ["--gpu"]
 
@@ -235,7 +236,7 @@ def _write_rules(spec: StackSpec) -> list[str]:
     rules_dir.mkdir(parents=True)
     rules = spec.rules
     if rules is None:
-        rules = {p.name: p.read_text() for p in sorted((ROOT / "alerts").glob("*.rules.yml"))}
+        rules = {p.name: p.read_text() for p in sorted(folder("alerts").glob("*.rules.yml"))}
     for name, text in rules.items():
         (rules_dir / name).write_text(text)
     return [str(rules_dir / name) for name in rules]
@@ -243,11 +244,11 @@ def _write_rules(spec: StackSpec) -> list[str]:
 
 def _alertmanager_text(spec: StackSpec, receiver_url: str) -> str:
     if spec.alertmanager_yml is not None:
-        return stackconf.retime_alertmanager(spec.alertmanager_yml, receiver_url, spec.timing)
-    project = ROOT / "alerts" / "alertmanager.yml"
+        return stack_config.retime_alertmanager(spec.alertmanager_yml, receiver_url, spec.timing)
+    project = folder("alerts") / "alertmanager.yml"
     if project.exists():
-        return stackconf.retime_alertmanager(project.read_text(), receiver_url, spec.timing)
-    return stackconf.alertmanager_yml(receiver_url, spec.timing)
+        return stack_config.retime_alertmanager(project.read_text(), receiver_url, spec.timing)
+    return stack_config.alertmanager_yml(receiver_url, spec.timing)
 
 
 def _start_all(st: _Starter) -> None:
@@ -256,7 +257,7 @@ def _start_all(st: _Starter) -> None:
     out = d / "notifications.jsonl"
     out.unlink(missing_ok=True)
     st.files["notifications"] = str(out)
-    rx = st.with_ready_file("receiver", _python("-m", "opskit.receiver", "--listen", "127.0.0.1:0", "--out", str(out)))
+    rx = st.with_ready_file("receiver", _python("-m", "opskit.live.alert_receiver", "--listen", "127.0.0.1:0", "--out", str(out)))
     flags, env = _start_target(st)
     flags += _gpu_flags(st, env)
     exp = st.with_ready_file("exporter", _python(
@@ -268,7 +269,7 @@ def _start_all(st: _Starter) -> None:
         am_bin, f"--config.file={am_yml}", f"--storage.path={d / 'alertmanager-data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"], "/-/ready")
     prom_yml = d / "prometheus.yml"
-    prom_yml.write_text(stackconf.prometheus_yml(exp["url"], am_url, _write_rules(spec), spec.timing))
+    prom_yml.write_text(stack_config.prometheus_yml(exp["url"], am_url, _write_rules(spec), spec.timing))
     prom_url = st.with_port("prometheus", lambda port: [
         prom_bin, f"--config.file={prom_yml}", f"--storage.tsdb.path={d / 'prometheus-data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
@@ -294,7 +295,7 @@ def wait_scraped(prom_url: str, timeout: float) -> None:
     """Wait until Prometheus has scraped the exporter successfully (its first scrape takes ~5 s)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(r["value"][1] == "1" for r in query(prom_url, f'up{{job="{stackconf.SCRAPE_JOB}"}}')):
+        if any(r["value"][1] == "1" for r in query(prom_url, f'up{{job="{stack_config.SCRAPE_JOB}"}}')):
             return
         time.sleep(0.2)
     raise StackError(f"Prometheus at {prom_url} has not scraped the exporter within {timeout:.0f}s")
@@ -303,7 +304,7 @@ def wait_scraped(prom_url: str, timeout: float) -> None:
 def running(state_dir: Path) -> Stack | None:
     """The recorded stack when at least one of its processes is still running."""
     stack = Stack.load(state_dir)
-    if stack and any(supervise.alive(c.child) for c in stack.components):
+    if stack and any(processes.alive(c.child) for c in stack.components):
         return stack
     return None
 
@@ -320,7 +321,7 @@ def up(spec: StackSpec) -> Stack:
     if existing := running(spec.state_dir):
         raise AlreadyUp(existing)
     if spec.config or spec.target:
-        from opskit import config as cfgmod
+        from opskit.core import config as cfgmod
 
         cfgmod.load(spec.config, spec.target).target()  # ConfigError (exit 2) before anything starts
     spec.state_dir.mkdir(parents=True, exist_ok=True)
@@ -330,7 +331,7 @@ def up(spec: StackSpec) -> Stack:
         _start_all(st)
     except BaseException as exc:
         st.stop_all()
-        from opskit.fakegpu import FakeGpuUnavailable
+        from opskit.live.fake_gpu import FakeGpuUnavailable
 
         if isinstance(exc, SuperviseError | FakeGpuUnavailable | ValueError | OSError):
             raise StackError(str(exc)) from None
@@ -345,7 +346,7 @@ def down(state_dir: Path) -> list[str]:
     stack = Stack.load(state_dir)
     if stack is None:
         return []
-    stopped = [c.child.name for c in reversed(stack.components) if supervise.stop(c.child)]
+    stopped = [c.child.name for c in reversed(stack.components) if processes.stop(c.child)]
     (state_dir / "state.json").unlink(missing_ok=True)
     return stopped
 
@@ -354,7 +355,7 @@ def status_lines(stack: Stack) -> tuple[list[str], bool]:
     """One line per component (name, state, pid, URLs) and whether all of them run."""
     lines, all_up = [], True
     for c in stack.components:
-        ok = supervise.alive(c.child)
+        ok = processes.alive(c.child)
         all_up &= ok
         urls = "  ".join(f"{k}={v}" for k, v in sorted(c.urls.items()))
         lines.append(f"{c.child.name:<13}{'running' if ok else 'DOWN':<9}pid {c.child.pid:<8}{urls}")
@@ -373,9 +374,6 @@ def stack() -> None:
       opskit stack down
     """
 
-
-def _terminated(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -404,9 +402,9 @@ def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, sc
     partly down)."""
     timing = Timing(scrape_interval, scrape_interval)
     spec = StackSpec(state_dir=state_dir, config=config, target=target, gpu=gpu, timing=timing)
-    signal.signal(signal.SIGTERM, _terminated)  # unwind, so up() stops what it has started so far
     try:
-        started = up(spec)
+        with sigterm_unwinds():  # unwind, so up() stops what it has started so far
+            started = up(spec)
     except AlreadyUp as exc:
         started = exc.stack
         lines, all_up = status_lines(started)

@@ -1,5 +1,5 @@
 """Small grafanalib helpers shared by the dashboards: each panel helper takes a catalogue entry,
-so its unit, description and series name come from opskit.catalog and cannot drift.
+so its unit, description and series name come from opskit.core.catalog and cannot drift.
 
 Queries use the dashboard variables `$target`, `$model`, `$instance`, `$gpu` (multi-value, "All" =
 `.*`, so they are always matched with `=~`) and `$__rate_interval`.
@@ -18,7 +18,7 @@ from grafanalib.core import (
     TimeSeries,
 )
 
-from opskit.catalog import Metric
+from opskit.core.catalog import Metric
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"

@@ -68,7 +68,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Thresholds:
         return Thresholds()
     import yaml
 
-    from opskit.config import ConfigError
+    from opskit.core.config import ConfigError
 
     p = Path(path)
     try:

@@ -2,7 +2,7 @@
 
 Each probe POSTs `{base_url}/chat/completions` with the configured prompt, `max_tokens` and model
 (default: the target's first model), `stream: true` and `stream_options.include_usage`, signed by the
-target's authenticator (opskit.auth). It produces the same CallRecord as the metering proxy (source
+target's authenticator (opskit.core.auth). It produces the same CallRecord as the metering proxy (source
 "probe", timings as DESIGN.md defines them) through CallMetrics, and sets `opskit_probe_success{target}`
 (1/0) and `opskit_probe_duration_seconds{target}` for the last probe. An unreachable target gives
 success 0 and a counted error (code 0, error_type connection; timeout when `timeout_s` passes).
@@ -32,14 +32,14 @@ from weakref import WeakKeyDictionary
 import aiohttp
 from prometheus_client import CollectorRegistry, Gauge
 
-from opskit import catalog, records
-from opskit.auth import Authenticator
-from opskit.callmetrics import CallMetrics, make
-from opskit.config import ProbeConfig, Target
-from opskit.records import CallRecord
-from opskit.sse import SSEParser, StreamMeter, completion_usage
+from opskit.core import catalog, records
+from opskit.core.auth import Authenticator
+from opskit.core.config import ProbeConfig, Target
+from opskit.core.records import CallRecord
+from opskit.core.sse import SSEParser, StreamMeter, completion_usage
+from opskit.sidecar.call_metrics import CallMetrics, make
 
-log = logging.getLogger("opskit.probe")
+log = logging.getLogger("opskit.sidecar.probe")
 
 SOURCE = "probe"
 

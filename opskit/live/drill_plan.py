@@ -1,7 +1,7 @@
 """The alert fire drill as data: which faults, which alerts each must fire (and which may fire with
 it), how rules are compressed in time, and how one phase's observations become a verdict.
 
-Pure code, no I/O; opskit.drill runs it against a live stack.
+Pure code, no I/O; opskit.live.drill runs it against a live stack.
 
 Time compression. Production rules use `for:` of minutes and rate windows of 5 minutes to 3 days.
 The drill replaces every `for:` with a few seconds and maps every range window `[d]` to d/30,

@@ -1,7 +1,7 @@
 """A webhook receiver for Alertmanager: every notification is appended as one JSON line to a file
 and summarised on stdout.
 
-    python -m opskit.receiver --listen 127.0.0.1:0 --out alerts.jsonl --ready-file ready.json
+    python -m opskit.live.alert_receiver --listen 127.0.0.1:0 --out alerts.jsonl --ready-file ready.json
 
 The ready file gets `{"url", "pid"}` once the socket listens. Each line of the output file is
 Alertmanager's webhook payload (version 4) with `received_at` (Unix seconds) added, so the drill
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from opskit import readyfile
+from opskit.core import readyfile
 
 
 def summary(payload: dict) -> str:
@@ -108,7 +108,7 @@ async def _serve(host: str, port: int, out: Path, ready: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse flags, serve until SIGTERM/SIGINT."""
-    ap = argparse.ArgumentParser(prog="python -m opskit.receiver", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m opskit.live.alert_receiver", description=__doc__.splitlines()[0])
     ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0 picks a free one)")
     ap.add_argument("--out", required=True, help="file to append notifications to (JSON lines)")
     ap.add_argument("--ready-file", help="write {url, pid} here once listening")

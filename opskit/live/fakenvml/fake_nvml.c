@@ -6,11 +6,11 @@
  *     gcc -shared -fPIC -O2 -pthread -I<site-packages>/nvidia/cu13/include \
  *         -o libnvidia-ml.so.1 fake_nvml.c
  *
- * (tests/fakenvml/__init__.py: build_fake_nvml(dest_dir) does this.)
+ * (opskit/live/fakenvml/__init__.py: build_fake_nvml(dest_dir) does this.)
  *
  * STATE FILE. The GPUs come from the text file named by $FAKE_NVML_STATE, re-read whenever it changes
  * (compared by inode, size and mtime), so a test can rewrite it between scrapes; write it atomically
- * (write a temp file, rename it over) — tests.fakenvml.write_state(path, gpus) does. Format, one item
+ * (write a temp file, rename it over) — opskit.live.fakenvml.write_state(path, gpus) does. Format, one item
  * per line, fields separated by blanks, `#` starts a comment line:
  *
  *     driver 550.54.15          optional: what nvmlSystemGetDriverVersion returns (default 999.99)
