@@ -7,7 +7,7 @@ alert thresholds from opskit.core.thresholds.
 from __future__ import annotations
 
 from opskit.core import catalog as c
-from opskit.core.thresholds import THRESHOLDS, Thresholds
+from opskit.core.thresholds import Thresholds
 from opskit.opscode.panels import (
     RATE,
     gauge_panel,
@@ -75,4 +75,4 @@ def build(t: Thresholds) -> object:
     )
 
 
-dashboard = build(THRESHOLDS)
+dashboard = build(Thresholds())  # grafanalib's generate-dashboard reads this; built-in values

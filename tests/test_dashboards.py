@@ -19,7 +19,7 @@ from opskit.opscode import rules_file
 from opskit.opscode.promql import series_names
 from tests.conftest import ROOT, need_binary
 
-T = thresholds.THRESHOLDS
+T = thresholds.Thresholds()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,10 @@ No network and no Locust here: synthetic per-request rows go through the same co
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from click.testing import CliRunner
 
 from opskit.cli import main
 from opskit.core.config import ConfigError
-from opskit.core.thresholds import THRESHOLDS
+from opskit.core.thresholds import Thresholds
 from opskit.loadtest import compare, report, results, shapes, slo
 from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, load_file
 
@@ -195,8 +198,8 @@ def test_error_ratio_note_gives_the_statuses_behind_the_error_types():
 
 
 def test_slo_defaults_come_from_thresholds_and_misses_are_named():
-    assert slo.defaults()["ttft_p95_s"] == THRESHOLDS.ttft_p95_seconds
-    slow = [row(t=i * 0.1, ttft=0.2 + THRESHOLDS.ttft_p95_seconds) for i in range(50)]
+    assert slo.defaults()["ttft_p95_seconds"] == Thresholds().ttft_p95_seconds
+    slow = [row(t=i * 0.1, ttft=0.2 + Thresholds().ttft_p95_seconds) for i in range(50)]
     v = slo.evaluate(results.frame(slow), slo.defaults(), {"scenario": "streaming", "duration": 5})
     assert not v.passed and [c.name for c in v.missed] == ["ttft_p95"]
     text = report.render(v)
@@ -216,8 +219,8 @@ def test_slo_override_file(tmp_path):
     f.write_text("defaults: {error_ratio: 0.1}\nscenarios:\n  qps: {ttft_p95_s: null, duration_p90_s: 3}\n")
     table = slo.load(f)
     qps = slo.for_scenario(table, "qps")
-    assert qps["ttft_p95_s"] is None and qps["duration_p90_s"] == 3 and qps["error_ratio"] == 0.1
-    assert slo.for_scenario(table, "streaming")["ttft_p95_s"] == THRESHOLDS.ttft_p95_seconds
+    assert qps["ttft_p95_seconds"] is None and qps["duration_p90_seconds"] == 3 and qps["error_ratio"] == 0.1
+    assert slo.for_scenario(table, "streaming")["ttft_p95_seconds"] == Thresholds().ttft_p95_seconds
     f.write_text("scenarios:\n  qps: {ttft_p99: 1}\n")
     with pytest.raises(ConfigError, match="scenarios.qps.ttft_p99"):
         slo.load(f)
@@ -295,12 +298,13 @@ def test_out_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path):
 
 
 def test_unavailable_metering_proxy_degrades_to_direct(tmp_path, monkeypatch):
-    from opskit.loadtest import procs, runner
+    from opskit.core.processes import SuperviseError
+    from opskit.loadtest import runner, services
 
     def broken(*_a, **_kw):
-        raise procs.ProcError("opskit exporter exited with status 2: config error")
+        raise SuperviseError("opskit exporter exited with status 2: config error")
 
-    monkeypatch.setattr(procs, "start_exporter", broken)
+    monkeypatch.setattr(services, "start_exporter", broken)
     target = runner.open_target(runner.Options(proxy=True), tmp_path, "http://127.0.0.1:9")
     assert target.send_url == target.url == "http://127.0.0.1:9" and target.metrics_url is None
     assert "going direct" in target.notes[0]
@@ -317,3 +321,30 @@ def test_reconcile_counts_calls_still_open_at_the_proxy():
     assert ok.passed and ok.note == "client 6 / proxy 6"
     lost = reconcile("qps", df, before, {"200": 14.0, "in_flight": 1.0})
     assert not lost.passed and lost.value == 1 and "by code" in lost.note
+
+
+def test_gate_objectives_come_from_the_thresholds_and_slo_yaml_uses_their_names(tmp_path, monkeypatch):
+    override = tmp_path / "thresholds.yaml"
+    override.write_text("ttft_p95_seconds: 0.7\nachieved_rate_ratio: 0.9\nthrottling_limit_tolerance: 0.1\n")
+    monkeypatch.setenv("OPSKIT_THRESHOLDS", str(override))
+    d = slo.defaults()
+    assert d["ttft_p95_seconds"] == 0.7 and d["achieved_rate_ratio"] == 0.9
+    assert d["throttling_limit_tolerance"] == 0.1 and d["error_ratio"] == Thresholds().error_ratio
+    f = tmp_path / "slo.yaml"
+    f.write_text("scenarios:\n  qps: {achieved_rate_ratio: 0.99, duration_p90_seconds: null}\n")
+    qps = slo.for_scenario(slo.load(f), "qps")
+    assert qps["achieved_rate_ratio"] == 0.99 and qps["duration_p90_seconds"] is None
+    assert qps["ttft_p95_seconds"] == 0.7  # the thresholds file still applies where slo.yaml is silent
+
+
+def test_a_bad_thresholds_file_breaks_no_import(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("ttft_p95_seconds: fast\n")
+    env = {**os.environ, "OPSKIT_THRESHOLDS": str(bad)}
+    code = ("import opskit.core.catalog, opskit.loadtest.slo, opskit.opscode.alert_rules, opskit.sidecar.call_metrics;"
+            "print('imported')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "imported", proc.stderr
+    res = subprocess.run([sys.executable, "-m", "opskit", "generate", "alerts", "--check"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "ttft_p95_seconds" in res.stderr and "Traceback" not in res.stderr

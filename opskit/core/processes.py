@@ -1,5 +1,5 @@
-"""Process supervision for the local stack: start detached children, wait until they are ready, and
-stop them again, whole process group and all.
+"""Process supervision for the local stack and the load test: start detached children, wait until they
+are ready, and stop them again, whole process group and all.
 
 Each child runs in its own session (so its process group id is its pid); stopping it signals the
 group, which also takes down anything it forked. A child is identified by pid plus its start time
@@ -79,13 +79,18 @@ def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = No
     return Child(name, proc.pid, started if started is not None else -1, str(log)), proc
 
 
-def log_tail(child: Child, lines: int = 3) -> str:
-    """The last lines of a child's log, joined on one line (for one-line error messages)."""
+def tail(log: str | os.PathLike[str], lines: int = 3) -> str:
+    """The last non-empty lines of a log file, joined on one line (for one-line error messages)."""
     try:
-        text = Path(child.log).read_text(errors="replace").strip().splitlines()
+        text = [x.strip() for x in Path(log).read_text(errors="replace").splitlines() if x.strip()]
     except OSError:
         return ""
-    return " | ".join(line.strip() for line in text[-lines:])
+    return " | ".join(text[-lines:])
+
+
+def log_tail(child: Child, lines: int = 3) -> str:
+    """The last lines of a child's log, joined on one line."""
+    return tail(child.log, lines)
 
 
 def _died(child: Child, proc: subprocess.Popen | None) -> SuperviseError | None:

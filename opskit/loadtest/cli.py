@@ -128,7 +128,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
     try:
         with sigterm_unwinds(say):
             verdict, run_dir = gate.run(opts, echo, progress, slo_file)
-    except (runner.RunError, runner.procs.ProcError) as exc:
+    except (runner.RunError, runner.processes.SuperviseError) as exc:
         echo(f"opskit loadtest: {exc}")
         sys.exit(2)
     click.echo(report.render(verdict))

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from opskit.core import config
+from opskit.core import config, processes
 from opskit.core.cli_helpers import redact_url
-from opskit.loadtest import procs, results, runner, slo
+from opskit.loadtest import results, runner, services, slo
 from opskit.loadtest.slo import Check, Verdict
 
 DEFAULT_SLO_FILE = runner.LOCUSTFILES / "slo.yaml"
@@ -64,7 +64,7 @@ def reconcile(scenario: str, df: pd.DataFrame, before: dict, after: dict) -> Che
 def _admin(target: runner.Target, method: str, path: str, body: dict | None = None) -> None:
     """A call to the embedded mock's admin API; a failure is a one-line RunError."""
     try:
-        procs.http_json(method, target.admin_url + path, body)
+        services.http_json(method, target.admin_url + path, body)
     except (OSError, ValueError) as exc:
         raise runner.RunError(f"mock admin API {method} {path} failed: {exc}") from None
 
@@ -72,7 +72,7 @@ def _admin(target: runner.Target, method: str, path: str, body: dict | None = No
 def _proxy_counts(target: runner.Target) -> dict | None:
     """The exporter's request counts by code, or None when it cannot be scraped."""
     try:
-        return procs.requests_by_code(target.metrics_url)
+        return services.requests_by_code(target.metrics_url)
     except (OSError, ValueError):
         return None
 
@@ -99,7 +99,7 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     df = df[df["scenario"] == name] if len(df) else df
     if not len(df) and rc != 0:
         raise runner.RunError(f"locust failed for {name} (status {rc}): "
-                              f"{procs.tail(run_dir / 'locust' / f'{name}.log') or 'no output'}")
+                              f"{processes.tail(run_dir / 'locust' / f'{name}.log') or 'no output'}")
     meta = runner.meta_for(params)
     verdict = slo.evaluate(df, slo.for_scenario(table, name), meta)
     verdict.summaries[name]["client_lag_s"] = results.client_lag(run_dir, name)

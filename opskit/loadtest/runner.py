@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from opskit.loadtest import procs, shapes
+from opskit.core import processes
+from opskit.core.processes import Child
+from opskit.loadtest import services, shapes
 from opskit.loadtest.params import ENV, RunParams
 from opskit.shipped import folder
 
@@ -79,30 +81,30 @@ class Target:
     send_url: str                 # where Locust sends: the proxy when metering, else `url`
     admin_url: str | None = None  # the embedded mock's admin API
     metrics_url: str | None = None
-    children: list[subprocess.Popen] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def close(self) -> None:
         """Stop the helpers this target started (exporter first, then the mock)."""
-        for p in reversed(self.children):
-            procs.stop(p)
+        for c in reversed(self.children):
+            processes.stop(c)
 
 
 def open_target(opts: Options, run_dir: Path, target_url: str | None) -> Target:
     """Start the embedded mock when there is no target, then the metering proxy in front of it."""
     admin = None
-    children: list[subprocess.Popen] = []
+    children: list[Child] = []
     if target_url is None:
-        mock, info = procs.start_mock(run_dir, opts.mock_args)
+        mock, info = services.start_mock(run_dir, opts.mock_args)
         children.append(mock)
         target_url, admin = info["url"], info["admin_url"]
     t = Target(url=target_url, send_url=target_url, admin_url=admin, children=children)
     if opts.proxy and opts.transport != "ws":  # the proxy meters HTTP; a WebSocket run never passes it
         try:
-            exp, info = procs.start_exporter(run_dir, target_url, opts.config)
+            exp, info = services.start_exporter(run_dir, target_url, opts.config)
             t.children.append(exp)
             t.send_url, t.metrics_url = info["proxy_url"], info["url"]
-        except procs.ProcError as exc:
+        except processes.SuperviseError as exc:
             t.notes.append(f"metering proxy unavailable, going direct ({exc})")
     return t
 
@@ -155,41 +157,46 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
     ldir = run_dir / "locust"
     prefix = ldir / p.scenario
     env = dict(os.environ)
-    children: list[subprocess.Popen] = []
+    children: list[Child] = []
+    log = ldir / f"{p.scenario}.log"
     try:
         if p.workers <= 1:
             env[ENV] = p.to_env()
-            master = procs.start(_locust_argv(p, locustfile, prefix, []), ldir / f"{p.scenario}.log", env)
+            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, []), log, env)
+            children.append(master)
         else:
-            port = procs.free_port()
+            port = processes.free_port()
             env[ENV] = p.to_env()
             role = ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
                     "--expect-workers", str(p.workers), "--expect-workers-max-wait", "30"]
-            master = procs.start(_locust_argv(p, locustfile, prefix, role), ldir / f"{p.scenario}.log", env)
+            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, role), log, env)
+            children.append(master)
             for i in range(p.workers):
                 wenv = {**env, ENV: replace(p, worker=i).to_env()}
-                children.append(procs.start([sys.executable, "-m", "locust", "-f", str(locustfile), "--worker",
-                                             "--master-host", "127.0.0.1", "--master-port", str(port),
-                                             "--loglevel", "WARNING"], ldir / f"{p.scenario}-worker{i}.log", wenv))
-        children.insert(0, master)
-        _watch(master, p, Path(str(prefix) + "_stats_history.csv"), progress)
-        return master.returncode
+                children.append(processes.spawn(
+                    f"locust worker {i}", [sys.executable, "-m", "locust", "-f", str(locustfile), "--worker",
+                                           "--master-host", "127.0.0.1", "--master-port", str(port),
+                                           "--loglevel", "WARNING"], ldir / f"{p.scenario}-worker{i}.log", wenv)[0])
+        _watch(master, proc, p, Path(str(prefix) + "_stats_history.csv"), progress)
+        return proc.returncode
     finally:
         # interrupted (Ctrl-C, SIGTERM): no report will be written, and a CI runner's SIGKILL may follow
         # within seconds, so Locust gets 2 s to stop instead of the 10 s a finished run allows
         grace = 2.0 if sys.exc_info()[0] is not None else 10.0
         for c in children:
-            procs.stop(c, timeout=grace)
+            processes.stop(c, timeout=grace)
 
 
-def _watch(master: subprocess.Popen, p: RunParams, history: Path, progress: Callable[[str], None]) -> None:
+def _watch(master: Child, proc: subprocess.Popen, p: RunParams, history: Path,
+           progress: Callable[[str], None]) -> None:
     """Wait for the master, reporting progress every second; kill it if it overruns badly."""
     start = time.monotonic()
     limit = p.duration + p.timeout_s + 60
-    while master.poll() is None:
+    while proc.poll() is None:
         elapsed = time.monotonic() - start
         if elapsed > limit:
-            procs.stop(master)
+            processes.stop(master)
+            proc.poll()
             break
         progress(progress_line(p.scenario, elapsed, p.duration, history))
         time.sleep(1.0)

@@ -1,17 +1,21 @@
 """Service level objectives for the release gate and their evaluation. Pure computation.
 
-Defaults come from opskit.core.thresholds (the same values the alerts use): p95 TTFT < 500 ms, p90 request
-duration < 2 s, error ratio < 2 %. A YAML file (loadtests/slo.yaml) overrides them per scenario:
+Defaults come from opskit.core.thresholds (the same values the alerts use, with $OPSKIT_THRESHOLDS
+applied): p95 TTFT < 500 ms, p90 request duration < 2 s, error ratio < 2 %, an open-loop run achieving
+95 % of its rate, a throttled target accepting its limit + 5 %. A YAML file (loadtests/slo.yaml)
+overrides them per scenario, with the thresholds' own field names:
 
-    defaults:   {ttft_p95_s: 0.5, duration_p90_s: 2.0, error_ratio: 0.02}
+    defaults:   {ttft_p95_seconds: 0.5, duration_p90_seconds: 2.0, error_ratio: 0.02}
     scenarios:
-      qps:        {achieved_rate_ratio_min: 0.95}
-      throttling: {limit_tolerance: 0.05}
-      conversation: {ttft_p95_s: 0.8}
+      qps:        {achieved_rate_ratio: 0.95}
+      throttling: {throttling_limit_tolerance: 0.05}
+      conversation: {ttft_p95_seconds: 0.8}
 
-`null` switches an objective off. In the throttling scenario 429s are expected and are not errors;
-its own checks apply: the target accepts no more than its limit per window, every 429 carries
-Retry-After, no 5xx, and the load really went above the limit (at least one 429).
+`null` switches an objective off. The names of earlier releases (ttft_p95_s, duration_p90_s,
+achieved_rate_ratio_min, limit_tolerance) are still read. In the throttling scenario 429s are
+expected and are not errors; its own checks apply: the target accepts no more than its limit per
+window, every 429 carries Retry-After, no 5xx, and the load really went above the limit (at least
+one 429).
 """
 
 from __future__ import annotations
@@ -21,17 +25,20 @@ from pathlib import Path
 
 import pandas as pd
 
+from opskit.core import thresholds
 from opskit.core.config import ConfigError
-from opskit.core.thresholds import THRESHOLDS
 from opskit.loadtest import results
 
-KEYS = ("ttft_p95_s", "duration_p90_s", "error_ratio", "achieved_rate_ratio_min", "limit_tolerance")
+KEYS = ("ttft_p95_seconds", "duration_p90_seconds", "error_ratio", "achieved_rate_ratio",
+        "throttling_limit_tolerance")
+ALIASES = {"ttft_p95_s": "ttft_p95_seconds", "duration_p90_s": "duration_p90_seconds",
+           "achieved_rate_ratio_min": "achieved_rate_ratio", "limit_tolerance": "throttling_limit_tolerance"}
 
 
-def defaults() -> dict[str, float | None]:
-    """The gate's objectives before any override: the shared thresholds."""
-    return {"ttft_p95_s": THRESHOLDS.ttft_p95_seconds, "duration_p90_s": THRESHOLDS.duration_p90_seconds,
-            "error_ratio": THRESHOLDS.error_ratio, "achieved_rate_ratio_min": 0.95, "limit_tolerance": 0.05}
+def defaults(t: thresholds.Thresholds | None = None) -> dict[str, float | None]:
+    """The gate's objectives before any override: the shared thresholds (default: `thresholds.load()`)."""
+    t = t or thresholds.load()
+    return {k: getattr(t, k) for k in KEYS}
 
 
 def _section(data: object, source: str, key: str) -> dict:
@@ -39,12 +46,15 @@ def _section(data: object, source: str, key: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(source, key, "a mapping of objective names to numbers")
+    out = {}
     for k, v in data.items():
-        if k not in KEYS:
+        name = ALIASES.get(k, k)
+        if name not in KEYS:
             raise ConfigError(source, f"{key}.{k}", f"one of {', '.join(KEYS)}")
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0 or v == float("inf")):
             raise ConfigError(source, f"{key}.{k}", "a non-negative number or null")
-    return dict(data)
+        out[name] = v
+    return out
 
 
 def load(path: str | Path | None) -> dict[str, dict]:
@@ -128,12 +138,12 @@ def check_summary(s: dict, objectives: dict[str, float | None]) -> list[Check]:
     if not s["requests"]:
         return [Check(sc, "requests", 0, ">=", 1, False, "no request completed")]
     checks = []
-    if o.get("ttft_p95_s") is not None and (sc != "throttling"):
+    if o.get("ttft_p95_seconds") is not None and (sc != "throttling"):
         # without streaming the first token arrives with the last (DESIGN.md), which surprises at first
         note = "not streamed: TTFT is the whole response" if s.get("streamed_ratio") == 0 else ""
-        checks.append(_check(sc, "ttft_p95", s["ttft_s"]["p95"], "<", o["ttft_p95_s"], note))
-    if o.get("duration_p90_s") is not None and sc != "throttling":
-        checks.append(_check(sc, "duration_p90", s["duration_s"]["p90"], "<", o["duration_p90_s"]))
+        checks.append(_check(sc, "ttft_p95", s["ttft_s"]["p95"], "<", o["ttft_p95_seconds"], note))
+    if o.get("duration_p90_seconds") is not None and sc != "throttling":
+        checks.append(_check(sc, "duration_p90", s["duration_s"]["p90"], "<", o["duration_p90_seconds"]))
     if o.get("error_ratio") is not None:
         note = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items()))
         # the statuses behind them: "client_error: 40" alone does not say that the key was wrong (401)
@@ -142,11 +152,11 @@ def check_summary(s: dict, objectives: dict[str, float | None]) -> list[Check]:
         if note and codes:
             note += f" (status {', '.join(codes)})"
         checks.append(_check(sc, "error_ratio", s["error_ratio"], "<", o["error_ratio"], note))
-    if s.get("requested_rate") and o.get("achieved_rate_ratio_min") is not None:
+    if s.get("requested_rate") and o.get("achieved_rate_ratio") is not None:
         checks.append(_check(sc, "achieved_rate_ratio", s["achieved_rate"] / s["requested_rate"], ">=",
-                             o["achieved_rate_ratio_min"], f"{s['achieved_rate']:.1f}/{s['requested_rate']:.1f} req/s"))
+                             o["achieved_rate_ratio"], f"{s['achieved_rate']:.1f}/{s['requested_rate']:.1f} req/s"))
     if "throttling" in s:
-        checks += _throttling_checks(sc, s["throttling"], o.get("limit_tolerance") or 0.0)
+        checks += _throttling_checks(sc, s["throttling"], o.get("throttling_limit_tolerance") or 0.0)
     return checks
 
 

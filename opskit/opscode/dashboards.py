@@ -40,8 +40,8 @@ def _load(path: Path):
 
 
 def build_all(t: Thresholds | None = None) -> dict[str, Dashboard]:
-    """Dashboard name (file stem) -> Dashboard built for thresholds `t` (default THRESHOLDS)."""
-    t = t or thresholds_mod.THRESHOLDS
+    """Dashboard name (file stem) -> Dashboard built for thresholds `t` (default `thresholds.load()`)."""
+    t = t or thresholds_mod.load()
     return {p.name[:-len(SUFFIX)]: _load(p).build(t) for p in sorted(folder("dashboards").glob(f"*{SUFFIX}"))}
 
 
