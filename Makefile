@@ -7,7 +7,7 @@ TARGET  ?=
 CONFIG  ?=
 BASELINE ?=
 
-.PHONY: install test pytest lint loadtest dashboards check-alerts stack drill bench clean
+.PHONY: install test pytest lint loadtest alerts dashboards check-alerts stack drill bench clean
 
 install: $(STAMP) system-deps
 
@@ -36,6 +36,9 @@ lint: install
 loadtest: install
 	$(BIN)/opskit loadtest $(if $(TARGET),--target $(TARGET)) $(if $(CONFIG),--config $(CONFIG)) \
 		$(if $(BASELINE),--baseline $(BASELINE))
+
+alerts: install
+	$(BIN)/opskit generate alerts
 
 dashboards: install
 	$(BIN)/opskit generate dashboards

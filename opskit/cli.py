@@ -19,7 +19,7 @@ COMMANDS: dict[str, str] = {
     "mock": "opskit.mock.cli:mock",
     "loadtest": "opskit.loadtest.cli:loadtest",
     "report": "opskit.loadtest.cli:report",
-    "stack": "opskit.live.stack:stack",
+    "stack": "opskit.live.stack_cli:stack",
     "generate": "opskit.opscode.generate:generate",
     "drill": "opskit.live.drill:drill",
     "exporter": "opskit.sidecar.exporter:exporter_command",

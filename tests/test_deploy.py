@@ -245,8 +245,12 @@ def test_dockerfile_runs_opskit_as_a_numeric_non_root_user():
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
     assert users and users[-1].isdigit() and users[-1] != "0"
     assert 'ENTRYPOINT ["opskit"]' in lines
-    for needed in ("pyproject.toml", "opskit", "loadtests"):
+    for needed in ("pyproject.toml", "opskit", "loadtests", "alerts", "dashboards", "deploy"):
         assert any(ln.startswith("COPY") and needed in ln for ln in lines), needed
+    # the final stage takes only the venv the wheel was installed into, nothing from the checkout
+    final = lines[max(i for i, ln in enumerate(lines) if ln.startswith("FROM")):]
+    assert [ln for ln in final if ln.startswith("COPY")] == ["COPY --from=build /venv /venv"]
+    assert any("pip install" in ln and ".whl" in ln for ln in lines)
 
 
 def test_locust_params_are_run_params_aimed_at_the_metering_proxy():

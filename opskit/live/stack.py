@@ -21,10 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import click
-
 from opskit.core import processes
-from opskit.core.cli_helpers import sigterm_unwinds
 from opskit.core.processes import Child, SuperviseError
 from opskit.live import stack_config
 from opskit.live.stack_config import Timing
@@ -360,91 +357,3 @@ def status_lines(stack: Stack) -> tuple[list[str], bool]:
         urls = "  ".join(f"{k}={v}" for k, v in sorted(c.urls.items()))
         lines.append(f"{c.child.name:<13}{'running' if ok else 'DOWN':<9}pid {c.child.pid:<8}{urls}")
     return lines, all_up
-
-
-@click.group()
-def stack() -> None:
-    """Run the local monitoring stack: mock, exporter, Prometheus, Alertmanager, receiver.
-
-    \b
-    Examples:
-      opskit stack up                                  # against the embedded mock, state in .stack/
-      opskit stack up --target https://api.deepseek.com --gpu off    # key from $OPSKIT_API_KEY
-      opskit stack status                              # exit 1 when any component is down
-      opskit stack down
-    """
-
-
-
-def _duration(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:  # checked as a flag, so the error names --scrape-interval rather than the config field
-        Timing(value).check()
-    except ValueError as exc:
-        raise click.BadParameter(str(exc).split(": ", 1)[1]) from None
-    return value
-
-
-_state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, type=click.Path(path_type=Path),
-                          help="Where configs, data, logs and the pid/state file live.")
-
-
-@stack.command("up")
-@_state_opt
-@click.option("--config", "config", type=click.Path(dir_okay=False),
-              help="YAML config naming a real target (instead of the mock).")
-@click.option("--target", help="A real target's API root (instead of the mock); key from $OPSKIT_API_KEY.")
-@click.option("--gpu", type=click.Choice(GPU_MODES), default="auto", show_default=True,
-              help="auto: GPU series when NVML is present; fake: the tests' fake libnvidia-ml; off.")
-@click.option("--scrape-interval", default="5s", show_default=True, callback=_duration,
-              help="Prometheus scrape and rule interval.")
-def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, scrape_interval: str) -> None:
-    """Start the stack in the background and print where each part listens (exit 0 if already up, 1 if
-    partly down)."""
-    timing = Timing(scrape_interval, scrape_interval)
-    spec = StackSpec(state_dir=state_dir, config=config, target=target, gpu=gpu, timing=timing)
-    try:
-        with sigterm_unwinds():  # unwind, so up() stops what it has started so far
-            started = up(spec)
-    except AlreadyUp as exc:
-        started = exc.stack
-        lines, all_up = status_lines(started)
-        if not all_up:  # "already up" with exit 0 would hide a dead component from whoever runs up to repair
-            click.echo("\n".join(lines))
-            raise click.ClickException(f"stack partly down (state dir {state_dir}): `opskit stack down`, "
-                                       f"then `opskit stack up`, restarts it") from None
-        click.echo(str(exc))
-    except StackError as exc:
-        raise click.ClickException(str(exc)) from None
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    lines, _ = status_lines(started)
-    click.echo("\n".join(lines))
-    click.echo(f"notifications: {started.files.get('notifications', '-')}")
-
-
-@stack.command("down")
-@_state_opt
-def down_cmd(state_dir: Path) -> None:
-    """Stop every process the stack started."""
-    try:
-        stopped = down(state_dir)
-    except StackError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running (state dir {state_dir})")
-
-
-@stack.command("status")
-@_state_opt
-def status_cmd(state_dir: Path) -> None:
-    """Show each component, its pid and URLs; exit 1 when the stack is down or partly down."""
-    try:
-        recorded = Stack.load(state_dir)
-    except StackError as exc:
-        raise click.ClickException(str(exc)) from None
-    if recorded is None:
-        click.echo(f"stack is down (no state in {state_dir})")
-        sys.exit(1)
-    lines, all_up = status_lines(recorded)
-    click.echo("\n".join(lines))
-    if not all_up:
-        sys.exit(1)
