@@ -36,7 +36,10 @@ done
 # The committed Alertmanager config carries the placeholder receivers, whatever this shell exports.
 run env -u OPSKIT_ALERT_RECEIVER_URL -u OPSKIT_ALERT_PAGER_URL -u OPSKIT_ALERT_CHAT_URL \
     -u OPSKIT_ALERT_TICKET_URL "$OPSKIT" generate alerts --check
-run "$PROMTOOL" check rules alerts/*.rules.yml
+# The same rules for the dcgm GPU source, which alerts/tests/gpu_dcgm.test.yml loads.
+run env -u OPSKIT_ALERT_RECEIVER_URL -u OPSKIT_ALERT_PAGER_URL -u OPSKIT_ALERT_CHAT_URL \
+    -u OPSKIT_ALERT_TICKET_URL "$OPSKIT" generate alerts --gpu-source dcgm --out-dir alerts/dcgm --check
+run "$PROMTOOL" check rules alerts/*.rules.yml alerts/dcgm/*.rules.yml
 run "$PROMTOOL" test rules alerts/tests/*.yml
 run "$AMTOOL" check-config "$AM"
 
@@ -46,6 +49,8 @@ route pager alertname=LLMProbeFailing severity=critical target=api instance=expo
 route chat alertname=LLMHighTimeToFirstToken severity=warning target=api
 route chat alertname=GPUHighUtilization severity=warning gpu=0 instance=node1:9464
 route chat alertname=OpskitExporterDown severity=warning instance=exporter:9464 job=opskit
+route pager alertname=GPUHardwareErrors severity=critical gpu=0 instance=node1:9464 error=xid_79
+route ticket alertname=GPURowRemapPending severity=ticket gpu=0 instance=node1:9464
 route ticket alertname=LLMErrorBudgetSlowBurn severity=ticket slo=availability target=api
 # An alert without a known severity still reaches a human.
 route chat alertname=SomethingElse

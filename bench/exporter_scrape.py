@@ -1,4 +1,5 @@
-"""Scrape cost and memory of `opskit exporter`: /metrics with 8 GPUs and 10 targets' call series.
+"""Scrape cost and memory of `opskit exporter`: /metrics with 8 GPUs (every health reading, XIDs
+counted by the event thread) and 10 targets' call series.
 
 Targets: a scrape <= 10 ms, exporter RSS <= 80 MB. The exporter runs as its own process on the fake
 NVML (opskit/live/fakenvml, 8 GPUs, loaded through LD_LIBRARY_PATH by the real pynvml binding) with a
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +65,7 @@ def serve(config_path: str, ready: str) -> None:
 
     import prometheus_client
 
-    from opskit.core import config
+    from opskit.core import config, readyfile
     from opskit.sidecar import exporter
     from opskit.sidecar.gpu import visible_from_env
 
@@ -79,7 +81,7 @@ def serve(config_path: str, ready: str) -> None:
         gc.freeze()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        exporter.write_ready_file(Path(ready), ex.ready_info())
+        readyfile.write(Path(ready), ex.ready_info())
         await stop.wait()
         await ex.close()
 
@@ -106,7 +108,9 @@ def measure(scrapes: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         lib = build_fake_nvml(tmp / "lib")
-        state = write_state(tmp / "gpus", fake_gpus(8, util=55))
+        # Every health reading present, throttled and with XIDs, so each family is in the scrape.
+        state = write_state(tmp / "gpus", fake_gpus(8, util=55, ecc_volatile=1, ecc_aggregate=2,
+                                                    remapped_correctable=1, clocks_event_reasons=0x24))
         write_config(tmp / "opskit.yaml")
         env = {**os.environ, "LD_LIBRARY_PATH": str(lib.parent), "FAKE_NVML_STATE": str(state)}
         ready = tmp / "ready.json"
@@ -119,8 +123,12 @@ def measure(scrapes: int) -> None:
                     raise SystemExit("exporter did not start")
                 time.sleep(0.05)
             info = json.loads(ready.read_text())
+            urllib.request.urlopen(info["url"] + "/metrics", timeout=10).close()  # registers XID events
+            write_state(state, fake_gpus(8, util=55, ecc_volatile=1, ecc_aggregate=2, remapped_correctable=1,
+                                         clocks_event_reasons=0x24, xids=(13, 79, 48)))
             report(info, proc.pid, scrapes)
             render_ab(tmp / "opskit.yaml")
+            gpu_ab(lib, env)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(20)
@@ -182,6 +190,30 @@ def render_ab(config_path: Path, rounds: int = 7) -> None:
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"  call series render, in-process (median of {rounds}): generate_latest {ma * 1e3:.1f} ms, "
           f"opskit.sidecar.fast_exposition {mb * 1e3:.1f} ms ({ma / mb:.0f}x)")
+
+
+def gpu_ab(lib: Path, env: dict, rounds: int = 7, n: int = 50) -> None:
+    """In a child process on the same fake NVML: one GPU collect() of 8 GPUs with the health readings
+    and XID counts (B) and without them (A, the readings stubbed out), alternating."""
+    code = f"""
+import statistics, timeit
+from opskit.sidecar import gpu, gpu_health
+c = gpu.GpuCollector(lib_path={str(lib)!r})
+real = gpu.read_health
+def run():
+    return sum(len(f.samples) for f in c.collect())
+a, b = [], []
+for _ in range({rounds}):
+    gpu.read_health = lambda h, e: gpu_health.Health()
+    na = run(); a.append(timeit.timeit(run, number={n}) / {n})
+    gpu.read_health = real
+    nb = run(); b.append(timeit.timeit(run, number={n}) / {n})
+ma, mb = statistics.median(a), statistics.median(b)
+print(f"  GPU collect, 8 GPUs, in-process (median of {rounds}): load only {{ma * 1e3:.2f}} ms ({{na}} samples), "
+      f"with health + XIDs {{mb * 1e3:.2f}} ms ({{nb}} samples), +{{(mb - ma) * 1e3:.2f}} ms")
+c.close()
+"""
+    subprocess.run([*pin(1), sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=300)
 
 
 def main() -> None:

@@ -184,9 +184,14 @@ def _minutes(duration: str) -> int:
 
 
 def test_promtool_tests_fix_the_group_order():
-    groups = [g.name for g in alert_rules.groups(T)]
+    # Each file lists the groups it exercises in the generator's order (a file may leave out groups
+    # added later that its alerts do not read, e.g. the GPU health groups in the LLM files).
     for doc in _promtool_tests():
-        assert doc["group_eval_order"] == groups
+        source = "dcgm" if any("dcgm/" in f for f in doc["rule_files"]) else "nvml"
+        groups = [g.name for g in alert_rules.groups(T, source=source)]
+        order = doc["group_eval_order"]
+        assert order == [g for g in groups if g in order] and set(order) <= set(groups), order
+        assert order[0] == groups[0], "recordings first"
 
 
 def test_short_for_replaces_every_for_and_is_valid_for_promtool(tmp_path):

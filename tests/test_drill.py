@@ -63,9 +63,9 @@ def test_compress_rules_keeps_every_rule_and_threshold():
     after = [r for g in compressed["groups"] for r in g["rules"]]
     assert [r.get("alert") or r["record"] for r in after] == [r.get("alert") or r["record"] for r in before]
     for b, a in zip(before, after, strict=True):
-        strip = lambda e: re.sub(r"\[[0-9a-z]+", "[W", e)  # noqa: E731
+        strip = lambda e: re.sub(r"(\[|offset )[0-9a-z]+", r"\1W", e)  # noqa: E731
         assert strip(a["expr"]) == strip(b["expr"])          # thresholds and selectors untouched
-        windows = re.findall(r"\[(\d+)s[\]:]", a["expr"])
+        windows = re.findall(r"\[(\d+)s[\]:]", a["expr"]) + re.findall(r"offset (\d+)s\b", a["expr"])
         assert all(10 <= int(w) <= 20 for w in windows)
         assert a.get("for") == (drill_plan.SHORT_FOR if "for" in b else None)
         assert a.get("labels") == b.get("labels") and a.get("annotations") == b.get("annotations")

@@ -94,6 +94,7 @@ def test_the_wheel_runs_from_an_empty_directory(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for shipped in ("opskit/shipped/loadtests/qps.py", "opskit/shipped/loadtests/slo.yaml",
                     "opskit/shipped/alerts/opskit.rules.yml", "opskit/shipped/alerts/tests/slo.test.yml",
+                    "opskit/shipped/alerts/dcgm/opskit.rules.yml",
                     "opskit/shipped/dashboards/llm_api.dashboard.py", "opskit/shipped/dashboards/generated/gpu.json",
                     "opskit/shipped/deploy/generated/prometheusrule.yaml", "opskit/live/fakenvml/fake_nvml.c"):
         assert shipped in names, shipped

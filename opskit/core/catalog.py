@@ -65,6 +65,34 @@ GPU_UP = _m("opskit_gpu_up", GAUGE, "", "1 when NVML answered at this scrape, el
 GPU_COLLECT_ERRORS = _m("opskit_gpu_collect_errors_total", COUNTER, "",
                         "NVML errors while collecting, by reason.", ("reason",))
 
+# --- GPU health (NVML), issue 13: each is absent where the board or driver does not support it. ---
+GPU_CLOCK = _m("opskit_gpu_clock_hertz", GAUGE, "hertz", "Current clock frequency, by clock (sm, memory).",
+               GPU_LABELS + ("clock",))
+GPU_ENERGY = _m("opskit_gpu_energy_joules_total", COUNTER, "joules",
+                "Energy the GPU consumed since the driver loaded.", GPU_LABELS)
+GPU_PCIE_REPLAYS = _m("opskit_gpu_pcie_replays_total", COUNTER, "",
+                      "PCIe replays (link-level retransmissions) of the GPU.", GPU_LABELS)
+GPU_ECC_UNCORRECTED = _m("opskit_gpu_ecc_uncorrected_errors_total", COUNTER, "",
+                         "Uncorrectable ECC memory errors; scope volatile = since the driver loaded, "
+                         "aggregate = over the GPU's life.", GPU_LABELS + ("scope",))
+GPU_REMAPPED_ROWS = _m("opskit_gpu_remapped_rows", GAUGE, "",
+                       "Memory rows remapped, by the error that caused it (correctable, uncorrectable).",
+                       GPU_LABELS + ("cause",))
+GPU_ROW_REMAP_PENDING = _m("opskit_gpu_row_remap_pending", GAUGE, "",
+                           "1 when a row remap waits for the next GPU reset.", GPU_LABELS)
+GPU_ROW_REMAP_FAILURE = _m("opskit_gpu_row_remap_failure", GAUGE, "",
+                           "1 when a row remap failed (the GPU needs replacing).", GPU_LABELS)
+GPU_THROTTLED = _m("opskit_gpu_clock_throttled", GAUGE, "",
+                   "1 when the clocks are held down for this reason (thermal, power, hw_slowdown).",
+                   GPU_LABELS + ("reason",))
+GPU_XID_ERRORS = _m("opskit_gpu_xid_errors_total", COUNTER, "",
+                    "XID errors the driver reported since the exporter started, by XID code.",
+                    GPU_LABELS + ("xid",))
+THROTTLE_REASONS = ("thermal", "power", "hw_slowdown")
+GPU_HEALTH = (GPU_CLOCK, GPU_ENERGY, GPU_PCIE_REPLAYS, GPU_ECC_UNCORRECTED, GPU_REMAPPED_ROWS,
+              GPU_ROW_REMAP_PENDING, GPU_ROW_REMAP_FAILURE, GPU_THROTTLED, GPU_XID_ERRORS)
+# --- end GPU health ---
+
 LLM_REQUESTS = _m("opskit_llm_requests_total", COUNTER, "",
                   "LLM API calls by HTTP status (0 = transport failure) and error type (empty = success).",
                   CALL_LABELS + ("code", "error_type"))
@@ -95,10 +123,56 @@ BUILD_INFO = _m("opskit_build_info", GAUGE, "", "opskit build; always 1.", ("ver
 
 ALL: tuple[Metric, ...] = (
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER, GPU_INFO, GPU_UP,
-    GPU_COLLECT_ERRORS, LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_IN_FLIGHT,
+    GPU_COLLECT_ERRORS, *GPU_HEALTH,
+    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_IN_FLIGHT,
     LLM_RL_REQUESTS, LLM_RL_TOKENS, LLM_QUOTA_LIMIT, PROBE_SUCCESS, PROBE_DURATION, BUILD_INFO,
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in ALL}
+
+
+# --- dcgm-exporter's series, for the `dcgm` GPU source (opskit.opscode.gpu_rules maps them onto the
+# GPU series above). Names, types and units exactly as in NVIDIA/dcgm-exporter's
+# etc/default-counters.csv at release DCGM_EXPORTER_VERSION; `default` False = commented out there
+# (a cluster must enable it in its own counters file, else the mapping records nothing).
+DCGM_EXPORTER_VERSION = "4.5.3-4.8.2"
+# Labels on every GPU series of that release; pod/namespace/container only with its Kubernetes
+# mapping on. (Its main branch, after that release, renames Hostname to hostname.)
+DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION",
+               "pod", "namespace", "container")
+
+
+@dataclass(frozen=True)
+class DcgmField:
+    """One dcgm-exporter series: Prometheus type, unit as its help text says, on by default."""
+
+    name: str
+    type: str
+    unit: str
+    default: bool = True
+
+
+DCGM_FIELDS: dict[str, DcgmField] = {f.name: f for f in (
+    DcgmField("DCGM_FI_DEV_GPU_UTIL", GAUGE, "percent"),
+    DcgmField("DCGM_FI_DEV_FB_USED", GAUGE, "MiB"),
+    DcgmField("DCGM_FI_DEV_FB_FREE", GAUGE, "MiB"),
+    DcgmField("DCGM_FI_DEV_FB_RESERVED", GAUGE, "MiB"),
+    DcgmField("DCGM_FI_DEV_GPU_TEMP", GAUGE, "celsius"),
+    DcgmField("DCGM_FI_DEV_POWER_USAGE", GAUGE, "watts"),
+    DcgmField("DCGM_FI_DEV_SM_CLOCK", GAUGE, "MHz"),
+    DcgmField("DCGM_FI_DEV_MEM_CLOCK", GAUGE, "MHz"),
+    DcgmField("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", COUNTER, "mJ"),
+    DcgmField("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", COUNTER, ""),
+    DcgmField("DCGM_FI_DEV_XID_ERRORS", GAUGE, "last XID code"),
+    DcgmField("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", COUNTER, ""),
+    DcgmField("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", COUNTER, ""),
+    DcgmField("DCGM_FI_DEV_ROW_REMAP_FAILURE", GAUGE, "0/1"),
+    DcgmField("DCGM_FI_PROF_GR_ENGINE_ACTIVE", GAUGE, "ratio"),
+    DcgmField("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", COUNTER, "", default=False),
+    DcgmField("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", COUNTER, "", default=False),
+    DcgmField("DCGM_FI_DEV_POWER_VIOLATION", COUNTER, "ns", default=False),
+    DcgmField("DCGM_FI_DEV_THERMAL_VIOLATION", COUNTER, "ns", default=False),
+)}
+# --- end dcgm-exporter ---
 
 
 def all_series() -> set[str]:

@@ -38,9 +38,14 @@ def compress_window(duration: str) -> str:
     return f"{round(s)}s"
 
 
+# An `offset` (GPU XID rules: "a series that did not exist 10m ago") is a window too.
+_OFFSET = re.compile(r"\boffset ((?:\d+(?:ms|s|m|h|d|w|y))+)")
+
+
 def compress_expr(expr: str) -> str:
-    """Every range window in a PromQL expression compressed."""
-    return _RANGE.sub(lambda m: "[" + compress_window(m.group(1)), expr)
+    """Every range window and offset in a PromQL expression compressed."""
+    expr = _RANGE.sub(lambda m: "[" + compress_window(m.group(1)), expr)
+    return _OFFSET.sub(lambda m: "offset " + compress_window(m.group(1)), expr)
 
 
 def compress_rules(text: str, short_for: str = SHORT_FOR) -> str:
@@ -139,6 +144,19 @@ PHASES: tuple[Phase, ...] = (
           required=frozenset({"OpskitGPUMetricsMissing"}), scope=_INSTANCE),
     # A flaky power sensor: NVML errors are counted (a dashboard panel), yet no alert is due.
     Phase("nvml-field-error", "NVML power reads fail on GPU 0", gpu={"power_mw": "!"}, hold_s=6.0),
+    # GPU health (issue 13): a failing GPU pages (GPUHardwareErrors names what failed), a throttled
+    # one warns, a pending row remap opens a ticket. Clearing the fault resets the GPU (ECC count 0).
+    Phase("gpu-ecc", "an uncorrectable ECC error on GPU 0", gpu={"ecc_volatile": 1},
+          required=frozenset({"GPUHardwareErrors"}), scope={"gpu": "0", "error": "uncorrectable_ecc", **_INSTANCE}),
+    # XID 79: the GPU fell off the bus, delivered by NVML's event API to the exporter's XID thread.
+    Phase("gpu-xid79", "GPU 0 reports XID 79 (fell off the bus)", gpu={"xids": (79,)},
+          required=frozenset({"GPUHardwareErrors"}), scope={"gpu": "0", "error": "xid_79", "xid": "79", **_INSTANCE}),
+    Phase("gpu-thermal", "GPU 0 clocks held down by hardware thermal slowdown", gpu={"clocks_event_reasons": 0x40},
+          required=frozenset({"GPUThermalThrottling"}), scope={"gpu": "0", "reason": "thermal", **_INSTANCE}),
+    Phase("gpu-power", "GPU 0 clocks held at its power cap", gpu={"clocks_event_reasons": 0x4},
+          required=frozenset({"GPUPowerThrottling"}), scope={"gpu": "0", "reason": "power", **_INSTANCE}),
+    Phase("gpu-row-remap", "GPU 0 has a row remap pending a reset", gpu={"remap_pending": 1},
+          required=frozenset({"GPURowRemapPending"}), scope={"gpu": "0", **_INSTANCE}),
     # The exporter stops answering scrapes (frozen, so its port stays open and scrapes time out).
     Phase("exporter-down", "the exporter frozen (SIGSTOP)", stop_exporter=True,
           required=frozenset({"OpskitExporterDown"}), scope=_INSTANCE),

@@ -29,10 +29,11 @@ DEFAULT_EXPORTER_JOB = ".*opskit.*"
 
 @dataclass(frozen=True)
 class Recording:
-    """A recording rule."""
+    """A recording rule; `labels` are added to what it records (several rules may then share a name)."""
 
     record: str
     expr: str
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,9 @@ def recordings() -> tuple[Recording, ...]:
 
 def recording_names() -> set[str]:
     """Names of opskit's own recording rules."""
-    return {r.record for r in recordings()}
+    from opskit.opscode import gpu_rules  # it builds on this module's types
+
+    return {r.record for r in recordings()} | gpu_rules.recording_names()
 
 
 def llm_alerts(t: Thresholds) -> tuple[Alert, ...]:
@@ -203,16 +206,21 @@ def instance_alerts(t: Thresholds, exporter_job: str = DEFAULT_EXPORTER_JOB) -> 
     )
 
 
-def groups(t: Thresholds, exporter_job: str = DEFAULT_EXPORTER_JOB) -> tuple[Group, ...]:
-    """All rule groups, in file order."""
+def groups(t: Thresholds, exporter_job: str = DEFAULT_EXPORTER_JOB, **gpu) -> tuple[Group, ...]:
+    """All rule groups, in file order. `gpu` passes `source` and `dcgm_job` to opskit.opscode.gpu_rules."""
+    from opskit.opscode import gpu_rules  # it builds on this module's types
+
     return (
         Group("opskit.llm.recording", recordings()),
         Group("opskit.llm.alerts", llm_alerts(t)),
         Group("opskit.slo.alerts", slo_alerts(t)),
+        # Before the instance alerts, so that GPUHighUtilization reads this evaluation's mapped series.
+        gpu_rules.recording_group(t, **gpu),
         Group("opskit.instance.alerts", instance_alerts(t, exporter_job)),
+        gpu_rules.alert_group(t),
     )
 
 
-def all_alerts(t: Thresholds, exporter_job: str = DEFAULT_EXPORTER_JOB) -> list[Alert]:
+def all_alerts(t: Thresholds, exporter_job: str = DEFAULT_EXPORTER_JOB, **gpu) -> list[Alert]:
     """Every alert, flattened."""
-    return [r for g in groups(t, exporter_job) for r in g.rules if isinstance(r, Alert)]
+    return [r for g in groups(t, exporter_job, **gpu) for r in g.rules if isinstance(r, Alert)]

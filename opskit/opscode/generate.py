@@ -75,6 +75,11 @@ def generate() -> None:
 @click.option("--exporter-job", default=alert_rules.DEFAULT_EXPORTER_JOB, show_default=True,
               help="Regex the opskit exporter's scrape `job` label matches.")
 @click.option("--runbook-base", default="alerts/runbook.md", show_default=True, help="URL of runbook.md.")
+@click.option("--gpu-source", type=click.Choice(["nvml", "dcgm", "both"]), default="nvml", show_default=True,
+              help="Where GPU series come from: opskit's NVML collector, NVIDIA's dcgm-exporter (mapped onto "
+                   "opskit's names by recording rules), or both (one source per node).")
+@click.option("--dcgm-job", default=".*dcgm.*", show_default=True,
+              help="Regex the dcgm-exporter's scrape `job` label matches (its `up` is opskit_gpu_up).")
 @click.option("--receiver-url", envvar="OPSKIT_ALERT_RECEIVER_URL",
               help="Send every receiver to this one webhook URL (drills); $OPSKIT_ALERT_RECEIVER_URL.")
 @click.option("--pager-url", envvar="OPSKIT_ALERT_PAGER_URL", default=routing.DEFAULT_URLS["pager"],

@@ -45,7 +45,7 @@ def anchor(name: str) -> str:
 
 def _rule(rule: Recording | Alert, short_for: str | None, runbook_base: str) -> dict:
     if isinstance(rule, Recording):
-        return {"record": rule.record, "expr": rule.expr}
+        return {"record": rule.record, "expr": rule.expr, **({"labels": rule.labels} if rule.labels else {})}
     out: dict = {"alert": rule.name, "expr": rule.expr}
     if rule.for_:
         out["for"] = short_for or rule.for_
@@ -64,14 +64,16 @@ def _check_duration(flag: str, value: str | None) -> None:
 
 
 def render_rules(thresholds: Thresholds, *, short_for: str | None = None, eval_interval: str | None = None,
-                 exporter_job: str = alert_rules.DEFAULT_EXPORTER_JOB, runbook_base: str = RUNBOOK_BASE) -> str:
+                 exporter_job: str = alert_rules.DEFAULT_EXPORTER_JOB, runbook_base: str = RUNBOOK_BASE,
+                 gpu_source: str = "nvml", dcgm_job: str = ".*dcgm.*") -> str:
     """The Prometheus rules file. `short_for` replaces every alert's `for:` (live drills);
     `eval_interval` sets each group's evaluation interval; `exporter_job` is the regex that the
-    exporter's scrape job matches."""
+    exporter's scrape job matches; `gpu_source` (nvml, dcgm, both) and `dcgm_job` choose where GPU
+    series come from (opskit.opscode.gpu_rules)."""
     _check_duration("short_for", short_for)
     _check_duration("eval_interval", eval_interval)
     out = []
-    for group in alert_rules.groups(thresholds, exporter_job):
+    for group in alert_rules.groups(thresholds, exporter_job, source=gpu_source, dcgm_job=dcgm_job):
         g: dict = {"name": group.name}
         if eval_interval:
             g["interval"] = eval_interval

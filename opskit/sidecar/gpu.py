@@ -1,8 +1,9 @@
 """GPU series read from NVML at scrape time; the only module that imports pynvml.
 
 `GpuCollector` is a custom collector (the shape of prometheus_client's process_collector): each
-scrape asks NVML for every visible GPU and yields metric families named by the catalogue. There is
-no background thread; NVML is only touched while Prometheus scrapes.
+scrape asks NVML for every visible GPU and yields metric families named by the catalogue. Readings
+are only taken while Prometheus scrapes; the one background thread waits for XID events
+(opskit.sidecar.gpu_health.XidWatcher) and never holds up a scrape.
 
 Failure policy, so that one bad GPU never costs the others their series:
 - no NVML library (a machine without a GPU): GPU series absent, `opskit_gpu_up 0`, one log line,
@@ -30,6 +31,8 @@ from prometheus_client.registry import Collector
 
 from opskit.core import catalog
 from opskit.core.records import GpuSample
+from opskit.sidecar import gpu_health
+from opskit.sidecar.gpu_health import Health, XidWatcher
 
 log = logging.getLogger("opskit.sidecar.gpu")
 
@@ -149,6 +152,14 @@ def read_sample(handle: object, index: int, uuid: str, name: str, errors: dict[s
                      temperature_celsius=temp, power_watts=power)
 
 
+def read_health(handle: object, errors: dict[str, float]) -> Health:
+    """One GPU's health readings (opskit.sidecar.gpu_health) under the same failure policy."""
+    try:
+        return gpu_health.read_health(handle, lambda read: _field(errors, read))
+    except _FieldError as exc:
+        raise exc.__cause__ from None
+
+
 class GpuCollector(Collector):
     """Scrape-time NVML collector. Register it in a registry: `registry.register(GpuCollector())`.
 
@@ -174,18 +185,27 @@ class GpuCollector(Collector):
         self._uuids: dict[int, str] = {}        # index -> UUID, kept when a GPU is lost (visibility)
         self._failing: set[int] = set()         # GPUs whose loss was already logged
         self.errors: dict[str, float] = {}      # reason -> count, persists across scrapes
+        self._xids = XidWatcher(reason)         # XID events, in its own thread, per NVML session
+        self._xid_totals: dict[tuple[str, str, str], float] = {}  # counts of past sessions' watchers
 
     def collect(self) -> Iterator[Metric]:
         """Yield the GPU families for this scrape (called by the registry)."""
         with self._lock:
             try:
-                up, samples = self._scrape()
+                up, read = self._scrape()
             except Exception as exc:  # a collector that raises would fail the whole /metrics page
                 log.warning("NVML collection failed: %s: %s", type(exc).__name__, exc)
                 self._count("unknown")
-                up, samples = False, []
+                up, read = False, []
+            xids, xid_errors = self._xids.counts()
+            for key, n in self._xid_totals.items():
+                xids[key] = xids.get(key, 0) + n
             errors = dict(self.errors)
+            for why, n in xid_errors.items():
+                errors[why] = errors.get(why, 0) + n
+        samples = [s for s, _ in read]
         yield from _families(samples, self._driver)
+        yield from gpu_health.families([(s.index, s.uuid, h) for s, h in read], xids)
         g = GaugeMetricFamily(catalog.GPU_UP.name, catalog.GPU_UP.help, value=1.0 if up else 0.0)
         yield g
         c = CounterMetricFamily(catalog.GPU_COLLECT_ERRORS.name, catalog.GPU_COLLECT_ERRORS.help,
@@ -198,6 +218,7 @@ class GpuCollector(Collector):
         """The families this collector may yield, without touching NVML (for the registry's name checks)."""
         for m in (*(metric for metric, _ in _GAUGES), catalog.GPU_INFO, catalog.GPU_UP):
             yield GaugeMetricFamily(m.name, m.help, labels=m.labels or None)
+        yield from gpu_health.describe()
         yield CounterMetricFamily(catalog.GPU_COLLECT_ERRORS.name, catalog.GPU_COLLECT_ERRORS.help,
                                   labels=catalog.GPU_COLLECT_ERRORS.labels)
 
@@ -206,13 +227,24 @@ class GpuCollector(Collector):
         with self._lock:
             if self._initialized:
                 self._initialized = False
+                self._stop_xids(join=True)
                 with contextlib.suppress(pynvml.NVMLError):
                     pynvml.nvmlShutdown()
+
+    def _stop_xids(self, join: bool = False) -> None:
+        """End this session's XID watcher, keeping its counts (a counter never goes down)."""
+        self._xids.stop(join)
+        counts, errors = self._xids.counts()
+        for key, n in counts.items():
+            self._xid_totals[key] = self._xid_totals.get(key, 0) + n
+        for why, n in errors.items():
+            self._count(why, n)
+        self._xids = XidWatcher(reason)
 
     def _count(self, why: str, n: float = 1) -> None:
         self.errors[why] = self.errors.get(why, 0) + n
 
-    def _scrape(self) -> tuple[bool, list[GpuSample]]:
+    def _scrape(self) -> tuple[bool, list[tuple[GpuSample, Health]]]:
         if not self._initialized and not self._init():
             return False, []
         try:
@@ -231,7 +263,7 @@ class GpuCollector(Collector):
             self._check_selection(count, samples)
         return True, samples
 
-    def _check_selection(self, count: int, samples: list[GpuSample]) -> None:
+    def _check_selection(self, count: int, samples: list) -> None:
         """Once per NVML session: a device list that names no GPU NVML sees (a typo, a stale UUID) would
         otherwise leave `opskit_gpu_up 1` and no GPU series without a word."""
         self._selection_checked = True
@@ -272,6 +304,7 @@ class GpuCollector(Collector):
         log.warning("NVML session lost (%s); re-initialising at a later scrape", why)
         self._initialized, self._last_init_error = False, why
         self._devices.clear()
+        self._stop_xids()
 
     def _device(self, index: int) -> _Device:
         dev = self._devices.get(index)
@@ -282,7 +315,7 @@ class GpuCollector(Collector):
             self._uuids[index] = dev.uuid
         return dev
 
-    def _read(self, index: int) -> GpuSample | None:
+    def _read(self, index: int) -> tuple[GpuSample, Health] | None:
         """One GPU's sample, or None when it is not visible here or failed as a whole."""
         sel = self._selectors
         if sel is not None and str(index) not in sel:
@@ -296,6 +329,8 @@ class GpuCollector(Collector):
             if not is_visible(self._selectors, index, dev.uuid):
                 return None
             sample = read_sample(dev.handle, index, dev.uuid, dev.name, self.errors)
+            health = read_health(dev.handle, self.errors)
+            self._xids.register(index, dev.uuid, dev.handle)
         except pynvml.NVMLError as exc:
             self._devices.pop(index, None)  # ask for a fresh handle next time
             self._count(reason(exc))
@@ -306,7 +341,7 @@ class GpuCollector(Collector):
         if index in self._failing:
             log.info("GPU %d reporting again", index)
             self._failing.discard(index)
-        return sample
+        return sample, health
 
 
 _GAUGES = (

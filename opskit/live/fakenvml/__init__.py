@@ -27,6 +27,11 @@ STATE_ENV = "FAKE_NVML_STATE"
 NOT_SUPPORTED = "-"     # a field value: that query returns NVML_ERROR_NOT_SUPPORTED
 UNKNOWN_ERROR = "!"     # a field value: that query returns NVML_ERROR_UNKNOWN
 GIB = 1 << 30
+# NVML clocks-event-reason bits (nvml.h nvmlClocksEventReason*), for FakeGpu.clocks_event_reasons.
+THROTTLE_POWER_CAP = 0x4
+THROTTLE_HW_SLOWDOWN = 0x8
+THROTTLE_SW_THERMAL = 0x20
+THROTTLE_HW_THERMAL = 0x40
 
 Field = int | str
 
@@ -44,10 +49,29 @@ class FakeGpu:
     temp: Field = 40        # celsius
     power_mw: Field = 100_000
     lost: bool = False
+    # Health readings (fake_nvml.c documents them): clocks in MHz, energy in mJ since the driver
+    # loaded, NVML's clocks-event-reasons bitmask (THROTTLE_*), and the XID codes the GPU has had,
+    # oldest first (None: the GPU does not support XID events).
+    sm_clock_mhz: Field = 1980
+    mem_clock_mhz: Field = 2619
+    energy_mj: Field = 1_000_000
+    pcie_replays: Field = 0
+    ecc_volatile: Field = 0         # uncorrectable ECC errors since the driver loaded
+    ecc_aggregate: Field = 0        # ... over the GPU's life
+    remapped_correctable: Field = 0  # also carries the error of the whole remapped-rows query
+    remapped_uncorrectable: int = 0
+    remap_pending: int = 0
+    remap_failure: int = 0
+    clocks_event_reasons: Field = 0
+    xids: tuple[int, ...] | None = ()
 
     def line(self) -> str:
-        fields = (self.util, self.mem_used, self.mem_total, self.temp, self.power_mw, int(self.lost))
-        return " ".join([str(self.index), self.uuid, self.name.replace(" ", "_"), *map(str, fields)])
+        fields = (self.util, self.mem_used, self.mem_total, self.temp, self.power_mw, int(self.lost),
+                  self.sm_clock_mhz, self.mem_clock_mhz, self.energy_mj, self.pcie_replays, self.ecc_volatile,
+                  self.ecc_aggregate, self.remapped_correctable, self.remapped_uncorrectable, self.remap_pending,
+                  self.remap_failure, self.clocks_event_reasons)
+        xids = "-" if self.xids is None else ",".join(map(str, self.xids)) or "."
+        return " ".join([str(self.index), self.uuid, self.name.replace(" ", "_"), *map(str, fields), xids])
 
 
 def uuid_for(index: int) -> str:

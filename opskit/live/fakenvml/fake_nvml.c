@@ -16,6 +16,15 @@
  *     driver 550.54.15          optional: what nvmlSystemGetDriverVersion returns (default 999.99)
  *     init 0                    optional: the code nvmlInitWithFlags returns (e.g. 9 = driver not loaded)
  *     <index> <uuid> <name> <util_pct> <mem_used_bytes> <mem_total_bytes> <temp_c> <power_mw> <lost>
+ *         [<sm_clock_mhz> <mem_clock_mhz> <energy_mj> <pcie_replays> <ecc_unc_volatile> <ecc_unc_aggregate>
+ *          <remapped_correctable> <remapped_uncorrectable> <remap_pending> <remap_failure>
+ *          <clocks_event_reasons> <xids>]
+ *
+ * The bracketed health fields are optional (missing ones read 0). <clocks_event_reasons> is NVML's
+ * bitmask (0x4 power cap, 0x8 hw slowdown, 0x20/0x40 sw/hw thermal...), in decimal. <xids> lists the
+ * XID codes the GPU has had, oldest first, comma-separated (`.` = none, `-` = events not supported):
+ * an event set registered for XID events delivers, through nvmlEventSetWait_v2, each code appended
+ * after it was registered (as the real driver delivers only new events).
  *
  * One GPU line per device, index 0, 1, 2, ... in order (a gap makes nvmlDeviceGetCount fail with
  * NVML_ERROR_UNKNOWN). <name> uses `_` for spaces (NVIDIA_H100_80GB_HBM3). <lost> 1 makes every call
@@ -36,21 +45,36 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "nvml.h"
 
 #define MAX_GPUS 64
 #define STR_LEN 96
-#define NFIELDS 6 /* util, mem_used, mem_total, temp, power, lost */
+#define MAX_XIDS 64
 
-enum { F_UTIL, F_MEM_USED, F_MEM_TOTAL, F_TEMP, F_POWER, F_LOST };
+enum {
+    F_UTIL, F_MEM_USED, F_MEM_TOTAL, F_TEMP, F_POWER, F_LOST,
+    F_SM_CLOCK, F_MEM_CLOCK, F_ENERGY, F_PCIE_REPLAYS, F_ECC_VOL, F_ECC_AGG,
+    F_REMAP_CORR, F_REMAP_UNC, F_REMAP_PENDING, F_REMAP_FAILURE, F_EVENT_REASONS,
+    NFIELDS
+};
 
 typedef struct {
     char uuid[STR_LEN];
     char name[STR_LEN];
     unsigned long long value[NFIELDS];
     nvmlReturn_t err[NFIELDS]; /* NVML_SUCCESS, or what querying that field returns */
+    unsigned long long xids[MAX_XIDS];
+    int nxids;
+    int events_unsupported;
 } fake_gpu;
+
+/* An event set: which GPUs it listens to, and how many of each GPU's XIDs it has delivered. */
+struct nvmlEventSet_st {
+    int registered[MAX_GPUS];
+    int delivered[MAX_GPUS];
+};
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int initialized;
@@ -59,6 +83,7 @@ static int gpu_count;
 static int state_ok;        /* the state file was read and is well formed */
 static int state_bad_index; /* GPU lines out of order */
 static nvmlReturn_t init_code;
+static int sets_alive; /* event sets not yet freed (what a test may check after shutdown) */
 static char driver[STR_LEN] = "999.99";
 static struct stat last_stat;
 
@@ -99,6 +124,14 @@ static void parse_gpu_line(char *line) {
     for (int f = 0; f < NFIELDS; f++) {
         char *v = strtok_r(NULL, " \t\r\n", &save);
         parse_field(v ? v : "0", &g->value[f], &g->err[f]);
+    }
+    char *x = strtok_r(NULL, " \t\r\n", &save);
+    if (x != NULL && strcmp(x, "-") == 0) {
+        g->events_unsupported = 1;
+    } else if (x != NULL && strcmp(x, ".") != 0) {
+        char *xsave = NULL;
+        for (char *code = strtok_r(x, ",", &xsave); code && g->nxids < MAX_XIDS; code = strtok_r(NULL, ",", &xsave))
+            g->xids[g->nxids++] = strtoull(code, NULL, 10);
     }
     gpu_count++;
 }
@@ -314,4 +347,146 @@ nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power) {
     if (ret == NVML_SUCCESS)
         *power = (unsigned int)v;
     return ret;
+}
+
+/* ---- GPU health readings (issue 13) ------------------------------------------------------------ */
+
+nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, nvmlClockType_t type, unsigned int *clock) {
+    unsigned long long v;
+    if (clock == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    int field = type == NVML_CLOCK_MEM ? F_MEM_CLOCK : type == NVML_CLOCK_SM || type == NVML_CLOCK_GRAPHICS
+                                                           ? F_SM_CLOCK : -1;
+    if (field < 0)
+        return NVML_ERROR_NOT_SUPPORTED;
+    nvmlReturn_t ret = get_field(device, field, &v);
+    if (ret == NVML_SUCCESS)
+        *clock = (unsigned int)v;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *energy) {
+    if (energy == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    return get_field(device, F_ENERGY, energy);
+}
+
+nvmlReturn_t nvmlDeviceGetPcieReplayCounter(nvmlDevice_t device, unsigned int *value) {
+    unsigned long long v;
+    if (value == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = get_field(device, F_PCIE_REPLAYS, &v);
+    if (ret == NVML_SUCCESS)
+        *value = (unsigned int)v;
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, nvmlMemoryErrorType_t errorType,
+                                         nvmlEccCounterType_t counterType, unsigned long long *eccCounts) {
+    if (eccCounts == NULL || counterType > NVML_AGGREGATE_ECC)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = get_field(device, counterType == NVML_VOLATILE_ECC ? F_ECC_VOL : F_ECC_AGG, eccCounts);
+    if (ret == NVML_SUCCESS && errorType != NVML_MEMORY_ERROR_TYPE_UNCORRECTED)
+        *eccCounts = 0; /* the fake's boards never see a corrected error */
+    return ret;
+}
+
+nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t device, unsigned int *corrRows, unsigned int *uncRows,
+                                       unsigned int *isPending, unsigned int *failureOccurred) {
+    fake_gpu *g;
+    if (corrRows == NULL || uncRows == NULL || isPending == NULL || failureOccurred == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = enter_device(device, &g);
+    if (ret == NVML_SUCCESS && (ret = g->err[F_REMAP_CORR]) == NVML_SUCCESS) {
+        *corrRows = (unsigned int)g->value[F_REMAP_CORR];
+        *uncRows = (unsigned int)g->value[F_REMAP_UNC];
+        *isPending = (unsigned int)g->value[F_REMAP_PENDING];
+        *failureOccurred = (unsigned int)g->value[F_REMAP_FAILURE];
+    }
+    return leave(ret);
+}
+
+nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, unsigned long long *reasons) {
+    if (reasons == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    return get_field(device, F_EVENT_REASONS, reasons);
+}
+
+nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device, unsigned long long *reasons) {
+    return nvmlDeviceGetCurrentClocksEventReasons(device, reasons);
+}
+
+/* ---- XID events ------------------------------------------------------------------------------- */
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set) {
+    if (set == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&lock);
+    if (!initialized)
+        return leave(NVML_ERROR_UNINITIALIZED);
+    *set = calloc(1, sizeof(struct nvmlEventSet_st));
+    if (*set == NULL)
+        return leave(NVML_ERROR_MEMORY);
+    sets_alive++;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set) {
+    if (set == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    pthread_mutex_lock(&lock);
+    free(set);
+    sets_alive--;
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long eventTypes, nvmlEventSet_t set) {
+    fake_gpu *g;
+    if (set == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = enter_device(device, &g);
+    if (ret != NVML_SUCCESS)
+        return leave(ret);
+    if (g->events_unsupported || !(eventTypes & nvmlEventTypeXidCriticalError))
+        return leave(NVML_ERROR_NOT_SUPPORTED);
+    int i = (int)((uintptr_t)device - 1);
+    set->registered[i] = 1;
+    set->delivered[i] = g->nxids; /* only XIDs from now on */
+    return leave(NVML_SUCCESS);
+}
+
+/* The next undelivered XID of a registered GPU, or NVML_ERROR_TIMEOUT after `timeoutms`. Sleeps
+ * without the lock, so that readings (scrapes) are never held up by a waiting event thread. */
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms) {
+    struct timespec start, now, nap = {0, 5 * 1000 * 1000};
+    if (set == NULL || data == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        pthread_mutex_lock(&lock);
+        if (!initialized)
+            return leave(NVML_ERROR_UNINITIALIZED);
+        refresh();
+        for (int i = 0; i < gpu_count; i++) {
+            fake_gpu *g = &gpus[i];
+            if (!set->registered[i])
+                continue;
+            if (set->delivered[i] > g->nxids) /* the state file was rewritten with fewer XIDs */
+                set->delivered[i] = g->nxids;
+            if (set->delivered[i] < g->nxids) {
+                memset(data, 0, sizeof(*data));
+                data->device = (nvmlDevice_t)(uintptr_t)(i + 1);
+                data->eventType = nvmlEventTypeXidCriticalError;
+                data->eventData = g->xids[set->delivered[i]++];
+                data->gpuInstanceId = data->computeInstanceId = 0xFFFFFFFF;
+                return leave(NVML_SUCCESS);
+            }
+        }
+        pthread_mutex_unlock(&lock);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long elapsed_ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+        if (elapsed_ms >= (long)timeoutms)
+            return NVML_ERROR_TIMEOUT;
+        nanosleep(&nap, NULL);
+    }
 }
