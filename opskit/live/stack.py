@@ -112,6 +112,8 @@ class Stack:
             comps = [Component.from_json(dict(c)) for c in data["components"]]
         except FileNotFoundError:
             return None
+        except OSError as exc:  # not a directory, unreadable: one line, not a traceback
+            raise StackError(f"cannot read {state_dir}/state.json: {exc.strerror or exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise StackError(f"{state_dir}/state.json is damaged ({exc.__class__.__name__}); "
                              f"stop its processes by hand and remove it") from None
@@ -321,8 +323,11 @@ def up(spec: StackSpec) -> Stack:
         from opskit.core import config as cfgmod
 
         cfgmod.load(spec.config, spec.target).target()  # ConfigError (exit 2) before anything starts
-    spec.state_dir.mkdir(parents=True, exist_ok=True)
-    (spec.state_dir / "state.json").unlink(missing_ok=True)
+    try:
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        (spec.state_dir / "state.json").unlink(missing_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        raise StackError(f"cannot use the state dir {spec.state_dir}: {exc.strerror or exc}") from None
     st = _Starter(spec)
     try:
         _start_all(st)
