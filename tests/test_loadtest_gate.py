@@ -207,3 +207,30 @@ def test_sigterm_stops_the_run_and_every_helper(tmp_path):
             continue
         with open(f"/proc/{pid}/stat") as f:  # gone, or at worst a zombie awaiting its reaper
             assert f.read().split(") ")[1][0] == "Z", f"helper {pid} outlived the run"
+
+
+def test_sigterm_while_the_helpers_start_leaves_none_running(tmp_path):
+    """SIGTERM while the exporter starts (the mock is up): both were local to the start-up code, which
+    had not yet handed them to anything that would stop them, so both outlived the run."""
+    import signal
+    import time
+
+    from conftest import kill_leftovers, running_under
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSKIT_")}
+    out = tmp_path / "reports"
+    proc = subprocess.Popen([sys.executable, "-m", "opskit", "loadtest", "qps", "--duration", "60", "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(out.glob("*/mock-ready.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(out.glob("*/mock-ready.json")), "the mock did not start"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and "Traceback" not in err.decode(), err.decode()
+        assert running_under(out) == [], "a helper outlived the interrupted run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_leftovers(out)

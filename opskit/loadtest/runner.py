@@ -92,20 +92,21 @@ class Target:
 
 def open_target(opts: Options, run_dir: Path, target_url: str | None) -> Target:
     """Start the embedded mock when there is no target, then the metering proxy in front of it."""
-    admin = None
-    children: list[Child] = []
-    if target_url is None:
-        mock, info = services.start_mock(run_dir, opts.mock_args)
-        children.append(mock)
-        target_url, admin = info["url"], info["admin_url"]
-    t = Target(url=target_url, send_url=target_url, admin_url=admin, children=children)
-    if opts.proxy and opts.transport != "ws":  # the proxy meters HTTP; a WebSocket run never passes it
-        try:
-            exp, info = services.start_exporter(run_dir, target_url, opts.config)
-            t.children.append(exp)
-            t.send_url, t.metrics_url = info["proxy_url"], info["url"]
-        except processes.SuperviseError as exc:
-            t.notes.append(f"metering proxy unavailable, going direct ({exc})")
+    t = Target(url=target_url or "", send_url=target_url or "")
+    try:  # each helper is listed in t.children as it starts, so an interruption stops it
+        if target_url is None:
+            _, info = services.start_mock(run_dir, opts.mock_args, into=t.children)
+            t.url = t.send_url = info["url"]
+            t.admin_url = info["admin_url"]
+        if opts.proxy and opts.transport != "ws":  # the proxy meters HTTP; a WebSocket run never passes it
+            try:
+                _, info = services.start_exporter(run_dir, t.url, opts.config, into=t.children)
+                t.send_url, t.metrics_url = info["proxy_url"], info["url"]
+            except processes.SuperviseError as exc:
+                t.notes.append(f"metering proxy unavailable, going direct ({exc})")
+    except BaseException:  # interrupted (SIGTERM, Ctrl-C) while starting: the caller has no Target to close
+        t.close()
+        raise
     return t
 
 
@@ -162,21 +163,21 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
     try:
         if p.workers <= 1:
             env[ENV] = p.to_env()
-            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, []), log, env)
-            children.append(master)
+            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, []), log, env,
+                                           into=children)
         else:
             port = processes.free_port()
             env[ENV] = p.to_env()
             role = ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
                     "--expect-workers", str(p.workers), "--expect-workers-max-wait", "30"]
-            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, role), log, env)
-            children.append(master)
+            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, role), log, env,
+                                           into=children)
             for i in range(p.workers):
                 wenv = {**env, ENV: replace(p, worker=i).to_env()}
-                children.append(processes.spawn(
-                    f"locust worker {i}", [sys.executable, "-m", "locust", "-f", str(locustfile), "--worker",
-                                           "--master-host", "127.0.0.1", "--master-port", str(port),
-                                           "--loglevel", "WARNING"], ldir / f"{p.scenario}-worker{i}.log", wenv)[0])
+                processes.spawn(f"locust worker {i}", [sys.executable, "-m", "locust", "-f", str(locustfile),
+                                                       "--worker", "--master-host", "127.0.0.1", "--master-port",
+                                                       str(port), "--loglevel", "WARNING"],
+                                ldir / f"{p.scenario}-worker{i}.log", wenv, into=children)
         _watch(master, proc, p, Path(str(prefix) + "_stats_history.csv"), progress)
         return proc.returncode
     finally:
