@@ -32,6 +32,19 @@ USAGE_ERRORS = [
      "Error: Invalid value for '--tolerance': 'nan' is not a finite number."),
     (["exporter", "--drain-s", "inf"], "Error: Invalid value for '--drain-s': 'inf' is not a finite number."),
     (["drill", "--rps", "nan"], "Error: Invalid value for '--rps': 'nan' is not a finite number."),
+    # beyond what one Locust process generates: `--rate 1e12` never ended, `--users 1000000` still ran at 40 s
+    (["loadtest", "qps", "--rate", "1e12", "--duration", "1"],
+     "Error: --rate 1,000,000,000,000: one Locust process offers at most 2,500 req/s (bench/README.md), so 2,500 "
+     "with --processes 1; more than one machine's 64 processes: use distributed Locust "
+     "(deploy/locust-release-job.yaml, README: Load beyond one machine)"),
+    (["loadtest", "qps", "--rate", "6000", "--processes", "2"],
+     "Error: --rate 6,000: one Locust process offers at most 2,500 req/s (bench/README.md), so 5,000 with "
+     "--processes 2; use --processes 3 (a core each) or distributed Locust (deploy/locust-release-job.yaml, "
+     "README: Load beyond one machine)"),
+    (["loadtest", "streaming", "conversation", "--users", "1000000", "--duration", "1"],
+     "Error: --users 1,000,000: one Locust process runs at most 1,000 users (bench/README.md), so 1,000 with "
+     "--processes 1; more than one machine's 64 processes: use distributed Locust (deploy/locust-release-job.yaml, "
+     "README: Load beyond one machine)"),
 ]
 
 

@@ -174,6 +174,35 @@ def test_hmac_auth_from_config_through_the_proxy_and_no_secret_leaks(tmp_path, s
     assert "client_error" in proc.stdout
 
 
+def test_an_overloaded_open_loop_scheduler_still_ends_with_its_run(tmp_path):
+    """Far more arrivals than one process can send (a hand-run or distributed Locust can ask for them;
+    `opskit loadtest` refuses): the scheduler never yielded when behind, so Locust could not stop it,
+    and a 1 s run wrote 80 MB of "dropped" rows without end."""
+    import socket
+
+    from opskit.loadtest.log import read_rows
+    from opskit.loadtest.params import ENV, RunParams
+
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers: one request hangs
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        params = RunParams(scenario="qps", run_dir=str(tmp_path), base_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                           duration=1.0, users=1, timeout_s=2.0, stream=False, max_inflight=1,
+                           arrival={"kind": "fixed", "rate": 1e9})
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPSKIT_")}, ENV: params.to_env()}
+        proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "qps.py"), "--headless",
+                               "-u", "1", "-r", "1", "--run-time", "3s", "--stop-timeout", "4", "--only-summary",
+                               "--loglevel", "WARNING", "--exit-code-on-error", "0"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "log" / "lag-qps-0.json").exists()  # Locust's stop ran its hooks: a normal end
+    rows = read_rows(tmp_path / "log")
+    sent = [r for r in rows if r.get("error") != "dropped: max in-flight reached"]
+    assert [r["t_sent"] is not None for r in sent] == [True]  # the one request in flight; all else dropped
+    assert len(rows) > 1
+    assert "Traceback" not in proc.stderr
+
+
 def test_sigterm_stops_the_run_and_every_helper(tmp_path):
     """A CI timeout's SIGTERM ends the run with 143 and leaves no mock or exporter behind."""
     import signal
