@@ -203,6 +203,31 @@ def test_an_overloaded_open_loop_scheduler_still_ends_with_its_run(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_refused_oauth2_credentials_stop_the_run_with_one_line(tmp_path, start_mock):
+    # A wrong client secret fetched a token for every request (~200 a second), killed each request's
+    # greenlet with a traceback and ended in "no request completed" after the whole duration.
+    import urllib.request
+
+    mock = start_mock("--auth", "oauth2", "--client", "app:right-secret")
+    cfg = tmp_path / "opskit.yaml"
+    cfg.write_text(f"targets:\n  - name: mock\n    base_url: {mock.url}\n    auth: {{scheme: oauth2, token_url: "
+                   f"{mock.url}/oauth/token, client_id: app, client_secret_env: LT_CLIENT_SECRET}}\n")
+    # a 60 s run that must stop on its own well before the 45 s this test waits for it
+    proc, run = loadtest(tmp_path, "streaming", "--config", str(cfg), "--duration", "60", "--users", "20",
+                         timeout=45, env={"LT_CLIENT_SECRET": "wrong-zz-secret"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("opskit loadtest: [streaming] credentials refused by the token "
+                                                    f"endpoint {mock.url}/oauth/token (HTTP 401, invalid_client)")
+    with urllib.request.urlopen(mock.admin_url + "/admin/counters", timeout=10) as resp:
+        counts = json.loads(resp.read())
+    assert counts["by_path"] == {"/oauth/token": 1}  # one fetch for all 20 users; no API call was sent
+    rows = results.load(run)
+    assert len(rows) <= 20 and (rows["error_type"] == "client_error").all()  # at most one per user
+    written = "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file())
+    assert "wrong-zz-secret" not in written + proc.stdout + proc.stderr
+    assert "Traceback (most recent call last)" not in written + proc.stderr
+
+
 def test_sigterm_stops_the_run_and_every_helper(tmp_path):
     """A CI timeout's SIGTERM ends the run with 143 and leaves no mock or exporter behind."""
     import signal

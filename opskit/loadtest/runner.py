@@ -26,7 +26,7 @@ from pathlib import Path
 from opskit.core import processes
 from opskit.core.processes import Child
 from opskit.loadtest import services, shapes
-from opskit.loadtest.params import ENV, RunParams
+from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.shipped import folder
 
 SCENARIOS = ("qps", "streaming", "throttling", "conversation")
@@ -184,7 +184,8 @@ def _locust_argv(p: RunParams, locustfile: Path, prefix: Path, role: list[str]) 
 
 
 def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable[[str], None]) -> int:
-    """Run one scenario's Locust processes to the end; returns the master's exit status."""
+    """Run one scenario's Locust processes to the end; returns the master's exit status, or raises
+    RunError with the line a Locust process wrote when it could not go on (it is stopped early)."""
     ldir = run_dir / "locust"
     prefix = ldir / p.scenario
     env = dict(os.environ)
@@ -208,7 +209,9 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
                                                        "--worker", "--master-host", "127.0.0.1", "--master-port",
                                                        str(port), "--loglevel", "WARNING"],
                                 ldir / f"{p.scenario}-worker{i}.log", wenv, into=children)
-        _watch(master, proc, p, Path(str(prefix) + "_stats_history.csv"), progress)
+        _watch(master, proc, p, Path(str(prefix) + "_stats_history.csv"), progress, run_dir)
+        if fatal := fatal_reason(run_dir, p.scenario):  # refused credentials: a config error, not a verdict
+            raise RunError(f"[{p.scenario}] {fatal}")
         return proc.returncode
     finally:
         # interrupted (Ctrl-C, SIGTERM): no report will be written, and a CI runner's SIGKILL may follow
@@ -218,15 +221,28 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
             processes.stop(c, timeout=grace)
 
 
+def fatal_reason(run_dir: Path, scenario: str) -> str | None:
+    """The line a Locust process wrote when it could not go on (credentials refused), or None."""
+    for path in sorted((run_dir / "log").glob(f"{FATAL_PREFIX}{scenario}-*.txt")):
+        try:
+            line = path.read_text().strip()
+        except OSError:
+            continue
+        if line:
+            return line.splitlines()[0]
+    return None
+
+
 def _watch(master: Child, proc: subprocess.Popen, p: RunParams, history: Path,
-           progress: Callable[[str], None]) -> None:
-    """Wait for the master, reporting progress every second; kill it if it overruns badly."""
+           progress: Callable[[str], None], run_dir: Path) -> None:
+    """Wait for the master, reporting progress every second; stop it early when a Locust process could
+    not go on (fatal_reason), and kill it if it overruns badly."""
     start = time.monotonic()
     limit = p.duration + p.timeout_s + 60
     while proc.poll() is None:
         elapsed = time.monotonic() - start
-        if elapsed > limit:
-            processes.stop(master)
+        if elapsed > limit or fatal_reason(run_dir, p.scenario):
+            processes.stop(master, timeout=5.0)
             proc.poll()
             break
         progress(progress_line(p.scenario, elapsed, p.duration, history))

@@ -19,6 +19,7 @@ import collections
 import gc
 import itertools
 import json
+import logging
 import os
 import random
 import time
@@ -33,7 +34,7 @@ from opskit.core import records
 from opskit.loadtest import shapes
 from opskit.loadtest.client import ChatClient
 from opskit.loadtest.log import RequestLog
-from opskit.loadtest.params import ENV, RunParams
+from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, filler
 
 # the runner's live progress line reads the stats-history CSV: have Locust write it every second
@@ -67,9 +68,25 @@ class Process:
                                  pool_size=pool, ws_auth=ws_auth)
         self.log = RequestLog(os.path.join(params.run_dir, "log"), params.scenario, params.worker)
         self.user_ids = itertools.count()
+        self.refused_noted = False
         # Users stop starting requests at this deadline; Locust's own run time is a little longer, so when
         # it stops the users they are idle and nothing in flight is cut off (or counted as an error).
         self.deadline = perf() + params.duration
+
+    def over(self) -> bool:
+        """No more requests: the run's deadline has passed, or the credentials were refused."""
+        return perf() >= self.deadline or self.client.refused is not None
+
+    def check_refused(self) -> None:
+        """Once the token endpoint refused the credentials, say so once, in one line, where the runner
+        looks (it stops the run and exits 2 with it), instead of failing every request until the end."""
+        if self.client.refused is None or self.refused_noted:
+            return
+        self.refused_noted = True
+        path = os.path.join(self.params.run_dir, "log", f"{FATAL_PREFIX}{self.params.scenario}-{self.params.worker}.txt")
+        with open(path, "w") as fh:
+            fh.write(self.client.refused + "\n")
+        logging.getLogger("opskit.loadtest").error("%s", self.client.refused)
 
 
 _PROC: Process | None = None
@@ -196,6 +213,7 @@ class ChatUser(User):
             raise
         row.update(base)
         report(self.environment, row, prm.scenario)
+        self.p.check_refused()
         return row
 
 
@@ -231,7 +249,7 @@ class OpenLoopUser(ChatUser):
             t = start + offset
             delay = t - perf()
             gevent.sleep(max(0.0, delay))  # sleep(0) when behind: let the sends and Locust run
-            if perf() >= end + END_GRACE_S:
+            if perf() >= end + END_GRACE_S or self.p.client.refused is not None:
                 break
             if len(pool) >= prm.max_inflight:
                 self._dropped(t)
@@ -260,7 +278,7 @@ class StreamingUser(ChatUser):
     @task
     def chat(self) -> None:
         """One streaming chat."""
-        if perf() >= self.p.deadline:
+        if self.p.over():
             gevent.sleep(0.05)  # run over: idle until Locust stops us
             return
         messages, max_tokens = self.prompts.next()
@@ -280,7 +298,7 @@ class ConversationUser(ChatUser):
         prm = self.p.params
         turns: list[tuple[str, str]] = []
         for turn in range(1, prm.turns + 1):
-            if perf() >= self.p.deadline:
+            if self.p.over():
                 return
             question = self.prompts.user_text()
             messages = conversation_messages(self.prompts.spec.system, turns, question, prm.keep_turns)
@@ -312,7 +330,7 @@ class ThrottledUser(ChatUser):
     def throttled(self) -> None:
         """One logical request, retried with back-off while the target answers 429."""
         prm = self.p.params
-        if perf() >= self.p.deadline:
+        if self.p.over():
             gevent.sleep(0.05)
             return
         messages, max_tokens = self.prompts.next()
