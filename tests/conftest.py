@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -39,6 +40,31 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 20.0) -> 
         return f"process exited {proc.returncode} before it was ready: {err[-2000:]}"
 
     return readyfile.wait(path, exited, timeout)
+
+
+def running_under(directory: Path) -> list[str]:
+    """`pid: command line` of every live (not zombie) process whose command line names a path inside
+    `directory`: each helper a command starts names its ready file, config or output there, so this
+    finds them whether or not the command recorded them, and in whatever session they run."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rpartition(") ")[2][:1]
+        except OSError:  # gone meanwhile
+            continue
+        if f"{directory}/" in argv and state not in ("Z", ""):
+            found.append(f"{entry.name}: {argv[:200]}")
+    return found
+
+
+def kill_leftovers(directory: Path) -> None:
+    """SIGKILL what running_under(directory) finds, so a failing test leaves nothing behind either."""
+    for line in running_under(directory):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(line.partition(":")[0]), signal.SIGKILL)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -136,7 +136,8 @@ def test_oauth2_token_endpoint_refusals(start_mock):
     with pytest.raises(AuthError) as err:
         wrong.headers("POST", PATH)
     msg = str(err.value)
-    assert "HTTP 401 (invalid_client)" in msg and "not-the-secret" not in msg and "\n" not in msg
+    assert msg == f"credentials refused by the token endpoint {mock.url}/oauth/token (HTTP 401, invalid_client)"
+    assert err.value.refused and "not-the-secret" not in msg
     # JSON body with credentials inside it is also accepted by the server.
     req = urllib.request.Request(mock.url + "/oauth/token", method="POST", headers={"Content-Type": "application/json"},
                                  data=json.dumps({"grant_type": "client_credentials", "client_id": "app",
@@ -146,6 +147,36 @@ def test_oauth2_token_endpoint_refusals(start_mock):
     assert issued["token_type"] == "Bearer" and issued["expires_in"] == 3600
     status, body = post(mock, {"Authorization": "Bearer made-up"})
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_oauth2_failed_fetches_back_off_for_every_caller(start_mock):
+    # A wrong secret made every request of a load test fetch a token (~200 a second): after a failure
+    # all callers get the same error at once until the back-off (1 s, 2 s, ...) has passed.
+    mock = start_mock("--auth", "oauth2", "--client", "app:cl-secret")
+    now = [1000.0]
+    cfg = AuthConfig(scheme="oauth2", token_url=mock.url + "/oauth/token", client_id="app",
+                     client_secret=Secret("not-the-secret"))
+    auth = Authenticator(cfg, clock=lambda: now[0])
+    fetches = lambda: counters(mock)["by_path"].get("/oauth/token", 0)  # noqa: E731
+    errors = []
+    for _ in range(50):
+        with pytest.raises(AuthError) as err:
+            auth.headers("POST", PATH, BODY)
+        errors.append(err.value)
+    assert fetches() == 1 and all(e is errors[0] for e in errors) and errors[0].refused
+    now[0] += 1.0  # the first back-off has passed: one more fetch, then 2 s of quiet
+    for _ in range(2):
+        with pytest.raises(AuthError):
+            auth.headers("POST", PATH, BODY)
+    assert fetches() == 2
+    now[0] += 1.5
+    with pytest.raises(AuthError):
+        auth.headers("POST", PATH, BODY)
+    assert fetches() == 2
+    # the right secret, after the back-off: a token, and the failure count starts again
+    object.__setattr__(cfg, "client_secret", Secret("cl-secret"))
+    now[0] += 0.5
+    assert post(mock, auth.headers("POST", PATH, BODY))[0] == 200 and fetches() == 3
 
 
 def test_oauth2_unreachable_token_url_is_one_line():

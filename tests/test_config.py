@@ -64,6 +64,16 @@ probe: {{interval_s: 30, max_tokens: 4}}
      "targets[0].auth.api_key_evn", "api_key_env, api_key_file"),
     ("probe: {interval: 5}", "probe.interval", "one of interval_s, prompt"),
     ("targets: [\n  - name: [", "line", "valid YAML"),
+    # urllib finds these only when the URL is used: a traceback far from the config
+    ("targets: [{name: a, base_url: 'http://127.0.0.1:99999'}]", "targets[0].base_url", "Port out of range"),
+    ("targets: [{name: a, base_url: 'http://h:port'}]", "targets[0].base_url", "valid host and port"),
+    ("targets: [{name: a, base_url: 'http://[::1:8000/v1'}]", "targets[0].base_url", "Invalid IPv6 URL"),
+    ("targets: [{name: a, base_url: 'http://x', auth: {scheme: oauth2, token_url: 'http://[::1/t', client_id: c}}]", "targets[0].auth.token_url", "Invalid IPv6 URL"),
+    # a bool is never a number here: `true` exported a quota of 1
+    ("targets: [{name: a, base_url: 'http://x', daily_quota_requests: true}]", "targets[0].daily_quota_requests",
+     "a positive integer"),
+    ("probe: {max_tokens: true}", "probe.max_tokens", "a positive integer"),
+    ("1: 2", "1", "only targets"),
 ])
 def test_bad_config_names_file_key_and_expectation(tmp_path, text, key, expected):
     p = write(tmp_path, text)
@@ -87,6 +97,21 @@ def test_missing_file(tmp_path):
         config.load(tmp_path / "nope.yaml")
 
 
+def test_binary_config_and_key_files_are_one_line(tmp_path):
+    p = tmp_path / "garbage.yaml"
+    p.write_bytes(b"\xff\xfe\x00\x81garbage\x00")
+    with pytest.raises(ConfigError) as err:
+        config.load(p, env={})
+    assert str(err.value) == f"config error: {p}: expected a UTF-8 YAML text file (byte 0 is not UTF-8)"
+    key = tmp_path / "key.bin"
+    key.write_bytes(b"\x80\x81")
+    with pytest.raises(ConfigError, match=r"targets\[0\].auth.api_key_file: expected a UTF-8 text file"):
+        config.load(write(tmp_path, f"targets: [{{name: a, base_url: 'http://x', auth: {{api_key_file: {key}}}}}]"),
+                    env={})
+    with pytest.raises(ConfigError, match="expected a UTF-8 text key file"):
+        config.load(target_url="http://127.0.0.1:1", env={"OPSKIT_API_KEY_FILE": str(key)})
+
+
 def test_target_from_env_and_flag(tmp_path):
     cfg = config.load(env={"OPSKIT_TARGET_URL": "http://127.0.0.1:8000/v1", "OPSKIT_API_KEY": "sk-env"})
     t = cfg.target()
@@ -100,6 +125,10 @@ def test_target_from_flag_errors_name_the_flag_and_the_key_file(tmp_path):
     with pytest.raises(ConfigError) as exc:
         config.load(target_url="notaurl", env={})
     assert str(exc.value) == "config error: --target: expected an http:// or https:// URL"
+    with pytest.raises(ConfigError) as exc:
+        config.load(env={"OPSKIT_TARGET_URL": "http://127.0.0.1:99999"})
+    assert str(exc.value) == ("config error: $OPSKIT_TARGET_URL: expected an http:// or https:// URL with a valid "
+                              "host and port (Port out of range 0-65535)")
     missing = tmp_path / "no-key"
     with pytest.raises(ConfigError) as exc:
         config.load(target_url="https://api.example.test", env={"OPSKIT_API_KEY_FILE": str(missing)})

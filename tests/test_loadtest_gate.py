@@ -174,6 +174,60 @@ def test_hmac_auth_from_config_through_the_proxy_and_no_secret_leaks(tmp_path, s
     assert "client_error" in proc.stdout
 
 
+def test_an_overloaded_open_loop_scheduler_still_ends_with_its_run(tmp_path):
+    """Far more arrivals than one process can send (a hand-run or distributed Locust can ask for them;
+    `opskit loadtest` refuses): the scheduler never yielded when behind, so Locust could not stop it,
+    and a 1 s run wrote 80 MB of "dropped" rows without end."""
+    import socket
+
+    from opskit.loadtest.log import read_rows
+    from opskit.loadtest.params import ENV, RunParams
+
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers: one request hangs
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        params = RunParams(scenario="qps", run_dir=str(tmp_path), base_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                           duration=1.0, users=1, timeout_s=2.0, stream=False, max_inflight=1,
+                           arrival={"kind": "fixed", "rate": 1e9})
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("OPSKIT_")}, ENV: params.to_env()}
+        proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "qps.py"), "--headless",
+                               "-u", "1", "-r", "1", "--run-time", "3s", "--stop-timeout", "4", "--only-summary",
+                               "--loglevel", "WARNING", "--exit-code-on-error", "0"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "log" / "lag-qps-0.json").exists()  # Locust's stop ran its hooks: a normal end
+    rows = read_rows(tmp_path / "log")
+    sent = [r for r in rows if r.get("error") != "dropped: max in-flight reached"]
+    assert [r["t_sent"] is not None for r in sent] == [True]  # the one request in flight; all else dropped
+    assert len(rows) > 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_refused_oauth2_credentials_stop_the_run_with_one_line(tmp_path, start_mock):
+    # A wrong client secret fetched a token for every request (~200 a second), killed each request's
+    # greenlet with a traceback and ended in "no request completed" after the whole duration.
+    import urllib.request
+
+    mock = start_mock("--auth", "oauth2", "--client", "app:right-secret")
+    cfg = tmp_path / "opskit.yaml"
+    cfg.write_text(f"targets:\n  - name: mock\n    base_url: {mock.url}\n    auth: {{scheme: oauth2, token_url: "
+                   f"{mock.url}/oauth/token, client_id: app, client_secret_env: LT_CLIENT_SECRET}}\n")
+    # a 60 s run that must stop on its own well before the 45 s this test waits for it
+    proc, run = loadtest(tmp_path, "streaming", "--config", str(cfg), "--duration", "60", "--users", "20",
+                         timeout=45, env={"LT_CLIENT_SECRET": "wrong-zz-secret"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("opskit loadtest: [streaming] credentials refused by the token "
+                                                    f"endpoint {mock.url}/oauth/token (HTTP 401, invalid_client)")
+    with urllib.request.urlopen(mock.admin_url + "/admin/counters", timeout=10) as resp:
+        counts = json.loads(resp.read())
+    assert counts["by_path"] == {"/oauth/token": 1}  # one fetch for all 20 users; no API call was sent
+    rows = results.load(run)
+    assert len(rows) <= 20 and (rows["error_type"] == "client_error").all()  # at most one per user
+    written = "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file())
+    assert "wrong-zz-secret" not in written + proc.stdout + proc.stderr
+    assert "Traceback (most recent call last)" not in written + proc.stderr
+
+
 def test_sigterm_stops_the_run_and_every_helper(tmp_path):
     """A CI timeout's SIGTERM ends the run with 143 and leaves no mock or exporter behind."""
     import signal
@@ -207,3 +261,30 @@ def test_sigterm_stops_the_run_and_every_helper(tmp_path):
             continue
         with open(f"/proc/{pid}/stat") as f:  # gone, or at worst a zombie awaiting its reaper
             assert f.read().split(") ")[1][0] == "Z", f"helper {pid} outlived the run"
+
+
+def test_sigterm_while_the_helpers_start_leaves_none_running(tmp_path):
+    """SIGTERM while the exporter starts (the mock is up): both were local to the start-up code, which
+    had not yet handed them to anything that would stop them, so both outlived the run."""
+    import signal
+    import time
+
+    from conftest import kill_leftovers, running_under
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPSKIT_")}
+    out = tmp_path / "reports"
+    proc = subprocess.Popen([sys.executable, "-m", "opskit", "loadtest", "qps", "--duration", "60", "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(out.glob("*/mock-ready.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert list(out.glob("*/mock-ready.json")), "the mock did not start"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and "Traceback" not in err.decode(), err.decode()
+        assert running_under(out) == [], "a helper outlived the interrupted run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_leftovers(out)

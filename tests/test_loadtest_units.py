@@ -348,3 +348,15 @@ def test_a_bad_thresholds_file_breaks_no_import(tmp_path):
     res = subprocess.run([sys.executable, "-m", "opskit", "generate", "alerts", "--check"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "ttft_p95_seconds" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_capacity_limits_count_every_process_and_only_the_scenarios_they_apply_to():
+    from opskit.loadtest.runner import MAX_RATE_PER_PROCESS, MAX_USERS_PER_PROCESS, Options, capacity_problem
+
+    assert capacity_problem(Options(scenarios=("qps",), rate=MAX_RATE_PER_PROCESS)) is None
+    assert capacity_problem(Options(scenarios=("qps",), rate=2 * MAX_RATE_PER_PROCESS, processes=2)) is None
+    assert "--processes 2 " in capacity_problem(Options(scenarios=("qps",), rate=MAX_RATE_PER_PROCESS + 1))
+    assert capacity_problem(Options(scenarios=("streaming",), rate=1e12)) is None  # --rate is qps's alone
+    assert capacity_problem(Options(scenarios=("qps",), users=10**6)) is None      # qps: one scheduler a process
+    assert capacity_problem(Options(scenarios=("throttling",), users=MAX_USERS_PER_PROCESS)) is None
+    assert "--users 1,001" in capacity_problem(Options(scenarios=("throttling",), users=MAX_USERS_PER_PROCESS + 1))

@@ -33,6 +33,13 @@ BAD_FLAGS = [
     (["--listen", "127.0.0.1:0", "--ttft-ms", "inf"], "--ttft-ms: expected a number >= 0, got inf"),
     (["--listen", "127.0.0.1:0", "--hang-rate", "nan"], "--hang-rate: expected a number between 0 and 1, got nan"),
     (["--listen", "127.0.0.1:0", "--no-such-flag"], "no-such-flag"),
+    # nan passed the `<= 0` check and every token request then answered 500
+    (["--listen", "127.0.0.1:0", "--auth", "oauth2", "--client", "a:b", "--token-ttl-s", "nan"],
+     "--token-ttl-s: expected a finite number > 0, got nan"),
+    (["--listen", "127.0.0.1:0", "--token-ttl-s", "inf"], "--token-ttl-s: expected a finite number > 0, got inf"),
+    # a name that merely starts with 127. is not loopback (the check was a string prefix test)
+    (["--listen", "127.0.0.1:0", "--admin-listen", "127.x.example:0"], "loopback-only"),
+    (["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1.example:0"], "loopback-only"),
 ]
 
 

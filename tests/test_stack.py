@@ -22,7 +22,7 @@ from opskit.live.alert_receiver import read_notifications, summary
 from opskit.live.stack import Stack, StackError, StackSpec, query, up
 from opskit.live.stack import down as stack_down
 from opskit.live.stack_config import DRILL_TIMING, Timing
-from tests.conftest import ROOT, need_binary, stop, wait_for_file
+from tests.conftest import ROOT, kill_leftovers, need_binary, running_under, stop, wait_for_file
 
 # ---------------------------------------------------------------- generated configs (no I/O)
 
@@ -357,15 +357,51 @@ def test_stale_state_is_not_running_and_status_names_the_dead(tmp_path):
 def test_sigterm_during_up_stops_what_was_started(tmp_path):
     need_binary("prometheus")
     need_binary("prometheus-alertmanager")
-    proc = subprocess.Popen([sys.executable, "-m", "opskit", "stack", "up", "--state-dir", str(tmp_path), "--gpu", "off"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state_dir = tmp_path / "st"
+    proc = subprocess.Popen([sys.executable, "-m", "opskit", "stack", "up", "--state-dir", str(state_dir),
+                             "--gpu", "off"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        pid = wait_for_file(tmp_path / "receiver.ready.json", proc, timeout=30)["pid"]  # the first component
+        # the first component is ready: `up` is starting the mock when SIGTERM comes
+        pid = wait_for_file(state_dir / "receiver.ready.json", proc, timeout=30)["pid"]
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143 and b"Traceback" not in err, err.decode()
+        assert not (state_dir / "state.json").exists()
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(") ")[1][0] == "Z", "the receiver outlived stack up"
+        assert running_under(state_dir) == [], "a component outlived the interrupted stack up"
     finally:
         stop(proc)
-    assert proc.returncode == 143 and b"Traceback" not in err, err.decode()
-    assert not (tmp_path / "state.json").exists()
-    stat = Path(f"/proc/{pid}/stat")
-    assert not stat.exists() or stat.read_text().split(") ")[1][0] == "Z", "the receiver outlived stack up"
+        kill_leftovers(state_dir)
+
+
+def test_sigterm_between_starting_a_component_and_recording_it_leaks_nothing(tmp_path, monkeypatch):
+    # The race of the test above, made certain: SIGTERM arrives the instant the mock's process exists,
+    # before `up` has recorded it. The mock runs in its own session, so one not recorded outlived `up`.
+    from opskit.core.cli_helpers import sigterm_unwinds
+
+    need_binary("prometheus")
+    need_binary("prometheus-alertmanager")
+    real_spawn = processes.spawn
+    spawned = []
+
+    def spawn_then_sigterm(name, argv, *args, **kw):
+        child, proc = real_spawn(name, argv, *args, **kw)
+        spawned.append((child, proc))
+        if name == "mock":
+            signal.raise_signal(signal.SIGTERM)
+        return child, proc
+
+    monkeypatch.setattr(processes, "spawn", spawn_then_sigterm)
+    state_dir = tmp_path / "st"
+    try:
+        with pytest.raises(SystemExit) as exc, sigterm_unwinds():
+            up(StackSpec(state_dir=state_dir, gpu="off", ready_timeout_s=30))
+        assert exc.value.code == 143
+        assert [c.name for c, _ in spawned] == ["receiver", "mock"]
+        assert [p.poll() is not None for _, p in spawned] == [True, True]  # both stopped, by pid
+        assert running_under(state_dir) == []
+    finally:
+        for child, proc in spawned:
+            processes.stop(child)
+            proc.wait(timeout=10)

@@ -15,7 +15,10 @@ Schemes (AuthConfig.scheme):
   (`POST token_url`, form body `grant_type=client_credentials[&scope=...]`, the client id and secret
   as HTTP Basic), made with the standard library, cached, and fetched again when less than 10 % of its
   lifetime (at most 60 s) is left. Fetches are serialised by a lock, so threads and greenlets share
-  one token; `aheaders()` runs a fetch in a worker thread so the event loop never blocks.
+  one token; `aheaders()` runs a fetch in a worker thread so the event loop never blocks. A failed
+  fetch is not repeated for 1 s, then 2, 4, ... up to 30 s: meanwhile every caller gets the same
+  AuthError at once (a wrong secret made each of a load test's requests hit the token endpoint,
+  ~200 fetches a second).
   `invalidate()` drops the cached token (call it after a 401, then retry once).
 - hmac:   `X-DS-APIKey: <api_key>`, `X-DS-Timestamp: <unix seconds>`, `X-DS-Signature: hex
   HMAC-SHA256(secret_key, TIMESTAMP + METHOD + PATH + BODY)`, PATH being the path as sent on the wire
@@ -44,10 +47,21 @@ from opskit.core.config import AuthConfig
 WS_PATH = "/v1/chat/stream"
 REFRESH_FRACTION = 0.1    # refresh when this share of the token's lifetime is left...
 REFRESH_MAX_S = 60.0      # ...but never earlier than this before expiry
+RETRY_BASE_S = 1.0        # after a failed token fetch, the next waits 1, 2, 4, ... s
+RETRY_CAP_S = 30.0
+REFUSED_STATUSES = (400, 401, 403)  # RFC 6749 5.2: invalid_client is 401 (or 400); retrying will not help
 
 
 class AuthError(Exception):
-    """Credentials could not be obtained; the message is one line and holds no secret."""
+    """Credentials could not be obtained; the message is one line and holds no secret.
+
+    `refused` is True when the token endpoint refused the client's credentials (a wrong secret):
+    unlike a network failure, no retry can fix that, so a load test stops on it.
+    """
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def sign(secret: str, timestamp: str, method: str, path: str, body: bytes) -> str:
@@ -66,6 +80,9 @@ class Authenticator:
         self._lock = threading.Lock()
         self._token: str | None = None
         self._refresh_at = 0.0
+        self._failure: AuthError | None = None  # the last fetch's error, repeated until _retry_at
+        self._failures = 0
+        self._retry_at = 0.0
 
     def __repr__(self) -> str:
         return f"Authenticator(scheme={self.config.scheme!r})"
@@ -116,10 +133,24 @@ class Authenticator:
             return self._token
         with self._lock:
             if not self._fresh():      # another thread may have fetched it while we waited
-                token, lifetime = self._fetch()
+                token, lifetime = self._fetch_backed_off()
                 margin = min(REFRESH_MAX_S, lifetime * REFRESH_FRACTION)
                 self._token, self._refresh_at = token, self.clock() + lifetime - margin
             return self._token
+
+    def _fetch_backed_off(self) -> tuple[str, float]:
+        """A fetch, unless the last one failed less than its back-off ago: then its error again."""
+        if self._failure is not None and self.clock() < self._retry_at:
+            raise self._failure
+        try:
+            result = self._fetch()
+        except AuthError as exc:
+            self._failures += 1
+            self._failure = exc
+            self._retry_at = self.clock() + min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (self._failures - 1))
+            raise
+        self._failure, self._failures = None, 0
+        return result
 
     def invalidate(self) -> None:
         """Forget the cached token (after the server refused it)."""
@@ -140,6 +171,9 @@ class Authenticator:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 raw = resp.read(1 << 20)
         except urllib.error.HTTPError as exc:
+            if exc.code in REFUSED_STATUSES:
+                raise AuthError(f"credentials refused by the token endpoint {_redacted(cfg.token_url)} "
+                                f"(HTTP {exc.code}{_oauth_error(exc, ', ')})", refused=True) from None
             raise AuthError(f"{where} failed: HTTP {exc.code}{_oauth_error(exc)}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:   # ValueError: e.g. a bad port
             reason = getattr(exc, "reason", None) or exc
@@ -166,10 +200,13 @@ def _redacted(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _oauth_error(exc: urllib.error.HTTPError) -> str:
-    """` (invalid_client)`: the OAuth2 error code from the body, when there is one (never a secret)."""
+def _oauth_error(exc: urllib.error.HTTPError, sep: str = "") -> str:
+    """` (invalid_client)` (or `, invalid_client` with sep=", "): the OAuth2 error code from the body,
+    when there is one (never a secret)."""
     try:
         code = json.loads(exc.read(4096)).get("error")
     except (ValueError, AttributeError, OSError):
         return ""
-    return f" ({code})" if isinstance(code, str) and code.replace("_", "").isalnum() else ""
+    if not (isinstance(code, str) and code.replace("_", "").isalnum()):
+        return ""
+    return f"{sep}{code}" if sep else f" ({code})"

@@ -139,10 +139,35 @@ def _positive(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def _positive_int(value: object) -> bool:
+    """A positive integer; YAML's `true` is a bool, and a bool is never a number here (it was quota 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def url_problem(value: object) -> str | None:
+    """Why `value` is not a usable http(s) URL (a port out of range, a broken [IPv6] literal, no host),
+    or None. urllib only finds some of these when the URL is used, as a traceback far from the flag."""
+    if not isinstance(value, str):
+        return "an http:// or https:// URL"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        return f"an http:// or https:// URL with a valid host and port ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "an http:// or https:// URL"
+    return None
+
+
 def _url(value: object, source: str, key: str) -> str:
-    ok = isinstance(value, str) and urlsplit(value).scheme in ("http", "https") and bool(urlsplit(value).netloc)
-    _expect(ok, source, key, "an http:// or https:// URL")
+    problem = url_problem(value)
+    _expect(problem is None, source, key, problem or "")
     return str(value).rstrip("/")
+
+
+def _read_text(path: Path) -> str:
+    """A text file's contents; OSError, or UnicodeDecodeError for a binary file (not text at all)."""
+    return path.read_text(encoding="utf-8")
 
 
 def _read_secret(spec: dict, stem: str, source: str, key: str, env: dict[str, str]) -> Secret | None:
@@ -157,9 +182,11 @@ def _read_secret(spec: dict, stem: str, source: str, key: str, env: dict[str, st
     if path is not None:
         _expect(isinstance(path, str), source, f"{key}.{stem}_file", "a file path")
         try:
-            return Secret(Path(path).expanduser().read_text().strip())
+            return Secret(_read_text(Path(path).expanduser()).strip())
         except OSError as exc:
             raise ConfigError(source, f"{key}.{stem}_file", f"a readable file ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(source, f"{key}.{stem}_file", "a UTF-8 text file") from None
     return None
 
 
@@ -200,7 +227,7 @@ def _target(spec: object, i: int, source: str, env: dict[str, str]) -> Target:
     _expect(isinstance(models, list) and models and all(isinstance(m, str) for m in models), source,
             f"{key}.models", "a non-empty list of model names")
     quota = spec.get("daily_quota_requests")
-    _expect(quota is None or (isinstance(quota, int) and quota > 0), source, f"{key}.daily_quota_requests",
+    _expect(quota is None or _positive_int(quota), source, f"{key}.daily_quota_requests",
             "a positive integer")
     timeout = spec.get("timeout_s", 60.0)
     _expect(_positive(timeout), source, f"{key}.timeout_s", "a positive number")
@@ -218,7 +245,7 @@ def _probe(spec: object, source: str) -> ProbeConfig:
     interval = spec.get("interval_s", d.interval_s)
     _expect(_positive(interval), source, "probe.interval_s", "a positive number")
     max_tokens = spec.get("max_tokens", d.max_tokens)
-    _expect(isinstance(max_tokens, int) and max_tokens > 0, source, "probe.max_tokens", "a positive integer")
+    _expect(_positive_int(max_tokens), source, "probe.max_tokens", "a positive integer")
     prompt = spec.get("prompt", d.prompt)
     _expect(isinstance(prompt, str) and prompt, source, "probe.prompt", "a non-empty string")
     timeout = spec.get("timeout_s", d.timeout_s)
@@ -235,7 +262,7 @@ def parse(data: object, source: str = "<config>", env: dict[str, str] | None = N
         data = {}
     _expect(isinstance(data, dict), source, "", "a YAML mapping at the top level")
     unknown = set(data) - {"targets", "probe", "exporter", "slo", "loadtest"}
-    _expect(not unknown, source, ", ".join(sorted(unknown)), "only targets, probe, exporter, slo, loadtest")
+    _expect(not unknown, source, ", ".join(sorted(map(str, unknown))), "only targets, probe, exporter, slo, loadtest")
     targets = data.get("targets", [])
     _expect(isinstance(targets, list), source, "targets", "a list of targets")
     parsed = tuple(_target(t, i, source, env) for i, t in enumerate(targets))
@@ -247,9 +274,11 @@ def parse(data: object, source: str = "<config>", env: dict[str, str] | None = N
 def _env_key_file(path: str) -> Secret:
     """The key in the file $OPSKIT_API_KEY_FILE names; an error names the variable and the file."""
     try:
-        return Secret(Path(path).expanduser().read_text().strip())
+        return Secret(_read_text(Path(path).expanduser()).strip())
     except OSError as exc:
         raise ConfigError(f"${ENV_API_KEY_FILE}", "", f"a readable key file ({path}: {exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"${ENV_API_KEY_FILE}", "", f"a UTF-8 text key file ({path})") from None
 
 
 def load(path: str | os.PathLike[str] | None = None, target_url: str | None = None,
@@ -263,9 +292,11 @@ def load(path: str | os.PathLike[str] | None = None, target_url: str | None = No
     if path is not None:
         p = Path(path)
         try:
-            text = p.read_text()
+            text = _read_text(p)
         except OSError as exc:
             raise ConfigError(str(p), "", f"a readable file ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:  # a binary file given by mistake (a key, an archive)
+            raise ConfigError(str(p), "", f"a UTF-8 YAML text file (byte {exc.start} is not UTF-8)") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -13,9 +13,11 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,18 +67,53 @@ def alive(child: Child) -> bool:
     return proc_start_time(child.pid) == child.start_time
 
 
+@contextlib.contextmanager
+def signals_held(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT wait; at its end each one caught is raised again, to the
+    handler that was in place (sigterm_unwinds' SystemExit, Ctrl-C's KeyboardInterrupt).
+
+    For steps that must not be cut in half: a child started in its own session but not yet recorded
+    outlived an interrupted `opskit stack up`, since nothing knew to stop it. A Python-level handler
+    (not a blocked signal mask) holds them, so the children started here do not inherit a mask that
+    would make them deaf to SIGTERM. Outside the main thread, where handlers cannot be set, it holds nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def hold(signum, frame):
+        caught.append(signum)
+
+    previous = {}
+    for sig in signums:
+        if signal.getsignal(sig) is not None:  # None: a handler set outside Python, which cannot be restored
+            previous[sig] = signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
+
+
 def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
-          cwd: str | os.PathLike[str] | None = None) -> tuple[Child, subprocess.Popen]:
-    """Start `argv` detached in its own session, stdout and stderr appended to `log`."""
+          cwd: str | os.PathLike[str] | None = None, into: list[Child] | None = None) -> tuple[Child, subprocess.Popen]:
+    """Start `argv` detached in its own session, stdout and stderr appended to `log`, and append it to
+    `into` (the list its caller stops) in a step SIGTERM cannot split (signals_held)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    with open(log, "ab") as out, signals_held():
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env=env, cwd=cwd, start_new_session=True)
         except OSError as exc:
             raise SuperviseError(f"{name}: cannot run {argv[0]}: {exc.strerror}") from None
-    started = proc_start_time(proc.pid)
-    return Child(name, proc.pid, started if started is not None else -1, str(log)), proc
+        started = proc_start_time(proc.pid)
+        child = Child(name, proc.pid, started if started is not None else -1, str(log))
+        if into is not None:
+            into.append(child)
+    return child, proc
 
 
 def tail(log: str | os.PathLike[str], lines: int = 3) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 import urllib.parse
@@ -112,6 +113,8 @@ class Stack:
             comps = [Component.from_json(dict(c)) for c in data["components"]]
         except FileNotFoundError:
             return None
+        except OSError as exc:  # not a directory, unreadable: one line, not a traceback
+            raise StackError(f"cannot read {state_dir}/state.json: {exc.strerror or exc}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise StackError(f"{state_dir}/state.json is damaged ({exc.__class__.__name__}); "
                              f"stop its processes by hand and remove it") from None
@@ -141,11 +144,8 @@ class _Starter:
     def with_ready_file(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> dict:
         ready = self.dir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
-        child, proc = processes.spawn(name, [*argv, "--ready-file", str(ready)], self.dir / "logs" / f"{name}.log",
-                                      env=env)
-        comp = Component(child, {})
-        self.components.append(comp)
-        info = processes.wait_ready_file(child, proc, ready, self.spec.ready_timeout_s)
+        comp, proc = self._spawn(name, [*argv, "--ready-file", str(ready)], {}, env=env)
+        info = processes.wait_ready_file(comp.child, proc, ready, self.spec.ready_timeout_s)
         comp.urls = {k: v for k, v in info.items() if k.endswith("url") and isinstance(v, str)}
         return info
 
@@ -155,22 +155,31 @@ class _Starter:
         for attempt in range(attempts):
             port = processes.free_port()
             url = f"http://127.0.0.1:{port}"
-            child, proc = processes.spawn(name, argv_for(port), self.dir / "logs" / f"{name}.log", cwd=self.dir)
-            comp = Component(child, {"url": url})
-            self.components.append(comp)
+            comp, proc = self._spawn(name, argv_for(port), {"url": url}, cwd=self.dir)
             try:
-                processes.wait_http(child, proc, url + ready_path, self.spec.ready_timeout_s)
+                processes.wait_http(comp.child, proc, url + ready_path, self.spec.ready_timeout_s)
                 return url
             except SuperviseError as exc:
                 if "address already in use" not in str(exc) or attempt == attempts - 1:
                     raise
+                processes.stop(comp.child)  # stopped before it is forgotten, so an interruption cannot leak it
                 self.components.remove(comp)
-                processes.stop(child)
         raise AssertionError("unreachable")
 
+    def _spawn(self, name: str, argv: list[str], urls: dict[str, str], **kw) -> tuple[Component, subprocess.Popen]:
+        """Start a component and record it in one step that SIGTERM cannot split: a child started (in
+        its own session) but not yet recorded would outlive an interrupted `up`, as the mock did."""
+        with processes.signals_held():
+            child, proc = processes.spawn(name, argv, self.dir / "logs" / f"{name}.log", **kw)
+            comp = Component(child, urls)
+            self.components.append(comp)
+        return comp, proc
+
     def stop_all(self) -> None:
-        for comp in reversed(self.components):
-            processes.stop(comp.child)
+        """Stop every component started so far, last first; a second SIGTERM waits until they are down."""
+        with processes.signals_held():
+            for comp in reversed(self.components):
+                processes.stop(comp.child)
 
 
 def _exporter_config(spec: StackSpec, mock_url: str) -> str:
@@ -321,8 +330,11 @@ def up(spec: StackSpec) -> Stack:
         from opskit.core import config as cfgmod
 
         cfgmod.load(spec.config, spec.target).target()  # ConfigError (exit 2) before anything starts
-    spec.state_dir.mkdir(parents=True, exist_ok=True)
-    (spec.state_dir / "state.json").unlink(missing_ok=True)
+    try:
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        (spec.state_dir / "state.json").unlink(missing_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        raise StackError(f"cannot use the state dir {spec.state_dir}: {exc.strerror or exc}") from None
     st = _Starter(spec)
     try:
         _start_all(st)

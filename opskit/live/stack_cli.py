@@ -44,8 +44,15 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def _state_dir(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    # a regular file here made every subcommand end in a NotADirectoryError traceback: a usage error
+    if value.exists() and not value.is_dir():
+        raise click.BadParameter(f"{str(value)!r} exists and is not a directory")
+    return value
+
+
 _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, type=click.Path(path_type=Path),
-                          help="Where configs, data, logs and the pid/state file live.")
+                          callback=_state_dir, help="Where configs, data, logs and the pid/state file live.")
 
 
 @stack.command("up")

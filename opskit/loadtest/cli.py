@@ -120,6 +120,8 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
                           model=model, prompt=prompt, mock_args=extra, proxy=proxy, limit_requests=limit_requests,
                           window_s=limit_window_s, overdrive=overdrive, turns=turns, keep_turns=keep_turns,
                           timeout_s=timeout_s, seed=seed, out_dir=out_dir)
+    if problem := runner.capacity_problem(opts):  # refused before anything starts: it could not end on time
+        raise click.UsageError(problem)
     progress, echo = _progress_printer()
     # SIGTERM (a CI job's timeout, kill) must unwind like Ctrl-C does, or the mock, the exporter and
     # Locust, each in its own session, would outlive the run

@@ -21,6 +21,7 @@ import gevent
 from geventhttpclient import HTTPClient
 
 from opskit.core import records
+from opskit.core.auth import AuthError
 from opskit.core.sse import SSEParser, StreamMeter, completion_usage
 
 perf = time.perf_counter
@@ -93,6 +94,8 @@ class ChatClient:
         self.auth = auth or _no_auth
         self.ws_auth = ws_auth
         self.timeout_s = timeout_s
+        # set when the target's token endpoint refused our credentials: no later request can succeed
+        self.refused: str | None = None
         # no per-read network timeout (each would arm a timer per chunk): call() bounds the whole request
         self.http = HTTPClient.from_url(base_url, concurrency=pool_size, connection_timeout=min(10.0, timeout_s),
                                         network_timeout=None)
@@ -106,8 +109,12 @@ class ChatClient:
         if transport == "ws":
             return self._call_ws(body, t_sched)
         payload = json.dumps(body, separators=(",", ":")).encode()
+        try:
+            auth = self.auth("POST", self.path, payload)
+        except AuthError as exc:
+            return self._no_credentials(exc, t_sched, body)
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if body.get("stream")
-                   else "application/json", **self.auth("POST", self.path, payload)}
+                   else "application/json", **auth}
         t_sent = perf()
         t0 = t_sent if t_sched is None else t_sched
         row = {"t_sched": t0, "t_sent": t_sent, "status": 0, "streamed": bool(body.get("stream")),
@@ -129,6 +136,18 @@ class ChatClient:
             kind = records.STREAM_BROKEN if row["status"] else records.CONNECTION
             self._fail(row, kind, exc.__class__.__name__, resp)
         return row
+
+    def _no_credentials(self, exc: AuthError, t_sched: float | None, body: dict, transport: str | None = None) -> dict:
+        """The row of a request never sent for want of credentials (a token fetch failed or was refused:
+        it killed the request's greenlet with a traceback before). The message holds no secret."""
+        if exc.refused:
+            self.refused = str(exc)
+        now = perf()
+        t0 = now if t_sched is None else t_sched
+        return {"t_sched": t0, "t_sent": None, "t_end": now, "duration_s": now - t0, "status": 0,
+                "streamed": bool(body.get("stream")),
+                "transport": transport or ("sse" if body.get("stream") else "json"),
+                "error_type": records.CLIENT_ERROR, "error": f"no credentials: {exc}"[:160]}
 
     def _fail(self, row: dict, kind: str, reason: str, resp) -> None:
         row["t_end"] = perf()
@@ -198,12 +217,16 @@ class ChatClient:
         t0 = t_sent if t_sched is None else t_sched
         row = {"t_sched": t0, "t_sent": t_sent, "status": 0, "streamed": True, "transport": "ws"}
         meter = StreamMeter(t0, keep_gaps=True)
+        try:
+            auth = self.ws_auth() if self.ws_auth else {"type": "auth"}
+        except AuthError as exc:
+            return self._no_credentials(exc, t_sched, body, "ws")
         ws = None
         try:
             with gevent.Timeout(self.timeout_s):
                 ws = websocket.create_connection(ws_url, timeout=self.timeout_s)
                 row["status"] = 101
-                ws.send(json.dumps(self.ws_auth() if self.ws_auth else {"type": "auth"}))
+                ws.send(json.dumps(auth))
                 ws.send(json.dumps({"type": "request", "body": body}))
                 self._ws_loop(ws, meter, row)
         except gevent.Timeout:

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 ENV = "OPSKIT_LT_PARAMS"
+FATAL_PREFIX = "fatal-"   # <run_dir>/log/fatal-<scenario>-<worker>.txt: why a Locust process cannot go on
 
 
 @dataclass(frozen=True)

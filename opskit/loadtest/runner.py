@@ -26,7 +26,7 @@ from pathlib import Path
 from opskit.core import processes
 from opskit.core.processes import Child
 from opskit.loadtest import services, shapes
-from opskit.loadtest.params import ENV, RunParams
+from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.shipped import folder
 
 SCENARIOS = ("qps", "streaming", "throttling", "conversation")
@@ -73,6 +73,36 @@ SCENARIO_DEFAULTS = {
 }
 
 
+# What one Locust process does on one core (bench/README.md, "loadgen"): it keeps an open-loop rate within
+# 1 % up to 2,500 req/s, and reads 1,000 concurrent streams with its own loop lag p99 ~20 ms. Beyond these a
+# run measures the generator rather than the target, and far beyond them (`--rate 1e12`, `--users 1000000`)
+# it never ended. More load: more processes, or more machines (distributed Locust).
+MAX_RATE_PER_PROCESS = 2500
+MAX_USERS_PER_PROCESS = 1000
+MAX_PROCESSES = 64
+DISTRIBUTED = "distributed Locust (deploy/locust-release-job.yaml, README: Load beyond one machine)"
+
+
+def capacity_problem(opts: Options) -> str | None:
+    """Why this run asks more than its Locust processes can generate (one line naming the limit and the
+    way to more load), or None."""
+    asks = []
+    if opts.rate is not None and "qps" in opts.scenarios:
+        asks.append(("--rate", opts.rate, MAX_RATE_PER_PROCESS, "offers at most {:,} req/s"))
+    if opts.users is not None and set(opts.scenarios) - {"qps"}:  # qps runs one scheduler per process
+        asks.append(("--users", opts.users, MAX_USERS_PER_PROCESS, "runs at most {:,} users"))
+    for flag, value, per_process, limit in asks:
+        if value <= per_process * opts.processes:
+            continue
+        need = math.ceil(value / per_process)
+        more = (f"use --processes {need} (a core each) or {DISTRIBUTED}" if need <= MAX_PROCESSES
+                else f"more than one machine's {MAX_PROCESSES} processes: use {DISTRIBUTED}")
+        shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
+        return (f"{flag} {shown}: one Locust process {limit.format(per_process)} (bench/README.md), so "
+                f"{per_process * opts.processes:,} with --processes {opts.processes}; {more}")
+    return None
+
+
 @dataclass
 class Target:
     """Where requests go, and what helpers were started for it."""
@@ -92,20 +122,21 @@ class Target:
 
 def open_target(opts: Options, run_dir: Path, target_url: str | None) -> Target:
     """Start the embedded mock when there is no target, then the metering proxy in front of it."""
-    admin = None
-    children: list[Child] = []
-    if target_url is None:
-        mock, info = services.start_mock(run_dir, opts.mock_args)
-        children.append(mock)
-        target_url, admin = info["url"], info["admin_url"]
-    t = Target(url=target_url, send_url=target_url, admin_url=admin, children=children)
-    if opts.proxy and opts.transport != "ws":  # the proxy meters HTTP; a WebSocket run never passes it
-        try:
-            exp, info = services.start_exporter(run_dir, target_url, opts.config)
-            t.children.append(exp)
-            t.send_url, t.metrics_url = info["proxy_url"], info["url"]
-        except processes.SuperviseError as exc:
-            t.notes.append(f"metering proxy unavailable, going direct ({exc})")
+    t = Target(url=target_url or "", send_url=target_url or "")
+    try:  # each helper is listed in t.children as it starts, so an interruption stops it
+        if target_url is None:
+            _, info = services.start_mock(run_dir, opts.mock_args, into=t.children)
+            t.url = t.send_url = info["url"]
+            t.admin_url = info["admin_url"]
+        if opts.proxy and opts.transport != "ws":  # the proxy meters HTTP; a WebSocket run never passes it
+            try:
+                _, info = services.start_exporter(run_dir, t.url, opts.config, into=t.children)
+                t.send_url, t.metrics_url = info["proxy_url"], info["url"]
+            except processes.SuperviseError as exc:
+                t.notes.append(f"metering proxy unavailable, going direct ({exc})")
+    except BaseException:  # interrupted (SIGTERM, Ctrl-C) while starting: the caller has no Target to close
+        t.close()
+        raise
     return t
 
 
@@ -153,7 +184,8 @@ def _locust_argv(p: RunParams, locustfile: Path, prefix: Path, role: list[str]) 
 
 
 def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable[[str], None]) -> int:
-    """Run one scenario's Locust processes to the end; returns the master's exit status."""
+    """Run one scenario's Locust processes to the end; returns the master's exit status, or raises
+    RunError with the line a Locust process wrote when it could not go on (it is stopped early)."""
     ldir = run_dir / "locust"
     prefix = ldir / p.scenario
     env = dict(os.environ)
@@ -162,22 +194,24 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
     try:
         if p.workers <= 1:
             env[ENV] = p.to_env()
-            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, []), log, env)
-            children.append(master)
+            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, []), log, env,
+                                           into=children)
         else:
             port = processes.free_port()
             env[ENV] = p.to_env()
             role = ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
                     "--expect-workers", str(p.workers), "--expect-workers-max-wait", "30"]
-            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, role), log, env)
-            children.append(master)
+            master, proc = processes.spawn("locust", _locust_argv(p, locustfile, prefix, role), log, env,
+                                           into=children)
             for i in range(p.workers):
                 wenv = {**env, ENV: replace(p, worker=i).to_env()}
-                children.append(processes.spawn(
-                    f"locust worker {i}", [sys.executable, "-m", "locust", "-f", str(locustfile), "--worker",
-                                           "--master-host", "127.0.0.1", "--master-port", str(port),
-                                           "--loglevel", "WARNING"], ldir / f"{p.scenario}-worker{i}.log", wenv)[0])
-        _watch(master, proc, p, Path(str(prefix) + "_stats_history.csv"), progress)
+                processes.spawn(f"locust worker {i}", [sys.executable, "-m", "locust", "-f", str(locustfile),
+                                                       "--worker", "--master-host", "127.0.0.1", "--master-port",
+                                                       str(port), "--loglevel", "WARNING"],
+                                ldir / f"{p.scenario}-worker{i}.log", wenv, into=children)
+        _watch(master, proc, p, Path(str(prefix) + "_stats_history.csv"), progress, run_dir)
+        if fatal := fatal_reason(run_dir, p.scenario):  # refused credentials: a config error, not a verdict
+            raise RunError(f"[{p.scenario}] {fatal}")
         return proc.returncode
     finally:
         # interrupted (Ctrl-C, SIGTERM): no report will be written, and a CI runner's SIGKILL may follow
@@ -187,15 +221,28 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
             processes.stop(c, timeout=grace)
 
 
+def fatal_reason(run_dir: Path, scenario: str) -> str | None:
+    """The line a Locust process wrote when it could not go on (credentials refused), or None."""
+    for path in sorted((run_dir / "log").glob(f"{FATAL_PREFIX}{scenario}-*.txt")):
+        try:
+            line = path.read_text().strip()
+        except OSError:
+            continue
+        if line:
+            return line.splitlines()[0]
+    return None
+
+
 def _watch(master: Child, proc: subprocess.Popen, p: RunParams, history: Path,
-           progress: Callable[[str], None]) -> None:
-    """Wait for the master, reporting progress every second; kill it if it overruns badly."""
+           progress: Callable[[str], None], run_dir: Path) -> None:
+    """Wait for the master, reporting progress every second; stop it early when a Locust process could
+    not go on (fatal_reason), and kill it if it overruns badly."""
     start = time.monotonic()
     limit = p.duration + p.timeout_s + 60
     while proc.poll() is None:
         elapsed = time.monotonic() - start
-        if elapsed > limit:
-            processes.stop(master)
+        if elapsed > limit or fatal_reason(run_dir, p.scenario):
+            processes.stop(master, timeout=5.0)
             proc.poll()
             break
         progress(progress_line(p.scenario, elapsed, p.duration, history))

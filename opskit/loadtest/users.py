@@ -19,6 +19,7 @@ import collections
 import gc
 import itertools
 import json
+import logging
 import os
 import random
 import time
@@ -33,7 +34,7 @@ from opskit.core import records
 from opskit.loadtest import shapes
 from opskit.loadtest.client import ChatClient
 from opskit.loadtest.log import RequestLog
-from opskit.loadtest.params import ENV, RunParams
+from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, filler
 
 # the runner's live progress line reads the stats-history CSV: have Locust write it every second
@@ -46,6 +47,9 @@ gc.freeze()
 gc.set_threshold(100_000, 50, 1000)
 
 perf = time.perf_counter
+# an overloaded scheduler stops this long after the end (Locust's own run time is >= 1 s longer): a
+# little lateness at the end is normal on a busy machine and must not cost the last arrivals
+END_GRACE_S = 0.5
 WALL0 = time.time() - perf()   # perf_counter -> epoch seconds, for plots against clock time
 
 
@@ -64,9 +68,25 @@ class Process:
                                  pool_size=pool, ws_auth=ws_auth)
         self.log = RequestLog(os.path.join(params.run_dir, "log"), params.scenario, params.worker)
         self.user_ids = itertools.count()
+        self.refused_noted = False
         # Users stop starting requests at this deadline; Locust's own run time is a little longer, so when
         # it stops the users they are idle and nothing in flight is cut off (or counted as an error).
         self.deadline = perf() + params.duration
+
+    def over(self) -> bool:
+        """No more requests: the run's deadline has passed, or the credentials were refused."""
+        return perf() >= self.deadline or self.client.refused is not None
+
+    def check_refused(self) -> None:
+        """Once the token endpoint refused the credentials, say so once, in one line, where the runner
+        looks (it stops the run and exits 2 with it), instead of failing every request until the end."""
+        if self.client.refused is None or self.refused_noted:
+            return
+        self.refused_noted = True
+        path = os.path.join(self.params.run_dir, "log", f"{FATAL_PREFIX}{self.params.scenario}-{self.params.worker}.txt")
+        with open(path, "w") as fh:
+            fh.write(self.client.refused + "\n")
+        logging.getLogger("opskit.loadtest").error("%s", self.client.refused)
 
 
 _PROC: Process | None = None
@@ -193,6 +213,7 @@ class ChatUser(User):
             raise
         row.update(base)
         report(self.environment, row, prm.scenario)
+        self.p.check_refused()
         return row
 
 
@@ -209,7 +230,13 @@ class OpenLoopUser(ChatUser):
 
     @task
     def run_schedule(self) -> None:
-        """Walk this process's share of the arrival schedule, one greenlet per request."""
+        """Walk this process's share of the arrival schedule, one greenlet per request, until its end.
+
+        Behind schedule it still yields once per arrival: a scheduler that never slept starved its own
+        requests and Locust's stop (`--rate 1e12` never ended). It stops walking END_GRACE_S after the
+        end of the run whatever the load; arrivals it could not reach by then are not sent, and the
+        report's achieved rate shows the shortfall against the requested one.
+        """
         if self.done:  # schedule finished: idle until Locust's run time ends and it stops us
             gevent.sleep(0.05)
             return
@@ -217,11 +244,13 @@ class OpenLoopUser(ChatUser):
         spec = shapes.ArrivalSpec(**prm.arrival)
         pool = gevent.pool.Pool()
         start = perf()
+        end = start + prm.duration
         for offset in shapes.arrivals(spec, prm.duration, prm.worker, prm.workers):
             t = start + offset
             delay = t - perf()
-            if delay > 0:
-                gevent.sleep(delay)
+            gevent.sleep(max(0.0, delay))  # sleep(0) when behind: let the sends and Locust run
+            if perf() >= end + END_GRACE_S or self.p.client.refused is not None:
+                break
             if len(pool) >= prm.max_inflight:
                 self._dropped(t)
                 continue
@@ -249,7 +278,7 @@ class StreamingUser(ChatUser):
     @task
     def chat(self) -> None:
         """One streaming chat."""
-        if perf() >= self.p.deadline:
+        if self.p.over():
             gevent.sleep(0.05)  # run over: idle until Locust stops us
             return
         messages, max_tokens = self.prompts.next()
@@ -269,7 +298,7 @@ class ConversationUser(ChatUser):
         prm = self.p.params
         turns: list[tuple[str, str]] = []
         for turn in range(1, prm.turns + 1):
-            if perf() >= self.p.deadline:
+            if self.p.over():
                 return
             question = self.prompts.user_text()
             messages = conversation_messages(self.prompts.spec.system, turns, question, prm.keep_turns)
@@ -301,7 +330,7 @@ class ThrottledUser(ChatUser):
     def throttled(self) -> None:
         """One logical request, retried with back-off while the target answers 429."""
         prm = self.p.params
-        if perf() >= self.p.deadline:
+        if self.p.over():
             gevent.sleep(0.05)
             return
         messages, max_tokens = self.prompts.next()

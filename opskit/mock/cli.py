@@ -8,6 +8,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 import os
 
 import click
@@ -143,8 +144,8 @@ def mock(**o) -> None:
     admin_host, admin_port = _hostport(o["admin_listen"], "--admin-listen")
     if not is_loopback(admin_host):
         _fail(f"--admin-listen: the admin API is loopback-only; got {admin_host!r}")
-    if o["token_ttl_s"] <= 0:
-        _fail("--token-ttl-s: expected a positive number")
+    if not (math.isfinite(o["token_ttl_s"]) and o["token_ttl_s"] > 0):  # nan passed `<= 0`, then every token call 500'd
+        _fail(f"--token-ttl-s: expected a finite number > 0, got {o['token_ttl_s']}")
     latency, faults, limits = _settings(o)
     auth = _auth(o["auth_scheme"], o["api_key"], o["client"], o["token_ttl_s"])
     state = MockState(latency, faults, limits, auth, seed=o["seed"], models=tuple(o["models"]) or DEFAULT_MODELS)

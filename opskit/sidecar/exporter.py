@@ -302,11 +302,6 @@ def _run(coro) -> None:
         uvloop.run(coro)
 
 
-def _is_http_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
-
-
 def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
@@ -354,8 +349,8 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
     for flag, value in (("--upstream", upstream), ("--proxy-target", proxy_target_name)):
         if value is not None and proxy_listen is None:
             raise click.UsageError(f"{flag} needs --proxy-listen")
-    if upstream is not None and not _is_http_url(upstream):
-        raise config.ConfigError("--upstream", "", "an http:// or https:// URL")
+    if upstream is not None and (problem := config.url_problem(upstream)):  # a bad port or [v6 too: exit 2
+        raise config.ConfigError("--upstream", "", problem)
     cfg = config.load(config_file, target_url)
     if proxy_listen is not None:  # no target to proxy to, or a --proxy-target not configured: exit 2 now
         proxy_target(cfg, upstream, proxy_target_name)
