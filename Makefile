@@ -7,7 +7,7 @@ TARGET  ?=
 CONFIG  ?=
 BASELINE ?=
 
-.PHONY: install test pytest lint loadtest alerts dashboards check-alerts stack drill bench clean
+.PHONY: install test pytest lint loadtest capacity alerts dashboards check-alerts stack drill bench clean
 
 install: $(STAMP) system-deps
 
@@ -39,6 +39,12 @@ loadtest: install
 
 alerts: install
 	$(BIN)/opskit generate alerts
+
+# The highest load that meets every SLO (embedded mock by default); PLANNED=R gates on 1.5x headroom.
+PLANNED ?=
+capacity: install
+	$(BIN)/opskit loadtest capacity $(if $(TARGET),--target $(TARGET)) $(if $(CONFIG),--config $(CONFIG)) \
+		$(if $(PLANNED),--planned-rate $(PLANNED))
 
 dashboards: install
 	$(BIN)/opskit generate dashboards

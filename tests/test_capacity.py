@@ -4,6 +4,8 @@ capacity (C concurrent generations, each lasting TTFT + N x ITL)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -86,20 +88,29 @@ def test_knee_headroom_and_report():
 
 @pytest.mark.slow
 def test_found_maximum_matches_the_mocks_known_capacity(tmp_path):
-    from opskit.loadtest import capacity_run, runner
-
     # 4 generations at a time, each holding its slot for 20 ms to the first token + 9 gaps of 10 ms to the
     # 10th (the mock's latency model: token j is due at TTFT + the gaps before it): 4 / 0.11 s = 36.4 req/s
-    mock = ["--capacity", "4", "--ttft-ms", "20", "--ttft-jitter-ms", "0", "--itl-ms", "10", "--itl-jitter-ms", "0",
-            "--output-tokens-mean", "10", "--output-tokens-spread", "0", "--seed", "1"]
+    mock = ("--capacity 4 --ttft-ms 20 --ttft-jitter-ms 0 --itl-ms 10 --itl-jitter-ms 0 --output-tokens-mean 10 "
+            "--output-tokens-spread 0 --seed 1")
     true_capacity = 4 / (0.020 + 9 * 0.010)
-    opts = runner.Options(scenarios=("qps",), duration=5, mock_args=mock, out_dir=tmp_path)
-    lines: list[str] = []
-    summary, run_dir = capacity_run.run(opts, "rate", SearchPlan(start=16, resolution=0.1, budget_s=240), None,
-                                        lines.append, lambda _line: None)
+    out = tmp_path / "reports"
+    proc = subprocess.run([sys.executable, "-m", "opskit", "loadtest", "capacity", "--mock-args", mock, "--start", "16",
+                           "--level-duration", "5", "--max-duration", "240", "--planned-rate", "20", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    (run_dir,) = out.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
     low, high = summary["interval"]
-    assert summary["max_load"] == pytest.approx(true_capacity, rel=0.10), capacity_report.render(summary)
+    assert summary["max_load"] == pytest.approx(true_capacity, rel=0.10), proc.stdout
     assert high is not None and low <= true_capacity * 1.02 and high >= true_capacity * 0.98
     assert all(lv["requests"] >= capacity.MIN_REQUESTS * 0.9 for lv in summary["levels"])
-    assert json.loads((run_dir / "summary.json").read_text())["max_load"] == summary["max_load"]
+    assert "CAPACITY (qps, by rate): meets every SLO up to" in proc.stdout and "headroom OK" in proc.stdout
     assert (run_dir / "report.html").read_text().count("<tr>") == len(summary["levels"]) + 1
+    # the same run again: not enough headroom for a plan of 30 req/s (needs 45); the saved answer compares
+    show = subprocess.run([sys.executable, "-m", "opskit", "report", "show", str(run_dir)], capture_output=True,
+                          text=True, timeout=60)
+    assert show.returncode == 0 and summary["sentence"] in show.stdout
+    same = subprocess.run([sys.executable, "-m", "opskit", "report", "compare", str(run_dir), str(run_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert same.returncode == 0 and "max_load_at_slo" in same.stdout
+    assert not capacity.headroom_check(summary, planned=30, min_headroom=1.5)[0]

@@ -82,6 +82,9 @@ def run(opts: runner.Options, by: str, plan: SearchPlan, slo_file: str | None, e
     summary = capacity.summarize(levels, by, scenario)
     summary.update(run=run_dir.name, target=redact_url(target.url), objectives=objectives,
                    min_requests_per_level=capacity.MIN_REQUESTS)
+    # what `opskit report compare` reads, so two searches compare like two gate runs
+    summary["scenarios"] = {f"capacity:{scenario}": {k: summary[k] for k in ("max_load", "goodput_rps",
+                                                                            "goodput_tokens_s")}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (run_dir / "report.html").write_text(capacity_report.html(summary))
     return summary, run_dir

@@ -35,7 +35,19 @@ def _progress_printer():
     return progress, echo
 
 
-@click.command()
+class ScenariosOrCapacity(click.Command):
+    """`opskit loadtest [SCENARIO...]` runs the release gate; `opskit loadtest capacity ...` hands the
+    rest of the line to the capacity search (a command of its own, with its own flags)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if args and args[0] == "capacity":
+            from opskit.loadtest.capacity_cli import capacity
+
+            return capacity.make_context(f"{info_name} capacity", args[1:], parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@click.command(cls=ScenariosOrCapacity)
 @click.argument("scenarios", nargs=-1)
 @click.option("--target", "target_url", help="API root of the target (else $OPSKIT_TARGET_URL, else the embedded mock).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config with targets and auth.")
@@ -83,6 +95,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
     \b
     SCENARIOS: qps streaming throttling conversation (default: all four; against --target/--config,
     throttling only with --limit-requests, since it judges the target against that limit).
+    `opskit loadtest capacity --help`: the search for the highest load that meets every SLO.
     Exit status: 0 pass, 1 an SLO missed (or a regression against --baseline), 2 usage/config error.
     Examples:
       opskit loadtest                                   # all scenarios against the embedded mock
@@ -194,6 +207,11 @@ def show_cmd(run) -> None:
     from opskit.loadtest.slo import Check, Verdict
 
     data = compare.load_summary(run)
+    if data.get("kind") == "capacity":
+        from opskit.loadtest.capacity_report import render as render_capacity
+
+        click.echo(render_capacity(data))
+        sys.exit(0 if data.get("max_load") else 1)
     try:
         verdict = Verdict(checks=[Check(**c) for c in data.get("checks", [])], summaries=data["scenarios"])
     except TypeError:
