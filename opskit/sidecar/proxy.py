@@ -30,7 +30,7 @@ forwarded but not metered, because it is not a model call and would skew latency
 - Not proxied: WebSocket upgrades (Upgrade is hop-by-hop). A client that hangs up while the upstream
   is still thinking is noticed at the first byte the proxy relays (the call then ends client_disconnect).
 
-Speed: the upstream side is opskit.sidecar.upstream_client, which pushes each body piece from `data_received`
+Speed: the upstream side is opskit.sidecar.upstream_client (its connections: upstream_protocol), which pushes each body piece from `data_received`
 straight through `_sink` (write to the client, then meter) with no task switch per chunk; a body that
 is complete when its head is parsed goes out in one write with the headers. bench/proxy_overhead.py
 measures what this costs.
@@ -42,7 +42,6 @@ import asyncio
 import json
 import logging
 import ssl
-import zlib
 from time import perf_counter
 from urllib.parse import urlsplit
 
@@ -50,22 +49,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from opskit.core import records
-from opskit.core.records import CallRecord
-from opskit.core.sse import SSEParser, StreamMeter, completion_usage
 from opskit.sidecar.call_metrics import CallMetrics
-from opskit.sidecar.upstream_client import (
-    HIGH_WATER,
-    ClientGone,
-    Exchange,
-    Pool,
-    UpstreamError,
-    UpstreamTimeout,
-)
+from opskit.sidecar.metering import SOURCE, MeteredCall, model_of
+from opskit.sidecar.upstream_client import Pool
+from opskit.sidecar.upstream_protocol import HIGH_WATER, ClientGone, Exchange, UpstreamError, UpstreamTimeout
 
 LOG_EVERY_S = 10.0  # upstream failures are logged at most this often
 log = logging.getLogger("opskit.sidecar.proxy")
 
-SOURCE = "proxy"
 METERED_SUFFIXES = ("/chat/completions", "/completions")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
@@ -74,7 +65,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
-JSON_METER_CAP = 4 * 1024 * 1024  # non-streamed bodies bigger than this are passed but not metered
 
 
 def _dropped(headers, base: frozenset[str]) -> frozenset[str]:
@@ -91,25 +81,6 @@ def _accept_encoding(value: str) -> str:
     return ",".join(keep).strip() or "identity"
 
 
-def _float_header(headers, name: str) -> float | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def _model_of(body: bytes) -> str | None:
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
-    model = obj.get("model") if isinstance(obj, dict) else None
-    return model if isinstance(model, str) else None
-
-
 def _error(status: int, message: str, kind: str, close: bool = False) -> web.Response:
     """A small OpenAI-style error body produced by the proxy itself."""
     body = json.dumps({"error": {"message": message, "type": kind, "source": "opskit-proxy"}})
@@ -117,103 +88,6 @@ def _error(status: int, message: str, kind: str, close: bool = False) -> web.Res
     if close:
         resp.force_close()
     return resp
-
-
-class _Call:
-    """Metering state of one call; the per-chunk path is `feed` and nothing else."""
-
-    __slots__ = ("t0", "model", "code", "error_type", "end", "streamed", "parser", "meter", "body",
-                 "body_len", "decoder", "rl_requests", "rl_tokens")
-
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.model: str | None = None
-        self.code = 0
-        self.error_type = records.CONNECTION
-        self.end: float | None = None
-        self.streamed = False
-        self.parser: SSEParser | None = None
-        self.meter: StreamMeter | None = None
-        self.body: list[bytes] | None = None
-        self.body_len = 0
-        self.decoder = None
-        self.rl_requests = self.rl_tokens = None
-
-    def begin(self, status: int, h: CIMultiDict) -> None:
-        """Response headers arrived: pick the meter for the body."""
-        self.code = status
-        self.error_type = records.error_type_for_status(status)
-        self.rl_requests = _float_header(h, "x-ratelimit-remaining-requests")
-        self.rl_tokens = _float_header(h, "x-ratelimit-remaining-tokens")
-        coding = h.get("Content-Encoding", "identity").strip().lower()
-        if coding in ("gzip", "x-gzip"):
-            self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif coding == "deflate":
-            self.decoder = zlib.decompressobj()
-        elif coding != "identity":
-            return  # a coding the meter cannot read: the bytes still pass, tokens stay unknown
-        if h.get("Content-Type", "").startswith("text/event-stream"):
-            self.streamed = True
-            self.parser, self.meter = SSEParser(), StreamMeter(self.t0)
-        else:
-            self.body = []
-
-    def feed(self, chunk: bytes, now: float) -> None:
-        """Account one chunk that arrived at `now` (already written to the client). Never raises:
-        it runs inside the upstream connection's data_received."""
-        try:
-            if self.decoder is not None:
-                chunk = self.decoder.decompress(chunk)
-            if self.parser is not None:
-                on_data = self.meter.on_data
-                for payload in self.parser.feed(chunk):
-                    on_data(payload, now)
-            elif self.body is not None:
-                self.body_len += len(chunk)
-                if self.body_len > JSON_METER_CAP:
-                    self.body = None
-                else:
-                    self.body.append(chunk)
-        except Exception:  # a corrupt coding or an odd `usage` value: stop metering, keep relaying
-            self.decoder = self.parser = self.meter = self.body = None
-
-    def fail(self, error_type: str) -> None:
-        """The call failed after its headers; the first failure seen is the one recorded."""
-        if self.error_type == records.OK:
-            self.error_type = error_type
-
-    def record(self, target: str, model: str) -> CallRecord:
-        """The CallRecord of this call (call when it is over)."""
-        end = self.end if self.end is not None else perf_counter()
-        rec = CallRecord(target=target, source=SOURCE, model=model, code=self.code, error_type=self.error_type,
-                         duration_s=end - self.t0, streamed=self.streamed,
-                         ratelimit_remaining_requests=self.rl_requests, ratelimit_remaining_tokens=self.rl_tokens)
-        if self.meter is not None:
-            self._stream_result(rec)
-        elif self.body is not None:
-            inp, out, from_usage, has_text = completion_usage(b"".join(self.body))
-            rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = inp, out, from_usage
-            if has_text and rec.ok:
-                rec.ttft_s = rec.ttfot_s = rec.duration_s
-                rec.text_chunks = 1
-        return rec
-
-    def _stream_result(self, rec: CallRecord) -> None:
-        m = self.meter
-        if self.parser is not None:
-            for payload in self.parser.close():
-                m.on_data(payload, self.end or perf_counter())
-        rec.ttft_s, rec.ttfot_s, rec.text_chunks = m.ttft, m.ttfot, m.text_chunks
-        rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = m.tokens
-        if self.code != 200 or rec.error_type not in (records.OK, records.CLIENT_DISCONNECT):
-            return
-        # A bad event comes first: a client that hangs up on it (an SDK fails on it) does not hide it.
-        if m.malformed:
-            rec.error_type = records.STREAM_BROKEN
-        elif m.stream_error:
-            rec.error_type = records.SERVER_ERROR
-        elif rec.ok and not m.done:
-            rec.error_type = records.STREAM_BROKEN
 
 
 class _WholeResponse(web.StreamResponse):
@@ -288,7 +162,7 @@ class _Proxy:
                           "configured upstream", "invalid_request", True)
         if request.method != "POST" or not request.path.endswith(METERED_SUFFIXES):
             return await self._forward(request, None)
-        call = _Call(t0)
+        call = MeteredCall(t0)
         task = asyncio.current_task()
         self.tasks.add(task)
         self.metrics.started(self.target, SOURCE)
@@ -316,7 +190,7 @@ class _Proxy:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def _forward(self, request: web.BaseRequest, call: _Call | None) -> web.StreamResponse:
+    async def _forward(self, request: web.BaseRequest, call: MeteredCall | None) -> web.StreamResponse:
         body = await self._read_body(request)
         if body is None:
             if call is not None:
@@ -325,7 +199,7 @@ class _Proxy:
         drop = _dropped(request.headers, REQUEST_DROP)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         if call is not None:
-            call.model = _model_of(body)
+            call.model = model_of(body)
             headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
         wire = self.pool.request_bytes(request.method, self.prefix + request.raw_path, headers, body)
         try:
@@ -337,12 +211,12 @@ class _Proxy:
             return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable")
         return await self._relay(request, ex, call)
 
-    def _failed(self, call: _Call | None, status: int, error_type: str, msg: str, kind: str) -> web.Response:
+    def _failed(self, call: MeteredCall | None, status: int, error_type: str, msg: str, kind: str) -> web.Response:
         if call is not None:
             call.code, call.error_type, call.end = status, error_type, perf_counter()
         return _error(status, msg, kind)
 
-    async def _relay(self, request: web.BaseRequest, ex: Exchange, call: _Call | None) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, ex: Exchange, call: MeteredCall | None) -> web.StreamResponse:
         """Pass the upstream response on: in one write if it is already complete, else chunk by chunk."""
         up = CIMultiDict(ex.headers)
         drop = _dropped(up, RESPONSE_DROP)
@@ -375,7 +249,7 @@ class _Proxy:
         ex.attach(_sink(transport, chunked, feed, ex))
         return await self._stream(request, ex, resp, call)
 
-    async def _stream(self, request, ex: Exchange, resp: web.StreamResponse, call: _Call | None):
+    async def _stream(self, request, ex: Exchange, resp: web.StreamResponse, call: MeteredCall | None):
         """Wait while the upstream connection pushes the body to the client; then finish the response."""
         try:
             await ex.done
@@ -398,7 +272,7 @@ class _Proxy:
             call.end = perf_counter()
         return resp
 
-    async def _whole(self, request, ex: Exchange, resp: web.StreamResponse, call: _Call | None, feed):
+    async def _whole(self, request, ex: Exchange, resp: web.StreamResponse, call: MeteredCall | None, feed):
         pieces = ex.pending
         if feed is not None:
             for data, now in pieces:
@@ -413,7 +287,7 @@ class _Proxy:
         return resp
 
     @staticmethod
-    def _cut(call: _Call | None, error_type: str, request, resp: web.StreamResponse) -> web.StreamResponse:
+    def _cut(call: MeteredCall | None, error_type: str, request, resp: web.StreamResponse) -> web.StreamResponse:
         """End a relayed call early; with `request`, also drop the client's connection."""
         if call is not None:
             call.fail(error_type)
