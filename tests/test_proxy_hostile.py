@@ -11,12 +11,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
+import logging
+import socket
+import threading
+import time
 import tracemalloc
 import zlib
 
 import httpx2 as httpx
 import pytest
 
+from opskit.sidecar.http_guard import Limits
 from tests.test_proxy import MODEL, TARGET, TIMEOUT, loop_thread, proxy_factory  # noqa: F401 (fixtures)
 
 LABELS = {"target": TARGET, "source": "proxy", "model": MODEL}
@@ -187,3 +193,195 @@ def test_endless_sse_line_in_small_writes_is_relayed_and_counted_broken(raw_upst
     assert got == hashlib.sha256(body).digest()  # the client gets every byte
     assert p.count(200, "stream_broken") == 1  # metering gave up on the line: not a success
     assert peak < 3 * 1024 * 1024, peak  # the parser held at most its 1 MiB bound of the 4 MiB line
+
+
+# ---------------------------------------------------------------- 7: a head the proxy cannot relay is a counted 502
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-A: b\nX-Smuggled: c\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\rX-B: c\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 999 Beyond\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 099 Below\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bin: \x00\r\nContent-Length: 2\r\n\r\n",
+])
+def test_bad_upstream_head_is_a_counted_502(raw_upstream, proxy_factory, head):  # noqa: F811
+    p = proxy_factory(raw_upstream(_replying(head + b"{}")))
+    r = _post(p.url)
+    assert r.status_code == 502 and r.json()["error"]["type"] == "bad_upstream_response"
+    assert p.settle(1) == 1 and p.count(502, "server_error") == 1  # what the client got is what is counted
+
+
+# ---------------------------------------------------------------- raw-socket clients
+
+def _connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def _until_closed(s: socket.socket) -> bytes:
+    """Everything the proxy sends until it closes the connection (socket.timeout after 5 s of silence)."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def _wait(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def _post_head(length: int, extra: bytes = b"") -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(length).encode() + b"\r\n" + extra + b"\r\n")
+
+
+BODY = json.dumps({"model": MODEL, "messages": []}).encode()
+OK_JSON = _head(length=2) + b"{}"
+
+
+class _Seen:
+    """What the scripted upstream saw, readable from the test's thread."""
+
+    def __init__(self) -> None:
+        self.requests, self.closed = threading.Event(), threading.Event()
+        self.count = 0
+
+    def silent(self):
+        """A respond() that answers nothing and notes when the proxy closes the connection."""
+        async def respond(reader, writer):
+            self.count += 1
+            self.requests.set()
+            await reader.read()  # EOF: the proxy dropped the upstream side
+            self.closed.set()
+        return respond
+
+    def silent_after(self, data: bytes):
+        async def respond(reader, writer):
+            writer.write(data)
+            await writer.drain()
+            await self.silent()(reader, writer)
+        return respond
+
+
+# ---------------------------------------------------------------- 4: client faults are the client's
+
+def test_deeply_nested_request_body_is_forwarded_not_a_proxy_500(raw_upstream, proxy_factory, caplog):  # noqa: F811
+    caplog.set_level(logging.WARNING)
+    answer = b'{"error": {"message": "bad json"}}'
+    p = proxy_factory(raw_upstream(_replying(_head("400 Bad Request", length=len(answer)) + answer)))
+    nested = b"[" * 200_000 + b"]" * 200_000
+    r = httpx.post(p.url + "/v1/chat/completions", content=nested, timeout=TIMEOUT)
+    assert r.status_code == 400 and r.content == answer  # the upstream judged it
+    assert p.settle(1) == 1 and p.count(400, "client_error", model="other") == 1
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+
+
+def test_client_leaving_mid_upload_is_a_client_disconnect(raw_upstream, proxy_factory):  # noqa: F811
+    seen = _Seen()
+    p = proxy_factory(raw_upstream(seen.silent()))
+    with _connect(p.server.port) as s:
+        s.sendall(_post_head(100_000) + b'{"model": "')
+        assert _wait(lambda: p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy") == 1)
+    assert p.settle(1) == 1 and p.count(0, "client_disconnect", model="other") == 1
+    assert seen.count == 0  # nothing reached the API
+
+
+def test_drain_cutting_an_upload_is_a_client_disconnect(raw_upstream, proxy_factory, loop_thread):  # noqa: F811
+    p = proxy_factory(raw_upstream(_replying(OK_JSON)))
+    with _connect(p.server.port) as s:
+        s.sendall(_post_head(1000) + b'{"model": "')
+        assert _wait(lambda: p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy") == 1)
+        loop_thread.run(p.server.close(grace_s=0.2))
+    assert p.settle(1) == 1 and p.count(0, "client_disconnect", model="other") == 1
+
+
+# ---------------------------------------------------------------- 14: a client leaving a silent upstream frees it
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_client_leaving_a_silent_upstream_closes_the_upstream_side(raw_upstream, proxy_factory, streaming):  # noqa: F811
+    seen = _Seen()
+    first = _head(ctype="text/event-stream") + b'data: {"choices": [{"delta": {"content": "a"}}]}\n\n'
+    p = proxy_factory(raw_upstream(seen.silent_after(first) if streaming else seen.silent()), timeout_s=60)
+    with _connect(p.server.port) as s:
+        s.sendall(_post_head(len(BODY)) + BODY)
+        assert seen.requests.wait(5)
+        if streaming:
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    assert seen.closed.wait(5)  # long before the 60 s upstream timeout
+    assert p.settle(1) == 1 and p.count(200 if streaming else 0, "client_disconnect") == 1
+
+
+# ---------------------------------------------------------------- 6: Expect: 100-continue is answered
+
+def test_expect_100_continue_is_answered_before_the_body(raw_upstream, proxy_factory):  # noqa: F811
+    p = proxy_factory(raw_upstream(_replying(OK_JSON)))
+    with _connect(p.server.port) as s:
+        s.sendall(_post_head(len(BODY), b"Expect: 100-continue\r\n"))
+        assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before the body was sent
+        s.sendall(BODY)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    assert p.settle(1) == 1 and p.count(200) == 1
+
+
+# ---------------------------------------------------------------- 5: timeouts and the connection cap
+
+SHORT = Limits(header_timeout_s=0.3, body_timeout_s=0.3, idle_timeout_s=0.3, max_connections=2)
+
+
+def test_slowloris_head_and_idle_socket_are_closed(raw_upstream, proxy_factory):  # noqa: F811
+    up = raw_upstream(_replying(OK_JSON))
+    heads = proxy_factory(up, limits=Limits(header_timeout_s=0.3, idle_timeout_s=30))
+    with _connect(heads.server.port) as slow:
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHo")
+        for _ in range(3):
+            slow.sendall(b"s")  # still trickling: the head's time counts from its first byte
+        assert _until_closed(slow).startswith(b"HTTP/1.1 408 ")
+    idles = proxy_factory(up, limits=Limits(header_timeout_s=30, idle_timeout_s=0.3))
+    with _connect(idles.server.port) as idle, _connect(idles.server.port) as kept:
+        kept.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive after one request
+        assert _until_closed(idle) == b""
+        assert _until_closed(kept).startswith(b"HTTP/1.1 200 ")
+    assert heads.total() == idles.total() == 0  # no head, no call (and /models is not metered)
+
+
+def test_slow_upload_gets_408_and_leaves_in_flight(raw_upstream, proxy_factory):  # noqa: F811
+    seen = _Seen()
+    p = proxy_factory(raw_upstream(seen.silent()), limits=SHORT)
+    with _connect(p.server.port) as s:
+        s.sendall(_post_head(1000) + b"{")
+        assert _until_closed(s).startswith(b"HTTP/1.1 408 ")
+    assert p.settle(1) == 1 and p.count(408, "client_error", model="other") == 1
+    assert p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy") == 0 and seen.count == 0
+
+
+def test_connections_over_the_cap_are_refused_and_counted(raw_upstream, proxy_factory):  # noqa: F811
+    refused = []
+    p = proxy_factory(raw_upstream(_replying(OK_JSON)), limits=Limits(max_connections=2),
+                      on_refused=lambda: refused.append(1))
+    with _connect(p.server.port) as a, _connect(p.server.port) as b:
+        for s in (a, b):  # a whole exchange each: both are surely accepted
+            s.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        with _connect(p.server.port) as c:
+            assert _until_closed(c).startswith(b"HTTP/1.1 503 ")
+    assert refused == [1]
+    assert _wait(lambda: p.server.open_connections == 0)
+    with _connect(p.server.port) as d:  # room again once they left
+        d.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert d.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+# ---------------------------------------------------------------- 11: malformed requests do not flood the log
+
+def test_malformed_requests_are_logged_once_per_interval_without_traceback(raw_upstream, proxy_factory, caplog):  # noqa: F811
+    caplog.set_level(logging.DEBUG, logger="opskit.sidecar.proxy")
+    p = proxy_factory(raw_upstream(_replying(OK_JSON)))
+    for _ in range(5):
+        with _connect(p.server.port) as s:
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nNot a header\r\n\r\n")
+            assert _until_closed(s).startswith(b"HTTP/1.")  # 400 from the HTTP layer
+    lines = [r for r in caplog.records if r.name == "opskit.sidecar.proxy" and r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and lines[0].exc_info is None and "malformed request" in lines[0].getMessage()
+

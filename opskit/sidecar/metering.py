@@ -67,7 +67,9 @@ class MeteredCall:
         self.t0 = t0
         self.model: str | None = None
         self.code = 0
-        self.error_type = records.CONNECTION
+        # Until the request goes upstream, a call that ends was ended by its client (it hung up, or the
+        # drain cut its upload): nothing reached the API. The proxy says CONNECTION once it sends.
+        self.error_type = records.CLIENT_DISCONNECT
         self.end: float | None = None
         self.streamed = False
         self.parser: SSEParser | None = None

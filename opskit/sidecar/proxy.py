@@ -14,24 +14,37 @@ forwarded but not metered, because it is not a model call and would skew latency
 - TTFT: to the arrival of the first SSE event carrying `content` or `reasoning_content`; for a successful
   non-streamed call it equals the duration. Tokens come from the server's `usage` (else text chunks).
 - error_type: from the status (`records.error_type_for_status`); upstream unreachable -> the client gets
-  502 and the record says 502/connection; no response headers within `timeout_s` -> 504/timeout. After
-  the headers: the upstream cutting the body, an event stream ending without `data: [DONE]`, or an event
-  that is not JSON -> stream_broken (malformed events are still passed through: the client's SDK fails
-  on them, so the call counts as failed); a stream `error` event -> server_error; no byte for
-  `timeout_s` -> timeout; the client going away -> client_disconnect, unless a malformed or error
-  event came first (SDKs give up on those; the cause is what gets counted). When the upstream breaks a stream
-  the proxy closes the client connection too, so the client sees the break it would have seen directly.
-- Request bodies over `max_body_bytes` get 413 (Content-Length checked first, then counted while read).
+  502 and the record says 502/connection; a response head that cannot be relayed as sent (bare LF,
+  control characters, status outside 100-599) -> 502/server_error; no response headers within
+  `timeout_s` -> 504/timeout. After the headers: the upstream cutting the body, an event stream ending
+  without `data: [DONE]`, an event that is not JSON or a line over the SSE parser's bound ->
+  stream_broken (malformed events are still passed through: the client's SDK fails on them, so the call
+  counts as failed); a stream `error` event -> server_error; no byte for `timeout_s` -> timeout; the
+  client going away -> client_disconnect, unless a malformed or error event came first (SDKs give up on
+  those; the cause is what gets counted). When the upstream breaks a stream the proxy closes the client
+  connection too, so the client sees the break it would have seen directly. Whatever status the client
+  gets is the one counted, and each call is counted exactly once, whatever its body holds.
+- The client's faults are the client's (client_error / client_disconnect, which the SLO alerts leave
+  out): a body over `max_body_bytes` -> 413, not received within the body timeout -> 408 (see
+  opskit.sidecar.request_body); a client hanging up, or the drain cutting it, before its body is in
+  -> 0/client_disconnect, and nothing is sent upstream. A body the proxy cannot parse (not JSON, nested
+  too deep) is forwarded as it is: the upstream judges it.
+- A client that hangs up while the upstream is silent (before the head, or between chunks) is noticed
+  by its connection (opskit.sidecar.http_guard's `on_lost`): the upstream connection is closed at once
+  and the call ends client_disconnect, instead of both waiting out `timeout_s`.
 - Authorization and every other header pass through untouched; headers are never recorded or logged.
-  The path and body are forwarded byte for byte, so HMAC-signed requests stay valid, as long as the
-  upstream URL has no path prefix (a prefix is prepended to every path, changing what was signed).
+  The path and body are forwarded byte for byte (a compressed request body too), so HMAC-signed
+  requests stay valid, as long as the upstream URL has no path prefix (a prefix is prepended to every
+  path, changing what was signed).
 - For metered calls `Accept-Encoding` is narrowed to gzip/deflate/identity so that the proxy can decode
-  a copy of a compressed body for metering; the bytes sent to the client stay the upstream's.
-- Not proxied: WebSocket upgrades (Upgrade is hop-by-hop). A client that hangs up while the upstream
-  is still thinking is noticed at the first byte the proxy relays (the call then ends client_disconnect).
+  a copy of a compressed body for metering (bounded: opskit.sidecar.metering); the bytes sent to the
+  client stay the upstream's.
+- Not proxied: WebSocket upgrades (Upgrade is hop-by-hop).
+- Every client is bounded by opskit.sidecar.http_guard: header and idle timeouts, a connection cap,
+  and a throttled log for malformed requests.
 
-Speed: the upstream side is opskit.sidecar.upstream_client (its connections: upstream_protocol), which pushes each body piece from `data_received`
-straight through `_sink` (write to the client, then meter) with no task switch per chunk; a body that
+Speed: the upstream side is opskit.sidecar.upstream_client (its connections: upstream_protocol),
+which pushes each body piece from `data_received` straight through `_sink` (write to the client, then meter) with no task switch per chunk; a body that
 is complete when its head is parsed goes out in one write with the headers. bench/proxy_overhead.py
 measures what this costs.
 """
@@ -49,12 +62,20 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from opskit.core import records
+from opskit.sidecar import request_body
 from opskit.sidecar.call_metrics import CallMetrics
+from opskit.sidecar.http_guard import GuardedServer, Limits, Throttle
 from opskit.sidecar.metering import SOURCE, MeteredCall, model_of
 from opskit.sidecar.upstream_client import Pool
-from opskit.sidecar.upstream_protocol import HIGH_WATER, ClientGone, Exchange, UpstreamError, UpstreamTimeout
+from opskit.sidecar.upstream_protocol import (
+    HIGH_WATER,
+    BadResponse,
+    ClientGone,
+    Exchange,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
-LOG_EVERY_S = 10.0  # upstream failures are logged at most this often
 log = logging.getLogger("opskit.sidecar.proxy")
 
 METERED_SUFFIXES = ("/chat/completions", "/completions")
@@ -103,6 +124,12 @@ class ProxyServer:
         self._proxy, self._runner, self.port = proxy, runner, port
         self._closed = False
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (what the connection cap counts)."""
+        server = self._runner.server
+        return len(server.connections) if server is not None else 0
+
     async def close(self, grace_s: float = 10) -> None:
         """Stop accepting, let in-flight calls finish for up to `grace_s`, cut the rest, close.
 
@@ -130,7 +157,8 @@ class _Proxy:
     """The request handler and its upstream connection pool."""
 
     def __init__(self, upstream: str, target: str, metrics: CallMetrics, max_body_bytes: int,
-                 timeout_s: float, connect_timeout_s: float, ssl_context: ssl.SSLContext | None) -> None:
+                 timeout_s: float, connect_timeout_s: float, ssl_context: ssl.SSLContext | None,
+                 limits: Limits) -> None:
         url = urlsplit(upstream)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
@@ -138,19 +166,17 @@ class _Proxy:
         self.target, self.metrics, self.max_body = target, metrics, max_body_bytes
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
+        self.limits = limits
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
-        self._logged_at, self._unlogged = -LOG_EVERY_S, 0
+        self._throttle = Throttle()
 
     def _log_failure(self, exc: Exception) -> None:
         """At most one line per LOG_EVERY_S, with a count of the failures since: with the upstream down,
         a line per call would flood the sidecar's log at the traffic's rate (the metrics count each)."""
-        now = perf_counter()
-        if now - self._logged_at < LOG_EVERY_S:
-            self._unlogged += 1
-            return
-        since = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
-        log.warning("upstream of %s failed: %s%s", self.target, exc, since)
-        self._logged_at, self._unlogged = now, 0
+        held = self._throttle.take()
+        if held is not None:
+            since = f" ({held} more since the last such line)" if held else ""
+            log.warning("upstream of %s failed: %s%s", self.target, exc, since)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for every request the proxy receives."""
@@ -172,40 +198,41 @@ class _Proxy:
             call.fail(records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT)
             raise
         finally:
+            request.protocol.on_lost = None  # the connection may carry another call: not this one's exchange
             self.tasks.discard(task)
             self.metrics.finished(call.record(self.target, self.metrics.model_label(self.target, call.model)))
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
-        """The request body, or None when it is over the limit."""
-        length = request.content_length
-        if length is not None and length > self.max_body:
-            return None
-        if not request.body_exists:
-            return b""
-        parts, size = [], 0
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > self.max_body:
-                return None
-            parts.append(chunk)
-        return b"".join(parts)
-
     async def _forward(self, request: web.BaseRequest, call: MeteredCall | None) -> web.StreamResponse:
-        body = await self._read_body(request)
-        if body is None:
+        try:
+            body = await request_body.read(request, self.max_body, self.limits.body_timeout_s)
+        except request_body.NoBody as exc:  # the client's error, counted as one; nothing reached the API
             if call is not None:
-                call.code, call.error_type, call.end = 413, records.CLIENT_ERROR, perf_counter()
-            return _error(413, f"request body over {self.max_body} bytes", "request_too_large", True)
+                call.end = perf_counter()
+                if exc.status:  # else: code 0 / client_disconnect, as the call started
+                    call.code, call.error_type = exc.status, records.CLIENT_ERROR
+            return _error(exc.status or 400, str(exc), exc.kind, True)
+        transport = request.transport
+        if transport is None or transport.is_closing():  # the client left with its upload: nothing to send
+            if call is not None:
+                call.end = perf_counter()
+            return _error(400, "client went away", "client_disconnect", True)
         drop = _dropped(request.headers, REQUEST_DROP)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         if call is not None:
             call.model = model_of(body)
             headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
+            call.error_type = records.CONNECTION  # from here, ending with no response is the upstream's
         wire = self.pool.request_bytes(request.method, self.prefix + request.raw_path, headers, body)
+        proto = request.protocol  # a client that hangs up on a silent upstream ends the upstream side too
         try:
-            ex = await self.pool.send(request.method, wire)
+            ex = await self.pool.send(request.method, wire, lambda ex: setattr(proto, "on_lost", ex.client_gone))
+        except ClientGone:
+            return self._failed(call, 0, records.CLIENT_DISCONNECT, "client went away", "client_disconnect")
         except UpstreamTimeout:
             return self._failed(call, 504, records.TIMEOUT, "upstream did not answer in time", "upstream_timeout")
+        except BadResponse as exc:
+            self._log_failure(exc)
+            return self._failed(call, 502, records.SERVER_ERROR, "bad upstream response", "bad_upstream_response")
         except UpstreamError as exc:
             self._log_failure(exc)
             return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable")
@@ -229,17 +256,21 @@ class _Proxy:
             call.begin(ex.status, up)
             if call.parser is not None or call.body is not None:
                 feed = call.feed
-        resp = (_WholeResponse if ex.complete else web.StreamResponse)(status=ex.status, reason=ex.reason,
-                                                                        headers=out)
-        if length is not None:
-            resp.content_length = length
-        if ex.complete:
-            return await self._whole(request, ex, resp, call, feed)
         try:
+            resp = (_WholeResponse if ex.complete else web.StreamResponse)(status=ex.status, reason=ex.reason,
+                                                                            headers=out)
+            if length is not None:
+                resp.content_length = length
+            if ex.complete:
+                return await self._whole(request, ex, resp, call, feed)
             await resp.prepare(request)
         except ConnectionError:
             ex.abort()
-            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+            return self._cut(call, records.CLIENT_DISCONNECT, None, None)
+        except (ValueError, TypeError) as exc:  # a head aiohttp will not write (UnicodeError is a ValueError)
+            ex.abort()
+            self._log_failure(exc)
+            return self._failed(call, 502, records.SERVER_ERROR, "bad upstream response", "bad_upstream_response")
         transport = request.transport
         if transport is None or transport.is_closing():
             ex.abort()
@@ -281,13 +312,13 @@ class _Proxy:
             await resp.prepare(request)
             await resp.write_eof(pieces[0][0] if len(pieces) == 1 else b"".join(d for d, _ in pieces))
         except ConnectionError:
-            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)  # (other errors: see _relay)
         if call is not None:
             call.end = perf_counter()
         return resp
 
     @staticmethod
-    def _cut(call: MeteredCall | None, error_type: str, request, resp: web.StreamResponse) -> web.StreamResponse:
+    def _cut(call: MeteredCall | None, error_type: str, request, resp: web.StreamResponse | None):
         """End a relayed call early; with `request`, also drop the client's connection."""
         if call is not None:
             call.fail(error_type)
@@ -295,7 +326,7 @@ class _Proxy:
         transport = request.transport if request is not None else None
         if transport is not None:
             transport.close()  # flushes what was written, then FIN: the client sees an unfinished body
-        return resp
+        return resp if resp is not None else web.Response(status=400)  # (nobody reads it)
 
 
 def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
@@ -316,15 +347,21 @@ def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
 
 async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,
                       max_body_bytes: int = 10 * 1024 * 1024, timeout_s: float = 300,
-                      connect_timeout_s: float = 10, ssl_context: ssl.SSLContext | None = None) -> ProxyServer:
+                      connect_timeout_s: float = 10, ssl_context: ssl.SSLContext | None = None,
+                      limits: Limits | None = None, on_refused=None) -> ProxyServer:
     """Start the metering proxy on host:port (0 = a free port) in the running event loop.
 
     `timeout_s` bounds the wait for the upstream's response head and every silence in its body;
     a stream may last longer as long as it keeps sending. An https upstream is verified against the
-    system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given.
+    system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given. `limits`
+    bound what a client may hold (opskit.sidecar.http_guard); `on_refused()` is called for each
+    connection refused at the cap.
     """
-    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context)
-    runner = web.ServerRunner(web.Server(proxy.handle, access_log=None), shutdown_timeout=1.0)
+    limits = limits or Limits()
+    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits)
+    # auto_decompress off: a compressed request body is forwarded as sent, with its Content-Encoding
+    server = GuardedServer(proxy.handle, limits, log, "proxy", on_refused, auto_decompress=False)
+    runner = web.ServerRunner(server, shutdown_timeout=1.0)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from time import perf_counter
 from urllib.parse import urlsplit
 
@@ -56,22 +57,25 @@ class Pool:
         parts.append("\r\n")
         return "".join(parts).encode("utf-8", "surrogateescape") + body
 
-    async def send(self, method: str, request: bytes) -> Exchange:
-        """Send a request; returns its Exchange once the response head is in. Raises UpstreamError."""
+    async def send(self, method: str, request: bytes, watch: Callable[[Exchange], None] | None = None) -> Exchange:
+        """Send a request; returns its Exchange once the response head is in. Raises UpstreamError, or
+        ClientGone when the caller ends the exchange (`watch` is given each Exchange as it is sent)."""
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         conn = self._idle_conn()
         if conn is not None:
             try:
-                return await self._exchange(conn, method, request)
+                return await self._exchange(conn, method, request, watch)
             except UpstreamError:
                 if conn.got_bytes or conn.timed_out:
                     raise
                 # the server closed the idle connection as we reused it: once more on a fresh one
-        return await self._exchange(await self._connect(), method, request)
+        return await self._exchange(await self._connect(), method, request, watch)
 
-    async def _exchange(self, conn: Conn, method: str, request: bytes) -> Exchange:
+    async def _exchange(self, conn: Conn, method: str, request: bytes, watch) -> Exchange:
         ex = conn.send(method, request)
+        if watch is not None:
+            watch(ex)
         self.busy.add(conn)
         try:
             return await ex.head

@@ -9,6 +9,7 @@ owns these connections (connect, reuse, retry, timeouts) is opskit.sidecar.upstr
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -16,6 +17,11 @@ from typing import TYPE_CHECKING
 MAX_HEAD = 64 * 1024      # a response head bigger than this is a protocol error
 HIGH_WATER = 256 * 1024   # client write buffer above this pauses reading from the upstream...
 LOW_WATER = 64 * 1024     # ...until it is below this again
+
+# One pass over a head: what may not appear in it once CRLF line ends are taken out (tab is allowed).
+_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+_STATUS = re.compile("[1-5][0-9][0-9]")
+_TOKEN = re.compile("[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 if TYPE_CHECKING:
     from opskit.sidecar.upstream_client import Pool
@@ -25,6 +31,11 @@ Sink = Callable[[bytes, float], None]
 
 class UpstreamError(Exception):
     """The upstream could not be reached or broke the response (502, or stream_broken)."""
+
+
+class BadResponse(UpstreamError):
+    """The upstream answered with a head that cannot be relayed (bare LF, control characters, a status
+    outside 100-599, an oversized head): the client gets 502, and the call is counted as that 502."""
 
 
 class UpstreamTimeout(UpstreamError):
@@ -81,6 +92,19 @@ class Exchange:
     def pause(self, client: asyncio.WriteTransport) -> None:
         """The client reads slower than the upstream writes: stop reading until it catches up."""
         self.conn.pause(client)
+
+    def client_gone(self) -> None:
+        """The proxy's client hung up (noticed by its connection, not by a write): whoever waits for the
+        head or the body gets ClientGone now, and the upstream connection, if still on this exchange,
+        is closed instead of waiting out the upstream timeout."""
+        if not self.head.done():
+            self.head.set_exception(ClientGone())
+            self.done.cancel()  # nobody will wait for the body
+        elif not self.done.done():
+            self.done.set_exception(ClientGone())
+        if self.conn.ex is self:
+            self.conn.ex = None
+            self.conn.abort()
 
 
 # body modes
@@ -199,7 +223,7 @@ class Conn(asyncio.Protocol):
         return buf
 
     def _refuse(self, ex: Exchange, what: str) -> None:
-        ex.head.set_exception(UpstreamError(what))
+        ex.head.set_exception(BadResponse(what))
         self.ex = None
         self.abort()
         return None
@@ -319,14 +343,23 @@ class Conn(asyncio.Protocol):
 
 
 def _parse_head(head: bytes) -> tuple[int, str, list[tuple[str, str]], str]:
-    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
+    """(status, reason, headers, version) of a response head without its final CRLFCRLF.
+
+    Strict where a lenient parse would relay something else than what was sent: a bare LF or CR (a
+    header smuggled inside another one's value), any other control character, bytes that are not
+    UTF-8, a header name that is not a token, a status that is not three digits in 100-599.
+    ValueError (UnicodeDecodeError is one) for any of those."""
+    text = head.decode("utf-8")
+    if _FORBIDDEN.search(text):
+        raise ValueError("bare LF/CR or control character")
+    lines = text.split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not _STATUS.fullmatch(parts[1]):
         raise ValueError("status line")
     headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
+        if not sep or not _TOKEN.fullmatch(name):
             raise ValueError("header line")
-        headers.append((name, value.strip()))
+        headers.append((name, value.strip(" \t")))
     return int(parts[1]), parts[2] if len(parts) > 2 else "", headers, parts[0]
