@@ -125,6 +125,11 @@ class ProxyServer:
         self._closed = False
 
     @property
+    def finished_calls(self) -> int:
+        """Metered calls counted so far (each once)."""
+        return self._proxy.finished
+
+    @property
     def open_connections(self) -> int:
         """Client connections open now (what the connection cap counts)."""
         server = self._runner.server
@@ -166,6 +171,7 @@ class _Proxy:
         self.target, self.metrics, self.max_body = target, metrics, max_body_bytes
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
+        self.finished = 0  # metered calls counted so far (the exporter lingers until a scrape has them all)
         self.limits = limits
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
         self._throttle = Throttle()
@@ -201,6 +207,7 @@ class _Proxy:
             request.protocol.on_lost = None  # the connection may carry another call: not this one's exchange
             self.tasks.discard(task)
             self.metrics.finished(call.record(self.target, self.metrics.model_label(self.target, call.model)))
+            self.finished += 1
 
     async def _forward(self, request: web.BaseRequest, call: MeteredCall | None) -> web.StreamResponse:
         try:
