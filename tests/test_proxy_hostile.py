@@ -283,7 +283,8 @@ def test_client_leaving_mid_upload_is_a_client_disconnect(raw_upstream, proxy_fa
     p = proxy_factory(raw_upstream(seen.silent()))
     with _connect(p.server.port) as s:
         s.sendall(_post_head(100_000) + b'{"model": "')
-        assert _wait(lambda: p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy") == 1)
+        assert _wait(lambda: p.server.open_calls == 1)  # its handler is reading the body
+        assert not p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy")  # not the API's
     assert p.settle(1) == 1 and p.count(0, "client_disconnect", model="other") == 1
     assert seen.count == 0  # nothing reached the API
 
@@ -292,7 +293,8 @@ def test_drain_cutting_an_upload_is_a_client_disconnect(raw_upstream, proxy_fact
     p = proxy_factory(raw_upstream(_replying(OK_JSON)))
     with _connect(p.server.port) as s:
         s.sendall(_post_head(1000) + b'{"model": "')
-        assert _wait(lambda: p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy") == 1)
+        assert _wait(lambda: p.server.open_calls == 1)  # its handler is reading the body
+        assert not p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy")  # not the API's
         loop_thread.run(p.server.close(grace_s=0.2))
     assert p.settle(1) == 1 and p.count(0, "client_disconnect", model="other") == 1
 
@@ -346,14 +348,14 @@ def test_slowloris_head_and_idle_socket_are_closed(raw_upstream, proxy_factory):
     assert heads.total() == idles.total() == 0  # no head, no call (and /models is not metered)
 
 
-def test_slow_upload_gets_408_and_leaves_in_flight(raw_upstream, proxy_factory):  # noqa: F811
+def test_slow_upload_gets_408_and_is_never_in_flight(raw_upstream, proxy_factory):  # noqa: F811
     seen = _Seen()
     p = proxy_factory(raw_upstream(seen.silent()), limits=SHORT)
     with _connect(p.server.port) as s:
         s.sendall(_post_head(1000) + b"{")
         assert _until_closed(s).startswith(b"HTTP/1.1 408 ")
     assert p.settle(1) == 1 and p.count(408, "client_error", model="other") == 1
-    assert p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy") == 0 and seen.count == 0
+    assert not p.value("opskit_llm_requests_in_flight", target=TARGET, source="proxy") and seen.count == 0
 
 
 def test_connections_over_the_cap_are_refused_and_counted(raw_upstream, proxy_factory):  # noqa: F811

@@ -61,7 +61,8 @@ class MeteredCall:
     """Metering state of one call; the per-chunk path is `feed` and nothing else."""
 
     __slots__ = ("t0", "model", "code", "error_type", "end", "streamed", "parser", "meter", "body",
-                 "body_len", "decoder", "inflated", "inflate_cap", "overlong", "rl_requests", "rl_tokens")
+                 "body_len", "decoder", "inflated", "inflate_cap", "overlong", "in_flight", "rl_requests",
+                 "rl_tokens")
 
     def __init__(self, t0: float) -> None:
         self.t0 = t0
@@ -80,6 +81,7 @@ class MeteredCall:
         self.inflated = 0
         self.inflate_cap = JSON_METER_CAP
         self.overlong = False  # an SSE line or event over the parser's bound: the stream reads as broken
+        self.in_flight = False  # announced to CallMetrics.started (once its request went upstream)
         self.rl_requests = self.rl_tokens = None
 
     def begin(self, status: int, h: CIMultiDict) -> None:

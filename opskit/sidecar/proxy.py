@@ -130,6 +130,11 @@ class ProxyServer:
         return self._proxy.finished
 
     @property
+    def open_calls(self) -> int:
+        """Metered calls being handled now: uploading, waiting for the upstream or relaying."""
+        return len(self._proxy.tasks)
+
+    @property
     def open_connections(self) -> int:
         """Client connections open now (what the connection cap counts)."""
         server = self._runner.server
@@ -197,7 +202,6 @@ class _Proxy:
         call = MeteredCall(t0)
         task = asyncio.current_task()
         self.tasks.add(task)
-        self.metrics.started(self.target, SOURCE)
         try:
             return await self._forward(request, call)
         except asyncio.CancelledError:  # close() cut it wherever it was; a relayed stream says more
@@ -206,7 +210,8 @@ class _Proxy:
         finally:
             request.protocol.on_lost = None  # the connection may carry another call: not this one's exchange
             self.tasks.discard(task)
-            self.metrics.finished(call.record(self.target, self.metrics.model_label(self.target, call.model)))
+            rec = call.record(self.target, self.metrics.model_label(self.target, call.model))
+            (self.metrics.finished if call.in_flight else self.metrics.observe)(rec)
             self.finished += 1
 
     async def _forward(self, request: web.BaseRequest, call: MeteredCall | None) -> web.StreamResponse:
@@ -229,6 +234,8 @@ class _Proxy:
             call.model = model_of(body)
             headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
             call.error_type = records.CONNECTION  # from here, ending with no response is the upstream's
+            call.in_flight = True  # in flight: waiting on the API (an upload in progress is not)
+            self.metrics.started(self.target, SOURCE)
         wire = self.pool.request_bytes(request.method, self.prefix + request.raw_path, headers, body)
         proto = request.protocol  # a client that hangs up on a silent upstream ends the upstream side too
         try:
