@@ -60,32 +60,17 @@ class SSEParser:
         self._pending_cr = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        end = chunk.rfind(b"\n")
-        if end < 0:  # no line ends here: keep the piece without re-copying what is already kept
-            return self._keep(chunk)
-        if self._tail:
-            self._tail.append(chunk)
-            chunk = b"".join(self._tail)
-            end += self._tail_len
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        if not lines:  # no line ends here: keep the piece without re-copying what is already kept
+            return self._keep(rest)
+        if self._tail:  # the kept pieces and this read's first line are one line: joined once
+            self._tail.append(lines[0])
+            lines[0] = b"".join(self._tail)
             self._tail, self._tail_len = [], 0
-        out = self._lines(chunk[:end].split(b"\n"))
-        if end + 1 < len(chunk) and not self.too_long:
-            self._keep(chunk[end + 1:])
-        return out
-
-    def _keep(self, piece: bytes) -> list[str]:
-        self._tail_len += len(piece)
-        if self._tail_len > self.max_line:
+        # (one comparison in the usual case: no line can be longer than the read it came in)
+        if (len(chunk) > self.max_line or len(lines[0]) > self.max_line) and max(map(len, lines)) > self.max_line:
             return self._overflow()
-        self._tail.append(piece)
-        return []
-
-    def _overflow(self) -> list[str]:
-        self.too_long = True
-        self._tail, self._tail_len, self._data, self._data_len = [], 0, [], 0
-        return []
-
-    def _lines(self, lines: list[bytes]) -> list[str]:
         out: list[str] = []
         data = self._data
         for line in lines:
@@ -95,18 +80,33 @@ class SSEParser:
                     data.clear()
                     self._data_len = 0
                 continue
-            if len(line) > self.max_line:
-                return out + self._overflow()
             if line[:5] == b"data:":
                 value = line[5:]
                 if value[:1] == b" ":
                     value = value[1:]
                 self._data_len += len(value)
                 if self._data_len > self.max_line:  # many short data lines of one event: bounded too
-                    return out + self._overflow()
+                    return self._overflow()
                 data.append(value.decode("utf-8", "replace"))
             # comments (":...") and other fields (event, id, retry) carry nothing opskit counts
+        if rest:
+            self._keep(rest)
         return out
+
+    def _keep(self, piece: bytes) -> list[str]:
+        if not piece:
+            return []
+        self._tail_len += len(piece)
+        if self._tail_len > self.max_line:
+            return self._overflow()
+        self._tail.append(piece)
+        return []
+
+    def _overflow(self) -> list[str]:
+        """A line or event over max_line: drop what is held and parse nothing more of this stream."""
+        self.too_long = True
+        self._tail, self._tail_len, self._data, self._data_len = [], 0, [], 0
+        return []
 
     def close(self) -> list[str]:
         """End of stream: an event without its final blank line is still delivered."""
