@@ -66,16 +66,16 @@ def serve(config_path: str, ready: str) -> None:
     import prometheus_client
 
     from opskit.core import config, readyfile
-    from opskit.sidecar import exporter
+    from opskit.sidecar import exporter, exporter_server
     from opskit.sidecar.gpu import visible_from_env
 
     logging.basicConfig(level=logging.WARNING)
     prometheus_client.disable_created_metrics()
     cfg = config.load(config_path)
-    opts = exporter.Options(listen=("127.0.0.1", 0), visible_devices=visible_from_env(os.environ))
+    opts = exporter_server.Options(listen=("127.0.0.1", 0), visible_devices=visible_from_env(os.environ))
 
     async def main() -> None:
-        ex = exporter.Exporter(cfg, opts)
+        ex = exporter_server.Exporter(cfg, opts)
         await ex.start()
         populate(ex.metrics, cfg)
         gc.freeze()
@@ -174,12 +174,12 @@ def render_ab(config_path: Path, rounds: int = 7) -> None:
     import prometheus_client
 
     from opskit.core import config
-    from opskit.sidecar import exporter
+    from opskit.sidecar import exporter_server
     from opskit.sidecar.fast_exposition import Renderer
 
     prometheus_client.disable_created_metrics()
     cfg = config.load(config_path)
-    reg, metrics = exporter.build_registry(cfg)
+    reg, metrics = exporter_server.build_registry(cfg)
     populate(metrics, cfg)
     renderer = Renderer(reg)
     assert renderer.render() == prometheus_client.generate_latest(reg)

@@ -190,8 +190,10 @@ def python_per_chunk_us(n: int = 50_000) -> tuple[float, float]:
     real process is the event loop's wake-up, recv and send."""
     from multidict import CIMultiDict
 
-    from opskit.sidecar.proxy import _Call, _sink
-    from opskit.sidecar.upstream_client import Conn, Pool
+    from opskit.sidecar.metering import MeteredCall
+    from opskit.sidecar.proxy import _sink
+    from opskit.sidecar.upstream_client import Pool
+    from opskit.sidecar.upstream_protocol import Conn
 
     class Null:
         def write(self, data): pass
@@ -208,7 +210,7 @@ def python_per_chunk_us(n: int = 50_000) -> tuple[float, float]:
         conn.connection_made(Null())
         ex = conn.send("POST", b"")
         conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        call = _Call(time.perf_counter())
+        call = MeteredCall(time.perf_counter())
         call.begin(200, CIMultiDict(ex.headers))
         out = []
         for feed in (call.feed, None):

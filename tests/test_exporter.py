@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from opskit.cli import main
 from opskit.core import catalog, config
 from opskit.core.records import CallRecord
 from opskit.live.fakenvml import NOT_SUPPORTED, fake_gpus, uuid_for, write_state
-from opskit.sidecar import exporter
+from opskit.sidecar import exporter, exporter_server
 from opskit.sidecar.gpu import GpuCollector
 from tests.conftest import ROOT, need_binary, stop, wait_for_file
 
@@ -37,8 +38,8 @@ def test_build_registry_is_fresh_and_from_the_catalogue():
          "daily_quota_requests": 5000},
         {"name": "gpu", "base_url": "http://vllm:8000/v1"},
     ]}, env={})
-    reg1, calls1 = exporter.build_registry(cfg)
-    reg2, _ = exporter.build_registry(cfg)          # a second one does not clash: no global state
+    reg1, calls1 = exporter_server.build_registry(cfg)
+    reg2, _ = exporter_server.build_registry(cfg)          # a second one does not clash: no global state
     assert reg1.get_sample_value("opskit_build_info", {"version": __version__}) == 1
     assert reg1.get_sample_value("opskit_llm_quota_limit_requests", {"target": "ds"}) == 5000
     assert reg1.get_sample_value("opskit_llm_quota_limit_requests", {"target": "gpu"}) is None
@@ -54,7 +55,7 @@ def test_build_registry_with_gpu_collector(fake_nvml, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_NVML_STATE", str(write_state(tmp_path / "s", fake_gpus(2, util=42))))
     gpu = GpuCollector(lib_path=str(fake_nvml))
     try:
-        reg, _ = exporter.build_registry(config.Config(), gpu)
+        reg, _ = exporter_server.build_registry(config.Config(), gpu)
         labels = {"gpu": "1", "uuid": uuid_for(1)}
         assert reg.get_sample_value("opskit_gpu_utilization_ratio", labels) == pytest.approx(0.42)
         assert reg.get_sample_value("opskit_gpu_up") == 1
@@ -72,7 +73,7 @@ def test_fast_exposition_equals_generate_latest(fake_nvml, tmp_path, monkeypatch
     monkeypatch.setenv("FAKE_NVML_STATE", str(write_state(tmp_path / "s", fake_gpus(3, util=42))))
     cfg = config.parse({"targets": [{"name": "t", "base_url": "http://h/v1", "daily_quota_requests": 7}]}, env={})
     gpu = GpuCollector(lib_path=str(fake_nvml))
-    reg, calls = exporter.build_registry(cfg, gpu)
+    reg, calls = exporter_server.build_registry(cfg, gpu)
     calls.started("t", "proxy")
     calls.observe(CallRecord("t", "probe", "deepseek-chat", 200, "", 1.25, ttft_s=0.2, output_tokens=9,
                              input_tokens=3, streamed=True, ratelimit_remaining_requests=12345678.0))
@@ -106,13 +107,13 @@ def test_parse_hostport_rejects(value):
 
 
 def test_urls_for_logs_and_ready_file():
-    assert exporter.redact_url("https://user:pw@api.x.com/v1?key=abc") == "https://api.x.com/v1"
-    assert exporter.local_url("0.0.0.0", 5) == "http://127.0.0.1:5"
-    assert exporter.local_url("::", 5) == "http://[::1]:5"
+    assert exporter_server.redact_url("https://user:pw@api.x.com/v1?key=abc") == "https://api.x.com/v1"
+    assert exporter_server.local_url("0.0.0.0", 5) == "http://127.0.0.1:5"
+    assert exporter_server.local_url("::", 5) == "http://[::1]:5"
     cfg = config.parse({"targets": [{"name": "a", "base_url": "http://h:1/v1"}]}, env={})
-    assert exporter.proxy_target(cfg, None) == ("a", "http://h:1/v1")
-    assert exporter.proxy_target(cfg, "http://h:1/v1/") == ("a", "http://h:1/v1/")
-    assert exporter.proxy_target(cfg, "http://other") == ("default", "http://other")
+    assert exporter_server.proxy_target(cfg, None) == ("a", "http://h:1/v1")
+    assert exporter_server.proxy_target(cfg, "http://h:1/v1/") == ("a", "http://h:1/v1/")
+    assert exporter_server.proxy_target(cfg, "http://other") == ("default", "http://other")
 
 
 def test_proxy_target_matches_an_upstream_at_the_api_root():
@@ -123,28 +124,28 @@ def test_proxy_target_matches_an_upstream_at_the_api_root():
         {"name": "v10", "base_url": "http://other:1/v10"},
     ]}, env={})
     # The server root of a /v1 base URL, with or without a trailing slash, any case of host.
-    assert exporter.proxy_target(cfg, "http://vllm:8000") == ("vllm", "http://vllm:8000")
-    assert exporter.proxy_target(cfg, "http://VLLM:8000/") == ("vllm", "http://VLLM:8000/")
+    assert exporter_server.proxy_target(cfg, "http://vllm:8000") == ("vllm", "http://vllm:8000")
+    assert exporter_server.proxy_target(cfg, "http://VLLM:8000/") == ("vllm", "http://VLLM:8000/")
     # An exact base URL wins over another target's root.
-    assert exporter.proxy_target(cfg, "http://gw:9000")[0] == "root"
-    assert exporter.proxy_target(cfg, "http://gw:9000/v1")[0] == "gw-v1"
+    assert exporter_server.proxy_target(cfg, "http://gw:9000")[0] == "root"
+    assert exporter_server.proxy_target(cfg, "http://gw:9000/v1")[0] == "gw-v1"
     # Only a whole trailing /v1 segment is removed; other paths do not match.
-    assert exporter.proxy_target(cfg, "http://other:1/v")[0] == "default"
-    assert exporter.proxy_target(cfg, "http://vllm:8000/api")[0] == "default"
-    assert exporter.proxy_target(cfg, "https://vllm:8000")[0] == "default"
+    assert exporter_server.proxy_target(cfg, "http://other:1/v")[0] == "default"
+    assert exporter_server.proxy_target(cfg, "http://vllm:8000/api")[0] == "default"
+    assert exporter_server.proxy_target(cfg, "https://vllm:8000")[0] == "default"
 
 
 def test_proxy_series_of_a_target_from_the_flag_keep_its_models():
     # --target makes a configured target named `default`, the proxy's fallback name too: its models
     # must still cap the proxy's model label, or every proxied call reads model="other"
     cfg = config.load(target_url="http://127.0.0.1:9/v1", env={})
-    ex = exporter.Exporter(cfg, exporter.Options(listen=("127.0.0.1", 0), proxy_listen=("127.0.0.1", 0), gpu=False))
+    ex = exporter_server.Exporter(cfg, exporter_server.Options(listen=("127.0.0.1", 0), proxy_listen=("127.0.0.1", 0), gpu=False))
     assert ex.proxy_target == ("default", "http://127.0.0.1:9/v1")
     assert ex.metrics.model_label("default", "deepseek-chat") == "deepseek-chat"
     assert ex.metrics.model_label("default", "gpt-x") == "other"
     cfg = config.parse({"targets": [{"name": "a", "base_url": "http://h:1/v1"}]}, env={})
-    opts = exporter.Options(listen=("127.0.0.1", 0), proxy_listen=("127.0.0.1", 0), upstream="http://else:2", gpu=False)
-    ex = exporter.Exporter(cfg, opts)  # an upstream no target has: its models are unknown
+    opts = exporter_server.Options(listen=("127.0.0.1", 0), proxy_listen=("127.0.0.1", 0), upstream="http://else:2", gpu=False)
+    ex = exporter_server.Exporter(cfg, opts)  # an upstream no target has: its models are unknown
     assert ex.proxy_target[0] == "default" and ex.metrics.model_label("default", "deepseek-chat") == "other"
 
 
@@ -152,11 +153,11 @@ def test_proxy_target_by_name():
     cfg = config.parse({"targets": [{"name": "a", "base_url": "http://h:1/v1"},
                                     {"name": "b", "base_url": "http://b:2/v1"}]}, env={})
     # The name labels the series; the upstream, given or not, says where calls go.
-    assert exporter.proxy_target(cfg, "http://elsewhere:3", "b") == ("b", "http://elsewhere:3")
-    assert exporter.proxy_target(cfg, "http://h:1", "b") == ("b", "http://h:1")
-    assert exporter.proxy_target(cfg, None, "b") == ("b", "http://b:2/v1")
+    assert exporter_server.proxy_target(cfg, "http://elsewhere:3", "b") == ("b", "http://elsewhere:3")
+    assert exporter_server.proxy_target(cfg, "http://h:1", "b") == ("b", "http://h:1")
+    assert exporter_server.proxy_target(cfg, None, "b") == ("b", "http://b:2/v1")
     with pytest.raises(config.ConfigError, match=r"--proxy-target: expected one of the configured targets \(a, b\)"):
-        exporter.proxy_target(cfg, None, "c")
+        exporter_server.proxy_target(cfg, None, "c")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -188,7 +189,8 @@ def test_cli_help():
     r = CliRunner().invoke(main, ["exporter", "--help"])
     assert r.exit_code == 0
     for flag in ("--listen", "--proxy-listen", "--upstream", "--proxy-target", "--probe", "--no-gpu", "--nvml-lib",
-                 "--ready-file", "--max-body-bytes"):
+                 "--ready-file", "--max-body-bytes", "--client-header-timeout-s", "--client-body-timeout-s",
+                 "--client-idle-timeout-s", "--max-connections", "--metrics-linger-s"):
         assert flag in r.output
 
 
@@ -413,7 +415,8 @@ def test_sigterm_drains_an_in_flight_stream_then_exits_0(start_exporter, start_m
     openai = pytest.importorskip("openai")
     mock = start_mock("--itl-ms", "60", "--itl-jitter-ms", "0", "--output-tokens-mean", "20",
                       "--output-tokens-spread", "0")
-    ex = start_exporter("--no-gpu", "--proxy-listen", "127.0.0.1:0", "--upstream", mock.url, env=base_env())
+    ex = start_exporter("--no-gpu", "--proxy-listen", "127.0.0.1:0", "--upstream", mock.url,
+                        "--metrics-linger-s", "0", env=base_env())  # (the linger has its own test below)
     client = openai.OpenAI(base_url=ex.info["proxy_url"] + "/v1", api_key="x", timeout=20, max_retries=0)
     stream = client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "hi"}],
                                             stream=True, stream_options={"include_usage": True})
@@ -429,6 +432,56 @@ def test_sigterm_drains_an_in_flight_stream_then_exits_0(start_exporter, start_m
     _, err = ex.proc.communicate(timeout=30)
     assert ex.proc.returncode == 0, err.decode()
     assert "draining" in err.decode()
+
+
+def _stderr_line(proc: subprocess.Popen, needle: str, timeout: float = 20.0) -> str:
+    """Read the process's stderr (raw, so select() sees every byte) until a line contains `needle`."""
+    deadline, fd, text = time.monotonic() + timeout, proc.stderr.fileno(), ""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        data = os.read(fd, 65536) if ready else b""
+        if not data:
+            break
+        text += data.decode()
+        for line in text.splitlines():
+            if needle in line:
+                return line
+    raise AssertionError(f"no stderr line with {needle!r} in {timeout}s: {text}")
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_metrics_up_until_calls_of_the_drain_are_scraped(start_exporter, start_mock):
+    openai = pytest.importorskip("openai")
+    mock = start_mock("--itl-ms", "40", "--itl-jitter-ms", "0", "--output-tokens-mean", "10",
+                      "--output-tokens-spread", "0")
+    ex = start_exporter("--no-gpu", "--proxy-listen", "127.0.0.1:0", "--upstream", mock.url,
+                        "--metrics-linger-s", "60", env=base_env())
+    client = openai.OpenAI(base_url=ex.info["proxy_url"] + "/v1", api_key="x", timeout=20, max_retries=0)
+    stream = client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True)
+    next(iter(stream))
+    ex.proc.send_signal(signal.SIGTERM)  # the call finishes during the drain...
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    _stderr_line(ex.proc, "/metrics stays up until scraped")  # ...the drain is over, the proxy closed
+    assert sample(ex.metrics(), "opskit_llm_requests_total", source="proxy", code="200", error_type="") == 1
+    ex.proc.wait(20)  # that scrape had every call: no need to wait out the 60 s
+    assert ex.proc.returncode == 0
+
+
+@pytest.mark.slow
+def test_metrics_listener_is_guarded(start_exporter):
+    ex = start_exporter("--no-gpu", "--client-header-timeout-s", "0.3", env=base_env())
+    port = int(ex.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHo")  # a head that never ends
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert ex.get("/healthz")[0] == 200
+    text = ex.metrics()
+    assert sample(text, "opskit_exporter_connections_refused_total", listener="metrics") == 0  # from the start
+    promtool_check(text)
 
 
 @pytest.mark.slow

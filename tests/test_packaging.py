@@ -1,6 +1,6 @@
 """opskit as a package: the sdist and wheel build, the wheel runs from an empty directory with no checkout
 in sight (scenarios, rules, dashboards and manifests ship inside it), and the floor plan holds (flows
-import the floor, commands never import the CLI group)."""
+import the floor, commands never import the CLI group, no module over 400 lines)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,11 @@ def test_flows_import_the_floor_not_each_other():
                 bad.append(f"{name} imports the CLI group")
     assert not bad, "\n".join(bad)
 
+
+
+def test_no_module_over_400_lines():
+    long = {name: n for name, p in _modules().items() if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
 
 
 def test_nothing_reads_the_checkout_at_run_time():

@@ -116,3 +116,53 @@ def test_completion_usage_from_json_body():
     assert completion_usage(body) == (3, 1, True, True)
     assert completion_usage(b"not json") == (0, 0, False, False)
     assert completion_usage(b'{"choices": []}') == (0, 0, False, False)
+
+
+# Garbage a server (or anything in the path) may put in `usage`: never an exception, tokens unknown.
+GARBAGE = ['"x"', "Infinity", "NaN", "[1]", "-1", "1e30", "100000000000000000000000", "true", "false", "2.5",
+           '{"n": 1}']
+
+
+@pytest.mark.parametrize("value", GARBAGE)
+def test_garbage_usage_is_unknown_tokens_not_an_error(value):
+    m = StreamMeter(t0=0.0)
+    m.on_data(chunk(content="hi"), 0.1)
+    m.on_data('{"choices": [], "usage": {"prompt_tokens": VALUE, "completion_tokens": 2}}'.replace("VALUE", value), 0.2)
+    m.on_data(DONE, 0.3)
+    assert m.tokens == (0, 1, False) and m.done and not m.malformed  # one text chunk, usage ignored
+    body = ('{"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 3, '
+            '"completion_tokens": VALUE}}').replace("VALUE", value).encode()
+    assert completion_usage(body) == (0, 0, False, True)
+
+
+def test_odd_shapes_and_deep_nesting_never_raise():
+    m = StreamMeter(t0=0.0)
+    for payload in ('{"choices": 5}', '{"choices": "abc", "usage": 7}', "[" * 100_000 + "]" * 100_000,
+                    '{"choices": [{"delta": {"content": {"a": 1}}}]}'):
+        m.on_data(payload, 0.1)
+    assert m.malformed == 1 and m.tokens == (0, 1, False)  # the nesting is malformed; the dict content is text
+    assert completion_usage(b"[" * 100_000) == (0, 0, False, False)
+    assert completion_usage(b'{"choices": 5, "usage": {"prompt_tokens": 0}}') == (0, 0, True, False)
+
+
+def test_line_over_the_limit_ends_the_parse_in_small_pieces():
+    p = SSEParser(max_line=1000)
+    assert p.feed(b"data: " + b"x" * 900) == []
+    for _ in range(200):  # the line grows by small writes past the limit: kept as pieces, then dropped
+        assert p.feed(b"y" * 5) == []
+    assert p.too_long and p._tail == []  # nothing of the line is held any more
+    assert p.feed(b"\n\ndata: {}\n\n") == [] and p.close() == []  # the stream is over for the meter
+    ok = SSEParser(max_line=1000)
+    pieces = [b"data: " + b"a" * 400, b"b" * 400, b"c" * 100 + b"\n", b"\n"]  # 906 bytes: under the limit
+    assert [e for piece in pieces for e in ok.feed(piece)] == ["a" * 400 + "b" * 400 + "c" * 100]
+    assert not ok.too_long
+
+
+def test_event_of_many_short_data_lines_is_bounded_too():
+    p = SSEParser(max_line=1000)
+    assert p.feed(b"data: " + b"z" * 90 + b"\n") == []
+    for _ in range(20):
+        p.feed(b"data: " + b"z" * 90 + b"\n")
+    assert p.too_long and p.feed(b"\n") == []
+    whole = SSEParser(max_line=1000)
+    assert whole.feed(b"data: " + b"w" * 2000 + b"\n\n") == [] and whole.too_long  # one read, one long line

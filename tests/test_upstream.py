@@ -7,7 +7,8 @@ import asyncio
 
 import pytest
 
-from opskit.sidecar.upstream_client import ClientGone, Conn, Pool, UpstreamError, UpstreamTimeout
+from opskit.sidecar.upstream_client import Pool
+from opskit.sidecar.upstream_protocol import ClientGone, Conn, UpstreamError, UpstreamTimeout
 
 BODY = b"data: {\"a\": 1}\n\ndata: [DONE]\n\n"
 CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"

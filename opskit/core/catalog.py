@@ -120,12 +120,16 @@ PROBE_SUCCESS = _m("opskit_probe_success", GAUGE, "", "1 when the last canary ca
 PROBE_DURATION = _m("opskit_probe_duration_seconds", GAUGE, "seconds",
                     "Duration of the last canary call.", ("target",))
 BUILD_INFO = _m("opskit_build_info", GAUGE, "", "opskit build; always 1.", ("version",))
+CONNECTIONS_REFUSED = _m("opskit_exporter_connections_refused_total", COUNTER, "",
+                         "Client connections answered 503 and closed at accept: the listener (proxy or metrics) "
+                         "was at its connection cap.", ("listener",))
 
 ALL: tuple[Metric, ...] = (
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER, GPU_INFO, GPU_UP,
     GPU_COLLECT_ERRORS, *GPU_HEALTH,
     LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_IN_FLIGHT,
     LLM_RL_REQUESTS, LLM_RL_TOKENS, LLM_QUOTA_LIMIT, PROBE_SUCCESS, PROBE_DURATION, BUILD_INFO,
+    CONNECTIONS_REFUSED,
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in ALL}
 

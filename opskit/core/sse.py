@@ -2,8 +2,11 @@
 
 `SSEParser.feed()` takes bytes as they arrive (several events in one read, one event split across
 reads, `\\r\\n` or `\\r` line endings, `:` keep-alive comments) and returns the data payloads of the
-events it completed; it never holds more than one unfinished event. `StreamMeter` turns payloads of
-an OpenAI-style chat/completions stream into timings and token counts as DESIGN.md defines them.
+events it completed; it never holds more than one unfinished event, and that one at most `max_line`
+bytes: a peer's bytes are bounded (DESIGN.md), so a longer line or event ends the parse (`too_long`)
+and the stream reads as broken. `StreamMeter` turns payloads of an OpenAI-style chat/completions
+stream into timings and token counts as DESIGN.md defines them. Any value in a payload may be
+garbage: a `usage` that is not a sane integer is ignored (tokens unknown), never an exception.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 from json.scanner import make_scanner
 
 DONE = "[DONE]"
+MAX_LINE = 1024 * 1024    # an SSE line (or event) longer than this ends the parse: no real chunk is near it
+MAX_TOKENS = 10 ** 9      # a usage count above this is garbage (no context window is within 1000x of it)
 _scan = make_scanner(json.JSONDecoder())  # the C scanner without json.loads' wrappers (per chunk)
 
 
@@ -21,6 +26,8 @@ def _loads(payload: str):
         obj, end = _scan(payload, 0)
     except StopIteration:  # leading whitespace or no value: let json.loads decide
         return json.loads(payload)
+    except RecursionError:  # nested deeper than the interpreter's stack: not a chunk anyone sends
+        raise ValueError("JSON nested too deep") from None
     if end != len(payload) and payload[end:].strip():
         raise ValueError("extra data after the JSON value")
     return obj
@@ -29,29 +36,41 @@ def _loads(payload: str):
 class SSEParser:
     """Feed raw bytes, get back the `data` payloads of each completed event, in order."""
 
-    __slots__ = ("_tail", "_data", "_pending_cr")
+    __slots__ = ("_tail", "_tail_len", "_data", "_data_len", "_pending_cr", "max_line", "too_long")
 
-    def __init__(self) -> None:
-        self._tail = b""          # an unfinished line
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._tail: list[bytes] = []  # the pieces of an unfinished line (joined once, when it ends)
+        self._tail_len = 0
         self._data: list[str] = []  # data lines of the event being read
+        self._data_len = 0
         self._pending_cr = False  # the last read ended in \r: a following \n belongs to it
+        self.max_line = max_line
+        self.too_long = False     # a line or event went past max_line: nothing more is parsed
 
     def feed(self, chunk: bytes) -> list[str]:
         # Fast path (a proxy's per-chunk hot spot): exactly one whole `data: ...` event, nothing pending.
         if (chunk[:6] == b"data: " and chunk[-2:] == b"\n\n" and chunk.find(b"\n", 6) == len(chunk) - 2
-                and not self._tail and not self._data and not self._pending_cr and b"\r" not in chunk):
+                and not self._tail and not self._data and not self._pending_cr and b"\r" not in chunk
+                and len(chunk) <= self.max_line):
             return [chunk[6:-2].decode("utf-8", "replace")]
-        if not chunk:
+        if not chunk or self.too_long:
             return []
         if self._pending_cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._pending_cr = chunk[-1:] == b"\r"
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._tail:
-            chunk = self._tail + chunk
         lines = chunk.split(b"\n")
-        self._tail = lines.pop()
+        rest = lines.pop()
+        if not lines:  # no line ends here: keep the piece without re-copying what is already kept
+            return self._keep(rest)
+        if self._tail:  # the kept pieces and this read's first line are one line: joined once
+            self._tail.append(lines[0])
+            lines[0] = b"".join(self._tail)
+            self._tail, self._tail_len = [], 0
+        # (one comparison in the usual case: no line can be longer than the read it came in)
+        if (len(chunk) > self.max_line or len(lines[0]) > self.max_line) and max(map(len, lines)) > self.max_line:
+            return self._overflow()
         out: list[str] = []
         data = self._data
         for line in lines:
@@ -59,19 +78,40 @@ class SSEParser:
                 if data:
                     out.append("\n".join(data))
                     data.clear()
+                    self._data_len = 0
                 continue
             if line[:5] == b"data:":
                 value = line[5:]
                 if value[:1] == b" ":
                     value = value[1:]
+                self._data_len += len(value)
+                if self._data_len > self.max_line:  # many short data lines of one event: bounded too
+                    return self._overflow()
                 data.append(value.decode("utf-8", "replace"))
             # comments (":...") and other fields (event, id, retry) carry nothing opskit counts
+        if rest:
+            self._keep(rest)
         return out
+
+    def _keep(self, piece: bytes) -> list[str]:
+        if not piece:
+            return []
+        self._tail_len += len(piece)
+        if self._tail_len > self.max_line:
+            return self._overflow()
+        self._tail.append(piece)
+        return []
+
+    def _overflow(self) -> list[str]:
+        """A line or event over max_line: drop what is held and parse nothing more of this stream."""
+        self.too_long = True
+        self._tail, self._tail_len, self._data, self._data_len = [], 0, [], 0
+        return []
 
     def close(self) -> list[str]:
         """End of stream: an event without its final blank line is still delivered."""
         out = self.feed(b"\n\n") if (self._tail or self._data) else []
-        self._tail, self._pending_cr = b"", False
+        self._tail, self._tail_len, self._pending_cr = [], 0, False
         return out
 
 
@@ -116,7 +156,7 @@ class StreamMeter:
             err = obj["error"]
             self.stream_error = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
         content = reasoning = None
-        for choice in obj.get("choices") or ():
+        for choice in _choices(obj):
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
@@ -127,11 +167,10 @@ class StreamMeter:
                 content = content or choice["text"]
         if content or reasoning:
             self._text(now, bool(content))
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
+        usage = _usage(obj.get("usage"))
+        if usage is not None:
             self.usage_seen = True
-            self.input_tokens = int(usage.get("prompt_tokens") or 0)
-            self.output_tokens = int(usage.get("completion_tokens") or 0)
+            self.input_tokens, self.output_tokens = usage
 
     def _text(self, now: float, is_output: bool) -> None:
         if self.first_token is None:
@@ -159,21 +198,48 @@ class StreamMeter:
         return 0, self.text_chunks, False
 
 
+def _count(value) -> int | None:
+    """A token count from `usage`: an int (a bool is not one) in 0..MAX_TOKENS; None for missing."""
+    if value is None:
+        return 0
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
+    return None
+
+
+def _usage(usage) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a `usage` object; None when there is none or it is garbage
+    (`"x"`, Infinity, `[1]`, -1, 1e30, true): the call is still counted, its tokens are unknown."""
+    if not isinstance(usage, dict):
+        return None
+    inp, out = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if inp is None or out is None:
+        return None
+    return inp, out
+
+
+def _choices(obj: dict) -> list:
+    """`choices` when it is a list, else none (a string or a number is not a list of choices)."""
+    choices = obj.get("choices")
+    return choices if isinstance(choices, list) else []
+
+
 def completion_usage(body: bytes) -> tuple[int, int, bool, bool]:
-    """From a non-streamed JSON response: (input tokens, output tokens, from_usage, has_text)."""
+    """From a non-streamed JSON response: (input tokens, output tokens, from_usage, has_text).
+    Never raises, whatever the body holds."""
     try:
         obj = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the stack
         return 0, 0, False, False
     if not isinstance(obj, dict):
         return 0, 0, False, False
     has_text = False
-    for choice in obj.get("choices") or ():
+    for choice in _choices(obj):
         if isinstance(choice, dict):
             msg = choice.get("message")
             if isinstance(msg, dict) and (msg.get("content") or msg.get("reasoning_content")) or choice.get("text"):
                 has_text = True
-    usage = obj.get("usage")
-    if isinstance(usage, dict):
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), True, has_text
+    usage = _usage(obj.get("usage"))
+    if usage is not None:
+        return usage[0], usage[1], True, has_text
     return 0, 0, False, has_text

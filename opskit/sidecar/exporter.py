@@ -1,134 +1,35 @@
-"""`opskit exporter`: the sidecar that serves /metrics for Prometheus.
+"""`opskit exporter`: the sidecar that serves /metrics for Prometheus (the command line).
 
-One process, one asyncio event loop, one fresh CollectorRegistry (no global registry):
-
-- `opskit_build_info`, and `opskit_llm_quota_limit_requests` for targets with a configured quota;
-- the GPU collector (opskit.sidecar.gpu), read from NVML at scrape time;
-- the call series (opskit.sidecar.call_metrics), fed by the metering proxy (`--proxy-listen`, opskit.sidecar.proxy)
-  and by the active probe (`--probe`, opskit.sidecar.probe), both on the same loop.
-
-/metrics is rendered by opskit.sidecar.fast_exposition (the bytes of prometheus_client's generate_latest in the
-text format 0.0.4, ~20x cheaper for the call histograms) on one worker thread, so a slow NVML call
-never stalls the proxy's streams on the event loop (ctypes releases the GIL while NVML works); one
-worker also means scrapes never overlap. `/healthz` answers 200 "ok" from the loop itself.
-"""
+The flags become `Options`; `serve` runs opskit.sidecar.exporter_server's `Exporter` (the /metrics
+listener, the metering proxy and the probers on one event loop) until SIGTERM or SIGINT, then drains
+the proxy, keeps /metrics up until it is scraped once more (at most `--metrics-linger-s`) and exits 0.
+`metrics_table()` is the README's metric list, generated from the catalogue."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import gc
 import logging
 import os
 import signal
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import click
-from aiohttp import web
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from opskit import __version__
 from opskit.core import catalog, config, readyfile
-from opskit.core.cli_helpers import FiniteRange, parse_hostport, redact_url
-from opskit.sidecar.call_metrics import CallMetrics, make
-from opskit.sidecar.fast_exposition import Renderer
+from opskit.core.cli_helpers import FiniteRange, parse_hostport
+from opskit.sidecar.exporter_server import (
+    DEFAULT_MAX_BODY,
+    METRICS_MAX_CONNECTIONS,
+    Exporter,
+    Options,
+    proxy_target,
+)
+from opskit.sidecar.http_guard import Limits
 
 log = logging.getLogger("opskit.sidecar.exporter")
 
 DEFAULT_LISTEN = "0.0.0.0:9464"
-DEFAULT_MAX_BODY = 10 * 1024 * 1024
-PROXY_TARGET_FALLBACK = "default"
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the command line asked for, parsed. Addresses are (host, port); port 0 = a free port."""
-
-    listen: tuple[str, int]
-    proxy_listen: tuple[str, int] | None = None
-    upstream: str | None = None
-    proxy_target: str | None = None
-    probe: bool = False
-    gpu: bool = True
-    nvml_lib: str | None = None
-    visible_devices: str | None = None
-    ready_file: Path | None = None
-    max_body_bytes: int = DEFAULT_MAX_BODY
-    drain_s: float = 20.0
-    upstream_timeout_s: float = 300.0
-
-
-def local_url(host: str, port: int) -> str:
-    """A URL that reaches a listener bound to host:port from this machine."""
-    if host in ("0.0.0.0", ""):
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _same_url(a: str, b: str) -> bool:
-    """Equal URLs up to a trailing slash and the case of scheme and host."""
-    pa, pb = urlsplit(a.rstrip("/")), urlsplit(b.rstrip("/"))
-    return (pa.scheme.lower(), pa.netloc.lower(), pa.path, pa.query) == \
-        (pb.scheme.lower(), pb.netloc.lower(), pb.path, pb.query)
-
-
-def _api_root(base_url: str) -> str:
-    """A base URL without its trailing `/v1` (vLLM's `http://host:8000/v1` -> `http://host:8000`)."""
-    base = base_url.rstrip("/")
-    return base.removesuffix("/v1") if base.endswith("/v1") else base
-
-
-def proxy_target(cfg: config.Config, upstream: str | None, name: str | None = None) -> tuple[str, str]:
-    """(target name, upstream URL) for the proxy.
-
-    `name` (--proxy-target) picks a configured target: its name labels the proxy's series, and it is
-    the upstream unless `upstream` says otherwise (ConfigError, exit 2, for a name not configured).
-    Without it: no upstream means the first configured target; an upstream takes the name of the
-    configured target whose base URL it is, or whose base URL it is once a trailing `/v1` is removed
-    (a proxy forwarding to a vLLM server's root, so that clients keep their `/v1` base URL), so proxy
-    and probe series of one API share a `target` label; any other upstream is `default`.
-    """
-    if name is not None:
-        known = [t.name for t in cfg.targets]
-        if name not in known:
-            raise config.ConfigError("--proxy-target", "",
-                                     f"one of the configured targets ({', '.join(known) or 'none configured'})")
-        return name, upstream or cfg.target(name).base_url
-    if upstream is None:
-        t = cfg.target()  # ConfigError (exit 2) when there is none
-        return t.name, t.base_url
-    for same in (lambda t: _same_url(t.base_url, upstream), lambda t: _same_url(_api_root(t.base_url), upstream)):
-        for t in cfg.targets:  # an exact match wins over a root match
-            if same(t):
-                return t.name, upstream
-    return PROXY_TARGET_FALLBACK, upstream
-
-
-def build_registry(cfg: config.Config, gpu_collector=None,
-                   extra_models: Mapping[str, tuple[str, ...]] | None = None
-                   ) -> tuple[CollectorRegistry, CallMetrics]:
-    """A fresh registry with build info, quotas, the GPU collector (if given) and the call series.
-
-    Model labels are capped to each target's configured models (`extra_models` adds targets that are
-    not in the config, such as an unconfigured proxy upstream).
-    """
-    registry = CollectorRegistry()
-    make(catalog.BUILD_INFO, registry).labels(__version__).set(1)
-    quota = make(catalog.LLM_QUOTA_LIMIT, registry)
-    for t in cfg.targets:
-        if t.daily_quota_requests:
-            quota.labels(t.name).set(t.daily_quota_requests)
-    if gpu_collector is not None:
-        registry.register(gpu_collector)
-    models = {t.name: t.models for t in cfg.targets}
-    models.update(extra_models or {})
-    return registry, CallMetrics(registry, models)
 
 
 def metrics_table() -> str:
@@ -138,126 +39,6 @@ def metrics_table() -> str:
         labels = ", ".join(f"`{label}`" for label in m.labels) or "-"
         rows.append(f"| `{m.name}` | {m.type} | {labels} | {m.help.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
-
-
-class Exporter:
-    """The running exporter: metrics listener, optional proxy and probers, on the current loop."""
-
-    def __init__(self, cfg: config.Config, opts: Options) -> None:
-        self.cfg, self.opts = cfg, opts
-        self.gpu = None
-        if opts.gpu:
-            from opskit.sidecar.gpu import GpuCollector
-
-            self.gpu = GpuCollector(lib_path=opts.nvml_lib, visible=opts.visible_devices)
-        self.proxy_target: tuple[str, str] | None = None
-        extra = {}
-        if opts.proxy_listen is not None:
-            self.proxy_target = proxy_target(cfg, opts.upstream, opts.proxy_target)
-            if self.proxy_target[0] not in {t.name for t in cfg.targets}:
-                # an unconfigured upstream: its models are unknown, so every model label is `other`;
-                # never for a configured target, such as the `default` that --target makes
-                extra[self.proxy_target[0]] = ()
-        if opts.probe:
-            cfg.target()  # a probe needs a target: ConfigError (exit 2) before anything starts
-        self.registry, self.metrics = build_registry(cfg, self.gpu, extra)
-        self._renderer = Renderer(self.registry)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scrape")
-        self._runner: web.AppRunner | None = None
-        self._proxy = None
-        self._probe_tasks: list[asyncio.Task] = []
-        self.port = 0
-        self.proxy_port: int | None = None
-
-    async def start(self) -> None:
-        """Listen for scrapes, start the proxy and the probers. OSError if an address is taken."""
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/", self._index)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await self._runner.setup()
-        host, port = self.opts.listen
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
-        if self.gpu is not None:  # try NVML now, so its state is in the log at start, not at first scrape
-            await asyncio.get_running_loop().run_in_executor(self._pool, lambda: list(self.gpu.collect()))
-        if self.proxy_target is not None:
-            await self._start_proxy()
-        if self.opts.probe:
-            self._start_probers()
-
-    async def _start_proxy(self) -> None:
-        from opskit.sidecar.proxy import start_proxy  # aiohttp client and SSE metering only when proxying
-
-        name, upstream = self.proxy_target
-        host, port = self.opts.proxy_listen
-        self._proxy = await start_proxy(host, port, upstream, name, self.metrics,
-                                        max_body_bytes=self.opts.max_body_bytes,
-                                        timeout_s=self.opts.upstream_timeout_s)
-        self.proxy_port = self._proxy.port
-
-    def _start_probers(self) -> None:
-        from opskit.sidecar.probe import Prober
-
-        for t in self.cfg.targets:  # the Probers of one registry share its probe gauges
-            prober = Prober(t, self.cfg.probe, self.metrics, self.registry)
-            self._probe_tasks.append(asyncio.create_task(prober.run_forever(), name=f"probe-{t.name}"))
-
-    async def close(self) -> None:
-        """Stop probing, drain the proxy's in-flight calls, then stop serving metrics."""
-        for task in self._probe_tasks:
-            task.cancel()
-        if self._probe_tasks:
-            await asyncio.wait(self._probe_tasks, timeout=5)
-        if self._proxy is not None:
-            await self._proxy.close(self.opts.drain_s)
-        if self._runner is not None:
-            await self._runner.cleanup()
-        self._pool.shutdown(wait=True)
-        if self.gpu is not None:
-            self.gpu.close()
-
-    def ready_info(self) -> dict:
-        """What --ready-file says: where to scrape, where the proxy listens, which process."""
-        proxy_url = None
-        if self.proxy_port is not None:
-            proxy_url = local_url(self.opts.proxy_listen[0], self.proxy_port)
-        return {"url": local_url(self.opts.listen[0], self.port), "proxy_url": proxy_url, "pid": os.getpid()}
-
-    def describe(self) -> str:
-        """One line saying what is enabled; URLs are redacted, secrets never appear."""
-        metrics_url = local_url(self.opts.listen[0], self.port)
-        parts = [f"opskit exporter {__version__}: metrics on {metrics_url}/metrics (bound {self.opts.listen[0]})"]
-        if self.gpu is None:
-            parts.append("gpu off")
-        else:
-            parts.append(f"gpu on ({self.opts.nvml_lib or 'libnvidia-ml.so.1'})")
-        if self.proxy_target is not None:
-            name, upstream = self.proxy_target
-            parts.append(f"proxy {local_url(self.opts.proxy_listen[0], self.proxy_port)} -> "
-                         f"{redact_url(upstream)} as target {name}")
-        else:
-            parts.append("proxy off")
-        probed = ",".join(t.name for t in self.cfg.targets) if self.opts.probe else "off"
-        parts.append(f"probe {probed}")
-        return "; ".join(parts)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        loop = asyncio.get_running_loop()
-        try:
-            body = await loop.run_in_executor(self._pool, self._renderer.render)
-        except Exception as exc:  # a collector bug: one line in the log, a 500 to Prometheus (up stays 1)
-            log.error("rendering /metrics failed: %s: %s", type(exc).__name__, exc)
-            return web.Response(status=500, text="metrics rendering failed\n")
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def _index(self, request: web.Request) -> web.Response:
-        return web.Response(text="opskit exporter: /metrics, /healthz\n")
 
 
 class ReadyFileError(Exception):
@@ -334,8 +115,23 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="On SIGTERM, how long in-flight proxied calls may take to finish.")
 @click.option("--upstream-timeout-s", type=FiniteRange(min=0, min_open=True), default=300.0, show_default=True,
               help="A proxied call whose upstream sends nothing for this long ends 504/timeout.")
+@click.option("--client-header-timeout-s", type=FiniteRange(min=0, min_open=True), default=Limits.header_timeout_s,
+              show_default=True, help="A request head must be complete this long after its first byte "
+              "(else 408 and the connection is closed); proxy and /metrics.")
+@click.option("--client-body-timeout-s", type=FiniteRange(min=0, min_open=True), default=Limits.body_timeout_s,
+              show_default=True, help="A proxied request body must be complete this long after its head (else 408).")
+@click.option("--client-idle-timeout-s", type=FiniteRange(min=0, min_open=True), default=Limits.idle_timeout_s,
+              show_default=True, help="A client connection with no request for this long is closed (keep clients' "
+              "own idle timeouts shorter); proxy and /metrics.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=Limits.max_connections, show_default=True,
+              help=f"Client connections the proxy holds at once; more are answered 503 and counted in "
+              f"opskit_exporter_connections_refused_total (/metrics holds {METRICS_MAX_CONNECTIONS}).")
+@click.option("--metrics-linger-s", type=FiniteRange(min=0), default=15.0, show_default=True,
+              help="On SIGTERM, after the drain, /metrics stays up until scraped once more, for at most this long, "
+              "so calls that finished while draining reach Prometheus (use your scrape interval).")
 def exporter_command(listen, config_file, target_url, proxy_listen, upstream, proxy_target_name, probe, gpu,
-                     nvml_lib, ready_file, max_body_bytes, drain_s, upstream_timeout_s) -> None:
+                     nvml_lib, ready_file, max_body_bytes, drain_s, upstream_timeout_s, client_header_timeout_s,
+                     client_body_timeout_s, client_idle_timeout_s, max_connections, metrics_linger_s) -> None:
     """Serve Prometheus metrics: GPUs (NVML), a metering proxy for real calls, canary probes.
 
     \b
@@ -366,7 +162,8 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
     opts = Options(listen=listen, proxy_listen=proxy_listen, upstream=upstream, proxy_target=proxy_target_name,
                    probe=probe, gpu=gpu, nvml_lib=os.path.abspath(nvml_lib) if nvml_lib else None, visible_devices=visible,
                    ready_file=ready_file, max_body_bytes=max_body_bytes, drain_s=drain_s,
-                   upstream_timeout_s=upstream_timeout_s)
+                   upstream_timeout_s=upstream_timeout_s, metrics_linger_s=metrics_linger_s,
+                   limits=Limits(client_header_timeout_s, client_body_timeout_s, client_idle_timeout_s, max_connections))
     try:
         _run(serve(cfg, opts))
     except ReadyFileError as exc:

@@ -14,24 +14,37 @@ forwarded but not metered, because it is not a model call and would skew latency
 - TTFT: to the arrival of the first SSE event carrying `content` or `reasoning_content`; for a successful
   non-streamed call it equals the duration. Tokens come from the server's `usage` (else text chunks).
 - error_type: from the status (`records.error_type_for_status`); upstream unreachable -> the client gets
-  502 and the record says 502/connection; no response headers within `timeout_s` -> 504/timeout. After
-  the headers: the upstream cutting the body, an event stream ending without `data: [DONE]`, or an event
-  that is not JSON -> stream_broken (malformed events are still passed through: the client's SDK fails
-  on them, so the call counts as failed); a stream `error` event -> server_error; no byte for
-  `timeout_s` -> timeout; the client going away -> client_disconnect, unless a malformed or error
-  event came first (SDKs give up on those; the cause is what gets counted). When the upstream breaks a stream
-  the proxy closes the client connection too, so the client sees the break it would have seen directly.
-- Request bodies over `max_body_bytes` get 413 (Content-Length checked first, then counted while read).
+  502 and the record says 502/connection; a response head that cannot be relayed as sent (bare LF,
+  control characters, status outside 100-599) -> 502/server_error; no response headers within
+  `timeout_s` -> 504/timeout. After the headers: the upstream cutting the body, an event stream ending
+  without `data: [DONE]`, an event that is not JSON or a line over the SSE parser's bound ->
+  stream_broken (malformed events are still passed through: the client's SDK fails on them, so the call
+  counts as failed); a stream `error` event -> server_error; no byte for `timeout_s` -> timeout; the
+  client going away -> client_disconnect, unless a malformed or error event came first (SDKs give up on
+  those; the cause is what gets counted). When the upstream breaks a stream the proxy closes the client
+  connection too, so the client sees the break it would have seen directly. Whatever status the client
+  gets is the one counted, and each call is counted exactly once, whatever its body holds.
+- The client's faults are the client's (client_error / client_disconnect, which the SLO alerts leave
+  out): a body over `max_body_bytes` -> 413, not received within the body timeout -> 408 (see
+  opskit.sidecar.request_body); a client hanging up, or the drain cutting it, before its body is in
+  -> 0/client_disconnect, and nothing is sent upstream. A body the proxy cannot parse (not JSON, nested
+  too deep) is forwarded as it is: the upstream judges it.
+- A client that hangs up while the upstream is silent (before the head, or between chunks) is noticed
+  by its connection (opskit.sidecar.http_guard's `on_lost`): the upstream connection is closed at once
+  and the call ends client_disconnect, instead of both waiting out `timeout_s`.
 - Authorization and every other header pass through untouched; headers are never recorded or logged.
-  The path and body are forwarded byte for byte, so HMAC-signed requests stay valid, as long as the
-  upstream URL has no path prefix (a prefix is prepended to every path, changing what was signed).
+  The path and body are forwarded byte for byte (a compressed request body too), so HMAC-signed
+  requests stay valid, as long as the upstream URL has no path prefix (a prefix is prepended to every
+  path, changing what was signed).
 - For metered calls `Accept-Encoding` is narrowed to gzip/deflate/identity so that the proxy can decode
-  a copy of a compressed body for metering; the bytes sent to the client stay the upstream's.
-- Not proxied: WebSocket upgrades (Upgrade is hop-by-hop). A client that hangs up while the upstream
-  is still thinking is noticed at the first byte the proxy relays (the call then ends client_disconnect).
+  a copy of a compressed body for metering (bounded: opskit.sidecar.metering); the bytes sent to the
+  client stay the upstream's.
+- Not proxied: WebSocket upgrades (Upgrade is hop-by-hop).
+- Every client is bounded by opskit.sidecar.http_guard: header and idle timeouts, a connection cap,
+  and a throttled log for malformed requests.
 
-Speed: the upstream side is opskit.sidecar.upstream_client, which pushes each body piece from `data_received`
-straight through `_sink` (write to the client, then meter) with no task switch per chunk; a body that
+Speed: the upstream side is opskit.sidecar.upstream_client (its connections: upstream_protocol),
+which pushes each body piece from `data_received` straight through `_sink` (write to the client, then meter) with no task switch per chunk; a body that
 is complete when its head is parsed goes out in one write with the headers. bench/proxy_overhead.py
 measures what this costs.
 """
@@ -42,7 +55,6 @@ import asyncio
 import json
 import logging
 import ssl
-import zlib
 from time import perf_counter
 from urllib.parse import urlsplit
 
@@ -50,22 +62,22 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from opskit.core import records
-from opskit.core.records import CallRecord
-from opskit.core.sse import SSEParser, StreamMeter, completion_usage
+from opskit.sidecar import request_body
 from opskit.sidecar.call_metrics import CallMetrics
-from opskit.sidecar.upstream_client import (
+from opskit.sidecar.http_guard import GuardedServer, Limits, Throttle
+from opskit.sidecar.metering import SOURCE, MeteredCall, model_of
+from opskit.sidecar.upstream_client import Pool
+from opskit.sidecar.upstream_protocol import (
     HIGH_WATER,
+    BadResponse,
     ClientGone,
     Exchange,
-    Pool,
     UpstreamError,
     UpstreamTimeout,
 )
 
-LOG_EVERY_S = 10.0  # upstream failures are logged at most this often
 log = logging.getLogger("opskit.sidecar.proxy")
 
-SOURCE = "proxy"
 METERED_SUFFIXES = ("/chat/completions", "/completions")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
@@ -74,7 +86,6 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
-JSON_METER_CAP = 4 * 1024 * 1024  # non-streamed bodies bigger than this are passed but not metered
 
 
 def _dropped(headers, base: frozenset[str]) -> frozenset[str]:
@@ -91,25 +102,6 @@ def _accept_encoding(value: str) -> str:
     return ",".join(keep).strip() or "identity"
 
 
-def _float_header(headers, name: str) -> float | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None
-
-
-def _model_of(body: bytes) -> str | None:
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
-    model = obj.get("model") if isinstance(obj, dict) else None
-    return model if isinstance(model, str) else None
-
-
 def _error(status: int, message: str, kind: str, close: bool = False) -> web.Response:
     """A small OpenAI-style error body produced by the proxy itself."""
     body = json.dumps({"error": {"message": message, "type": kind, "source": "opskit-proxy"}})
@@ -117,103 +109,6 @@ def _error(status: int, message: str, kind: str, close: bool = False) -> web.Res
     if close:
         resp.force_close()
     return resp
-
-
-class _Call:
-    """Metering state of one call; the per-chunk path is `feed` and nothing else."""
-
-    __slots__ = ("t0", "model", "code", "error_type", "end", "streamed", "parser", "meter", "body",
-                 "body_len", "decoder", "rl_requests", "rl_tokens")
-
-    def __init__(self, t0: float) -> None:
-        self.t0 = t0
-        self.model: str | None = None
-        self.code = 0
-        self.error_type = records.CONNECTION
-        self.end: float | None = None
-        self.streamed = False
-        self.parser: SSEParser | None = None
-        self.meter: StreamMeter | None = None
-        self.body: list[bytes] | None = None
-        self.body_len = 0
-        self.decoder = None
-        self.rl_requests = self.rl_tokens = None
-
-    def begin(self, status: int, h: CIMultiDict) -> None:
-        """Response headers arrived: pick the meter for the body."""
-        self.code = status
-        self.error_type = records.error_type_for_status(status)
-        self.rl_requests = _float_header(h, "x-ratelimit-remaining-requests")
-        self.rl_tokens = _float_header(h, "x-ratelimit-remaining-tokens")
-        coding = h.get("Content-Encoding", "identity").strip().lower()
-        if coding in ("gzip", "x-gzip"):
-            self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif coding == "deflate":
-            self.decoder = zlib.decompressobj()
-        elif coding != "identity":
-            return  # a coding the meter cannot read: the bytes still pass, tokens stay unknown
-        if h.get("Content-Type", "").startswith("text/event-stream"):
-            self.streamed = True
-            self.parser, self.meter = SSEParser(), StreamMeter(self.t0)
-        else:
-            self.body = []
-
-    def feed(self, chunk: bytes, now: float) -> None:
-        """Account one chunk that arrived at `now` (already written to the client). Never raises:
-        it runs inside the upstream connection's data_received."""
-        try:
-            if self.decoder is not None:
-                chunk = self.decoder.decompress(chunk)
-            if self.parser is not None:
-                on_data = self.meter.on_data
-                for payload in self.parser.feed(chunk):
-                    on_data(payload, now)
-            elif self.body is not None:
-                self.body_len += len(chunk)
-                if self.body_len > JSON_METER_CAP:
-                    self.body = None
-                else:
-                    self.body.append(chunk)
-        except Exception:  # a corrupt coding or an odd `usage` value: stop metering, keep relaying
-            self.decoder = self.parser = self.meter = self.body = None
-
-    def fail(self, error_type: str) -> None:
-        """The call failed after its headers; the first failure seen is the one recorded."""
-        if self.error_type == records.OK:
-            self.error_type = error_type
-
-    def record(self, target: str, model: str) -> CallRecord:
-        """The CallRecord of this call (call when it is over)."""
-        end = self.end if self.end is not None else perf_counter()
-        rec = CallRecord(target=target, source=SOURCE, model=model, code=self.code, error_type=self.error_type,
-                         duration_s=end - self.t0, streamed=self.streamed,
-                         ratelimit_remaining_requests=self.rl_requests, ratelimit_remaining_tokens=self.rl_tokens)
-        if self.meter is not None:
-            self._stream_result(rec)
-        elif self.body is not None:
-            inp, out, from_usage, has_text = completion_usage(b"".join(self.body))
-            rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = inp, out, from_usage
-            if has_text and rec.ok:
-                rec.ttft_s = rec.ttfot_s = rec.duration_s
-                rec.text_chunks = 1
-        return rec
-
-    def _stream_result(self, rec: CallRecord) -> None:
-        m = self.meter
-        if self.parser is not None:
-            for payload in self.parser.close():
-                m.on_data(payload, self.end or perf_counter())
-        rec.ttft_s, rec.ttfot_s, rec.text_chunks = m.ttft, m.ttfot, m.text_chunks
-        rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = m.tokens
-        if self.code != 200 or rec.error_type not in (records.OK, records.CLIENT_DISCONNECT):
-            return
-        # A bad event comes first: a client that hangs up on it (an SDK fails on it) does not hide it.
-        if m.malformed:
-            rec.error_type = records.STREAM_BROKEN
-        elif m.stream_error:
-            rec.error_type = records.SERVER_ERROR
-        elif rec.ok and not m.done:
-            rec.error_type = records.STREAM_BROKEN
 
 
 class _WholeResponse(web.StreamResponse):
@@ -228,6 +123,22 @@ class ProxyServer:
     def __init__(self, proxy: _Proxy, runner: web.ServerRunner, port: int) -> None:
         self._proxy, self._runner, self.port = proxy, runner, port
         self._closed = False
+
+    @property
+    def finished_calls(self) -> int:
+        """Metered calls counted so far (each once)."""
+        return self._proxy.finished
+
+    @property
+    def open_calls(self) -> int:
+        """Metered calls being handled now: uploading, waiting for the upstream or relaying."""
+        return len(self._proxy.tasks)
+
+    @property
+    def open_connections(self) -> int:
+        """Client connections open now (what the connection cap counts)."""
+        server = self._runner.server
+        return len(server.connections) if server is not None else 0
 
     async def close(self, grace_s: float = 10) -> None:
         """Stop accepting, let in-flight calls finish for up to `grace_s`, cut the rest, close.
@@ -256,7 +167,8 @@ class _Proxy:
     """The request handler and its upstream connection pool."""
 
     def __init__(self, upstream: str, target: str, metrics: CallMetrics, max_body_bytes: int,
-                 timeout_s: float, connect_timeout_s: float, ssl_context: ssl.SSLContext | None) -> None:
+                 timeout_s: float, connect_timeout_s: float, ssl_context: ssl.SSLContext | None,
+                 limits: Limits) -> None:
         url = urlsplit(upstream)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
@@ -264,19 +176,18 @@ class _Proxy:
         self.target, self.metrics, self.max_body = target, metrics, max_body_bytes
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
+        self.finished = 0  # metered calls counted so far (the exporter lingers until a scrape has them all)
+        self.limits = limits
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
-        self._logged_at, self._unlogged = -LOG_EVERY_S, 0
+        self._throttle = Throttle()
 
     def _log_failure(self, exc: Exception) -> None:
         """At most one line per LOG_EVERY_S, with a count of the failures since: with the upstream down,
         a line per call would flood the sidecar's log at the traffic's rate (the metrics count each)."""
-        now = perf_counter()
-        if now - self._logged_at < LOG_EVERY_S:
-            self._unlogged += 1
-            return
-        since = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
-        log.warning("upstream of %s failed: %s%s", self.target, exc, since)
-        self._logged_at, self._unlogged = now, 0
+        held = self._throttle.take()
+        if held is not None:
+            since = f" ({held} more since the last such line)" if held else ""
+            log.warning("upstream of %s failed: %s%s", self.target, exc, since)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Entry point for every request the proxy receives."""
@@ -288,61 +199,65 @@ class _Proxy:
                           "configured upstream", "invalid_request", True)
         if request.method != "POST" or not request.path.endswith(METERED_SUFFIXES):
             return await self._forward(request, None)
-        call = _Call(t0)
+        call = MeteredCall(t0)
         task = asyncio.current_task()
         self.tasks.add(task)
-        self.metrics.started(self.target, SOURCE)
         try:
             return await self._forward(request, call)
         except asyncio.CancelledError:  # close() cut it wherever it was; a relayed stream says more
             call.fail(records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT)
             raise
         finally:
+            request.protocol.on_lost = None  # the connection may carry another call: not this one's exchange
             self.tasks.discard(task)
-            self.metrics.finished(call.record(self.target, self.metrics.model_label(self.target, call.model)))
+            rec = call.record(self.target, self.metrics.model_label(self.target, call.model))
+            (self.metrics.finished if call.in_flight else self.metrics.observe)(rec)
+            self.finished += 1
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
-        """The request body, or None when it is over the limit."""
-        length = request.content_length
-        if length is not None and length > self.max_body:
-            return None
-        if not request.body_exists:
-            return b""
-        parts, size = [], 0
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > self.max_body:
-                return None
-            parts.append(chunk)
-        return b"".join(parts)
-
-    async def _forward(self, request: web.BaseRequest, call: _Call | None) -> web.StreamResponse:
-        body = await self._read_body(request)
-        if body is None:
+    async def _forward(self, request: web.BaseRequest, call: MeteredCall | None) -> web.StreamResponse:
+        try:
+            body = await request_body.read(request, self.max_body, self.limits.body_timeout_s)
+        except request_body.NoBody as exc:  # the client's error, counted as one; nothing reached the API
             if call is not None:
-                call.code, call.error_type, call.end = 413, records.CLIENT_ERROR, perf_counter()
-            return _error(413, f"request body over {self.max_body} bytes", "request_too_large", True)
+                call.end = perf_counter()
+                if exc.status:  # else: code 0 / client_disconnect, as the call started
+                    call.code, call.error_type = exc.status, records.CLIENT_ERROR
+            return _error(exc.status or 400, str(exc), exc.kind, True)
+        transport = request.transport
+        if transport is None or transport.is_closing():  # the client left with its upload: nothing to send
+            if call is not None:
+                call.end = perf_counter()
+            return _error(400, "client went away", "client_disconnect", True)
         drop = _dropped(request.headers, REQUEST_DROP)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         if call is not None:
-            call.model = _model_of(body)
+            call.model = model_of(body)
             headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
+            call.error_type = records.CONNECTION  # from here, ending with no response is the upstream's
+            call.in_flight = True  # in flight: waiting on the API (an upload in progress is not)
+            self.metrics.started(self.target, SOURCE)
         wire = self.pool.request_bytes(request.method, self.prefix + request.raw_path, headers, body)
+        proto = request.protocol  # a client that hangs up on a silent upstream ends the upstream side too
         try:
-            ex = await self.pool.send(request.method, wire)
+            ex = await self.pool.send(request.method, wire, lambda ex: setattr(proto, "on_lost", ex.client_gone))
+        except ClientGone:
+            return self._failed(call, 0, records.CLIENT_DISCONNECT, "client went away", "client_disconnect")
         except UpstreamTimeout:
             return self._failed(call, 504, records.TIMEOUT, "upstream did not answer in time", "upstream_timeout")
+        except BadResponse as exc:
+            self._log_failure(exc)
+            return self._failed(call, 502, records.SERVER_ERROR, "bad upstream response", "bad_upstream_response")
         except UpstreamError as exc:
             self._log_failure(exc)
             return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable")
         return await self._relay(request, ex, call)
 
-    def _failed(self, call: _Call | None, status: int, error_type: str, msg: str, kind: str) -> web.Response:
+    def _failed(self, call: MeteredCall | None, status: int, error_type: str, msg: str, kind: str) -> web.Response:
         if call is not None:
             call.code, call.error_type, call.end = status, error_type, perf_counter()
         return _error(status, msg, kind)
 
-    async def _relay(self, request: web.BaseRequest, ex: Exchange, call: _Call | None) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, ex: Exchange, call: MeteredCall | None) -> web.StreamResponse:
         """Pass the upstream response on: in one write if it is already complete, else chunk by chunk."""
         up = CIMultiDict(ex.headers)
         drop = _dropped(up, RESPONSE_DROP)
@@ -355,17 +270,21 @@ class _Proxy:
             call.begin(ex.status, up)
             if call.parser is not None or call.body is not None:
                 feed = call.feed
-        resp = (_WholeResponse if ex.complete else web.StreamResponse)(status=ex.status, reason=ex.reason,
-                                                                        headers=out)
-        if length is not None:
-            resp.content_length = length
-        if ex.complete:
-            return await self._whole(request, ex, resp, call, feed)
         try:
+            resp = (_WholeResponse if ex.complete else web.StreamResponse)(status=ex.status, reason=ex.reason,
+                                                                            headers=out)
+            if length is not None:
+                resp.content_length = length
+            if ex.complete:
+                return await self._whole(request, ex, resp, call, feed)
             await resp.prepare(request)
         except ConnectionError:
             ex.abort()
-            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+            return self._cut(call, records.CLIENT_DISCONNECT, None, None)
+        except (ValueError, TypeError) as exc:  # a head aiohttp will not write (UnicodeError is a ValueError)
+            ex.abort()
+            self._log_failure(exc)
+            return self._failed(call, 502, records.SERVER_ERROR, "bad upstream response", "bad_upstream_response")
         transport = request.transport
         if transport is None or transport.is_closing():
             ex.abort()
@@ -375,7 +294,7 @@ class _Proxy:
         ex.attach(_sink(transport, chunked, feed, ex))
         return await self._stream(request, ex, resp, call)
 
-    async def _stream(self, request, ex: Exchange, resp: web.StreamResponse, call: _Call | None):
+    async def _stream(self, request, ex: Exchange, resp: web.StreamResponse, call: MeteredCall | None):
         """Wait while the upstream connection pushes the body to the client; then finish the response."""
         try:
             await ex.done
@@ -398,7 +317,7 @@ class _Proxy:
             call.end = perf_counter()
         return resp
 
-    async def _whole(self, request, ex: Exchange, resp: web.StreamResponse, call: _Call | None, feed):
+    async def _whole(self, request, ex: Exchange, resp: web.StreamResponse, call: MeteredCall | None, feed):
         pieces = ex.pending
         if feed is not None:
             for data, now in pieces:
@@ -407,13 +326,13 @@ class _Proxy:
             await resp.prepare(request)
             await resp.write_eof(pieces[0][0] if len(pieces) == 1 else b"".join(d for d, _ in pieces))
         except ConnectionError:
-            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)  # (other errors: see _relay)
         if call is not None:
             call.end = perf_counter()
         return resp
 
     @staticmethod
-    def _cut(call: _Call | None, error_type: str, request, resp: web.StreamResponse) -> web.StreamResponse:
+    def _cut(call: MeteredCall | None, error_type: str, request, resp: web.StreamResponse | None):
         """End a relayed call early; with `request`, also drop the client's connection."""
         if call is not None:
             call.fail(error_type)
@@ -421,7 +340,7 @@ class _Proxy:
         transport = request.transport if request is not None else None
         if transport is not None:
             transport.close()  # flushes what was written, then FIN: the client sees an unfinished body
-        return resp
+        return resp if resp is not None else web.Response(status=400)  # (nobody reads it)
 
 
 def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
@@ -442,15 +361,21 @@ def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
 
 async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,
                       max_body_bytes: int = 10 * 1024 * 1024, timeout_s: float = 300,
-                      connect_timeout_s: float = 10, ssl_context: ssl.SSLContext | None = None) -> ProxyServer:
+                      connect_timeout_s: float = 10, ssl_context: ssl.SSLContext | None = None,
+                      limits: Limits | None = None, on_refused=None) -> ProxyServer:
     """Start the metering proxy on host:port (0 = a free port) in the running event loop.
 
     `timeout_s` bounds the wait for the upstream's response head and every silence in its body;
     a stream may last longer as long as it keeps sending. An https upstream is verified against the
-    system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given.
+    system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given. `limits`
+    bound what a client may hold (opskit.sidecar.http_guard); `on_refused()` is called for each
+    connection refused at the cap.
     """
-    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context)
-    runner = web.ServerRunner(web.Server(proxy.handle, access_log=None), shutdown_timeout=1.0)
+    limits = limits or Limits()
+    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits)
+    # auto_decompress off: a compressed request body is forwarded as sent, with its Content-Encoding
+    server = GuardedServer(proxy.handle, limits, log, "proxy", on_refused, auto_decompress=False)
+    runner = web.ServerRunner(server, shutdown_timeout=1.0)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port)

@@ -2,7 +2,7 @@
 
 Why not aiohttp's client: it pulls the body through a StreamReader, so every SSE chunk costs a future,
 a task switch and a timer reschedule (~30 us of CPU per chunk here). This client parses the response
-in `data_received` and hands each body piece straight to a sink (the proxy writes it to the client and
+in `data_received` (opskit.sidecar.upstream_protocol) and hands each body piece straight to a sink (the proxy writes it to the client and
 meters it) in the same call: no task switch per chunk. It does what the proxy needs and no more:
 
 - keep-alive connections in a LIFO pool (idle ones closed after `IDLE_S`), TLS with verification
@@ -25,321 +25,9 @@ from collections.abc import Callable
 from time import perf_counter
 from urllib.parse import urlsplit
 
+from opskit.sidecar.upstream_protocol import Conn, Exchange, UpstreamError, UpstreamTimeout
+
 IDLE_S = 30.0             # idle keep-alive connections older than this are closed
-MAX_HEAD = 64 * 1024      # a response head bigger than this is a protocol error
-HIGH_WATER = 256 * 1024   # client write buffer above this pauses reading from the upstream...
-LOW_WATER = 64 * 1024     # ...until it is below this again
-
-Sink = Callable[[bytes, float], None]
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or broke the response (502, or stream_broken)."""
-
-
-class UpstreamTimeout(UpstreamError):
-    """No byte from the upstream for timeout_s (504, or timeout)."""
-
-
-class ClientGone(Exception):
-    """The proxy's client went away while the body was being relayed."""
-
-
-class Exchange:
-    """One request/response on a connection: the head future, then body pieces to the sink."""
-
-    __slots__ = ("head", "done", "pending", "sink", "status", "reason", "headers", "complete", "conn")
-
-    def __init__(self, conn: Conn) -> None:
-        loop = asyncio.get_running_loop()
-        self.head: asyncio.Future = loop.create_future()
-        self.done: asyncio.Future = loop.create_future()
-        self.pending: list[tuple[bytes, float]] = []   # body that arrived before a sink was attached
-        self.sink: Sink | None = None
-        self.status, self.reason, self.headers = 0, "", []
-        self.complete = False
-        self.conn = conn
-
-    def attach(self, sink: Sink) -> None:
-        """Deliver body pieces to `sink` from now on, starting with those already received."""
-        pending, self.pending = self.pending, []
-        self.sink = sink
-        conn = self.conn
-        try:
-            for data, now in pending:
-                sink(data, now)
-        except ClientGone as exc:
-            if conn.ex is self:
-                conn.ex = None
-                conn.abort()
-            if not self.done.done():
-                self.done.set_exception(exc)
-            return  # a finished exchange: finishing the response to the gone client will say so
-        if conn.held and not conn.closed and conn.ex is self:
-            conn.held = False
-            conn.transport.resume_reading()
-
-    def abort(self) -> None:
-        """Give up on this exchange: nobody waits for it, and its connection, if it is still busy with
-        it, is closed (a finished exchange's connection may already serve another request)."""
-        for fut in (self.head, self.done):
-            if not fut.done():
-                fut.cancel()
-        if self.conn.ex is self:
-            self.conn.abort()
-
-    def pause(self, client: asyncio.WriteTransport) -> None:
-        """The client reads slower than the upstream writes: stop reading until it catches up."""
-        self.conn.pause(client)
-
-
-# body modes
-_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
-# chunked decoder states
-_SIZE, _DATA, _CRLF, _TRAILER = range(4)
-
-
-class Conn(asyncio.Protocol):
-    """One keep-alive connection to the upstream."""
-
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.ex: Exchange | None = None
-        self.buf = b""
-        self.method = "GET"
-        self.mode = _NONE
-        self.remaining = 0
-        self.cstate = _SIZE
-        self.keep_alive = True
-        self.got_bytes = False
-        self.last = perf_counter()
-        self.paused = False
-        self.held = False
-        self.timed_out = False
-        self.closed = False
-
-    # ------------------------------------------------------------------ asyncio.Protocol
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.pool.forget(self)
-        ex = self.ex
-        if ex is None:
-            return
-        self.ex = None
-        if not ex.head.done():
-            ex.head.set_exception(self._error("connection closed before the response head"))
-        elif self.mode == _CLOSE and exc is None and not self.timed_out:
-            self._complete(ex)
-        elif not ex.done.done():
-            ex.done.set_exception(self._error("connection closed mid-body"))
-
-    def data_received(self, data: bytes) -> None:
-        now = self.last = perf_counter()
-        self.got_bytes = True
-        ex = self.ex
-        if ex is None:  # bytes nobody asked for: the connection is unusable
-            self.abort()
-            return
-        if not ex.head.done():
-            data = self._head(ex, data)
-            if data is None:
-                return
-        if data:
-            self._body(ex, data, now)
-
-    # ------------------------------------------------------------------ request
-    def send(self, method: str, request: bytes) -> Exchange:
-        self.ex = ex = Exchange(self)
-        self.method, self.buf, self.got_bytes, self.last = method, b"", False, perf_counter()
-        self.transport.write(request)
-        return ex
-
-    def abort(self) -> None:
-        self.keep_alive = False
-        if self.transport is not None:
-            self.transport.abort()
-
-    def pause(self, client: asyncio.WriteTransport) -> None:
-        if not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-            asyncio.get_running_loop().create_task(self._resume_when_drained(client))
-
-    async def _resume_when_drained(self, client: asyncio.WriteTransport) -> None:
-        # Polling, on the rare slow-client path only, keeps this off aiohttp's private drain API.
-        while client.get_write_buffer_size() > LOW_WATER and not client.is_closing() and not self.closed:
-            await asyncio.sleep(0.005)
-        self.paused = False
-        self.last = perf_counter()
-        if not self.closed:
-            self.transport.resume_reading()
-
-    def _error(self, what: str) -> UpstreamError:
-        return UpstreamTimeout("upstream timed out") if self.timed_out else UpstreamError(what)
-
-    # ------------------------------------------------------------------ response head
-    def _head(self, ex: Exchange, data: bytes) -> bytes | None:
-        """Parse the head; the bytes after it, or None while it is incomplete or was refused."""
-        buf = self.buf + data if self.buf else data
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    return self._refuse(ex, "response head too large")
-                self.buf = buf
-                return None
-            try:
-                status, reason, headers, version = _parse_head(buf[:end])
-            except ValueError as exc:
-                return self._refuse(ex, f"bad response head: {exc}")
-            buf = buf[end + 4:]
-            if 100 <= status < 200 and status != 101:
-                continue  # interim response (100 Continue, 103 Early Hints): the real one follows
-            break
-        self.buf = b""
-        self._framing(status, headers, version)
-        ex.status, ex.reason, ex.headers = status, reason, headers
-        ex.head.set_result(ex)
-        if self.mode == _NONE or (self.mode == _LENGTH and self.remaining == 0):
-            self._complete(ex)
-        return buf
-
-    def _refuse(self, ex: Exchange, what: str) -> None:
-        ex.head.set_exception(UpstreamError(what))
-        self.ex = None
-        self.abort()
-        return None
-
-    def _framing(self, status: int, headers: list[tuple[str, str]], version: str) -> None:
-        te = cl = conn = ""
-        for k, v in headers:
-            lk = k.lower()
-            if lk == "transfer-encoding":
-                te = v.lower()
-            elif lk == "content-length":
-                cl = v.strip()
-            elif lk == "connection":
-                conn = v.lower()
-        self.keep_alive = "close" not in conn and (version == "HTTP/1.1" or "keep-alive" in conn)
-        if self.method == "HEAD" or status in (204, 304):
-            self.mode = _NONE
-        elif "chunked" in te:
-            self.mode, self.cstate = _CHUNKED, _SIZE
-        elif cl.isdigit():
-            self.mode, self.remaining = _LENGTH, int(cl)
-        else:
-            self.mode, self.keep_alive = _CLOSE, False
-
-    # ------------------------------------------------------------------ response body
-    def _body(self, ex: Exchange, data: bytes, now: float) -> None:
-        mode = self.mode
-        if mode == _CHUNKED:
-            self._chunked(ex, data, now)
-        elif mode == _LENGTH:
-            take = data if len(data) <= self.remaining else data[:self.remaining]
-            self.remaining -= len(take)
-            self._emit(ex, take, now)
-            if self.remaining == 0:
-                if len(take) < len(data):
-                    self.keep_alive = False  # bytes beyond the body: do not trust this connection
-                self._complete(ex)
-        elif mode == _CLOSE:
-            self._emit(ex, data, now)
-        else:
-            self.keep_alive = False
-
-    def _emit(self, ex: Exchange, data: bytes, now: float) -> None:
-        if not data:
-            return
-        sink = ex.sink
-        if sink is None:
-            ex.pending.append((data, now))
-            if not self.held and sum(len(d) for d, _ in ex.pending) > HIGH_WATER:
-                self.held = True  # nobody is taking the body yet: stop reading until attach()
-                self.transport.pause_reading()
-            return
-        try:
-            sink(data, now)
-        except ClientGone as exc:
-            self.ex = None
-            self.abort()
-            if not ex.done.done():
-                ex.done.set_exception(exc)
-
-    def _chunked(self, ex: Exchange, data: bytes, now: float) -> None:
-        """Decode the chunked transfer coding; the data of one read goes to the sink in one piece."""
-        out: list[bytes] = []
-        if self.buf:
-            data, self.buf = self.buf + data, b""
-        pos, n = 0, len(data)
-        try:
-            while pos < n:
-                state = self.cstate
-                if state == _DATA:
-                    take = min(self.remaining, n - pos)
-                    out.append(data[pos:pos + take])
-                    pos += take
-                    self.remaining -= take
-                    if self.remaining == 0:
-                        self.cstate = _CRLF
-                    continue
-                end = data.find(b"\r\n", pos)
-                if end < 0:
-                    if n - pos > 4096:
-                        raise ValueError("chunk size line too long")
-                    self.buf = data[pos:]
-                    break
-                line = data[pos:end]
-                pos = end + 2
-                if state == _SIZE:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                    self.remaining, self.cstate = size, (_DATA if size else _TRAILER)
-                elif state == _CRLF:
-                    if line:
-                        raise ValueError("chunk data longer than its size")
-                    self.cstate = _SIZE
-                elif not line:  # _TRAILER: an empty line ends the body
-                    if pos < n:
-                        self.keep_alive = False
-                    self._emit(ex, b"".join(out), now)
-                    self._complete(ex)
-                    return
-        except ValueError:
-            self._emit(ex, b"".join(out), now)
-            self.ex = None
-            self.abort()
-            if not ex.done.done():
-                ex.done.set_exception(UpstreamError("bad chunked encoding"))
-            return
-        self._emit(ex, out[0] if len(out) == 1 else b"".join(out), now)
-
-    def _complete(self, ex: Exchange) -> None:
-        ex.complete = True
-        self.ex = None
-        if not ex.done.done():
-            ex.done.set_result(None)
-        if self.keep_alive and not self.closed:
-            self.pool.release(self)
-        elif not self.closed:
-            self.transport.close()
-
-
-def _parse_head(head: bytes) -> tuple[int, str, list[tuple[str, str]], str]:
-    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ValueError("status line")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise ValueError("header line")
-        headers.append((name, value.strip()))
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers, parts[0]
 
 
 class Pool:
@@ -369,22 +57,25 @@ class Pool:
         parts.append("\r\n")
         return "".join(parts).encode("utf-8", "surrogateescape") + body
 
-    async def send(self, method: str, request: bytes) -> Exchange:
-        """Send a request; returns its Exchange once the response head is in. Raises UpstreamError."""
+    async def send(self, method: str, request: bytes, watch: Callable[[Exchange], None] | None = None) -> Exchange:
+        """Send a request; returns its Exchange once the response head is in. Raises UpstreamError, or
+        ClientGone when the caller ends the exchange (`watch` is given each Exchange as it is sent)."""
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         conn = self._idle_conn()
         if conn is not None:
             try:
-                return await self._exchange(conn, method, request)
+                return await self._exchange(conn, method, request, watch)
             except UpstreamError:
                 if conn.got_bytes or conn.timed_out:
                     raise
                 # the server closed the idle connection as we reused it: once more on a fresh one
-        return await self._exchange(await self._connect(), method, request)
+        return await self._exchange(await self._connect(), method, request, watch)
 
-    async def _exchange(self, conn: Conn, method: str, request: bytes) -> Exchange:
+    async def _exchange(self, conn: Conn, method: str, request: bytes, watch) -> Exchange:
         ex = conn.send(method, request)
+        if watch is not None:
+            watch(ex)
         self.busy.add(conn)
         try:
             return await ex.head
