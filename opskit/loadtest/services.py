@@ -40,9 +40,10 @@ def start_mock(run_dir: Path, extra: list[str], into: list[Child]) -> tuple[Chil
 def start_exporter(run_dir: Path, upstream: str, config: str | None, into: list[Child]) -> tuple[Child, dict]:
     """`opskit exporter` with its metering proxy in front of `upstream`, listed in `into`; returns the
     child and {url, proxy_url}."""
-    # a short drain: at the end of a run only calls the client already gave up on can be in flight
+    # a short drain: at the end of a run only calls the client already gave up on can be in flight;
+    # no linger: the gate has scraped its counts before it stops the exporter
     argv = [*OPSKIT, "exporter", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--upstream", upstream,
-            "--no-gpu", "--drain-s", "2"]
+            "--no-gpu", "--drain-s", "2", "--metrics-linger-s", "0"]
     if config:
         argv += ["--config", config]
     child, info = _start("exporter", argv, run_dir, into)
