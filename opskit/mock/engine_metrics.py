@@ -144,7 +144,7 @@ class EngineMetrics:
             "vllm:prompt_tokens_total": self.prompt_tokens, "sglang:prompt_tokens_total": self.prompt_tokens,
             "vllm:generation_tokens_total": self.generation_tokens,
             "sglang:generation_tokens_total": self.generation_tokens,
-            "sglang:num_requests_total": self.requests, "sglang:num_aborted_requests_total": self.aborted,
+            "sglang:num_requests_total": self.requests - self.aborted, "sglang:num_aborted_requests_total": self.aborted,
             "tgi_request_count": self.requests, "tgi_request_success": self.requests - self.aborted,
             "sglang:gen_throughput": self._throughput(),
         }

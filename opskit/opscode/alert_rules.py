@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from opskit.core import catalog
 from opskit.core.thresholds import Thresholds
+from opskit.opscode import engine_rules
 
 REQ = catalog.LLM_REQUESTS.name
 # Error types that spend the availability budget: the server or the path to it failed. 429s have
@@ -116,8 +117,8 @@ def recordings() -> tuple[Recording, ...]:
 
 
 def recording_names() -> set[str]:
-    """Names of opskit's own recording rules."""
-    return {r.record for r in recordings()}
+    """Names of opskit's own recording rules (the engine:* ones included)."""
+    return {r.record for r in recordings()} | {record for record, _ in engine_rules.recordings()}
 
 
 def llm_alerts(t: Thresholds) -> tuple[Alert, ...]:
@@ -210,6 +211,9 @@ def groups(t: Thresholds, exporter_job: str = DEFAULT_EXPORTER_JOB) -> tuple[Gro
         Group("opskit.llm.alerts", llm_alerts(t)),
         Group("opskit.slo.alerts", slo_alerts(t)),
         Group("opskit.instance.alerts", instance_alerts(t, exporter_job)),
+        # Model-server engines: vLLM/SGLang/TGI mapped onto engine:*, and their alerts.
+        Group("opskit.engine.recording", tuple(Recording(r, e) for r, e in engine_rules.recordings())),
+        Group("opskit.engine.alerts", engine_rules.alerts(t, Alert)),
     )
 
 
