@@ -6,6 +6,8 @@ the line and the alert together. `dashboard` is the grafanalib convention for ge
 
 from __future__ import annotations
 
+from grafanalib.core import DashboardLink
+
 from opskit.core import catalog as c
 from opskit.core.thresholds import Thresholds
 from opskit.opscode.panels import (
@@ -117,6 +119,9 @@ def build(t: Thresholds) -> object:
          variable("instance", "Exporter", c.BUILD_INFO)],
         [("Traffic and errors", traffic(t)), ("Latency", latency(t)), ("Tokens", tokens(t)),
          ("Rate limits, quota and probes", limits(t))],
+        # A private cluster: what the model server itself says (queue, KV cache, server-side TTFT).
+        links=[DashboardLink(title="LLM engine", uri="/d/opskit-llm-engine", type="link", icon="dashboard",
+                             keepTime=True, tooltip="Queue, KV cache and server-side latency of the model servers")],
     )
 
 

@@ -46,10 +46,25 @@ def test_committed_json_and_provisioning_are_up_to_date():
 
 
 def test_both_dashboards_exist_with_their_variables(dashboards):
-    assert set(dashboards) == {"llm_api", "gpu"}
+    assert set(dashboards) == {"llm_api", "gpu", "llm_engine"}
     names = {k: [v["name"] for v in _json(d)["templating"]["list"]] for k, d in dashboards.items()}
     assert names["llm_api"] == ["datasource", "target", "model", "instance"]
     assert names["gpu"][:2] == ["datasource", "instance"]
+    assert names["llm_engine"] == ["datasource", "instance", "target"]
+
+
+def test_llm_api_links_to_the_engine_dashboard(dashboards):
+    uid = _json(dashboards["llm_engine"])["uid"]
+    assert any(link["url"] == f"/d/{uid}" for link in _json(dashboards["llm_api"])["links"])
+
+
+def test_engine_panels_read_all_three_engines(dashboards):
+    # Each engine's own series in the panels that it exports; none of them drifts (catalogue check above).
+    exprs = " ".join(t["expr"] for p in _json(dashboards["llm_engine"])["panels"] for t in p.get("targets", []))
+    for name in ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "tgi_queue_size", "vllm:kv_cache_usage_perc",
+                 "sglang:token_usage", "vllm:num_preemptions_total", "sglang:num_retracted_requests_total",
+                 "tgi_request_queue_duration_bucket", "opskit_llm_time_to_first_token_seconds_bucket"):
+        assert name in exprs, name
 
 
 def test_every_panel_has_unit_description_and_a_unique_id(dashboards):
@@ -115,6 +130,10 @@ def test_threshold_lines_are_the_alert_thresholds(dashboards):
     assert _lines(_panel(llm, "429 share")) == [T.rate_limited_ratio]
     assert _lines(_panel(gpu, "GPU utilization")) == [T.gpu_utilization_ratio]
     assert _lines(_panel(gpu, "Memory used ratio")) == [T.gpu_memory_ratio]
+    engine = dashboards["llm_engine"]
+    assert _lines(_panel(engine, "KV-cache usage")) == [T.engine_kv_cache_ratio]
+    assert _lines(_panel(engine, "Running and waiting requests")) == [T.engine_waiting_requests]
+    assert _lines(_panel(engine, "Server-side vs client-side TTFT")) == [T.ttft_p95_seconds]
 
 
 def test_ratio_panels_state_the_alerts_traffic_guard(dashboards):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from click.testing import CliRunner
 from opskit import __version__, cli
 from opskit.core import config as cfgmod
 from opskit.core.processes import free_port
-from opskit.opscode import manifests
+from opskit.opscode import alert_rules, engine_rules, manifests
 from tests.conftest import ROOT, stop, wait_for_file
 
 DEPLOY = ROOT / "deploy"
@@ -113,6 +114,22 @@ def test_podmonitor_selects_every_exporter_pod_on_its_metrics_port():
     for ep in pm["spec"]["podMetricsEndpoints"]:
         assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
                            "relabelings", "metricRelabelings", "params"}
+
+
+def test_podmonitor_also_scrapes_the_model_server_port_as_the_engine_job():
+    (pm,) = by_kind("PodMonitor")
+    (engine,) = [ep for ep in pm["spec"]["podMetricsEndpoints"] if ep["port"] == "model"]
+    assert engine["path"] == "/metrics"
+    (relabel,) = engine["relabelings"]
+    assert relabel["targetLabel"] == "job" and relabel["sourceLabels"] == ["__meta_kubernetes_namespace"]
+    job = relabel["replacement"].replace("$1", "llm")
+    assert re.fullmatch(engine_rules.DEFAULT_ENGINE_JOB, job) and not re.fullmatch(alert_rules.DEFAULT_EXPORTER_JOB, job)
+    servers = [t for _, t in pod_specs() if any(p.get("name") == "model" for c in t["spec"]["containers"]
+                                                for p in c.get("ports", []))]
+    assert servers and all(pm["spec"]["selector"]["matchLabels"].items() <= t["metadata"]["labels"].items()
+                           for t in servers)
+    images = [c["image"] for t in servers for c in t["spec"]["containers"] if "vllm" in c["image"]]
+    assert images == ["vllm/vllm-openai:v0.11.0"]   # the version engine_catalog follows
 
 
 def test_prometheusrule_is_generated_from_the_rules_files():

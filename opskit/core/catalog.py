@@ -180,9 +180,14 @@ DCGM_FIELDS: dict[str, DcgmField] = {f.name: f for f in (
 
 
 def all_series() -> set[str]:
-    """Every sample name opskit can export (what rules and dashboards may reference), plus `up`."""
+    """Every sample name opskit can export or scrape from an engine (what rules and dashboards may
+    reference), plus `up`."""
     names = {s for m in ALL for s in m.series}
     names.add("up")
+    # Model-server series (vLLM, SGLang, TGI): scraped from the engine itself, catalogued apart.
+    from opskit.core import engine_catalog
+
+    names |= engine_catalog.all_series()
     return names
 
 

@@ -65,6 +65,18 @@ class Thresholds:
     # Exporter scrape target down / GPU series missing.
     exporter_down_for: str = "2m"
     gpu_missing_for: str = "10m"
+    # Model-server engines (vLLM, SGLang, TGI; opskit.opscode.engine_rules): requests waiting in
+    # the engine, KV-cache usage (llm-d alerts at 90 % for 10 min), preemptions per second, the
+    # engine's /metrics unreachable, and GPUs under this busy ratio while requests wait (a ticket).
+    engine_waiting_requests: float = 10.0
+    engine_queue_for: str = "5m"
+    engine_kv_cache_ratio: float = 0.9
+    engine_kv_cache_for: str = "10m"
+    engine_preemptions_per_second: float = 0.0
+    engine_preempting_for: str = "5m"
+    engine_down_for: str = "2m"
+    engine_gpu_idle_ratio: float = 0.3
+    engine_gpu_idle_for: str = "30m"
     # Availability SLO (share of requests without a server-side error) over 30 days.
     availability_slo: float = 0.99
     # Release gate only (opskit loadtest): an open-loop run must achieve this share of the rate it

@@ -57,7 +57,7 @@ def load_project() -> Project:
 
     text = drill_plan.compress_rules(rules_file.render_rules(thresholds.load(), short_for=drill_plan.SHORT_FOR))
     return Project(text, drill_plan.alert_severities(text), rules_file.render_alertmanager(),
-                   dict(routing.SEVERITY_RECEIVER), all_queries())
+                   dict(routing.SEVERITY_RECEIVER), all_queries(engine_panels=False))  # no engine scraped
 
 
 class Load:

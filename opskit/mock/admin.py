@@ -4,6 +4,8 @@
   GET/PUT /admin/limits    {"rpm", "tpm", "daily_quota" (null = off), "window_s"}
   GET/PUT /admin/latency   {"ttft_ms", "ttft_jitter_ms", "itl_ms", "itl_jitter_ms", "output_tokens_mean",
                             "output_tokens_spread", "tokens_per_chunk", "capacity"}
+  GET/PUT /admin/engine    {"kv_capacity_tokens" (needs --engine), "capacity", "metrics_up" (false: /metrics
+                            answers 503)}; GET adds the engine model's state (running, waiting, KV usage, ...)
   GET     /admin/counters  see state.Counters.to_json
   GET     /admin/lateness  histogram of how late stream chunks left vs. their schedule (the mock's own jitter)
   POST    /admin/reset     zero counters and lateness, forget rate-limit windows and quotas
@@ -31,6 +33,13 @@ def _bad(message: str) -> web.Response:
                         content_type="application/json")
 
 
+class _Live:
+    """A section whose JSON is computed when read."""
+
+    def __init__(self, fn) -> None:
+        self.to_json = fn
+
+
 class Admin:
     """Admin handlers bound to one MockState; each settings section has a getter and an updater."""
 
@@ -40,6 +49,7 @@ class Admin:
             "faults": (lambda: state.faults, state.faults.update),
             "limits": (lambda: state.limits, state.limits.update),
             "latency": (lambda: state.latency, state.apply_latency),
+            "engine": (lambda: _Live(state.engine_json), state.apply_engine),
         }
 
     async def get(self, request: web.Request) -> web.Response:
@@ -77,7 +87,7 @@ class Admin:
 def build_admin_app(state: MockState) -> web.Application:
     """The admin application bound to `state`."""
     admin, app = Admin(state), web.Application()
-    section = "/admin/{section:faults|limits|latency}"
+    section = "/admin/{section:faults|limits|latency|engine}"
     app.router.add_get(section, admin.get)
     app.router.add_put(section, admin.put)
     app.router.add_get("/admin/counters", admin.counters)

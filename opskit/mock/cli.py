@@ -128,6 +128,11 @@ def _settings(o: dict) -> tuple[Latency, Faults, Limits]:
 @click.option("--client", multiple=True, metavar="ID:SECRET", help="OAuth2 client credentials.")
 @click.option("--token-ttl-s", type=float, default=3600.0, show_default=True, help="OAuth2 token lifetime.")
 @click.option("--model", "models", multiple=True, help="Served model names (default: deepseek-chat, deepseek-reasoner).")
+@click.option("--engine", type=click.Choice(["vllm", "sglang", "tgi"]),
+              help="Play this model server: its /metrics (driven by a KV-cache model with preemption) and "
+                   "endpoints.")
+@click.option("--kv-capacity-tokens", type=int, default=1 << 20, show_default=True,
+              help="With --engine: KV-cache size in tokens (prompt + generated tokens of running requests).")
 def mock(**o) -> None:
     """Run the embedded OpenAI-compatible mock LLM server (fast and healthy by default).
 
@@ -136,6 +141,7 @@ def mock(**o) -> None:
       opskit mock --listen 127.0.0.1:8000
       opskit mock --listen 127.0.0.1:0 --ready-file /tmp/mock.json --seed 1 --error-rate 500=0.05
       OPSKIT_MOCK_API_KEYS=sk-a,sk-b opskit mock --listen 127.0.0.1:8000 --auth bearer --rpm 60
+      opskit mock --listen 127.0.0.1:8000 --engine vllm --capacity 64 --kv-capacity-tokens 50000
 
     Keys given with --api-key are visible in the process list; prefer $OPSKIT_MOCK_API_KEYS.
     The admin API (faults, limits, latency, counters) listens on --admin-listen; see the README.
@@ -149,6 +155,10 @@ def mock(**o) -> None:
     latency, faults, limits = _settings(o)
     auth = _auth(o["auth_scheme"], o["api_key"], o["client"], o["token_ttl_s"])
     state = MockState(latency, faults, limits, auth, seed=o["seed"], models=tuple(o["models"]) or DEFAULT_MODELS)
+    if o["kv_capacity_tokens"] < 1:
+        _fail("--kv-capacity-tokens: expected an integer >= 1")
+    if o["engine"]:
+        state.enable_engine(o["engine"], o["kv_capacity_tokens"])
     from opskit.mock.run import ServeError, serve  # aiohttp/uvloop only when actually serving
     try:
         serve(state, (host, port), (admin_host, admin_port), o["ready_file"])

@@ -46,6 +46,12 @@ class Admission:
     admitted: float          # time.perf_counter() when the slot was taken
     faults: FaultDraw
     headers: dict[str, str]  # rate-limit and ground-truth headers
+    # With `--engine` (engine_sim): the request as the engine model sees it; a preempted request's
+    # playback waits on `pause` and then runs `shift` seconds later than scheduled.
+    seq: object = None
+    pause: asyncio.Future | None = None
+    shift: float = 0.0
+    finished: bool = False   # the whole answer went out (else the engine counts an abort)
 
 
 def check(state: MockState, req: GenRequest, identity: str) -> tuple[dict[str, str], FaultDraw]:
@@ -104,6 +110,10 @@ async def generate(state: MockState, req: GenRequest, identity: str, arrival: fl
         return await respond(adm)
     finally:
         state.gate.release()
+        if adm.seq is not None:
+            state.sim.leave(adm.seq)
+            reason = adm.enc.finish_reason(adm.sched, adm.sched.longest) if adm.finished else None
+            state.engine_metrics.finished(adm.seq, reason, req.n, req.max_tokens)
 
 
 async def hang(state: MockState) -> None:
@@ -114,8 +124,16 @@ async def hang(state: MockState) -> None:
 
 async def admit(state: MockState, req: GenRequest, identity: str, arrival: float, rid: str,
                 rate_headers: dict[str, str], faults: FaultDraw) -> Admission:
-    """Wait for capacity, then sample the whole schedule; the caller must release the slot."""
+    """Wait for capacity (and, with --engine, KV space), then sample the whole schedule; the caller
+    must release the slot."""
     await state.gate.acquire()
+    seq = None
+    if state.sim is not None:
+        try:
+            seq = await state.sim.enter(req.prompt_tokens, req.text, arrival)
+        except BaseException:
+            state.gate.release()
+            raise
     loop_now = time.perf_counter()
     sched = state.model.sample(req.n, req.max_tokens, state.faults.extra_ttft_ms,
                                req.kind == "chat" and req.model in REASONING_MODELS)
@@ -132,7 +150,10 @@ async def admit(state: MockState, req: GenRequest, identity: str, arrival: float
         "x-mock-output-tokens": str(sched.output_tokens),
         "x-mock-prompt-tokens": str(req.prompt_tokens),
     })
-    return Admission(rid, req, sched, Encoder(req, rid, int(time.time())), loop_now, faults, headers)
+    adm = Admission(rid, req, sched, Encoder(req, rid, int(time.time())), loop_now, faults, headers)
+    if seq is not None:
+        adm.seq, seq.adm = seq, adm
+    return adm
 
 
 async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitable[None] | None]) -> None:
@@ -155,7 +176,9 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
         if j == cut_at:
             counters.streams_cut += 1
             raise StreamCut
-        deadline = t0 + step[0]
+        if adm.pause is not None:   # preempted by the engine model: resume when it is readmitted
+            await adm.pause
+        deadline = t0 + adm.shift + step[0]
         delay = deadline - clock()
         if delay > 0:
             await sleep(delay)
@@ -173,6 +196,7 @@ async def play(state: MockState, adm: Admission, send: Callable[[bytes], Awaitab
             counters.output_tokens += count
     tail = [enc.finish(c, enc.finish_reason(sched, c)) for c in range(n)]
     await _send_all(send, [*tail, enc.usage_chunk(sched)] if adm.req.include_usage else tail)
+    adm.finished = True
 
 
 async def _send_all(send: Callable[[bytes], Awaitable[None] | None], payloads: list[bytes]) -> None:
@@ -183,8 +207,14 @@ async def _send_all(send: Callable[[bytes], Awaitable[None] | None], payloads: l
 
 async def complete(state: MockState, adm: Admission) -> bytes:
     """A non-streamed generation: wait until its last token is due, then the whole body."""
-    delay = adm.admitted + adm.sched.end - time.perf_counter()
-    if delay > 0:
+    end = adm.sched.end
+    while True:   # one sleep unless the engine model preempts it meanwhile (then: wait, and later)
+        if adm.pause is not None:
+            await adm.pause
+        delay = adm.admitted + adm.shift + end - time.perf_counter()
+        if delay <= 0:
+            break
         await asyncio.sleep(delay)
     state.counters.output_tokens += adm.sched.output_tokens
+    adm.finished = True
     return adm.enc.whole(adm.sched)

@@ -1,7 +1,8 @@
 """The mock's API listener: OpenAI/DeepSeek-shaped HTTP endpoints on aiohttp.
 
 Routes: POST /v1/chat/completions (and /chat/completions), POST /v1/completions, GET /v1/models
-(and /models), POST /oauth/token, GET /v1/chat/stream (WebSocket, see ws.py). Anything else is a
+(and /models), POST /oauth/token, GET /v1/chat/stream (WebSocket, see ws.py), GET /health and,
+with --engine, the engine's own endpoints (/metrics, ...; engine_routes.py). Anything else is a
 counted 404 (or 405 on a known path). Every response is counted by status and route in
 `state.counters`, exactly once. Handlers are cancelled when their client goes away
 (`handler_cancellation=True`), which ends hangs and queue waits and is counted as a client disconnect.
@@ -16,7 +17,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import HttpVersion11, web
 
-from opskit.mock import engine, ws
+from opskit.mock import engine, engine_routes, ws
 from opskit.mock.auth import AuthError
 from opskit.mock.engine import Refused, StreamCut
 from opskit.mock.state import MockState
@@ -189,5 +190,6 @@ def build_app(state: MockState) -> web.Application:
         app.router.add_get(p, bind(api.models, p))
     app.router.add_post(TOKEN_PATH, api.token)
     app.router.add_get(ws.WS_PATH, bind(ws.handle, state))
+    engine_routes.add_routes(app, state)
     app.router.add_route("*", "/{tail:.*}", api.fallback)
     return app

@@ -35,6 +35,16 @@ def _int(key: str, value: object, lo: int = 0, allow_none: bool = False) -> int 
     return value
 
 
+def positive_int(key: str, value: object) -> int:
+    """An integer >= 1, or SettingsError naming `key`."""
+    return _int(key, value, lo=1)
+
+
+def check_keys(obj: object, allowed: set[str], what: str) -> dict:
+    """The object as a dict when it is one with only `allowed` keys; else SettingsError."""
+    return _check_keys(obj, allowed, what)
+
+
 def _check_keys(obj: object, allowed: set[str], what: str) -> dict:
     if not isinstance(obj, dict):
         raise SettingsError(f"{what}: expected a JSON object")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from opskit.mock.auth import ServerAuth
 from opskit.mock.latency_model import LatencyModel
 from opskit.mock.limits import Gate, RateLimiter
-from opskit.mock.settings import Faults, Latency, Limits
+from opskit.mock.settings import Faults, Latency, Limits, SettingsError, check_keys, positive_int
 
 DEFAULT_MODELS = ("deepseek-chat", "deepseek-reasoner")
 REASONING_MODELS = frozenset({"deepseek-reasoner"})
@@ -40,6 +40,7 @@ class Counters:
     client_disconnects: int = 0
     hangs: int = 0
     in_flight: int = 0
+    introspection: dict[str, int] = field(default_factory=dict)   # /health, /metrics, ... (engine_routes)
 
     def response(self, status: int, path: str) -> None:
         """Count one response of the API listener."""
@@ -47,11 +48,50 @@ class Counters:
         self.requests[key] = self.requests.get(key, 0) + 1
         self.by_path[path] = self.by_path.get(path, 0) + 1
 
+    def enable_engine(self, engine: str, kv_capacity_tokens: int) -> None:
+        """Play model server `engine` (vllm, sglang, tgi): KV cache, preemption, its /metrics."""
+        from opskit.mock.engine_metrics import EngineMetrics
+        from opskit.mock.engine_sim import EngineSim
+
+        self.engine = engine
+        self.sim = EngineSim(self.gate, kv_capacity_tokens)
+        self.engine_metrics = EngineMetrics(engine, self.sim, self.models[0])
+
+    def apply_engine(self, changes: object) -> None:
+        """Admin update of the engine model: `kv_capacity_tokens`, `capacity`, `metrics_up`; all
+        keys are checked before anything changes."""
+        c = check_keys(changes, {"kv_capacity_tokens", "capacity", "metrics_up"}, "engine")
+        if "kv_capacity_tokens" in c:
+            if self.sim is None:
+                raise SettingsError("kv_capacity_tokens: the mock plays no engine (start it with --engine)")
+            positive_int("kv_capacity_tokens", c["kv_capacity_tokens"])
+        if "metrics_up" in c and not isinstance(c["metrics_up"], bool):
+            raise SettingsError(f"metrics_up: expected true or false, got {c['metrics_up']!r}")
+        if "capacity" in c:
+            self.apply_latency({"capacity": c["capacity"]})   # validates; nothing else changed yet
+        if "kv_capacity_tokens" in c:
+            self.sim.resize(c["kv_capacity_tokens"])
+        if "metrics_up" in c:
+            self.metrics_up = c["metrics_up"]
+
+    def engine_json(self) -> dict:
+        """GET /admin/engine: the engine model's settings and live state."""
+        out = {"engine": self.engine, "capacity": self.latency.capacity, "metrics_up": self.metrics_up}
+        if self.sim is not None:
+            sim = self.sim
+            sim.tick()
+            out.update({"kv_capacity_tokens": sim.kv_capacity, "running": len(sim.running), "waiting": sim.waiting,
+                        "kv_used_tokens": sim.used, "kv_usage": round(sim.usage, 6), "preemptions": sim.preemptions,
+                        "prefix_cache_queries": sim.prefix_queries, "prefix_cache_hits": sim.prefix_hits})
+        return out
+
     def reset(self) -> None:
         """Zero everything but in_flight (those requests are still running)."""
-        in_flight = self.in_flight
+        in_flight, introspection = self.in_flight, self.introspection
         self.__init__()
         self.in_flight = in_flight
+        introspection.clear()          # the same dict: the engine routes hold it
+        self.introspection = introspection
 
     def to_json(self) -> dict:
         """The counters as GET /admin/counters shows them."""
@@ -60,7 +100,8 @@ class Counters:
                 "tokens": {"input": self.input_tokens, "output": self.output_tokens},
                 "streams_started": self.streams_started, "streams_completed": self.streams_completed,
                 "streams_cut": self.streams_cut, "malformed_chunks": self.malformed_chunks,
-                "client_disconnects": self.client_disconnects, "hangs": self.hangs, "in_flight": self.in_flight}
+                "client_disconnects": self.client_disconnects, "hangs": self.hangs, "in_flight": self.in_flight,
+                "introspection": dict(sorted(self.introspection.items()))}
 
 
 class Lateness:
@@ -134,6 +175,11 @@ class MockState:
         self.lateness = Lateness()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
+        # `opskit mock --engine ...` (enable_engine): the model-server model and its /metrics.
+        self.engine: str | None = None
+        self.sim = None
+        self.engine_metrics = None
+        self.metrics_up = True
 
     def request_id(self) -> str:
         """A new request id, unique within this process."""
@@ -161,6 +207,43 @@ class MockState:
         """Admin update of the latency model; a capacity change takes effect at once."""
         self.latency.update(changes)
         self.gate.resize(self.latency.capacity)
+
+    def enable_engine(self, engine: str, kv_capacity_tokens: int) -> None:
+        """Play model server `engine` (vllm, sglang, tgi): KV cache, preemption, its /metrics."""
+        from opskit.mock.engine_metrics import EngineMetrics
+        from opskit.mock.engine_sim import EngineSim
+
+        self.engine = engine
+        self.sim = EngineSim(self.gate, kv_capacity_tokens)
+        self.engine_metrics = EngineMetrics(engine, self.sim, self.models[0])
+
+    def apply_engine(self, changes: object) -> None:
+        """Admin update of the engine model: `kv_capacity_tokens`, `capacity`, `metrics_up`; all
+        keys are checked before anything changes."""
+        c = check_keys(changes, {"kv_capacity_tokens", "capacity", "metrics_up"}, "engine")
+        if "kv_capacity_tokens" in c:
+            if self.sim is None:
+                raise SettingsError("kv_capacity_tokens: the mock plays no engine (start it with --engine)")
+            positive_int("kv_capacity_tokens", c["kv_capacity_tokens"])
+        if "metrics_up" in c and not isinstance(c["metrics_up"], bool):
+            raise SettingsError(f"metrics_up: expected true or false, got {c['metrics_up']!r}")
+        if "capacity" in c:
+            self.apply_latency({"capacity": c["capacity"]})   # validates; nothing else changed yet
+        if "kv_capacity_tokens" in c:
+            self.sim.resize(c["kv_capacity_tokens"])
+        if "metrics_up" in c:
+            self.metrics_up = c["metrics_up"]
+
+    def engine_json(self) -> dict:
+        """GET /admin/engine: the engine model's settings and live state."""
+        out = {"engine": self.engine, "capacity": self.latency.capacity, "metrics_up": self.metrics_up}
+        if self.sim is not None:
+            sim = self.sim
+            sim.tick()
+            out.update({"kv_capacity_tokens": sim.kv_capacity, "running": len(sim.running), "waiting": sim.waiting,
+                        "kv_used_tokens": sim.used, "kv_usage": round(sim.usage, 6), "preemptions": sim.preemptions,
+                        "prefix_cache_queries": sim.prefix_queries, "prefix_cache_hits": sim.prefix_hits})
+        return out
 
     def reset(self) -> None:
         """`POST /admin/reset`: zero counters and forget rate-limit windows and daily quotas."""

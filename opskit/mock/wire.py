@@ -45,6 +45,7 @@ class GenRequest:
     max_tokens: int | None
     prompt_tokens: int
     stop: tuple[str, ...] = ()   # generation ends before the first of these in the content
+    text: str = ""               # the prompt as one string (the engine model's prefix cache reads it)
 
 
 def _opt(body: dict, key: str, types: tuple, what: str, check=None):
@@ -106,7 +107,7 @@ def parse_request(raw: bytes, kind: str) -> GenRequest:
                 lambda v: isinstance(v, str) or (len(v) <= 4 and all(isinstance(s, str) for s in v)))
     stops = tuple(s for s in ([stop] if isinstance(stop, str) else stop or []) if s)
     return GenRequest(kind, model, stream, include_usage and stream, n, max_tokens or max_completion,
-                      estimate_tokens(text), stops)
+                      estimate_tokens(text), stops, text)
 
 
 class Encoder:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from opskit.core import catalog
 from opskit.core.thresholds import Thresholds
+from opskit.opscode import engine_rules
 
 REQ = catalog.LLM_REQUESTS.name
 # Error types that spend the availability budget: the server or the path to it failed. 429s have
@@ -117,10 +118,11 @@ def recordings() -> tuple[Recording, ...]:
 
 
 def recording_names() -> set[str]:
-    """Names of opskit's own recording rules."""
+    """Names of opskit's own recording rules (the GPU source mapping and the engine:* ones included)."""
     from opskit.opscode import gpu_rules  # it builds on this module's types
 
-    return {r.record for r in recordings()} | gpu_rules.recording_names()
+    return ({r.record for r in recordings()} | gpu_rules.recording_names()
+            | {record for record, _ in engine_rules.recordings()})
 
 
 def llm_alerts(t: Thresholds) -> tuple[Alert, ...]:
@@ -218,6 +220,9 @@ def groups(t: Thresholds, exporter_job: str = DEFAULT_EXPORTER_JOB, **gpu) -> tu
         gpu_rules.recording_group(t, **gpu),
         Group("opskit.instance.alerts", instance_alerts(t, exporter_job)),
         gpu_rules.alert_group(t),
+        # Model-server engines: vLLM/SGLang/TGI mapped onto engine:*, and their alerts.
+        Group("opskit.engine.recording", tuple(Recording(r, e) for r, e in engine_rules.recordings())),
+        Group("opskit.engine.alerts", engine_rules.alerts(t, Alert)),
     )
 
 

@@ -17,8 +17,10 @@ import yaml
 from grafanalib._gen import DashboardEncoder
 from grafanalib.core import Dashboard
 
+from opskit.core import engine_catalog
 from opskit.core import thresholds as thresholds_mod
 from opskit.core.thresholds import Thresholds
+from opskit.opscode.promql import series_names
 from opskit.shipped import folder
 
 SUFFIX = ".dashboard.py"
@@ -84,8 +86,14 @@ def panels(d: Dashboard) -> list:
     return [p for p in d._iter_panels() if getattr(p, "targets", None)]
 
 
-def all_queries(t: Thresholds | None = None) -> list[tuple[str, str, str]]:
-    """(dashboard title, panel title, PromQL with variables substituted) for every panel query."""
-    return [(d.title, p.title, substitute(target.expr))
-            for d in build_all(t).values() for p in panels(d) for target in p.targets]
+def all_queries(t: Thresholds | None = None, engine_panels: bool = True) -> list[tuple[str, str, str]]:
+    """(dashboard title, panel title, PromQL with variables substituted) for every panel query;
+    `engine_panels=False` leaves out the queries that read only model-server series (for a
+    Prometheus that scrapes no engine)."""
+    out = [(d.title, p.title, substitute(target.expr))
+           for d in build_all(t).values() for p in panels(d) for target in p.targets]
+    if not engine_panels:
+        engine = engine_catalog.all_series()
+        out = [q for q in out if not series_names(q[2]) <= engine]
+    return out
 

@@ -123,10 +123,12 @@ def layout(sections: list[tuple[str, list]], width: int = 12, height: int = 8) -
     return out
 
 
-def dashboard(title: str, uid: str, description: str, variables: list[Template], sections) -> Dashboard:
-    """A dashboard with ids assigned, shared crosshair and the datasource variable first."""
+def dashboard(title: str, uid: str, description: str, variables: list[Template], sections,
+              links: list | None = None) -> Dashboard:
+    """A dashboard with ids assigned, shared crosshair and the datasource variable first; `links`
+    are grafanalib DashboardLinks shown in its header."""
     return Dashboard(
-        title=title, uid=uid, description=description, tags=["opskit"], refresh="30s",
+        title=title, uid=uid, description=description, tags=["opskit"], refresh="30s", links=links or [],
         schemaVersion=SCHEMA_VERSION, graphTooltip=1, timezone="browser",
         templating=Templating(list=[datasource_variable(), *variables]),
         panels=layout(sections),
