@@ -87,6 +87,7 @@ def test_knee_headroom_and_report():
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_found_maximum_matches_the_mocks_known_capacity(tmp_path):
     # 4 generations at a time, each holding its slot for 20 ms to the first token + 9 gaps of 10 ms to the
     # 10th (the mock's latency model: token j is due at TTFT + the gaps before it): 4 / 0.11 s = 36.4 req/s

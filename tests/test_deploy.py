@@ -332,6 +332,13 @@ def test_release_job_command_lines_run_a_real_distributed_locust(tmp_path, mock_
     rows = [json.loads(line) for p in logs for line in p.read_text().splitlines()]
     assert rows and {r["worker"] for r in rows} == {0, 1} and all(r["status"] == 200 for r in rows)
     assert (runs / "release" / "locust_stats.csv").exists()
+    # the master's last step judged the run from both workers' logs, as opskit loadtest would
+    summary = json.loads((runs / "release" / "summary.json").read_text())
+    assert summary["passed"] and summary["scenarios"]["streaming"]["requests"] == len(rows)
+    assert summary["params"]["streaming"]["processes"] == 2 and (runs / "release" / "report.html").exists()
+    again = subprocess.run([sys.executable, "-m", "opskit", "report", "evaluate", str(runs / "release")],
+                           env={**env, "OPSKIT_LT_PARAMS": ""}, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "VERDICT: PASS" in again.stdout, again.stdout + again.stderr
 
 
 @pytest.mark.slow

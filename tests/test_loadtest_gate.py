@@ -75,6 +75,7 @@ def test_slow_first_token_fails_the_gate_naming_ttft(tmp_path):
     assert "streaming ttft_p95" in proc.stdout.splitlines()[-2]
 
 
+@pytest.mark.serial
 def test_throttling_passes_with_a_limit_and_fails_without_one(tmp_path, start_mock):
     limited = start_mock("--rpm", "20", "--rate-window-s", "3")
     args = ("throttling", "--duration", "5", "--limit-requests", "20", "--limit-window-s", "3", "--no-proxy")
@@ -114,6 +115,7 @@ def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server)
     assert (df["ttfot_s"] > df["ttft_s"]).all()
 
 
+@pytest.mark.serial
 def test_timings_match_the_mock_ground_truth_at_100_streams(tmp_path, start_mock):
     """TTFT, ITL and duration against the mock's exact schedule (no jitter); token counts exact.
 

@@ -486,6 +486,7 @@ def test_counts_reconcile_with_faults(start_mock, proxy_factory):
     assert p.value("opskit_llm_ratelimit_remaining_requests", target=TARGET, source="proxy") is not None
 
 
+@pytest.mark.serial
 def test_ttft_matches_mock_ground_truth(start_mock, proxy_factory):
     # ITL 20 ms: measuring to the role-only chunk, the headers or a later chunk would be >= 20 ms off
     mock = start_mock("--ttft-ms", "30", "--ttft-jitter-ms", "10", "--itl-ms", "20", "--itl-jitter-ms", "0",

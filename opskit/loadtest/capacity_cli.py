@@ -66,17 +66,22 @@ def capacity(by, target_url, config_file, target_name, model, mock_args, start, 
         raise click.BadParameter(str(exc), param_hint="--mock-args") from None
     if extra and (target_url or config_file):
         raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    def echo(line: str) -> None:
+        click.echo(line, err=True)
+
     scenario = capacity_run.SCENARIO_BY[by]
     opts = runner.Options(scenarios=(scenario,), target_url=target_url, config=config_file, target_name=target_name,
                           duration=level_duration, processes=processes, stream=stream, model=model,
                           mock_args=extra, proxy=proxy, timeout_s=timeout_s, seed=seed, out_dir=out_dir)
+    # never past what the load generator itself can offer: there the search would measure Locust
+    per_process = runner.MAX_RATE_PER_PROCESS if by == "rate" else runner.MAX_USERS_PER_PROCESS
+    if max_load > per_process * processes:
+        echo(f"note: --max-load {max_load:g} lowered to {per_process * processes:,} ({per_process:,} a Locust "
+             f"process; more with --processes)")
+        max_load = per_process * processes
     plan = cap.SearchPlan(start=start, factor=factor, resolution=resolution, max_load=max_load,
                           budget_s=max_duration)
     lines: list[str] = []
-
-    def echo(line: str) -> None:
-        click.echo(line, err=True)
-
     try:
         with sigterm_unwinds(lambda: echo("opskit loadtest capacity: terminated; stopping the helpers")):
             summary, run_dir = capacity_run.run(opts, by, plan, slo_file, echo, lines.append)

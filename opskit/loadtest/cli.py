@@ -172,6 +172,7 @@ def report() -> None:
     Examples:
       opskit report show reports/20261122-003616
       opskit report compare reports/20261122-003616 reports/20261123-101500 --tolerance 0.1
+      opskit report evaluate /runs/release          # a distributed run's logs -> verdict and report
     """
 
 
@@ -217,4 +218,26 @@ def show_cmd(run) -> None:
     except TypeError:
         raise ConfigError(str(run), "checks", "checks written by opskit loadtest") from None
     click.echo(render(verdict))
+    sys.exit(0 if verdict.passed else 1)
+
+
+@report.command("evaluate")
+@click.argument("run", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--params", "params_file", type=click.Path(dir_okay=False, exists=True),
+              help="The run's params JSON (default: $OPSKIT_LT_PARAMS, as the workers got it).")
+@click.option("--slo", "slo_file", type=click.Path(dir_okay=False), help="SLO override file (default loadtests/slo.yaml).")
+def evaluate_cmd(run: Path | None, params_file: str | None, slo_file: str | None) -> None:
+    """Judge a run from the per-request logs its Locust processes wrote (RUN/log/requests-*.jsonl), as
+    `opskit loadtest` judges its own: verdict, summary.json and report.html; exit 0 pass, 1 fail.
+
+    RUN defaults to the params' run_dir (the release Job's master runs it after Locust ends).
+    """
+    from opskit.loadtest import evaluate
+
+    params = evaluate.read_params(params_file)
+    run = run or (Path(params.run_dir) if params is not None else None)
+    if run is None:
+        raise click.UsageError("give RUN, or the run's params (--params FILE or $OPSKIT_LT_PARAMS)")
+    verdict, _ = evaluate.evaluate(run, params, slo_file)
+    click.echo(evaluate.main_text(verdict, run))
     sys.exit(0 if verdict.passed else 1)
