@@ -290,3 +290,18 @@ def test_sigterm_while_the_helpers_start_leaves_none_running(tmp_path):
         if proc.poll() is None:
             proc.kill()
         kill_leftovers(out)
+
+
+def test_a_users_own_scenario_dir_replaces_the_shipped_one(tmp_path):
+    from opskit.shipped import folder
+
+    mine = tmp_path / "scenarios"
+    mine.mkdir()
+    # an edited copy of the shipped scenario: its users write a marker file, so the run proves it was used
+    text = (folder("loadtests") / "qps.py").read_text()
+    (mine / "qps.py").write_text(text + "\nimport pathlib\npathlib.Path(__file__).with_name('used').touch()\n")
+    proc, _ = loadtest(tmp_path, "qps", "--duration", "3", "--no-proxy", "--scenario-dir", str(mine))
+    assert proc.returncode == 0 and "VERDICT: PASS" in proc.stdout, proc.stdout + proc.stderr
+    assert (mine / "used").exists()
+    proc, _ = loadtest(tmp_path, "streaming", "--duration", "1", "--no-proxy", "--scenario-dir", str(mine))
+    assert proc.returncode == 2 and f"no streaming.py in {mine}; have: qps" in proc.stderr

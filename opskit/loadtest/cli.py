@@ -83,13 +83,15 @@ class ScenariosOrCapacity(click.Command):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
               show_default=True, help="Run directories go under here.")
 @click.option("--slo", "slo_file", type=click.Path(dir_okay=False), help="SLO override file (default loadtests/slo.yaml).")
+@click.option("--scenario-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Your own Locust files (<scenario>.py, e.g. an edited copy of the shipped loadtests/).")
 @click.option("--baseline", type=click.Path(), help="A previous run directory: compare and fail on regression.")
 @click.option("--tolerance", type=FiniteRange(min=0), default=0.10, show_default=True,
               help="Relative change counted as a regression against --baseline.")
 def loadtest(scenarios, target_url, config_file, target_name, duration, rate, arrival, users, processes, stream,
              transport, model, input_tokens, input_spread, output_tokens, output_spread, prompts_file, mock_args,
              proxy, limit_requests, limit_window_s, overdrive, turns, keep_turns, timeout_s, seed, out_dir, slo_file,
-             baseline, tolerance) -> None:
+             scenario_dir, baseline, tolerance) -> None:
     """Run load-test scenarios against a target and gate on SLOs.
 
     \b
@@ -132,7 +134,8 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
                           arrival=arrival, users=users, processes=processes, stream=stream, transport=transport,
                           model=model, prompt=prompt, mock_args=extra, proxy=proxy, limit_requests=limit_requests,
                           window_s=limit_window_s, overdrive=overdrive, turns=turns, keep_turns=keep_turns,
-                          timeout_s=timeout_s, seed=seed, out_dir=out_dir)
+                          timeout_s=timeout_s, seed=seed, out_dir=out_dir,
+                          **({"locustfiles": scenario_dir} if scenario_dir else {}))
     if problem := runner.capacity_problem(opts):  # refused before anything starts: it could not end on time
         raise click.UsageError(problem)
     progress, echo = _progress_printer()

@@ -115,7 +115,9 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
     """Run every scenario and write the run directory. ConfigError / RunError for usage problems."""
     for name in opts.scenarios:
         if not (opts.locustfiles / f"{name}.py").is_file():
-            raise runner.RunError(f"unknown scenario {name!r} (have: {', '.join(runner.SCENARIOS)})")
+            have = sorted(f.stem for f in opts.locustfiles.glob("*.py") if not f.name.startswith("_"))
+            raise runner.RunError(f"unknown scenario {name!r} (no {name}.py in {opts.locustfiles}; "
+                                  f"have: {', '.join(have) or 'none'})")
     table = slo.load(slo_file or (DEFAULT_SLO_FILE if DEFAULT_SLO_FILE.exists() else None))
     cfg = config.load(opts.config, opts.target_url)
     tgt = cfg.target(opts.target_name) if cfg.targets else None
