@@ -339,6 +339,17 @@ def test_release_job_command_lines_run_a_real_distributed_locust(tmp_path, mock_
     again = subprocess.run([sys.executable, "-m", "opskit", "report", "evaluate", str(runs / "release")],
                            env={**env, "OPSKIT_LT_PARAMS": ""}, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "VERDICT: PASS" in again.stdout, again.stdout + again.stderr
+    # the same load run by opskit loadtest itself (2 Locust processes) gets the same checks and verdict
+    local = subprocess.run([sys.executable, "-m", "opskit", "loadtest", "streaming", "--processes", "2", "--users", "4",
+                            "--duration", "4", "--target", mock_server.api, "--no-proxy", "--out", str(tmp_path / "own")],
+                           env={**env, "OPSKIT_LT_PARAMS": ""}, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0, local.stdout + local.stderr
+    (own,) = (tmp_path / "own").iterdir()
+    mine = json.loads((own / "summary.json").read_text())
+    assert {c["name"] for c in mine["checks"]} == {c["name"] for c in summary["checks"]}
+    assert mine["passed"] == summary["passed"]
+    n_own, n_job = mine["scenarios"]["streaming"]["requests"], summary["scenarios"]["streaming"]["requests"]
+    assert abs(n_own - n_job) <= 0.3 * n_job, (n_own, n_job)  # 4 users for 4 s, both ways
 
 
 @pytest.mark.slow
