@@ -48,43 +48,6 @@ class Counters:
         self.requests[key] = self.requests.get(key, 0) + 1
         self.by_path[path] = self.by_path.get(path, 0) + 1
 
-    def enable_engine(self, engine: str, kv_capacity_tokens: int) -> None:
-        """Play model server `engine` (vllm, sglang, tgi): KV cache, preemption, its /metrics."""
-        from opskit.mock.engine_metrics import EngineMetrics
-        from opskit.mock.engine_sim import EngineSim
-
-        self.engine = engine
-        self.sim = EngineSim(self.gate, kv_capacity_tokens)
-        self.engine_metrics = EngineMetrics(engine, self.sim, self.models[0])
-
-    def apply_engine(self, changes: object) -> None:
-        """Admin update of the engine model: `kv_capacity_tokens`, `capacity`, `metrics_up`; all
-        keys are checked before anything changes."""
-        c = check_keys(changes, {"kv_capacity_tokens", "capacity", "metrics_up"}, "engine")
-        if "kv_capacity_tokens" in c:
-            if self.sim is None:
-                raise SettingsError("kv_capacity_tokens: the mock plays no engine (start it with --engine)")
-            positive_int("kv_capacity_tokens", c["kv_capacity_tokens"])
-        if "metrics_up" in c and not isinstance(c["metrics_up"], bool):
-            raise SettingsError(f"metrics_up: expected true or false, got {c['metrics_up']!r}")
-        if "capacity" in c:
-            self.apply_latency({"capacity": c["capacity"]})   # validates; nothing else changed yet
-        if "kv_capacity_tokens" in c:
-            self.sim.resize(c["kv_capacity_tokens"])
-        if "metrics_up" in c:
-            self.metrics_up = c["metrics_up"]
-
-    def engine_json(self) -> dict:
-        """GET /admin/engine: the engine model's settings and live state."""
-        out = {"engine": self.engine, "capacity": self.latency.capacity, "metrics_up": self.metrics_up}
-        if self.sim is not None:
-            sim = self.sim
-            sim.tick()
-            out.update({"kv_capacity_tokens": sim.kv_capacity, "running": len(sim.running), "waiting": sim.waiting,
-                        "kv_used_tokens": sim.used, "kv_usage": round(sim.usage, 6), "preemptions": sim.preemptions,
-                        "prefix_cache_queries": sim.prefix_queries, "prefix_cache_hits": sim.prefix_hits})
-        return out
-
     def reset(self) -> None:
         """Zero everything but in_flight (those requests are still running)."""
         in_flight, introspection = self.in_flight, self.introspection
