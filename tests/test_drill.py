@@ -100,7 +100,7 @@ def test_every_llm_and_gpu_alert_is_drilled():
     # An alert no phase fires is an alert no drill ever proved; list deliberate exceptions here.
     undrilled = {"LLMQuotaNearlyExhausted"}  # needs 80 % of a day's quota in one window
     # Engine alerts are promtool-tested (alerts/tests/llm_engine.test.yml) but not drilled yet: the
-    # drill's stack scrapes no engine /metrics (issue 12, drill phases still to do).
+    # drill's stack scrapes no engine /metrics (no engine phases in the drill yet).
     undrilled |= {"LLMEngineQueueBacklog", "LLMEngineKVCacheNearlyFull", "LLMEnginePreempting", "LLMEngineDown",
                   "LLMEngineGPUIdleWhileQueued"}
     drilled = {n for p in PHASES for n in p.required}

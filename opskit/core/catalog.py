@@ -65,7 +65,7 @@ GPU_UP = _m("opskit_gpu_up", GAUGE, "", "1 when NVML answered at this scrape, el
 GPU_COLLECT_ERRORS = _m("opskit_gpu_collect_errors_total", COUNTER, "",
                         "NVML errors while collecting, by reason.", ("reason",))
 
-# --- GPU health (NVML), issue 13: each is absent where the board or driver does not support it. ---
+# --- GPU health (NVML): each is absent where the board or driver does not support it. ---
 GPU_CLOCK = _m("opskit_gpu_clock_hertz", GAUGE, "hertz", "Current clock frequency, by clock (sm, memory).",
                GPU_LABELS + ("clock",))
 GPU_ENERGY = _m("opskit_gpu_energy_joules_total", COUNTER, "joules",

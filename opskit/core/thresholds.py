@@ -49,7 +49,7 @@ class Thresholds:
     gpu_utilization_for: str = "5m"
     gpu_memory_ratio: float = 0.95
     gpu_memory_for: str = "10m"
-    # GPU health (issue 13): how long clocks must be held down by heat or the power cap before a
+    # GPU health: how long clocks must be held down by heat or the power cap before a
     # warning, and the XID codes that mean a GPU needs a reset or is failing (comma-separated; NVIDIA's
     # XID catalogue: 48 double-bit ECC, 63/64 row remap recorded/failed, 74 NVLink, 79 fell off the
     # bus, 94/95 contained/uncontained ECC), which page.

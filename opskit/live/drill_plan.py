@@ -144,7 +144,7 @@ PHASES: tuple[Phase, ...] = (
           required=frozenset({"OpskitGPUMetricsMissing"}), scope=_INSTANCE),
     # A flaky power sensor: NVML errors are counted (a dashboard panel), yet no alert is due.
     Phase("nvml-field-error", "NVML power reads fail on GPU 0", gpu={"power_mw": "!"}, hold_s=6.0),
-    # GPU health (issue 13): a failing GPU pages (GPUHardwareErrors names what failed), a throttled
+    # GPU health: a failing GPU pages (GPUHardwareErrors names what failed), a throttled
     # one warns, a pending row remap opens a ticket. Clearing the fault resets the GPU (ECC count 0).
     Phase("gpu-ecc", "an uncorrectable ECC error on GPU 0", gpu={"ecc_volatile": 1},
           required=frozenset({"GPUHardwareErrors"}), scope={"gpu": "0", "error": "uncorrectable_ecc", **_INSTANCE}),

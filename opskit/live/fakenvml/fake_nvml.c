@@ -349,7 +349,7 @@ nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power) {
     return ret;
 }
 
-/* ---- GPU health readings (issue 13) ------------------------------------------------------------ */
+/* ---- GPU health readings ----------------------------------------------------------------------- */
 
 nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, nvmlClockType_t type, unsigned int *clock) {
     unsigned long long v;
