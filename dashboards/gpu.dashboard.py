@@ -62,6 +62,36 @@ def health(t: Thresholds) -> list:
     ]
 
 
+def hardware(t: Thresholds) -> list:
+    """The signals that predict a failing GPU (the GPUHardwareErrors, throttling and row-remap alerts)."""
+    inc = f"[{RATE}]"
+    return [
+        timeseries("Uncorrectable ECC errors and XIDs",
+                   f"New uncorrectable ECC errors (by scope) and XID errors (by code) over {RATE}. Any of "
+                   f"XIDs {t.gpu_critical_xids} or an uncorrectable ECC error pages (GPUHardwareErrors).", "short",
+                   [target(f"increase({c.GPU_ECC_UNCORRECTED.name}{SEL}{inc})", f"{LEGEND} ECC {{{{scope}}}}"),
+                    target(f"increase({c.GPU_XID_ERRORS.name}{SEL}{inc})", f"{LEGEND} XID {{{{xid}}}}", "B")]),
+        timeseries("Clock throttling",
+                   f"1 while the clocks are held down, by reason. Thermal or power throttling for "
+                   f"{t.gpu_throttle_for} warns.", "bool_yes_no",
+                   [target(f"{c.GPU_THROTTLED.name}{SEL}", f"{LEGEND} {{{{reason}}}}")]),
+        timeseries("Row remapping",
+                   "Rows remapped by cause; a pending remap needs a GPU reset (ticket), a failed one a new GPU "
+                   "(pages).", "short",
+                   [target(f"{c.GPU_REMAPPED_ROWS.name}{SEL}", f"{LEGEND} remapped {{{{cause}}}}"),
+                    target(f"{c.GPU_ROW_REMAP_PENDING.name}{SEL}", f"{LEGEND} pending", "B"),
+                    target(f"{c.GPU_ROW_REMAP_FAILURE.name}{SEL}", f"{LEGEND} failed", "C")]),
+        timeseries("Clocks", "SM and memory clock frequencies; a clock well under its usual value while busy "
+                   "is throttling.", unit_of(c.GPU_CLOCK),
+                   [target(f"{c.GPU_CLOCK.name}{SEL}", f"{LEGEND} {{{{clock}}}}")]),
+        timeseries("Energy and PCIe replays",
+                   f"Power from the energy counter (W, over {RATE}) and PCIe link replays per second; rising "
+                   "replays mean a bad link or riser.", "short",
+                   [target(f"rate({c.GPU_ENERGY.name}{SEL}{inc})", f"{LEGEND} W"),
+                    target(f"rate({c.GPU_PCIE_REPLAYS.name}{SEL}{inc})", f"{LEGEND} replays/s", "B")]),
+    ]
+
+
 def build(t: Thresholds) -> object:
     """The GPU dashboard for thresholds `t`."""
     return make_dashboard(
@@ -71,7 +101,7 @@ def build(t: Thresholds) -> object:
         [variable("instance", "Exporter", c.GPU_UP),
          variable("gpu", "GPU", c.GPU_UTILIZATION, '{instance=~"$instance"}')],
         [("Utilization and memory", usage(t)), ("Temperature and power", physical(t)),
-         ("NVML health", health(t))],
+         ("Hardware health", hardware(t)), ("NVML health", health(t))],
     )
 
 
