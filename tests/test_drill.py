@@ -99,10 +99,10 @@ def test_every_alert_the_plan_names_exists_with_a_routed_severity():
 def test_every_llm_and_gpu_alert_is_drilled():
     # An alert no phase fires is an alert no drill ever proved; list deliberate exceptions here.
     undrilled = {"LLMQuotaNearlyExhausted"}  # needs 80 % of a day's quota in one window
-    # Engine alerts are promtool-tested (alerts/tests/llm_engine.test.yml) but not drilled yet: the
-    # drill's stack scrapes no engine /metrics (no engine phases in the drill yet).
-    undrilled |= {"LLMEngineQueueBacklog", "LLMEngineKVCacheNearlyFull", "LLMEnginePreempting", "LLMEngineDown",
-                  "LLMEngineGPUIdleWhileQueued"}
+    # The drill's KV phase preempts for sure, but its usage swings around 90 % as requests are pushed
+    # back, so the KV alert may fire there (allowed) without being required; the GPU-idle ticket needs
+    # the fake GPU and may fire with the queue phase. Both are promtool-tested (llm_engine.test.yml).
+    undrilled |= {"LLMEngineKVCacheNearlyFull", "LLMEngineGPUIdleWhileQueued"}
     drilled = {n for p in PHASES for n in p.required}
     assert set(drill_plan.alert_severities(_rendered())) - drilled == undrilled
 

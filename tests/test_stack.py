@@ -37,6 +37,15 @@ def test_prometheus_yml_scrapes_exporter_and_sends_to_alertmanager():
     assert job["static_configs"] == [{"targets": ["127.0.0.1:9464"]}]
     assert cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["127.0.0.1:9093"]
     assert cfg["rule_files"] == ["/s/rules/a.rules.yml"]
+    assert len(cfg["scrape_configs"]) == 1  # no engine: the exporter alone
+
+
+def test_prometheus_yml_scrapes_the_mock_playing_an_engine_as_job_llm_engine():
+    cfg = yaml.safe_load(stack_config.prometheus_yml("http://127.0.0.1:9464", "http://127.0.0.1:9093", [],
+                                                     DRILL_TIMING, engine_url="http://127.0.0.1:8000"))
+    engine = cfg["scrape_configs"][1]
+    assert engine == {"job_name": "llm-engine", "metrics_path": "/metrics",
+                      "static_configs": [{"targets": ["127.0.0.1:8000"]}]}
 
 
 def test_prometheus_yml_keeps_a_metrics_path_given_in_the_url():

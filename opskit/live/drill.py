@@ -57,7 +57,7 @@ def load_project() -> Project:
 
     text = drill_plan.compress_rules(rules_file.render_rules(thresholds.load(), short_for=drill_plan.SHORT_FOR))
     return Project(text, drill_plan.alert_severities(text), rules_file.render_alertmanager(),
-                   dict(routing.SEVERITY_RECEIVER), all_queries(engine_panels=False))  # no engine scraped
+                   dict(routing.SEVERITY_RECEIVER), all_queries())
 
 
 class Load:
@@ -381,7 +381,7 @@ def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_se
     state_dir = Path(tempfile.mkdtemp(prefix="opskit-drill-"))
     spec = stack.StackSpec(state_dir=state_dir, timing=DRILL_TIMING, probe_interval_s=1.0,
                            rules={"drill.rules.yml": project.rules}, alertmanager_yml=project.alertmanager_yml,
-                           gpu="off" if no_gpu else "fake")
+                           gpu="off" if no_gpu else "fake", engine="vllm")
     started = time.monotonic()
     try:
         with sigterm_unwinds():  # unwind, so the stack is stopped

@@ -109,6 +109,9 @@ _ERRORS = frozenset({"LLMHighErrorRate", "LLMErrorRateCritical"})
 _BURN = frozenset({"LLMErrorBudgetFastBurn", "LLMErrorBudgetSlowBurn"})
 _TARGET = {"target": "mock"}
 _INSTANCE = {"job": "opskit"}
+_ENGINE = {"job": "llm-engine"}
+_ENGINE_SIDE = frozenset({"LLMEngineGPUIdleWhileQueued", "LLMHighTimeToFirstToken", "LLMHighRequestLatency",
+                          "LLMProbeFailing"})
 GIB = 1 << 30
 
 PHASES: tuple[Phase, ...] = (
@@ -157,6 +160,22 @@ PHASES: tuple[Phase, ...] = (
           required=frozenset({"GPUPowerThrottling"}), scope={"gpu": "0", "reason": "power", **_INSTANCE}),
     Phase("gpu-row-remap", "GPU 0 has a row remap pending a reset", gpu={"remap_pending": 1},
           required=frozenset({"GPURowRemapPending"}), scope={"gpu": "0", **_INSTANCE}),
+    # The mock plays vLLM and Prometheus scrapes its /metrics (job llm-engine). One slot for ~20
+    # calls/s of 0.2 s: requests wait in the engine (and, rightly, for their first token; calls
+    # that wait past the client's patience fail). The fake GPU is 20 % busy meanwhile, so the
+    # "GPUs idle while requests wait" ticket may rightly open too.
+    Phase("engine-queue", "the engine admits one request at a time", mock={"engine": {"capacity": 1}},
+          required=frozenset({"LLMEngineQueueBacklog"}),
+          allowed=_ENGINE_SIDE | _ERRORS | _BURN, scope=_ENGINE),
+    # A KV cache of 48 tokens for calls of ~20 tokens each, ~4 at a time: the newest running request
+    # is preempted again and again. Its usage swings between ~75 and 100 % as requests are pushed
+    # back, so KVCacheNearlyFull (> 90 % for its whole `for:`) may or may not make it here.
+    Phase("engine-kv", "the engine's KV cache shrunk to 48 tokens", mock={"engine": {"kv_capacity_tokens": 48}},
+          required=frozenset({"LLMEnginePreempting"}),
+          allowed=_ENGINE_SIDE | {"LLMEngineKVCacheNearlyFull", "LLMEngineQueueBacklog"} | _ERRORS | _BURN,
+          scope=_ENGINE),
+    Phase("engine-down", "the engine's /metrics answers 503", mock={"engine": {"metrics_up": False}},
+          required=frozenset({"LLMEngineDown"}), scope=_ENGINE),
     # The exporter stops answering scrapes (frozen, so its port stays open and scrapes time out).
     Phase("exporter-down", "the exporter frozen (SIGSTOP)", stop_exporter=True,
           required=frozenset({"OpskitExporterDown"}), scope=_INSTANCE),

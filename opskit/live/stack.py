@@ -61,6 +61,7 @@ class StackSpec:
     models: tuple[str, ...] = ("deepseek-chat", "deepseek-reasoner")
     daily_quota_requests: int = 100000
     mock_flags: tuple[str, ...] = ()
+    engine: str | None = None          # the mock plays this model server (vllm, sglang, tgi), scraped too
     probe: bool = True                 # canary calls from the exporter (they cost money on a hosted API)
     ready_timeout_s: float = 60.0
 
@@ -203,7 +204,11 @@ def _start_target(st: _Starter) -> tuple[list[str], dict[str, str]]:
     if spec.config or spec.target:
         return [*(["--config", spec.config] if spec.config else []),
                 *(["--target", spec.target] if spec.target else [])], env
-    info = st.with_ready_file("mock", _python("-m", "opskit", "mock", "--listen", "127.0.0.1:0", *spec.mock_flags))
+    engine = ["--engine", spec.engine] if spec.engine else []
+    info = st.with_ready_file("mock", _python("-m", "opskit", "mock", "--listen", "127.0.0.1:0", *engine,
+                                              *spec.mock_flags))
+    if spec.engine:
+        st.files["engine_url"] = info["url"]
     path = st.dir / "exporter.yaml"
     path.write_text(_exporter_config(spec, info["url"]))
     st.files["exporter_config"] = str(path)
@@ -275,7 +280,8 @@ def _start_all(st: _Starter) -> None:
         am_bin, f"--config.file={am_yml}", f"--storage.path={d / 'alertmanager-data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"], "/-/ready")
     prom_yml = d / "prometheus.yml"
-    prom_yml.write_text(stack_config.prometheus_yml(exp["url"], am_url, _write_rules(spec), spec.timing))
+    prom_yml.write_text(stack_config.prometheus_yml(exp["url"], am_url, _write_rules(spec), spec.timing,
+                                                    st.files.get("engine_url")))
     prom_url = st.with_port("prometheus", lambda port: [
         prom_bin, f"--config.file={prom_yml}", f"--storage.tsdb.path={d / 'prometheus-data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",

@@ -46,8 +46,13 @@ def host_port(url: str) -> str:
     return f"{parts.hostname}:{parts.port}"
 
 
-def prometheus_yml(exporter_url: str, alertmanager_url: str, rule_files: list[str], timing: Timing) -> str:
-    """prometheus.yml: scrape the exporter, load `rule_files`, send alerts to Alertmanager."""
+ENGINE_JOB = "llm-engine"  # what the engine rules' `job` matcher expects (deploy/podmonitor.yaml names it so)
+
+
+def prometheus_yml(exporter_url: str, alertmanager_url: str, rule_files: list[str], timing: Timing,
+                   engine_url: str | None = None) -> str:
+    """prometheus.yml: scrape the exporter (and, when the mock plays a model server, its own /metrics
+    as job llm-engine), load `rule_files`, send alerts to Alertmanager."""
     path = urlsplit(exporter_url).path.rstrip("/")
     metrics_path = path if path.endswith("/metrics") else path + "/metrics"
     cfg = {
@@ -64,6 +69,9 @@ def prometheus_yml(exporter_url: str, alertmanager_url: str, rule_files: list[st
             "static_configs": [{"targets": [host_port(exporter_url)]}],
         }],
     }
+    if engine_url:
+        cfg["scrape_configs"].append({"job_name": ENGINE_JOB, "metrics_path": "/metrics",
+                                      "static_configs": [{"targets": [host_port(engine_url)]}]})
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
