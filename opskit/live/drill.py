@@ -354,7 +354,7 @@ def run(spec: stack.StackSpec, project: Project, phases: list[Phase], rps: float
               help="Streaming calls per second through the proxy.")
 @click.option("--phase-timeout", type=FiniteRange(5, 300), default=45.0, show_default=True,
               help="Seconds for a fault's alerts to fire, and again to resolve.")
-@click.option("--max-seconds", type=FiniteRange(30, 3600), default=300.0, show_default=True,
+@click.option("--max-seconds", type=FiniteRange(30, 3600), default=480.0, show_default=True,
               help="The whole drill's time limit, seconds.")
 @click.option("--keep", is_flag=True, help="Keep the stack's state dir (configs, logs) even on success.")
 def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_seconds: float, keep: bool) -> None:
