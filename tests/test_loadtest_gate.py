@@ -305,3 +305,26 @@ def test_a_users_own_scenario_dir_replaces_the_shipped_one(tmp_path):
     assert (mine / "used").exists()
     proc, _ = loadtest(tmp_path, "streaming", "--duration", "1", "--no-proxy", "--scenario-dir", str(mine))
     assert proc.returncode == 2 and f"no streaming.py in {mine}; have: qps" in proc.stderr
+
+
+def test_engine_metrics_sampled_beside_the_client(tmp_path):
+    proc, run = loadtest(tmp_path, "streaming", "--duration", "4", "--users", "8", "--engine-metrics", "mock")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    engine = summary["scenarios"]["streaming"]["engine"]
+    assert engine["engine"] == "vllm" and engine["samples"] >= 3 and not engine["errors"]
+    assert engine["max_running"] >= 1 and engine["server_ttft_mean_s"] > 0 and engine["queue_time_mean_s"] >= 0
+    # the server's own TTFT is part of what the client saw
+    assert engine["server_ttft_mean_s"] <= summary["scenarios"]["streaming"]["ttft_s"]["p99"]
+    page = (run / "report.html").read_text()
+    assert "server side (vllm /metrics" in page and "the engine&#x27;s queue and KV cache" in page
+    # a dead endpoint is a note and a counted error, never a crash or a failed gate
+    (tmp_path / "dead").mkdir()
+    proc, run = loadtest(tmp_path / "dead", "qps", "--duration", "2", "--engine-metrics", "http://127.0.0.1:9/metrics")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["scenarios"]["qps"]["engine"]["samples"] == 0 and summary["scenarios"]["qps"]["engine"]["errors"]
+    assert any("engine metrics http://127.0.0.1:9/metrics" in n for n in summary["notes"])
+    res = subprocess.run([sys.executable, "-m", "opskit", "loadtest", "--target", "http://127.0.0.1:9",
+                          "--engine-metrics", "mock"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "needs the embedded mock" in res.stderr

@@ -85,13 +85,16 @@ class ScenariosOrCapacity(click.Command):
 @click.option("--slo", "slo_file", type=click.Path(dir_okay=False), help="SLO override file (default loadtests/slo.yaml).")
 @click.option("--scenario-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Your own Locust files (<scenario>.py, e.g. an edited copy of the shipped loadtests/).")
+@click.option("--engine-metrics", metavar="URL|mock",
+              help="Sample a model server's /metrics (vLLM, SGLang, TGI) during each scenario; `mock`: the "
+                   "embedded mock, started as a vLLM engine. The report shows its queue, KV cache and own TTFT.")
 @click.option("--baseline", type=click.Path(), help="A previous run directory: compare and fail on regression.")
 @click.option("--tolerance", type=FiniteRange(min=0), default=0.10, show_default=True,
               help="Relative change counted as a regression against --baseline.")
 def loadtest(scenarios, target_url, config_file, target_name, duration, rate, arrival, users, processes, stream,
              transport, model, input_tokens, input_spread, output_tokens, output_spread, prompts_file, mock_args,
              proxy, limit_requests, limit_window_s, overdrive, turns, keep_turns, timeout_s, seed, out_dir, slo_file,
-             scenario_dir, baseline, tolerance) -> None:
+             scenario_dir, engine_metrics, baseline, tolerance) -> None:
     """Run load-test scenarios against a target and gate on SLOs.
 
     \b
@@ -116,6 +119,13 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
         raise click.BadParameter(str(exc), param_hint="--mock-args") from None
     if extra and (target_url or config_file):
         raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    if engine_metrics == "mock":
+        if target_url or config_file:
+            raise click.UsageError("--engine-metrics mock needs the embedded mock (no --target/--config); "
+                                   "give the engine's /metrics URL instead")
+        extra = [*extra, "--engine", "vllm"]
+    elif engine_metrics and not engine_metrics.startswith(("http://", "https://")):
+        raise click.UsageError(f"--engine-metrics: expected an http(s) URL or `mock`, got {engine_metrics!r}")
     if target_name and not config_file:  # else ignored: the run would go to the mock or --target instead
         raise click.UsageError("--target-name picks one of the targets of --config; give --config")
     base = compare.load_summary(baseline) if baseline else None
@@ -135,7 +145,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
                           model=model, prompt=prompt, mock_args=extra, proxy=proxy, limit_requests=limit_requests,
                           window_s=limit_window_s, overdrive=overdrive, turns=turns, keep_turns=keep_turns,
                           timeout_s=timeout_s, seed=seed, out_dir=out_dir,
-                          **({"locustfiles": scenario_dir} if scenario_dir else {}))
+                          engine_metrics=engine_metrics, **({"locustfiles": scenario_dir} if scenario_dir else {}))
     if problem := runner.capacity_problem(opts):  # refused before anything starts: it could not end on time
         raise click.UsageError(problem)
     progress, echo = _progress_printer()

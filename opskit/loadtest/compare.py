@@ -23,6 +23,10 @@ METRICS = (
     ("itl_p50_s", ("itl_s", "p50"), False), ("itl_p99_s", ("itl_s", "p99"), False),
     ("tpot_p50_s", ("tpot_s", "p50"), False), ("throughput_rps", ("throughput_rps",), True),
     ("output_tokens_s", ("output_tokens_s",), True), ("error_ratio", ("error_ratio",), False),
+    # the engine's own view (--engine-metrics)
+    ("server_ttft_mean_s", ("engine", "server_ttft_mean_s"), False),
+    ("queue_time_mean_s", ("engine", "queue_time_mean_s"), False),
+    ("max_waiting", ("engine", "max_waiting"), False),
     # a capacity search's answer (its summary.json files it as scenario "capacity:<scenario>")
     ("max_load_at_slo", ("max_load",), True), ("goodput_rps", ("goodput_rps",), True),
     ("goodput_tokens_s", ("goodput_tokens_s",), True),

@@ -8,8 +8,9 @@ sample), preemptions, the peaks, and how many samples failed. It never raises: a
 down, answers non-200, or speaks no known engine's names is counted by reason, and `notes()` gives
 one line per reason for the report.
 
-Not yet wired into `opskit loadtest` (its CLI and runner are being reworked in parallel): the runner
-is to `start()` it beside Locust, `stop()` it after, and put `summary()` into summary.json.
+The gate (opskit.loadtest.gate) starts one beside each scenario's Locust run and stops it after; its
+`summary()` and `series()` go into summary.json (the scenario's `engine`), the report's key numbers
+and a plot of the queue and KV cache beside client TTFT, and `report compare` compares them.
 """
 
 from __future__ import annotations

@@ -89,9 +89,12 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
         _admin(target, "PUT", "/admin/limits", {"rpm": int(params.limit_requests), "window_s": params.window_s})
         _admin(target, "POST", "/admin/reset")
     before = _proxy_counts(target) if metered else {}
+    sampler = _engine_sampler(opts, target)
     try:
         rc = runner.run_locust(params, locustfile, run_dir, progress)
     finally:
+        if sampler is not None:
+            sampler.stop()
         if limits:
             _admin(target, "PUT", "/admin/limits", {"rpm": None})
     after = _proxy_counts(target) if metered else {}
@@ -103,11 +106,26 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     meta = runner.meta_for(params)
     verdict = slo.evaluate(df, slo.for_scenario(table, name), meta)
     verdict.summaries[name]["client_lag_s"] = results.client_lag(run_dir, name)
+    if sampler is not None:  # what the server did meanwhile: its queue, KV cache, own TTFT and queue time
+        verdict.summaries[name]["engine"] = {**sampler.summary(), "series": sampler.series()}
+        target.notes.extend(n for n in sampler.notes() if n not in target.notes)
     if metered and len(df):
         verdict.checks.append(reconcile(name, df, before, after) if before is not None and after is not None
                               else Check(name, "proxy_reconciled", None, "==", 0, False, "exporter unreachable"))
     echo(f"[{name}] done: {len(df)} requests")
     return verdict, meta
+
+
+def _engine_sampler(opts: runner.Options, target: runner.Target):
+    """A started sampler of the engine's /metrics (`--engine-metrics`; `mock`: the embedded mock's), or None."""
+    if not opts.engine_metrics:
+        return None
+    from opskit.loadtest.engine_sampler import EngineSampler
+
+    url = target.url.rstrip("/") + "/metrics" if opts.engine_metrics == "mock" else opts.engine_metrics
+    sampler = EngineSampler(url)
+    sampler.start()
+    return sampler
 
 
 def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[str], None],
@@ -148,6 +166,9 @@ def write(run_dir: Path, verdict: Verdict, metas: dict, target: str, notes: list
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     df = results.load(run_dir)
     figures = plots.all_figures(df) if len(df) else {}
+    for name, s in verdict.summaries.items():
+        if s.get("engine") and (png := plots.engine_figure(df[df["scenario"] == name], s["engine"])):
+            figures.setdefault(name, []).append(("the engine's queue and KV cache beside client TTFT", png))
     page = report.html(verdict, figures, title=f"opskit load test {run_dir.name}",
                        meta={"target": target, "python": sys.version.split()[0]}, params=metas)
     (run_dir / "report.html").write_text(page)

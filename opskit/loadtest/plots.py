@@ -132,3 +132,38 @@ def all_figures(df: pd.DataFrame) -> dict[str, list[tuple[str, str]]]:
     for scenario, part in df.groupby("scenario"):
         out[str(scenario)] = [("latency, percentiles, throughput, errors, ITL", scenario_figure(part, str(scenario)))]
     return out
+
+
+def engine_figure(df: pd.DataFrame, engine: dict) -> str | None:
+    """The engine's queue and KV cache over the run beside the client's TTFT (rolling p95), or None
+    without samples. `engine`: a scenario summary's `engine` entry (its `series` from the sampler)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = pd.DataFrame(engine.get("series") or [])
+    if series.empty:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.5))
+    left.plot(series["t_s"], series["waiting"], label="waiting")
+    left.plot(series["t_s"], series["running"], label="running")
+    left.set(title=f"{engine['engine']}: requests in the engine", xlabel="s since the first sample", ylabel="requests")
+    _legend(left)
+    if series["kv_usage"].notna().any():
+        right.plot(series["t_s"], series["kv_usage"] * 100, color="tab:red", label="KV cache usage %")
+    ok = df[df["ok"]].sort_values("t").dropna(subset=["ttft_s"])
+    if len(ok):
+        twin = right.twinx()
+        window = max(1, min(200, len(ok) // 20))
+        twin.plot(ok["t"], ok["ttft_s"].rolling(window, min_periods=1).quantile(0.95) * 1000, color="tab:orange",
+                  label="client TTFT rolling p95 (ms)")
+        twin.set_ylabel("ms")
+        twin.legend(fontsize=7, loc="upper right")
+    right.set(title="KV cache and client TTFT", xlabel="s since start", ylabel="%")
+    _legend(right, loc="upper left")
+    fig.tight_layout()
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)

@@ -82,6 +82,16 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     if s.get("by_turn"):
         rows.append(("input tokens by turn", ", ".join(f"{k}: {v['input_tokens_mean']:.0f}"
                                                        for k, v in s["by_turn"].items())))
+    if s.get("engine") and s["engine"].get("engine"):
+        g = s["engine"]
+        rows.append((f"server side ({g['engine']} /metrics, {g['samples']} samples)",
+                     f"TTFT mean {_ms(g['server_ttft_mean_s'])} ms (client TTFT p50 {_ms(s['ttft_s']['p50'])} ms), "
+                     f"queue time mean {_ms(g['queue_time_mean_s'])} ms, peak waiting {g['max_waiting']:g}, "
+                     f"peak running {g['max_running']:g}, peak KV usage "
+                     f"{'-' if g['max_kv_usage'] is None else format(g['max_kv_usage'], '.0%')}, "
+                     f"preemptions {'-' if g['preemptions'] is None else format(g['preemptions'], 'g')}"))
+    elif s.get("engine"):
+        rows.append(("server side", f"no sample from {s['engine']['url']} (see the notes)"))
     if s.get("ground_truth"):
         g = s["ground_truth"]
         rows.append(("vs mock ground truth", f"TTFT |err| p99 {_ms(g['ttft_abs_err_p99_s'])} ms, "

@@ -62,6 +62,7 @@ class Options:
     seed: int = 1
     out_dir: Path = Path("reports")
     locustfiles: Path = LOCUSTFILES
+    engine_metrics: str | None = None  # a model server's /metrics URL sampled during each scenario
 
 
 # Defaults per scenario, sized so all four run in well under make loadtest's 3 minutes on 2 cores.
