@@ -179,11 +179,21 @@ def test_progress_line_never_shows_more_time_than_the_run_has(tmp_path):
     assert progress_line("qps", 21.0, 20, missing) == "[qps]   20s/20s (finishing)"
 
 
-def test_ttft_check_of_a_non_streamed_run_says_what_ttft_means_there():
+def test_a_non_streamed_run_is_gated_on_duration_not_ttft():
+    # issue 11: a non-streamed call has a duration and no TTFT (DESIGN.md); an old log that still
+    # carries ttft = duration for such calls must not bring TTFT back
     rows = [row(t=i * 0.1, dur=0.8, ttft=0.8, streamed=False) for i in range(20)]
     v = slo.evaluate(results.frame(rows), slo.defaults(), {"scenario": "qps", "duration": 2})
-    (check,) = [c for c in v.checks if c.name == "ttft_p95"]
-    assert not check.passed and check.note == "not streamed: TTFT is the whole response"
+    assert [c.name for c in v.checks] == ["duration_p90", "error_ratio"] and v.passed
+    s = v.summaries["qps"]
+    assert s["ttft_s"]["p95"] is None and s["duration_s"]["p90"] == pytest.approx(0.8)
+    text = dict(report.key_numbers(s))
+    assert "TTFT p50/p95/p99 ms" not in text and text["duration p50/p95/p99 ms"] == "800.0 / 800.0 / 800.0"
+    assert text["timings"] == "not streamed: request duration only (no TTFT, ITL or TPOT)"
+    # mixed: TTFT over the streamed calls only
+    mixed = rows + [row(t=2 + i * 0.1, dur=0.8, ttft=0.05) for i in range(20)]
+    s = slo.evaluate(results.frame(mixed), slo.defaults(), {"scenario": "qps", "duration": 4}).summaries["qps"]
+    assert s["ttft_s"]["p95"] == pytest.approx(0.05)
     v = slo.evaluate(results.frame([row(t=i * 0.1) for i in range(20)]), slo.defaults(), {"duration": 2})
     assert [c.note for c in v.checks if c.name == "ttft_p95"] == [""]
 

@@ -25,6 +25,9 @@ PROBE_BUCKETS = DURATION_BUCKETS
 
 GPU_LABELS = ("gpu", "uuid")
 CALL_LABELS = ("target", "source", "model")
+# `stream` on the duration histogram: "true" (SSE or WebSocket response) or "false" (one JSON body), so
+# that streamed and non-streamed calls can each have their own latency objective. Two values only.
+STREAM_VALUES = ("true", "false")
 ERROR_TYPES = ("", "rate_limited", "client_error", "server_error", "timeout", "connection",
                "stream_broken", "client_disconnect")
 
@@ -96,13 +99,17 @@ GPU_HEALTH = (GPU_CLOCK, GPU_ENERGY, GPU_PCIE_REPLAYS, GPU_ECC_UNCORRECTED, GPU_
 LLM_REQUESTS = _m("opskit_llm_requests_total", COUNTER, "",
                   "LLM API calls by HTTP status (0 = transport failure) and error type (empty = success).",
                   CALL_LABELS + ("code", "error_type"))
+# Latency histograms observe successful calls only: failures are counted by type in LLM_REQUESTS, so a
+# storm of fast 429s cannot pull a quantile down during an incident (DESIGN.md, OTel GenAI).
 LLM_DURATION = _m("opskit_llm_request_duration_seconds", HISTOGRAM, "seconds",
-                  "Request sent to last response byte.", CALL_LABELS, DURATION_BUCKETS)
+                  "Request sent to last response byte, per successful call; stream=true|false tells "
+                  "streamed from non-streamed calls.", CALL_LABELS + ("stream",), DURATION_BUCKETS)
 LLM_TTFT = _m("opskit_llm_time_to_first_token_seconds", HISTOGRAM, "seconds",
-              "Request sent to the first event carrying generated text (content or reasoning).",
-              CALL_LABELS, TTFT_BUCKETS)
+              "Request sent to the first event carrying generated text (content or reasoning), per "
+              "successful streamed call (a non-streamed call has no TTFT).", CALL_LABELS, TTFT_BUCKETS)
 LLM_TPOT = _m("opskit_llm_time_per_output_token_seconds", HISTOGRAM, "seconds",
-              "(duration - TTFT) / (output tokens - 1), per streamed call.", CALL_LABELS, TPOT_BUCKETS)
+              "(duration - TTFT) / (output tokens - 1), per successful streamed call.", CALL_LABELS,
+              TPOT_BUCKETS)
 LLM_TOKENS = _m("opskit_llm_tokens_total", COUNTER, "",
                 "Tokens by type, from the server's usage or else counted text chunks.",
                 CALL_LABELS + ("token_type",))

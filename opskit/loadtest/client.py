@@ -200,9 +200,9 @@ class ChatClient:
                    error_type=records.error_type_for_status(row["status"]))
         if row["status"] == 200:
             inp, out, from_usage, has_text = completion_usage(data)
-            # DESIGN.md: for a non-streamed request TTFT equals the request duration
-            row.update(input_tokens=inp, output_tokens=out, tokens_from_usage=from_usage,
-                       ttft_s=row["duration_s"] if has_text else None)
+            # DESIGN.md: a non-streamed request has a duration and no TTFT (the first token came with the last)
+            row.update(input_tokens=inp, output_tokens=out, tokens_from_usage=from_usage, ttft_s=None,
+                       text_chunks=int(has_text))
         elif row["error_type"]:
             row["error"] = f"HTTP {row['status']}"
 

@@ -56,8 +56,12 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     rows = [("requests (ok)", f"{s['requests']} ({s['ok']})"), ("throughput", f"{s['throughput_rps']:.2f} req/s"),
             ("output tokens/s (aggregate)", f"{s['output_tokens_s']:.1f}"),
             ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none")]
-    for key, label in (("ttft_s", "TTFT"), ("ttfot_s", "TTFOT"), ("duration_s", "duration"), ("itl_s", "ITL"),
-                       ("tpot_s", "TPOT")):
+    timings = (("ttft_s", "TTFT"), ("ttfot_s", "TTFOT"), ("duration_s", "duration"), ("itl_s", "ITL"),
+               ("tpot_s", "TPOT"))
+    if s.get("streamed_ratio") == 0:  # --no-stream: a duration per call, no TTFT/ITL/TPOT (DESIGN.md)
+        timings = (("duration_s", "duration"),)
+        rows.append(("timings", "not streamed: request duration only (no TTFT, ITL or TPOT)"))
+    for key, label in timings:
         q = s[key]
         rows.append((f"{label} p50/p95/p99 ms", f"{_ms(q['p50'])} / {_ms(q['p95'])} / {_ms(q['p99'])}"))
     if s.get("tokens_from_usage_ratio") is not None and s["tokens_from_usage_ratio"] < 1:

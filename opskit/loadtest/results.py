@@ -147,6 +147,8 @@ def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
     scenario = meta.get("scenario") or (str(df["scenario"].iloc[0]) if len(df) else "")
     duration = float(meta.get("duration") or 0) or float((df["t_end"].max() - df["t_sched"].min()) or 1.0)
     ok = df[df["ok"]]
+    # TTFT, TTFOT and TPOT are of streamed calls only: a non-streamed call has a duration (DESIGN.md)
+    streamed = ok[ok["streamed"].fillna(False).astype(bool)]
     # 429s are the expected answer in the throttling scenario, not errors; its own checks apply
     counted = df[df["status"] != 429] if scenario == "throttling" else df
     errors = counted[~counted["ok"]]
@@ -154,8 +156,8 @@ def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
            "errors": {str(k): int(v) for k, v in errors["error_type"].value_counts().items()},
            "error_ratio": float(len(errors) / len(counted)) if len(counted) else 0.0,
            "status": {str(k): int(v) for k, v in df["status"].value_counts().sort_index().items()},
-           "duration_s": _q(ok["duration_s"]), "ttft_s": _q(ok["ttft_s"]), "ttfot_s": _q(ok["ttfot_s"]),
-           "itl_s": _q(itl_gaps(df)), "tpot_s": _q(ok["tpot_s"]), "out_tok_s_per_request": _q(ok["out_tok_s"]),
+           "duration_s": _q(ok["duration_s"]), "ttft_s": _q(streamed["ttft_s"]), "ttfot_s": _q(streamed["ttfot_s"]),
+           "itl_s": _q(itl_gaps(df)), "tpot_s": _q(streamed["tpot_s"]), "out_tok_s_per_request": _q(ok["out_tok_s"]),
            "throughput_rps": len(ok) / duration,
            "output_tokens_s": float(ok["output_tokens"].fillna(0).sum()) / duration,
            "input_tokens": int(ok["input_tokens"].fillna(0).sum()),

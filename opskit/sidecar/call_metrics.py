@@ -66,12 +66,14 @@ class CallMetrics:
         if counter is None:
             counter = series.requests[key] = self.requests.labels(*base, str(r.code), r.error_type)
         counter.inc()
-        series.duration.observe(r.duration_s)
-        if r.ttft_s is not None:
-            series.ttft.observe(r.ttft_s)
-        tpot = r.tpot_s
-        if tpot is not None and r.streamed:
-            series.tpot.observe(tpot)
+        # Latency of successful calls only (a fast 429 is no fast answer); TTFT/TPOT of streamed ones.
+        if r.ok:
+            series.duration_of(r.streamed).observe(r.duration_s)
+            if r.streamed and r.ttft_s is not None:
+                series.ttft.observe(r.ttft_s)
+            tpot = r.tpot_s
+            if tpot is not None:
+                series.tpot.observe(tpot)
         if r.input_tokens:
             series.tokens_in.inc(r.input_tokens)
         if r.output_tokens:
@@ -86,12 +88,20 @@ class _Series:
     """The labelled children of one (target, source, model), looked up once: `labels()` hashes and
     locks on every call, and the proxy accounts every request through here."""
 
-    __slots__ = ("requests", "duration", "ttft", "tpot", "tokens_in", "tokens_out")
+    __slots__ = ("m", "base", "requests", "durations", "ttft", "tpot", "tokens_in", "tokens_out")
 
     def __init__(self, m: CallMetrics, base: tuple[str, str, str]) -> None:
         self.requests: dict[tuple[int, str], object] = {}
-        self.duration = m.duration.labels(*base)
+        self.m, self.base = m, base
+        self.durations: dict[bool, object] = {}  # by streamed; made when first seen (a proxy may see one kind)
         self.ttft = m.ttft.labels(*base)
         self.tpot = m.tpot.labels(*base)
         self.tokens_in = m.tokens.labels(*base, "input")
         self.tokens_out = m.tokens.labels(*base, "output")
+
+    def duration_of(self, streamed: bool):
+        """The duration histogram child of streamed (stream="true") or non-streamed calls."""
+        child = self.durations.get(streamed)
+        if child is None:
+            child = self.durations[streamed] = self.m.duration.labels(*self.base, "true" if streamed else "false")
+        return child

@@ -176,8 +176,7 @@ class MeteredCall:
         elif self.body is not None:
             inp, out, from_usage, has_text = completion_usage(b"".join(self.body))
             rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = inp, out, from_usage
-            if has_text and rec.ok:
-                rec.ttft_s = rec.ttfot_s = rec.duration_s
+            if has_text and rec.ok:  # a duration and no TTFT: the first token came with the last
                 rec.text_chunks = 1
 
     def _stream_result(self, rec: CallRecord, end: float) -> None:

@@ -201,8 +201,7 @@ class Prober:
         inp, out, from_usage, has_text = completion_usage(body)
         rec = self._record(200, records.OK, t0, input_tokens=inp, output_tokens=out,
                            tokens_from_usage=from_usage, **rl)
-        if has_text:
-            rec.ttft_s = rec.ttfot_s = rec.duration_s
+        rec.text_chunks = int(has_text)  # not streamed: a duration, no TTFT (DESIGN.md)
         return rec
 
     def _partial(self, code: int, error_type: str, t0: float, meter: StreamMeter | None) -> CallRecord:
