@@ -15,10 +15,25 @@ COUNTER, GAUGE, HISTOGRAM, INFO = "counter", "gauge", "histogram", "info"
 
 # Bucket edges. Every default threshold (0.5 s TTFT, 2 s duration) sits exactly on an edge so that
 # histogram_quantile() interpolation never blurs an alert; tests check this for the live thresholds.
-TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75,
-                1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0,
-                    15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# Each histogram child costs (edges + 3) series per (target, source, model[, stream]), so edges are
+# spent where an SRE reads a quantile, and doubled (not added linearly) in the long tail.
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.02, 0.04,   # loopback/LAN engines (the mock, a private vLLM) : a fast first token
+    0.06, 0.08, 0.1, 0.15,     # prefill of short prompts on a hosted API, network included
+    0.2, 0.25, 0.3, 0.4, 0.5,  # the interactive range up to the 500 ms TTFT threshold (an edge)
+    0.75, 1.0, 1.5, 2.0, 2.5,  # long prompts, queueing; 2 s = the duration threshold, for the record
+    5.0, 7.5, 10.0, 20.0, 40.0, 80.0,  # saturation: long queues, prefill of very long contexts
+    160.0, 320.0, 640.0,       # reasoning models that think before any text (DeepSeek-R1/o1-class can
+                               # take minutes; a non-reasoning TTFT there is an outage): doubled, 3 edges
+)
+DURATION_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25,  # tiny completions, canary probes (max_tokens 1-5), local engines
+    0.5, 0.75, 1.0, 1.5, 2.0,      # short answers up to the 2 s duration threshold (an edge)
+    2.5, 5.0, 7.5, 10.0, 15.0,     # typical chat answers (hundreds of tokens at 20-50 tok/s)
+    20.0, 30.0, 60.0, 120.0, 300.0,  # long answers, batch and agent calls
+    600.0, 1200.0, 1800.0,         # reasoning models' thinking + answer; 1800 s: DeepSeek closes a
+                                   # request it has not answered in 30 min, so beyond it is +Inf
+)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 PROBE_BUCKETS = DURATION_BUCKETS
