@@ -75,11 +75,12 @@ def latency(t: Thresholds) -> list:
 
 
 def tokens(t: Thresholds) -> list:
-    """Token throughput in and out."""
+    """Token throughput by type, and output tokens per request."""
     return [
         rate_panel(c.LLM_TOKENS, "Tokens per second, in and out", "target, model, token_type", SEL,
                    "{{target}} {{model}} {{token_type}}", unit="suffix: tok/s",
-                   description="Input (prompt) and output (completion) tokens per second. " + c.LLM_TOKENS.help),
+                   description="Tokens per second by type. cached_input is part of input and reasoning part "
+                               "of output: do not stack them on top. " + c.LLM_TOKENS.help),
         timeseries("Output tokens per request", "Mean completion tokens per successful call: longer answers "
                    "explain longer durations at a normal time per output token.", "short",
                    [target(f'sum by (target, model) (rate({c.LLM_TOKENS.name}{{target=~"$target",model=~"$model",'

@@ -96,3 +96,37 @@ def test_429_storm_does_not_lower_p90(start_mock, proxy_factory):
     assert reg.get_sample_value(f"{dur}_count", labels) == 10  # ...and observed by no latency histogram
     after = histogram_quantile(reg, dur, 0.9, **labels), histogram_quantile(reg, catalog.LLM_TTFT.name, 0.9, **LABELS)
     assert after == before
+
+
+def test_tokens_by_type_through_the_proxy(start_mock, proxy_factory):
+    # The mock answers in DeepSeek's shape with a context cache in 64-token units: a request whose
+    # messages start with a prefix seen before hits in whole units. The proxy counts cached input
+    # and reasoning as what they are: parts of input and output.
+    mock = start_mock("--ttft-ms", "5", "--ttft-jitter-ms", "0", "--itl-ms", "1", "--itl-jitter-ms", "0",
+                      "--output-tokens-mean", "12", "--output-tokens-spread", "0")
+    p = proxy_factory(mock.url)
+    client = _sdk(p.url + "/v1")
+    system = "You are a careful assistant. " * 70  # 2030 characters, ~500 tokens: 7 whole 256-character units
+    seen = []
+    for i, (model, stream) in enumerate([(MODEL, False), (MODEL, True), ("deepseek-reasoner", False),
+                                         ("deepseek-reasoner", True)]):
+        kw = {"model": model, "messages": [{"role": "system", "content": system},
+                                           {"role": "user", "content": f"question {i}"}], "max_tokens": 12}
+        if stream:
+            usage = [c.usage for c in client.chat.completions.create(
+                stream=True, stream_options={"include_usage": True}, **kw) if c.usage][0]
+        else:
+            usage = client.chat.completions.create(**kw).usage
+        seen.append((model, usage.prompt_tokens, usage.completion_tokens, usage.prompt_cache_hit_tokens,
+                     (usage.completion_tokens_details.reasoning_tokens if usage.completion_tokens_details else 0)))
+        assert usage.prompt_cache_hit_tokens + usage.prompt_cache_miss_tokens == usage.prompt_tokens
+    assert [s[3] for s in seen] == [0, 7 * 64, 7 * 64, 7 * 64]  # the first call fills the cache
+    assert seen[0][4] == seen[1][4] == 0 and seen[2][4] > 0 and seen[3][4] > 0  # the reasoner reasons
+    assert p.settle(4) == 4
+    for model, label in ((MODEL, MODEL), ("deepseek-reasoner", "other")):
+        mine = [s for s in seen if s[0] == model]
+        for token_type, col in (("input", 1), ("output", 2), ("cached_input", 3), ("reasoning", 4)):
+            want = sum(s[col] for s in mine)
+            got = p.registry.get_sample_value("opskit_llm_tokens_total",
+                                              {**LABELS, "model": label, "token_type": token_type})
+            assert (got or 0) == want, (model, token_type)

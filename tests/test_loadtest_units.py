@@ -198,6 +198,17 @@ def test_a_non_streamed_run_is_gated_on_duration_not_ttft():
     assert [c.note for c in v.checks if c.name == "ttft_p95"] == [""]
 
 
+def test_tokens_by_type_and_cache_hit_ratio_by_turn_are_reported():
+    rows = [row("conversation", t=i * 0.1, turn=i % 2 + 1, input_tokens=100 * (i % 2 + 1),
+                cached_input_tokens=64 * (i % 2), reasoning_tokens=3) for i in range(10)]
+    s = results.summarize(results.frame(rows), {"scenario": "conversation", "duration": 1})
+    assert (s["input_tokens"], s["cached_input_tokens"], s["output_tokens"], s["reasoning_tokens"]) == (1500, 320, 110, 30)
+    assert s["by_turn"]["1"]["cache_hit_ratio"] == 0 and s["by_turn"]["2"]["cache_hit_ratio"] == pytest.approx(0.32)
+    text = dict(report.key_numbers(s))
+    assert text["tokens by type"] == "input 1500 (cached 320), output 110 (reasoning 30)"
+    assert text["cache hit ratio by turn"] == "1: 0 %, 2: 32 %"
+
+
 def test_error_ratio_note_gives_the_statuses_behind_the_error_types():
     rows = [row(t=i * 0.1) for i in range(10)] + [row(t=1.0 + i * 0.1, status=401, err="client_error")
                                                   for i in range(30)]

@@ -125,8 +125,14 @@ LLM_TTFT = _m("opskit_llm_time_to_first_token_seconds", HISTOGRAM, "seconds",
 LLM_TPOT = _m("opskit_llm_time_per_output_token_seconds", HISTOGRAM, "seconds",
               "(duration - TTFT) / (output tokens - 1), per successful streamed call.", CALL_LABELS,
               TPOT_BUCKETS)
+# token_type: input and output as billed; cached_input is the part of input served from the provider's
+# prompt cache (DeepSeek prompt_cache_hit_tokens, OpenAI prompt_tokens_details.cached_tokens) and
+# reasoning the part of output spent thinking (completion_tokens_details.reasoning_tokens): parts, so
+# never add them to input/output. Parts are counted only from a usage that states them.
+TOKEN_TYPES = ("input", "cached_input", "output", "reasoning")
 LLM_TOKENS = _m("opskit_llm_tokens_total", COUNTER, "",
-                "Tokens by type, from the server's usage or else counted text chunks.",
+                "Tokens by type: input, cached_input (part of input), output, reasoning (part of output); "
+                "from the server's usage, or else output counted as text chunks.",
                 CALL_LABELS + ("token_type",))
 LLM_IN_FLIGHT = _m("opskit_llm_requests_in_flight", GAUGE, "", "Calls started and not yet finished.",
                    ("target", "source"))

@@ -49,6 +49,8 @@ class CallRecord:
     ttfot_s: float | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0   # part of input_tokens: read from the provider's prompt cache
+    reasoning_tokens: int = 0      # part of output_tokens: spent on reasoning
     tokens_from_usage: bool = False
     streamed: bool = False
     text_chunks: int = 0

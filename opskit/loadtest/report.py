@@ -50,6 +50,10 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.1f}"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f} %"
+
+
 def key_numbers(summary: dict) -> list[tuple[str, str]]:
     """(label, value) pairs shown under each scenario's heading."""
     s = summary
@@ -64,6 +68,9 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     for key, label in timings:
         q = s[key]
         rows.append((f"{label} p50/p95/p99 ms", f"{_ms(q['p50'])} / {_ms(q['p95'])} / {_ms(q['p99'])}"))
+    if s.get("input_tokens") or s.get("output_tokens"):
+        rows.append(("tokens by type", f"input {s['input_tokens']} (cached {s.get('cached_input_tokens') or 0}), "
+                                       f"output {s['output_tokens']} (reasoning {s.get('reasoning_tokens') or 0})"))
     if s.get("tokens_from_usage_ratio") is not None and s["tokens_from_usage_ratio"] < 1:
         rows.append(("tokens", f"counted from text chunks for {100 * (1 - s['tokens_from_usage_ratio']):.0f} % "
                                "of requests (no usage from the server)"))
@@ -86,6 +93,8 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     if s.get("by_turn"):
         rows.append(("input tokens by turn", ", ".join(f"{k}: {v['input_tokens_mean']:.0f}"
                                                        for k, v in s["by_turn"].items())))
+        rows.append(("cache hit ratio by turn", ", ".join(f"{k}: {_pct(v.get('cache_hit_ratio'))}"
+                                                          for k, v in s["by_turn"].items())))
     if s.get("ground_truth"):
         g = s["ground_truth"]
         rows.append(("vs mock ground truth", f"TTFT |err| p99 {_ms(g['ttft_abs_err_p99_s'])} ms, "

@@ -27,7 +27,8 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df["error_type"] = df["error_type"].fillna("").astype(str)
     df["status"] = pd.to_numeric(df["status"], errors="coerce").fillna(0).astype(int)
     for col in ("duration_s", "ttft_s", "ttfot_s", "t_sched", "t_sent", "t_end", "wall", "mock_ttft_ms",
-                "mock_queue_ms", "mock_output_tokens", "input_tokens", "output_tokens", "text_chunks"):
+                "mock_queue_ms", "mock_output_tokens", "input_tokens", "output_tokens", "cached_input_tokens",
+                "reasoning_tokens", "text_chunks"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["ok"] = df["error_type"] == ""
     if len(df):
@@ -141,6 +142,12 @@ def _throttling(df: pd.DataFrame, meta: dict) -> dict:
             "goodput_tokens_s": float(accepted["output_tokens"].fillna(0).sum()) / duration}
 
 
+def _hit_ratio(rows: pd.DataFrame) -> float | None:
+    """Cached input tokens over input tokens (None when no input was counted)."""
+    total = float(rows["input_tokens"].fillna(0).sum())
+    return float(rows["cached_input_tokens"].fillna(0).sum()) / total if total else None
+
+
 def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
     """Numbers for one scenario's rows. `meta`: what was asked (duration, rate, rpm, ...)."""
     meta = meta or {}
@@ -162,6 +169,9 @@ def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
            "output_tokens_s": float(ok["output_tokens"].fillna(0).sum()) / duration,
            "input_tokens": int(ok["input_tokens"].fillna(0).sum()),
            "output_tokens": int(ok["output_tokens"].fillna(0).sum()),
+           # parts of input and output (DESIGN.md), from usages that state them
+           "cached_input_tokens": int(ok["cached_input_tokens"].fillna(0).sum()),
+           "reasoning_tokens": int(ok["reasoning_tokens"].fillna(0).sum()),
            "tokens_from_usage_ratio": float(ok["tokens_from_usage"].fillna(False).astype(bool).mean())
            if len(ok) else None,
            "streamed_ratio": float(ok["streamed"].fillna(False).astype(bool).mean()) if len(ok) else None,
@@ -177,6 +187,7 @@ def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
     if scenario == "conversation" and len(ok):
         by_turn = ok.groupby(ok["turn"].fillna(0).astype(int))
         out["by_turn"] = {str(k): {"input_tokens_mean": float(g["input_tokens"].mean()),
+                                   "cache_hit_ratio": _hit_ratio(g),
                                    "ttft_p95_s": float(g["ttft_s"].quantile(0.95))} for k, g in by_turn}
     return _clean(out)
 

@@ -150,7 +150,9 @@ async def admit(state: MockState, req: GenRequest, identity: str, arrival: float
         "x-mock-output-tokens": str(sched.output_tokens),
         "x-mock-prompt-tokens": str(req.prompt_tokens),
     })
-    adm = Admission(rid, req, sched, Encoder(req, rid, int(time.time())), loop_now, faults, headers)
+    enc = Encoder(req, rid, int(time.time()))
+    enc.cached = state.context_cache.lookup(req.text, req.prompt_tokens)
+    adm = Admission(rid, req, sched, enc, loop_now, faults, headers)
     if seq is not None:
         adm.seq, seq.adm = seq, adm
     return adm

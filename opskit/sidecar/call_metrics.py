@@ -78,6 +78,10 @@ class CallMetrics:
             series.tokens_in.inc(r.input_tokens)
         if r.output_tokens:
             series.tokens_out.inc(r.output_tokens)
+        if r.cached_input_tokens:
+            series.part("cached_input").inc(r.cached_input_tokens)
+        if r.reasoning_tokens:
+            series.part("reasoning").inc(r.reasoning_tokens)
         if r.ratelimit_remaining_requests is not None:
             self.rl_requests.labels(r.target, r.source).set(r.ratelimit_remaining_requests)
         if r.ratelimit_remaining_tokens is not None:
@@ -88,7 +92,7 @@ class _Series:
     """The labelled children of one (target, source, model), looked up once: `labels()` hashes and
     locks on every call, and the proxy accounts every request through here."""
 
-    __slots__ = ("m", "base", "requests", "durations", "ttft", "tpot", "tokens_in", "tokens_out")
+    __slots__ = ("m", "base", "requests", "durations", "ttft", "tpot", "tokens_in", "tokens_out", "parts")
 
     def __init__(self, m: CallMetrics, base: tuple[str, str, str]) -> None:
         self.requests: dict[tuple[int, str], object] = {}
@@ -98,10 +102,18 @@ class _Series:
         self.tpot = m.tpot.labels(*base)
         self.tokens_in = m.tokens.labels(*base, "input")
         self.tokens_out = m.tokens.labels(*base, "output")
+        self.parts: dict[str, object] = {}  # cached_input, reasoning: made when a usage first states them
 
     def duration_of(self, streamed: bool):
         """The duration histogram child of streamed (stream="true") or non-streamed calls."""
         child = self.durations.get(streamed)
         if child is None:
             child = self.durations[streamed] = self.m.duration.labels(*self.base, "true" if streamed else "false")
+        return child
+
+    def part(self, token_type: str):
+        """The token counter of a part of input or output (cached_input, reasoning)."""
+        child = self.parts.get(token_type)
+        if child is None:
+            child = self.parts[token_type] = self.m.tokens.labels(*self.base, token_type)
         return child
