@@ -89,6 +89,28 @@ def tokens(t: Thresholds) -> list:
     ]
 
 
+def spend(t: Thresholds) -> list:
+    """Spend per hour per model, prompt-cache hit ratio and projected daily spend against the budget."""
+    tok = c.LLM_TOKENS.name
+    cache = (f'sum by (target, model) (rate({tok}{{target=~"$target",model=~"$model",token_type="cached_input"}}'
+             f'[{RATE}])) / sum by (target, model) (rate({tok}{{target=~"$target",model=~"$model",'
+             f'token_type="input"}}[{RATE}]))')
+    return [
+        timeseries("Spend per hour", "Estimated spend of the last hour per model, from usage and the target's "
+                   "configured prices (none built in; off-peak discounts applied). " + c.LLM_SPEND.help, "short",
+                   [target(f"sum by (target, model, currency) (increase({c.LLM_SPEND.name}{SEL}[1h]))",
+                           "{{target}} {{model}} {{currency}}")]),
+        timeseries("Prompt cache hit ratio", "Share of input tokens served from the provider's prompt cache "
+                   "(billed at the cached-input price): a drop means a changed prompt prefix.", "percentunit",
+                   [target(cache, "{{target}} {{model}}")]),
+        timeseries("Projected daily spend", f"The last hour's spend rate over a whole day, per target. Line: "
+                   f"the daily budget of the LLMSpendBudgetBurn alert ({t.spend_daily_budget:g}, in the "
+                   f"target's currency).", "short",
+                   [target(f'sum by (target, currency) (rate({c.LLM_SPEND.name}{{target=~"$target"}}[1h])) * 86400',
+                           "{{target}} {{currency}}")], (("red", t.spend_daily_budget),)),
+    ]
+
+
 def limits(t: Thresholds) -> list:
     """429s, rate-limit headroom, quota and probe success."""
     quota = (f'sum by (target) (increase({REQ}{{target=~"$target"}}[24h])) / max by (target) '
@@ -120,7 +142,7 @@ def build(t: Thresholds) -> object:
         [variable("target", "Target", c.LLM_REQUESTS),
          variable("model", "Model", c.LLM_REQUESTS, '{target=~"$target"}'),
          variable("instance", "Exporter", c.BUILD_INFO)],
-        [("Traffic and errors", traffic(t)), ("Latency", latency(t)), ("Tokens", tokens(t)),
+        [("Traffic and errors", traffic(t)), ("Latency", latency(t)), ("Tokens", tokens(t)), ("Spend", spend(t)),
          ("Rate limits, quota and probes", limits(t))],
         # A private cluster: what the model server itself says (queue, KV cache, server-side TTFT).
         links=[DashboardLink(title="LLM engine", uri="/d/opskit-llm-engine", type="link", icon="dashboard",

@@ -103,6 +103,9 @@ def test_every_llm_and_gpu_alert_is_drilled():
     # drill's stack scrapes no engine /metrics (issue 12, drill phases still to do).
     undrilled |= {"LLMEngineQueueBacklog", "LLMEngineKVCacheNearlyFull", "LLMEnginePreempting", "LLMEngineDown",
                   "LLMEngineGPUIdleWhileQueued"}
+    # Promtool-tested (alerts/tests/spend.test.yml); its drill phase (the stack's targets given prices)
+    # is still to do (issue 11, item 5).
+    undrilled |= {"LLMSpendBudgetBurn"}
     drilled = {n for p in PHASES for n in p.required}
     assert set(drill_plan.alert_severities(_rendered())) - drilled == undrilled
 

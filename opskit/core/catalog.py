@@ -134,6 +134,11 @@ LLM_TOKENS = _m("opskit_llm_tokens_total", COUNTER, "",
                 "Tokens by type: input, cached_input (part of input), output, reasoning (part of output); "
                 "from the server's usage, or else output counted as text chunks.",
                 CALL_LABELS + ("token_type",))
+# Spend in the currency of the target's configured prices (opskit.core.pricing): a label, since targets
+# may bill in different currencies and nothing here converts them. Absent without prices.
+LLM_SPEND = _m("opskit_llm_spend_total", COUNTER, "",
+               "Estimated spend from usage and the target's configured prices per million tokens "
+               "(off-peak discounts applied), in the currency label's units.", CALL_LABELS + ("currency",))
 LLM_IN_FLIGHT = _m("opskit_llm_requests_in_flight", GAUGE, "", "Calls started and not yet finished.",
                    ("target", "source"))
 LLM_RL_REQUESTS = _m("opskit_llm_ratelimit_remaining_requests", GAUGE, "",
@@ -155,7 +160,7 @@ CONNECTIONS_REFUSED = _m("opskit_exporter_connections_refused_total", COUNTER, "
 ALL: tuple[Metric, ...] = (
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER, GPU_INFO, GPU_UP,
     GPU_COLLECT_ERRORS, *GPU_HEALTH,
-    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_IN_FLIGHT,
+    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_SPEND, LLM_IN_FLIGHT,
     LLM_RL_REQUESTS, LLM_RL_TOKENS, LLM_QUOTA_LIMIT, PROBE_SUCCESS, PROBE_DURATION, BUILD_INFO,
     CONNECTIONS_REFUSED,
 )

@@ -61,6 +61,11 @@ class Thresholds:
     rate_limited_for: str = "10m"
     # Share of a configured daily quota used.
     quota_used_ratio: float = 0.8
+    # Spend (targets with prices, opskit.core.pricing): the daily budget per target, in the currency of
+    # its prices, that the projected daily spend (the last hour's rate x 24 h) must not exceed for
+    # `spend_for`. Set it to your budget: the default is a placeholder, not advice.
+    spend_daily_budget: float = 100.0
+    spend_for: str = "15m"
     # Probe failing for this long.
     probe_failing_for: str = "5m"
     # Exporter scrape target down / GPU series missing.

@@ -94,6 +94,8 @@ DURATION_P90 = "target:opskit_llm_request_duration_seconds:p90_5m"
 ERRORS_RATIO = "target:opskit_llm_errors:ratio_rate5m"
 RATE_LIMITED_RATIO = "target:opskit_llm_ratelimited:ratio_rate5m"
 REQUESTS_RATE = "target:opskit_llm_requests:rate5m"
+# Projected daily spend: the last hour's spend rate over a whole day, per target and currency.
+SPEND_PROJECTED = "target:opskit_llm_spend:projected_daily"
 
 
 def _guarded(ratio_rule: str, above: float, t: Thresholds) -> str:
@@ -116,6 +118,7 @@ def recordings() -> tuple[Recording, ...]:
         # latencies; mixing them makes either objective meaningless.
         Recording(DURATION_P90, _quantile(0.90, catalog.LLM_DURATION, by="target, stream")),
         *(Recording(slo_record(w), _ratio(f'error_type=~"{slo}"', w)) for w in SLO_WINDOWS),
+        Recording(SPEND_PROJECTED, f"sum by (target, currency) (rate({catalog.LLM_SPEND.name}[1h])) * 86400"),
     )
 
 
@@ -158,6 +161,10 @@ def llm_alerts(t: Thresholds) -> tuple[Alert, ...]:
               None, "warning", f"Daily request quota nearly used up {on}",
               f"{{{{ $value | humanizePercentage }}}} of the daily request quota {on} was used in the "
               f"last 24h, above {percent(t.quota_used_ratio)}."),
+        Alert("LLMSpendBudgetBurn", f"{SPEND_PROJECTED} > {num(t.spend_daily_budget)}", t.spend_for, "warning",
+              f"Projected daily spend is over budget {on}",
+              f"At the last hour's rate, target {{{{ $labels.target }}}} spends {{{{ $value | printf \"%.2f\" }}}} "
+              f"{{{{ $labels.currency }}}} a day, above the budget of {num(t.spend_daily_budget)} for {t.spend_for}."),
     )
 
 

@@ -7,12 +7,14 @@ gauges are all derived from the same `CallRecord`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from opskit.core import catalog
 from opskit.core.catalog import Metric
+from opskit.core.pricing import Prices
 from opskit.core.records import CallRecord
 
 
@@ -30,13 +32,17 @@ def make(metric: Metric, registry: CollectorRegistry, labels: Iterable[str] | No
 class CallMetrics:
     """Call series for a set of targets; `models` maps target name -> the models it may label."""
 
-    def __init__(self, registry: CollectorRegistry, models: Mapping[str, Iterable[str]]) -> None:
+    def __init__(self, registry: CollectorRegistry, models: Mapping[str, Iterable[str]],
+                 prices: Mapping[str, Prices] | None = None, clock: Callable[[], float] = time.time) -> None:
         self._models = {t: frozenset(ms) for t, ms in models.items()}
+        self._prices = dict(prices or {})  # target -> its prices; no spend for a target without
+        self._clock = clock                # wall clock (UTC), for off-peak windows
         self.requests = make(catalog.LLM_REQUESTS, registry)
         self.duration = make(catalog.LLM_DURATION, registry)
         self.ttft = make(catalog.LLM_TTFT, registry)
         self.tpot = make(catalog.LLM_TPOT, registry)
         self.tokens = make(catalog.LLM_TOKENS, registry)
+        self.spend = make(catalog.LLM_SPEND, registry)
         self.in_flight = make(catalog.LLM_IN_FLIGHT, registry)
         self.rl_requests = make(catalog.LLM_RL_REQUESTS, registry)
         self.rl_tokens = make(catalog.LLM_RL_TOKENS, registry)
@@ -82,6 +88,11 @@ class CallMetrics:
             series.part("cached_input").inc(r.cached_input_tokens)
         if r.reasoning_tokens:
             series.part("reasoning").inc(r.reasoning_tokens)
+        prices = self._prices.get(r.target)
+        if prices is not None and (r.input_tokens or r.output_tokens):
+            cost = prices.cost(r.model, r.input_tokens, r.cached_input_tokens, r.output_tokens, self._clock())
+            if cost:
+                self.spend.labels(*base, prices.currency).inc(cost)
         if r.ratelimit_remaining_requests is not None:
             self.rl_requests.labels(r.target, r.source).set(r.ratelimit_remaining_requests)
         if r.ratelimit_remaining_tokens is not None:
