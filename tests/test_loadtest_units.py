@@ -381,3 +381,18 @@ def test_capacity_limits_count_every_process_and_only_the_scenarios_they_apply_t
     assert capacity_problem(Options(scenarios=("qps",), users=10**6)) is None      # qps: one scheduler a process
     assert capacity_problem(Options(scenarios=("throttling",), users=MAX_USERS_PER_PROCESS)) is None
     assert "--users 1,001" in capacity_problem(Options(scenarios=("throttling",), users=MAX_USERS_PER_PROCESS + 1))
+
+
+def test_cost_of_a_run_at_the_targets_prices():
+    from opskit.core import pricing
+    prices = pricing.parse({"currency": "USD", "per_million_tokens": {"m": {"input": 1.0, "cached_input": 0.1,
+                                                                            "output": 2.0}}})
+    rows = [row(t=i * 0.1, input_tokens=1000, cached_input_tokens=500, out=100, wall=1767614400.0 + i)
+            for i in range(10)]
+    s = results.summarize(results.frame(rows), {"scenario": "streaming", "duration": 1})
+    s["cost"] = results.cost(results.frame(rows), prices, "m")
+    # per call: 500 x 1.0 + 500 x 0.1 + 100 x 2.0 = 750 per million
+    assert s["cost"] == {"currency": "USD", "total": pytest.approx(0.0075), "by_model": {"m": pytest.approx(0.0075)},
+                         "unpriced_calls": 0}
+    assert dict(report.key_numbers(s))["estimated cost"] == "0.0075 USD (m 0.0075)"
+    assert results.cost(results.frame(rows), prices, "other")["unpriced_calls"] == 10

@@ -71,6 +71,11 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     if s.get("input_tokens") or s.get("output_tokens"):
         rows.append(("tokens by type", f"input {s['input_tokens']} (cached {s.get('cached_input_tokens') or 0}), "
                                        f"output {s['output_tokens']} (reasoning {s.get('reasoning_tokens') or 0})"))
+    if s.get("cost"):
+        c = s["cost"]
+        parts = ", ".join(f"{m or '?'} {v:.4f}" for m, v in sorted(c["by_model"].items()))
+        rows.append(("estimated cost", f"{c['total']:.4f} {c['currency']}" + (f" ({parts})" if parts else "")
+                     + (f"; {c['unpriced_calls']} calls of unpriced models" if c["unpriced_calls"] else "")))
     if s.get("tokens_from_usage_ratio") is not None and s["tokens_from_usage_ratio"] < 1:
         rows.append(("tokens", f"counted from text chunks for {100 * (1 - s['tokens_from_usage_ratio']):.0f} % "
                                "of requests (no usage from the server)"))

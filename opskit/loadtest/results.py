@@ -142,6 +142,27 @@ def _throttling(df: pd.DataFrame, meta: dict) -> dict:
             "goodput_tokens_s": float(accepted["output_tokens"].fillna(0).sum()) / duration}
 
 
+def cost(df: pd.DataFrame, prices, model: str) -> dict:
+    """Estimated cost of the rows' calls to `model` at a target's prices (opskit.core.pricing.Prices):
+    {"currency", "total", "by_model", "unpriced_calls"}. Off-peak windows apply at each call's wall time;
+    every call with tokens is billed, failed or not (a provider bills what its usage says)."""
+    by_model: dict[str, float] = {}
+    unpriced = 0
+    cols = ("input_tokens", "cached_input_tokens", "output_tokens", "wall")
+    for inp, cached, out, wall in df.reindex(columns=cols).itertuples(index=False):
+        c = prices.cost(model, int(_num(inp)), int(_num(cached)), int(_num(out)), _num(wall))
+        if c is None:
+            unpriced += 1
+        else:
+            by_model[model] = by_model.get(model, 0.0) + c
+    return {"currency": prices.currency, "total": sum(by_model.values()), "by_model": by_model,
+            "unpriced_calls": unpriced}
+
+
+def _num(v) -> float:
+    return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
 def _hit_ratio(rows: pd.DataFrame) -> float | None:
     """Cached input tokens over input tokens (None when no input was counted)."""
     total = float(rows["input_tokens"].fillna(0).sum())
