@@ -62,10 +62,12 @@ def traffic(t: Thresholds) -> list:
 
 
 def latency(t: Thresholds) -> list:
-    """TTFT, duration and TPOT quantiles."""
+    """TTFT, duration and TPOT quantiles, of successful calls (TTFT and TPOT: streamed calls only)."""
     return [
         quantile_panel(c.LLM_TTFT, "Time to first token", (0.5, 0.95, 0.99), SEL, line=t.ttft_p95_seconds),
-        quantile_panel(c.LLM_DURATION, "Request duration", (0.5, 0.9, 0.99), SEL, line=t.duration_p90_seconds),
+        # by stream: a streamed chat and a non-streamed call each have their own latency (DESIGN.md)
+        quantile_panel(c.LLM_DURATION, "Request duration", (0.5, 0.9, 0.99), SEL, line=t.duration_p90_seconds,
+                       by="target, model, stream"),
         quantile_panel(c.LLM_TPOT, "Time per output token", (0.5, 0.95), SEL),
         gauge_panel(c.PROBE_DURATION, "Probe duration", matchers("target", "instance"),
                     "{{target}} {{instance}}"),
@@ -73,16 +75,39 @@ def latency(t: Thresholds) -> list:
 
 
 def tokens(t: Thresholds) -> list:
-    """Token throughput in and out."""
+    """Token throughput by type, and output tokens per request."""
     return [
         rate_panel(c.LLM_TOKENS, "Tokens per second, in and out", "target, model, token_type", SEL,
                    "{{target}} {{model}} {{token_type}}", unit="suffix: tok/s",
-                   description="Input (prompt) and output (completion) tokens per second. " + c.LLM_TOKENS.help),
+                   description="Tokens per second by type. cached_input is part of input and reasoning part "
+                               "of output: do not stack them on top. " + c.LLM_TOKENS.help),
         timeseries("Output tokens per request", "Mean completion tokens per successful call: longer answers "
                    "explain longer durations at a normal time per output token.", "short",
                    [target(f'sum by (target, model) (rate({c.LLM_TOKENS.name}{{target=~"$target",model=~"$model",'
                            f'token_type="output"}}[{RATE}])) / sum by (target, model) (rate({REQ}'
                            f'{{target=~"$target",model=~"$model",error_type=""}}[{RATE}]))', "{{target}} {{model}}")]),
+    ]
+
+
+def spend(t: Thresholds) -> list:
+    """Spend per hour per model, prompt-cache hit ratio and projected daily spend against the budget."""
+    tok = c.LLM_TOKENS.name
+    cache = (f'sum by (target, model) (rate({tok}{{target=~"$target",model=~"$model",token_type="cached_input"}}'
+             f'[{RATE}])) / sum by (target, model) (rate({tok}{{target=~"$target",model=~"$model",'
+             f'token_type="input"}}[{RATE}]))')
+    return [
+        timeseries("Spend per hour", "Estimated spend of the last hour per model, from usage and the target's "
+                   "configured prices (none built in; off-peak discounts applied). " + c.LLM_SPEND.help, "short",
+                   [target(f"sum by (target, model, currency) (increase({c.LLM_SPEND.name}{SEL}[1h]))",
+                           "{{target}} {{model}} {{currency}}")]),
+        timeseries("Prompt cache hit ratio", "Share of input tokens served from the provider's prompt cache "
+                   "(billed at the cached-input price): a drop means a changed prompt prefix.", "percentunit",
+                   [target(cache, "{{target}} {{model}}")]),
+        timeseries("Projected daily spend", f"The last hour's spend rate over a whole day, per target. Line: "
+                   f"the daily budget of the LLMSpendBudgetBurn alert ({t.spend_daily_budget:g}, in the "
+                   f"target's currency).", "short",
+                   [target(f'sum by (target, currency) (rate({c.LLM_SPEND.name}{{target=~"$target"}}[1h])) * 86400',
+                           "{{target}} {{currency}}")], (("red", t.spend_daily_budget),)),
     ]
 
 
@@ -117,7 +142,7 @@ def build(t: Thresholds) -> object:
         [variable("target", "Target", c.LLM_REQUESTS),
          variable("model", "Model", c.LLM_REQUESTS, '{target=~"$target"}'),
          variable("instance", "Exporter", c.BUILD_INFO)],
-        [("Traffic and errors", traffic(t)), ("Latency", latency(t)), ("Tokens", tokens(t)),
+        [("Traffic and errors", traffic(t)), ("Latency", latency(t)), ("Tokens", tokens(t)), ("Spend", spend(t)),
          ("Rate limits, quota and probes", limits(t))],
         # A private cluster: what the model server itself says (queue, KV cache, server-side TTFT).
         links=[DashboardLink(title="LLM engine", uri="/d/opskit-llm-engine", type="link", icon="dashboard",

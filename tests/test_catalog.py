@@ -28,6 +28,22 @@ def test_default_thresholds_sit_on_bucket_edges():
         assert value in buckets, name
 
 
+def test_reasoning_model_latencies_land_in_a_finite_bucket():
+    # a reasoning model may think for minutes; a quantile that reads +Inf says nothing
+    reg = CollectorRegistry()
+    m = CallMetrics(reg, {"t": ["r1"]})
+    m.observe(CallRecord("t", "proxy", "r1", 200, "", duration_s=1500.0, ttft_s=300.0, streamed=True,
+                         output_tokens=10))
+    base = {"target": "t", "source": "proxy", "model": "r1"}
+    assert reg.get_sample_value("opskit_llm_time_to_first_token_seconds_bucket", {**base, "le": "160.0"}) == 0
+    assert reg.get_sample_value("opskit_llm_time_to_first_token_seconds_bucket", {**base, "le": "320.0"}) == 1
+    dur = {**base, "stream": "true"}
+    assert reg.get_sample_value("opskit_llm_request_duration_seconds_bucket", {**dur, "le": "1200.0"}) == 0
+    assert reg.get_sample_value("opskit_llm_request_duration_seconds_bucket", {**dur, "le": "1800.0"}) == 1
+    # and the series stay bounded: at most 30 edges a histogram child
+    assert all(len(h.buckets) <= 30 for h in catalog.ALL if h.type == catalog.HISTOGRAM)
+
+
 def test_error_types_match_records():
     consts = {getattr(records, n) for n in ("OK", "RATE_LIMITED", "CLIENT_ERROR", "SERVER_ERROR", "TIMEOUT",
                                             "CONNECTION", "STREAM_BROKEN", "CLIENT_DISCONNECT")}

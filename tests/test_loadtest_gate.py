@@ -104,6 +104,9 @@ def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server)
     turns = json.loads((run / "summary.json").read_text())["scenarios"]["conversation"]["by_turn"]
     sizes = [turns[k]["input_tokens_mean"] for k in sorted(turns)]
     assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
+    # each turn resends the conversation so far, so the mock's context cache hits more of it
+    hits = [turns[k]["cache_hit_ratio"] for k in sorted(turns)]
+    assert hits[-1] > hits[0] and hits[-1] > 0.5, hits
 
     proc, run = loadtest(tmp_path / "ws", "streaming", "--duration", "3", "--users", "5", "--transport", "ws",
                          "--model", "deepseek-reasoner", "--target", mock_server.url)

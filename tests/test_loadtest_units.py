@@ -179,13 +179,34 @@ def test_progress_line_never_shows_more_time_than_the_run_has(tmp_path):
     assert progress_line("qps", 21.0, 20, missing) == "[qps]   20s/20s (finishing)"
 
 
-def test_ttft_check_of_a_non_streamed_run_says_what_ttft_means_there():
+def test_a_non_streamed_run_is_gated_on_duration_not_ttft():
+    # a non-streamed call has a duration and no TTFT (DESIGN.md); an old log that still
+    # carries ttft = duration for such calls must not bring TTFT back
     rows = [row(t=i * 0.1, dur=0.8, ttft=0.8, streamed=False) for i in range(20)]
     v = slo.evaluate(results.frame(rows), slo.defaults(), {"scenario": "qps", "duration": 2})
-    (check,) = [c for c in v.checks if c.name == "ttft_p95"]
-    assert not check.passed and check.note == "not streamed: TTFT is the whole response"
+    assert [c.name for c in v.checks] == ["duration_p90", "error_ratio"] and v.passed
+    s = v.summaries["qps"]
+    assert s["ttft_s"]["p95"] is None and s["duration_s"]["p90"] == pytest.approx(0.8)
+    text = dict(report.key_numbers(s))
+    assert "TTFT p50/p95/p99 ms" not in text and text["duration p50/p95/p99 ms"] == "800.0 / 800.0 / 800.0"
+    assert text["timings"] == "not streamed: request duration only (no TTFT, ITL or TPOT)"
+    # mixed: TTFT over the streamed calls only
+    mixed = rows + [row(t=2 + i * 0.1, dur=0.8, ttft=0.05) for i in range(20)]
+    s = slo.evaluate(results.frame(mixed), slo.defaults(), {"scenario": "qps", "duration": 4}).summaries["qps"]
+    assert s["ttft_s"]["p95"] == pytest.approx(0.05)
     v = slo.evaluate(results.frame([row(t=i * 0.1) for i in range(20)]), slo.defaults(), {"duration": 2})
     assert [c.note for c in v.checks if c.name == "ttft_p95"] == [""]
+
+
+def test_tokens_by_type_and_cache_hit_ratio_by_turn_are_reported():
+    rows = [row("conversation", t=i * 0.1, turn=i % 2 + 1, input_tokens=100 * (i % 2 + 1),
+                cached_input_tokens=64 * (i % 2), reasoning_tokens=3) for i in range(10)]
+    s = results.summarize(results.frame(rows), {"scenario": "conversation", "duration": 1})
+    assert (s["input_tokens"], s["cached_input_tokens"], s["output_tokens"], s["reasoning_tokens"]) == (1500, 320, 110, 30)
+    assert s["by_turn"]["1"]["cache_hit_ratio"] == 0 and s["by_turn"]["2"]["cache_hit_ratio"] == pytest.approx(0.32)
+    text = dict(report.key_numbers(s))
+    assert text["tokens by type"] == "input 1500 (cached 320), output 110 (reasoning 30)"
+    assert text["cache hit ratio by turn"] == "1: 0 %, 2: 32 %"
 
 
 def test_error_ratio_note_gives_the_statuses_behind_the_error_types():
@@ -360,3 +381,18 @@ def test_capacity_limits_count_every_process_and_only_the_scenarios_they_apply_t
     assert capacity_problem(Options(scenarios=("qps",), users=10**6)) is None      # qps: one scheduler a process
     assert capacity_problem(Options(scenarios=("throttling",), users=MAX_USERS_PER_PROCESS)) is None
     assert "--users 1,001" in capacity_problem(Options(scenarios=("throttling",), users=MAX_USERS_PER_PROCESS + 1))
+
+
+def test_cost_of_a_run_at_the_targets_prices():
+    from opskit.core import pricing
+    prices = pricing.parse({"currency": "USD", "per_million_tokens": {"m": {"input": 1.0, "cached_input": 0.1,
+                                                                            "output": 2.0}}})
+    rows = [row(t=i * 0.1, input_tokens=1000, cached_input_tokens=500, out=100, wall=1767614400.0 + i)
+            for i in range(10)]
+    s = results.summarize(results.frame(rows), {"scenario": "streaming", "duration": 1})
+    s["cost"] = results.cost(results.frame(rows), prices, "m")
+    # per call: 500 x 1.0 + 500 x 0.1 + 100 x 2.0 = 750 per million
+    assert s["cost"] == {"currency": "USD", "total": pytest.approx(0.0075), "by_model": {"m": pytest.approx(0.0075)},
+                         "unpriced_calls": 0}
+    assert dict(report.key_numbers(s))["estimated cost"] == "0.0075 USD (m 0.0075)"
+    assert results.cost(results.frame(rows), prices, "other")["unpriced_calls"] == 10

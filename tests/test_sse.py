@@ -113,9 +113,9 @@ def test_completions_text_chunks_count():
 def test_completion_usage_from_json_body():
     body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "hi"}}],
                        "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode()
-    assert completion_usage(body) == (3, 1, True, True)
-    assert completion_usage(b"not json") == (0, 0, False, False)
-    assert completion_usage(b'{"choices": []}') == (0, 0, False, False)
+    assert completion_usage(body) == (3, 1, True, True, 0, 0)
+    assert completion_usage(b"not json") == (0, 0, False, False, 0, 0)
+    assert completion_usage(b'{"choices": []}') == (0, 0, False, False, 0, 0)
 
 
 # Garbage a server (or anything in the path) may put in `usage`: never an exception, tokens unknown.
@@ -132,7 +132,7 @@ def test_garbage_usage_is_unknown_tokens_not_an_error(value):
     assert m.tokens == (0, 1, False) and m.done and not m.malformed  # one text chunk, usage ignored
     body = ('{"choices": [{"message": {"content": "hi"}}], "usage": {"prompt_tokens": 3, '
             '"completion_tokens": VALUE}}').replace("VALUE", value).encode()
-    assert completion_usage(body) == (0, 0, False, True)
+    assert completion_usage(body) == (0, 0, False, True, 0, 0)
 
 
 def test_odd_shapes_and_deep_nesting_never_raise():
@@ -141,8 +141,8 @@ def test_odd_shapes_and_deep_nesting_never_raise():
                     '{"choices": [{"delta": {"content": {"a": 1}}}]}'):
         m.on_data(payload, 0.1)
     assert m.malformed == 1 and m.tokens == (0, 1, False)  # the nesting is malformed; the dict content is text
-    assert completion_usage(b"[" * 100_000) == (0, 0, False, False)
-    assert completion_usage(b'{"choices": 5, "usage": {"prompt_tokens": 0}}') == (0, 0, True, False)
+    assert completion_usage(b"[" * 100_000) == (0, 0, False, False, 0, 0)
+    assert completion_usage(b'{"choices": 5, "usage": {"prompt_tokens": 0}}') == (0, 0, True, False, 0, 0)
 
 
 def test_line_over_the_limit_ends_the_parse_in_small_pieces():
@@ -166,3 +166,36 @@ def test_event_of_many_short_data_lines_is_bounded_too():
     assert p.too_long and p.feed(b"\n") == []
     whole = SSEParser(max_line=1000)
     assert whole.feed(b"data: " + b"w" * 2000 + b"\n\n") == [] and whole.too_long  # one read, one long line
+
+
+def test_tokens_by_type_from_deepseek_and_openai_usage():
+    # DeepSeek: prompt_cache_hit_tokens; OpenAI: prompt_tokens_details.cached_tokens; both put
+    # reasoning in completion_tokens_details. Cached and reasoning are parts of input and output.
+    deepseek = {"prompt_tokens": 300, "completion_tokens": 40, "prompt_cache_hit_tokens": 256,
+                "prompt_cache_miss_tokens": 44, "completion_tokens_details": {"reasoning_tokens": 30}}
+    openai_style = {"prompt_tokens": 300, "completion_tokens": 40, "prompt_tokens_details": {"cached_tokens": 128},
+                    "completion_tokens_details": {"reasoning_tokens": 0}}
+    for usage, want in ((deepseek, (256, 30)), (openai_style, (128, 0))):
+        m = StreamMeter(t0=0.0)
+        m.on_data(chunk(content="hi"), 0.1)
+        m.on_data(json.dumps({"choices": [], "usage": usage}), 0.2)
+        assert m.tokens == (300, 40, True) and m.details == want
+        body = json.dumps({"choices": [{"message": {"content": "hi"}}], "usage": usage}).encode()
+        assert completion_usage(body) == (300, 40, True, True, *want)
+
+
+@pytest.mark.parametrize("value", [*GARBAGE, "301"])
+def test_garbage_token_details_are_unknown_and_keep_the_rest(value):
+    # a detail that is not a sane count, or more than the whole it is part of (301 of 300), is unknown
+    usage = ('{"prompt_tokens": 300, "completion_tokens": 40, "prompt_cache_hit_tokens": VALUE, '
+             '"completion_tokens_details": {"reasoning_tokens": VALUE}}').replace("VALUE", value)
+    m = StreamMeter(t0=0.0)
+    m.on_data('{"choices": [], "usage": ' + usage + "}", 0.2)
+    assert m.tokens == (300, 40, True) and m.details == (0, 0)
+    body = ('{"choices": [{"message": {"content": "hi"}}], "usage": ' + usage + "}").encode()
+    assert completion_usage(body) == (300, 40, True, True, 0, 0)
+    # a garbage DeepSeek field does not fall through to the OpenAI one: the first present field decides
+    m = StreamMeter(t0=0.0)
+    m.on_data('{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "prompt_tokens_details": '
+              '{"cached_tokens": 2}, "prompt_cache_hit_tokens": ' + value + "}}", 0.2)
+    assert m.details == (0, 0)

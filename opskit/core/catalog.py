@@ -15,16 +15,34 @@ COUNTER, GAUGE, HISTOGRAM, INFO = "counter", "gauge", "histogram", "info"
 
 # Bucket edges. Every default threshold (0.5 s TTFT, 2 s duration) sits exactly on an edge so that
 # histogram_quantile() interpolation never blurs an alert; tests check this for the live thresholds.
-TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75,
-                1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 5.0, 7.5, 10.0,
-                    15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# Each histogram child costs (edges + 3) series per (target, source, model[, stream]), so edges are
+# spent where an SRE reads a quantile, and doubled (not added linearly) in the long tail.
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.02, 0.04,   # loopback/LAN engines (the mock, a private vLLM) : a fast first token
+    0.06, 0.08, 0.1, 0.15,     # prefill of short prompts on a hosted API, network included
+    0.2, 0.25, 0.3, 0.4, 0.5,  # the interactive range up to the 500 ms TTFT threshold (an edge)
+    0.75, 1.0, 1.5, 2.0, 2.5,  # long prompts, queueing; 2 s = the duration threshold, for the record
+    5.0, 7.5, 10.0, 20.0, 40.0, 80.0,  # saturation: long queues, prefill of very long contexts
+    160.0, 320.0, 640.0,       # reasoning models that think before any text (DeepSeek-R1/o1-class can
+                               # take minutes; a non-reasoning TTFT there is an outage): doubled, 3 edges
+)
+DURATION_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25,  # tiny completions, canary probes (max_tokens 1-5), local engines
+    0.5, 0.75, 1.0, 1.5, 2.0,      # short answers up to the 2 s duration threshold (an edge)
+    2.5, 5.0, 7.5, 10.0, 15.0,     # typical chat answers (hundreds of tokens at 20-50 tok/s)
+    20.0, 30.0, 60.0, 120.0, 300.0,  # long answers, batch and agent calls
+    600.0, 1200.0, 1800.0,         # reasoning models' thinking + answer; 1800 s: DeepSeek closes a
+                                   # request it has not answered in 30 min, so beyond it is +Inf
+)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 PROBE_BUCKETS = DURATION_BUCKETS
 
 GPU_LABELS = ("gpu", "uuid")
 CALL_LABELS = ("target", "source", "model")
+# `stream` on the duration histogram: "true" (SSE or WebSocket response) or "false" (one JSON body), so
+# that streamed and non-streamed calls can each have their own latency objective. Two values only.
+STREAM_VALUES = ("true", "false")
 ERROR_TYPES = ("", "rate_limited", "client_error", "server_error", "timeout", "connection",
                "stream_broken", "client_disconnect")
 
@@ -96,16 +114,31 @@ GPU_HEALTH = (GPU_CLOCK, GPU_ENERGY, GPU_PCIE_REPLAYS, GPU_ECC_UNCORRECTED, GPU_
 LLM_REQUESTS = _m("opskit_llm_requests_total", COUNTER, "",
                   "LLM API calls by HTTP status (0 = transport failure) and error type (empty = success).",
                   CALL_LABELS + ("code", "error_type"))
+# Latency histograms observe successful calls only: failures are counted by type in LLM_REQUESTS, so a
+# storm of fast 429s cannot pull a quantile down during an incident (DESIGN.md, OTel GenAI).
 LLM_DURATION = _m("opskit_llm_request_duration_seconds", HISTOGRAM, "seconds",
-                  "Request sent to last response byte.", CALL_LABELS, DURATION_BUCKETS)
+                  "Request sent to last response byte, per successful call; stream=true|false tells "
+                  "streamed from non-streamed calls.", CALL_LABELS + ("stream",), DURATION_BUCKETS)
 LLM_TTFT = _m("opskit_llm_time_to_first_token_seconds", HISTOGRAM, "seconds",
-              "Request sent to the first event carrying generated text (content or reasoning).",
-              CALL_LABELS, TTFT_BUCKETS)
+              "Request sent to the first event carrying generated text (content or reasoning), per "
+              "successful streamed call (a non-streamed call has no TTFT).", CALL_LABELS, TTFT_BUCKETS)
 LLM_TPOT = _m("opskit_llm_time_per_output_token_seconds", HISTOGRAM, "seconds",
-              "(duration - TTFT) / (output tokens - 1), per streamed call.", CALL_LABELS, TPOT_BUCKETS)
+              "(duration - TTFT) / (output tokens - 1), per successful streamed call.", CALL_LABELS,
+              TPOT_BUCKETS)
+# token_type: input and output as billed; cached_input is the part of input served from the provider's
+# prompt cache (DeepSeek prompt_cache_hit_tokens, OpenAI prompt_tokens_details.cached_tokens) and
+# reasoning the part of output spent thinking (completion_tokens_details.reasoning_tokens): parts, so
+# never add them to input/output. Parts are counted only from a usage that states them.
+TOKEN_TYPES = ("input", "cached_input", "output", "reasoning")
 LLM_TOKENS = _m("opskit_llm_tokens_total", COUNTER, "",
-                "Tokens by type, from the server's usage or else counted text chunks.",
+                "Tokens by type: input, cached_input (part of input), output, reasoning (part of output); "
+                "from the server's usage, or else output counted as text chunks.",
                 CALL_LABELS + ("token_type",))
+# Spend in the currency of the target's configured prices (opskit.core.pricing): a label, since targets
+# may bill in different currencies and nothing here converts them. Absent without prices.
+LLM_SPEND = _m("opskit_llm_spend_total", COUNTER, "",
+               "Estimated spend from usage and the target's configured prices per million tokens "
+               "(off-peak discounts applied), in the currency label's units.", CALL_LABELS + ("currency",))
 LLM_IN_FLIGHT = _m("opskit_llm_requests_in_flight", GAUGE, "", "Calls started and not yet finished.",
                    ("target", "source"))
 LLM_RL_REQUESTS = _m("opskit_llm_ratelimit_remaining_requests", GAUGE, "",
@@ -127,7 +160,7 @@ CONNECTIONS_REFUSED = _m("opskit_exporter_connections_refused_total", COUNTER, "
 ALL: tuple[Metric, ...] = (
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER, GPU_INFO, GPU_UP,
     GPU_COLLECT_ERRORS, *GPU_HEALTH,
-    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_IN_FLIGHT,
+    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_SPEND, LLM_IN_FLIGHT,
     LLM_RL_REQUESTS, LLM_RL_TOKENS, LLM_QUOTA_LIMIT, PROBE_SUCCESS, PROBE_DURATION, BUILD_INFO,
     CONNECTIONS_REFUSED,
 )

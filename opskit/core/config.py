@@ -8,6 +8,8 @@ A config file looks like this (every key optional except a target's name and bas
         kind: hosted                           # hosted | private
         models: [deepseek-chat, deepseek-reasoner]
         daily_quota_requests: 100000           # optional, for the quota alert
+        prices: {currency: USD, per_million_tokens: {deepseek-chat: {input: 0.27, output: 1.10}}}
+                                               # optional, for spend (opskit.core.pricing)
         auth:
           scheme: bearer                       # none | bearer | oauth2 | hmac
           api_key_env: DEEPSEEK_API_KEY        # or api_key_file: /run/secrets/key
@@ -28,12 +30,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from opskit.core import pricing
+from opskit.core.pricing import Prices
+
 KINDS = ("hosted", "private")
 SCHEMES = ("none", "bearer", "oauth2", "hmac")
 ENV_TARGET_URL = "OPSKIT_TARGET_URL"
 ENV_API_KEY = "OPSKIT_API_KEY"
 ENV_API_KEY_FILE = "OPSKIT_API_KEY_FILE"
-TARGET_KEYS = ("name", "base_url", "kind", "models", "daily_quota_requests", "timeout_s", "auth")
+TARGET_KEYS = ("name", "base_url", "kind", "models", "daily_quota_requests", "timeout_s", "auth", "prices")
 AUTH_KEYS = ("scheme", "api_key_env", "api_key_file", "secret_key_env", "secret_key_file", "token_url",
              "client_id", "client_secret_env", "client_secret_file", "scope")
 PROBE_KEYS = ("interval_s", "prompt", "max_tokens", "timeout_s", "model")
@@ -93,6 +98,7 @@ class Target:
     auth: AuthConfig = field(default_factory=AuthConfig)
     daily_quota_requests: int | None = None
     timeout_s: float = 60.0
+    prices: Prices | None = None  # no spend without them: no price is built in
 
 
 @dataclass(frozen=True)
@@ -231,9 +237,15 @@ def _target(spec: object, i: int, source: str, env: dict[str, str]) -> Target:
             "a positive integer")
     timeout = spec.get("timeout_s", 60.0)
     _expect(_positive(timeout), source, f"{key}.timeout_s", "a positive number")
+    prices = None
+    if spec.get("prices") is not None:
+        try:
+            prices = pricing.parse(spec["prices"], f"{key}.prices")
+        except pricing.PricingError as exc:
+            raise ConfigError(source, exc.key, exc.expected) from None
     return Target(name=name, base_url=_url(spec.get("base_url"), source, f"{key}.base_url"), kind=kind,
                   models=tuple(models), auth=_auth(spec.get("auth"), source, f"{key}.auth", env),
-                  daily_quota_requests=quota, timeout_s=float(timeout))
+                  daily_quota_requests=quota, timeout_s=float(timeout), prices=prices)
 
 
 def _probe(spec: object, source: str) -> ProbeConfig:

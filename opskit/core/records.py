@@ -34,8 +34,9 @@ class CallRecord:
     """One LLM API call as observed by a client or the proxy.
 
     `code` is the HTTP status, 0 when no response arrived. `ttft_s` is None when no text arrived
-    (it equals `duration_s` for a successful non-streamed call). `tokens_from_usage` says whether the
-    token counts came from the server's `usage` or from counting text chunks.
+    and for every non-streamed call: such a call has a duration and no TTFT or TPOT (DESIGN.md, as
+    the OpenTelemetry GenAI conventions say). `tokens_from_usage` says whether the token counts came
+    from the server's `usage` or from counting text chunks.
     """
 
     target: str
@@ -48,11 +49,18 @@ class CallRecord:
     ttfot_s: float | None = None
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_input_tokens: int = 0   # part of input_tokens: read from the provider's prompt cache
+    reasoning_tokens: int = 0      # part of output_tokens: spent on reasoning
     tokens_from_usage: bool = False
     streamed: bool = False
     text_chunks: int = 0
     ratelimit_remaining_requests: float | None = None
     ratelimit_remaining_tokens: float | None = None
+
+    @property
+    def stream_label(self) -> str:
+        """The bounded `stream` label: "true" for a streamed (SSE/WebSocket) response, else "false"."""
+        return "true" if self.streamed else "false"
 
     @property
     def ok(self) -> bool:
@@ -61,7 +69,7 @@ class CallRecord:
     @property
     def tpot_s(self) -> float | None:
         """Time per output token after the first: (duration - TTFT) / (output tokens - 1)."""
-        if self.ttft_s is None or self.output_tokens < 2 or not self.ok:
+        if self.ttft_s is None or self.output_tokens < 2 or not self.ok or not self.streamed:
             return None
         return max(0.0, self.duration_s - self.ttft_s) / (self.output_tokens - 1)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from json.scanner import make_scanner
+from typing import NamedTuple
 
 DONE = "[DONE]"
 MAX_LINE = 1024 * 1024    # an SSE line (or event) longer than this ends the parse: no real chunk is near it
@@ -123,7 +124,8 @@ class StreamMeter:
     """
 
     __slots__ = ("t0", "first_token", "first_output", "last_text", "text_chunks", "input_tokens",
-                 "output_tokens", "usage_seen", "done", "malformed", "stream_error", "gaps")
+                 "output_tokens", "cached_tokens", "reasoning_tokens", "usage_seen", "done", "malformed",
+                 "stream_error", "gaps")
 
     def __init__(self, t0: float, keep_gaps: bool = False) -> None:
         self.t0 = t0
@@ -133,6 +135,8 @@ class StreamMeter:
         self.text_chunks = 0
         self.input_tokens = 0
         self.output_tokens = 0
+        self.cached_tokens = 0      # of input_tokens, served from the provider's prompt cache
+        self.reasoning_tokens = 0   # of output_tokens, spent on reasoning
         self.usage_seen = False
         self.done = False
         self.malformed = 0
@@ -170,7 +174,7 @@ class StreamMeter:
         usage = _usage(obj.get("usage"))
         if usage is not None:
             self.usage_seen = True
-            self.input_tokens, self.output_tokens = usage
+            self.input_tokens, self.output_tokens, self.cached_tokens, self.reasoning_tokens = usage
 
     def _text(self, now: float, is_output: bool) -> None:
         if self.first_token is None:
@@ -191,6 +195,11 @@ class StreamMeter:
         return None if self.first_output is None else self.first_output - self.t0
 
     @property
+    def details(self) -> tuple[int, int]:
+        """(cached input, reasoning) tokens from the server's usage; (0, 0) when unknown."""
+        return (self.cached_tokens, self.reasoning_tokens) if self.usage_seen else (0, 0)
+
+    @property
     def tokens(self) -> tuple[int, int, bool]:
         """(input, output, from_usage): the server's usage when it sent one, else text chunks."""
         if self.usage_seen:
@@ -207,15 +216,33 @@ def _count(value) -> int | None:
     return None
 
 
-def _usage(usage) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of a `usage` object; None when there is none or it is garbage
-    (`"x"`, Infinity, `[1]`, -1, 1e30, true): the call is still counted, its tokens are unknown."""
+def _part(usage: dict, whole: int, *paths: tuple[str, ...]) -> int:
+    """A part of `whole` (cached input, reasoning output) at the first of `paths` present; 0 (unknown)
+    when it is garbage or larger than the whole it is part of."""
+    for path in paths:
+        value = usage
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            n = _count(value)
+            return n if n is not None and n <= whole else 0
+    return 0
+
+
+def _usage(usage) -> tuple[int, int, int, int] | None:
+    """(prompt, completion, cached prompt, reasoning) tokens of a `usage` object; None when there is
+    none or its prompt/completion counts are garbage (`"x"`, Infinity, `[1]`, -1, 1e30, true): the
+    call is still counted, its tokens are unknown. Cached input is DeepSeek's
+    `prompt_cache_hit_tokens` or OpenAI's `prompt_tokens_details.cached_tokens`; reasoning is
+    `completion_tokens_details.reasoning_tokens`. A garbage detail is unknown (0) on its own."""
     if not isinstance(usage, dict):
         return None
     inp, out = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
     if inp is None or out is None:
         return None
-    return inp, out
+    cached = _part(usage, inp, ("prompt_cache_hit_tokens",), ("prompt_tokens_details", "cached_tokens"))
+    reasoning = _part(usage, out, ("completion_tokens_details", "reasoning_tokens"))
+    return inp, out, cached, reasoning
 
 
 def _choices(obj: dict) -> list:
@@ -224,15 +251,26 @@ def _choices(obj: dict) -> list:
     return choices if isinstance(choices, list) else []
 
 
-def completion_usage(body: bytes) -> tuple[int, int, bool, bool]:
-    """From a non-streamed JSON response: (input tokens, output tokens, from_usage, has_text).
+class BodyUsage(NamedTuple):
+    """What a non-streamed JSON response says about its tokens (see `completion_usage`)."""
+
+    input: int
+    output: int
+    from_usage: bool
+    has_text: bool
+    cached: int = 0      # of input, from the provider's prompt cache
+    reasoning: int = 0   # of output, spent on reasoning
+
+
+def completion_usage(body: bytes) -> BodyUsage:
+    """From a non-streamed JSON response: input, output, from_usage, has_text, cached, reasoning.
     Never raises, whatever the body holds."""
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than the stack
-        return 0, 0, False, False
+        return BodyUsage(0, 0, False, False)
     if not isinstance(obj, dict):
-        return 0, 0, False, False
+        return BodyUsage(0, 0, False, False)
     has_text = False
     for choice in _choices(obj):
         if isinstance(choice, dict):
@@ -241,5 +279,5 @@ def completion_usage(body: bytes) -> tuple[int, int, bool, bool]:
                 has_text = True
     usage = _usage(obj.get("usage"))
     if usage is not None:
-        return usage[0], usage[1], True, has_text
-    return 0, 0, False, has_text
+        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3])
+    return BodyUsage(0, 0, False, has_text)

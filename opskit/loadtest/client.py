@@ -183,8 +183,10 @@ class ChatClient:
     @staticmethod
     def _stream_row(meter: StreamMeter, t_end: float, nbytes: int, row: dict) -> None:
         inp, out, from_usage = meter.tokens
+        cached, reasoning = meter.details
         row.update(t_end=t_end, duration_s=t_end - meter.t0, ttft_s=meter.ttft, ttfot_s=meter.ttfot,
                    itl=_gaps(meter), input_tokens=inp, output_tokens=out, tokens_from_usage=from_usage,
+                   cached_input_tokens=cached, reasoning_tokens=reasoning,
                    text_chunks=meter.text_chunks, bytes=nbytes, error_type=records.OK)
         if meter.stream_error:
             row["error_type"], row["error"] = records.SERVER_ERROR, f"error in stream: {meter.stream_error}"[:80]
@@ -199,10 +201,10 @@ class ChatClient:
         row.update(t_end=t_end, duration_s=t_end - t0, bytes=len(data),
                    error_type=records.error_type_for_status(row["status"]))
         if row["status"] == 200:
-            inp, out, from_usage, has_text = completion_usage(data)
-            # DESIGN.md: for a non-streamed request TTFT equals the request duration
-            row.update(input_tokens=inp, output_tokens=out, tokens_from_usage=from_usage,
-                       ttft_s=row["duration_s"] if has_text else None)
+            u = completion_usage(data)
+            # DESIGN.md: a non-streamed request has a duration and no TTFT (the first token came with the last)
+            row.update(input_tokens=u.input, output_tokens=u.output, tokens_from_usage=u.from_usage, ttft_s=None,
+                       text_chunks=int(u.has_text), cached_input_tokens=u.cached, reasoning_tokens=u.reasoning)
         elif row["error_type"]:
             row["error"] = f"HTTP {row['status']}"
 

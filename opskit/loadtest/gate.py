@@ -78,7 +78,8 @@ def _proxy_counts(target: runner.Target) -> dict | None:
 
 
 def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Target, model: str,
-              table: dict, echo: Callable[[str], None], progress: Callable[[str], None]) -> tuple[Verdict, dict]:
+              table: dict, echo: Callable[[str], None], progress: Callable[[str], None],
+              prices=None) -> tuple[Verdict, dict]:
     locustfile = opts.locustfiles / f"{name}.py"
     params = runner.scenario_params(opts, name, run_dir, target, model)
     metered = target.metrics_url is not None and params.transport != "ws"
@@ -109,6 +110,8 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     if sampler is not None:  # what the server did meanwhile: its queue, KV cache, own TTFT and queue time
         verdict.summaries[name]["engine"] = {**sampler.summary(), "series": sampler.series()}
         target.notes.extend(n for n in sampler.notes() if n not in target.notes)
+    if prices is not None and len(df):  # the target's configured prices: what the run cost
+        verdict.summaries[name]["cost"] = results.cost(df, prices, model)
     if metered and len(df):
         verdict.checks.append(reconcile(name, df, before, after) if before is not None and after is not None
                               else Check(name, "proxy_reconciled", None, "==", 0, False, "exporter unreachable"))
@@ -149,7 +152,8 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
         echo(f"target {redact_url(target.url)}{' via metering proxy' if target.metrics_url else ''}; "
              f"run directory {run_dir}")
         for name in opts.scenarios:
-            v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress)
+            v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress,
+                                       prices=tgt.prices if tgt else None)
             verdict.extend(v)
     finally:
         target.close()

@@ -13,7 +13,7 @@ Columns (None where not applicable):
   ttft_s, ttfot_s                first text (content or reasoning) / first content, from t_sched
   itl                            list of inter-token gaps (s), each divided by the tokens of its chunk
   status, error_type, error      HTTP status (0: none), opskit.core.records error type, short reason
-  input_tokens, output_tokens, tokens_from_usage, text_chunks, streamed, transport
+  input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, tokens_from_usage, text_chunks, streamed, transport
   retry_after, rl_limit_requests response headers of a throttled target (raw strings)
   mock_ttft_ms, mock_queue_ms, mock_output_tokens   ground truth from `opskit mock` when present
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 FIELDS = ("scenario", "worker", "user", "seq", "turn", "attempt", "wall", "t_sched", "t_sent", "t_end",
           "duration_s", "ttft_s", "ttfot_s", "itl", "status", "error_type", "error", "input_tokens",
-          "output_tokens", "tokens_from_usage", "text_chunks", "streamed", "transport", "retry_after",
+          "output_tokens", "cached_input_tokens", "reasoning_tokens", "tokens_from_usage", "text_chunks", "streamed", "transport", "retry_after",
           "rl_limit_requests", "mock_ttft_ms", "mock_queue_ms", "mock_output_tokens", "bytes")
 
 

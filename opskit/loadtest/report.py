@@ -50,16 +50,32 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.1f}"
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f} %"
+
+
 def key_numbers(summary: dict) -> list[tuple[str, str]]:
     """(label, value) pairs shown under each scenario's heading."""
     s = summary
     rows = [("requests (ok)", f"{s['requests']} ({s['ok']})"), ("throughput", f"{s['throughput_rps']:.2f} req/s"),
             ("output tokens/s (aggregate)", f"{s['output_tokens_s']:.1f}"),
             ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none")]
-    for key, label in (("ttft_s", "TTFT"), ("ttfot_s", "TTFOT"), ("duration_s", "duration"), ("itl_s", "ITL"),
-                       ("tpot_s", "TPOT")):
+    timings = (("ttft_s", "TTFT"), ("ttfot_s", "TTFOT"), ("duration_s", "duration"), ("itl_s", "ITL"),
+               ("tpot_s", "TPOT"))
+    if s.get("streamed_ratio") == 0:  # --no-stream: a duration per call, no TTFT/ITL/TPOT (DESIGN.md)
+        timings = (("duration_s", "duration"),)
+        rows.append(("timings", "not streamed: request duration only (no TTFT, ITL or TPOT)"))
+    for key, label in timings:
         q = s[key]
         rows.append((f"{label} p50/p95/p99 ms", f"{_ms(q['p50'])} / {_ms(q['p95'])} / {_ms(q['p99'])}"))
+    if s.get("input_tokens") or s.get("output_tokens"):
+        rows.append(("tokens by type", f"input {s['input_tokens']} (cached {s.get('cached_input_tokens') or 0}), "
+                                       f"output {s['output_tokens']} (reasoning {s.get('reasoning_tokens') or 0})"))
+    if s.get("cost"):
+        c = s["cost"]
+        parts = ", ".join(f"{m or '?'} {v:.4f}" for m, v in sorted(c["by_model"].items()))
+        rows.append(("estimated cost", f"{c['total']:.4f} {c['currency']}" + (f" ({parts})" if parts else "")
+                     + (f"; {c['unpriced_calls']} calls of unpriced models" if c["unpriced_calls"] else "")))
     if s.get("tokens_from_usage_ratio") is not None and s["tokens_from_usage_ratio"] < 1:
         rows.append(("tokens", f"counted from text chunks for {100 * (1 - s['tokens_from_usage_ratio']):.0f} % "
                                "of requests (no usage from the server)"))
@@ -82,6 +98,8 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     if s.get("by_turn"):
         rows.append(("input tokens by turn", ", ".join(f"{k}: {v['input_tokens_mean']:.0f}"
                                                        for k, v in s["by_turn"].items())))
+        rows.append(("cache hit ratio by turn", ", ".join(f"{k}: {_pct(v.get('cache_hit_ratio'))}"
+                                                          for k, v in s["by_turn"].items())))
     if s.get("engine") and s["engine"].get("engine"):
         g = s["engine"]
         rows.append((f"server side ({g['engine']} /metrics, {g['samples']} samples)",

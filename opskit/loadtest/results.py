@@ -27,7 +27,8 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     df["error_type"] = df["error_type"].fillna("").astype(str)
     df["status"] = pd.to_numeric(df["status"], errors="coerce").fillna(0).astype(int)
     for col in ("duration_s", "ttft_s", "ttfot_s", "t_sched", "t_sent", "t_end", "wall", "mock_ttft_ms",
-                "mock_queue_ms", "mock_output_tokens", "input_tokens", "output_tokens", "text_chunks"):
+                "mock_queue_ms", "mock_output_tokens", "input_tokens", "output_tokens", "cached_input_tokens",
+                "reasoning_tokens", "text_chunks"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["ok"] = df["error_type"] == ""
     if len(df):
@@ -141,12 +142,41 @@ def _throttling(df: pd.DataFrame, meta: dict) -> dict:
             "goodput_tokens_s": float(accepted["output_tokens"].fillna(0).sum()) / duration}
 
 
+def cost(df: pd.DataFrame, prices, model: str) -> dict:
+    """Estimated cost of the rows' calls to `model` at a target's prices (opskit.core.pricing.Prices):
+    {"currency", "total", "by_model", "unpriced_calls"}. Off-peak windows apply at each call's wall time;
+    every call with tokens is billed, failed or not (a provider bills what its usage says)."""
+    by_model: dict[str, float] = {}
+    unpriced = 0
+    cols = ("input_tokens", "cached_input_tokens", "output_tokens", "wall")
+    for inp, cached, out, wall in df.reindex(columns=cols).itertuples(index=False):
+        c = prices.cost(model, int(_num(inp)), int(_num(cached)), int(_num(out)), _num(wall))
+        if c is None:
+            unpriced += 1
+        else:
+            by_model[model] = by_model.get(model, 0.0) + c
+    return {"currency": prices.currency, "total": sum(by_model.values()), "by_model": by_model,
+            "unpriced_calls": unpriced}
+
+
+def _num(v) -> float:
+    return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _hit_ratio(rows: pd.DataFrame) -> float | None:
+    """Cached input tokens over input tokens (None when no input was counted)."""
+    total = float(rows["input_tokens"].fillna(0).sum())
+    return float(rows["cached_input_tokens"].fillna(0).sum()) / total if total else None
+
+
 def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
     """Numbers for one scenario's rows. `meta`: what was asked (duration, rate, rpm, ...)."""
     meta = meta or {}
     scenario = meta.get("scenario") or (str(df["scenario"].iloc[0]) if len(df) else "")
     duration = float(meta.get("duration") or 0) or float((df["t_end"].max() - df["t_sched"].min()) or 1.0)
     ok = df[df["ok"]]
+    # TTFT, TTFOT and TPOT are of streamed calls only: a non-streamed call has a duration (DESIGN.md)
+    streamed = ok[ok["streamed"].fillna(False).astype(bool)]
     # 429s are the expected answer in the throttling scenario, not errors; its own checks apply
     counted = df[df["status"] != 429] if scenario == "throttling" else df
     errors = counted[~counted["ok"]]
@@ -154,12 +184,15 @@ def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
            "errors": {str(k): int(v) for k, v in errors["error_type"].value_counts().items()},
            "error_ratio": float(len(errors) / len(counted)) if len(counted) else 0.0,
            "status": {str(k): int(v) for k, v in df["status"].value_counts().sort_index().items()},
-           "duration_s": _q(ok["duration_s"]), "ttft_s": _q(ok["ttft_s"]), "ttfot_s": _q(ok["ttfot_s"]),
-           "itl_s": _q(itl_gaps(df)), "tpot_s": _q(ok["tpot_s"]), "out_tok_s_per_request": _q(ok["out_tok_s"]),
+           "duration_s": _q(ok["duration_s"]), "ttft_s": _q(streamed["ttft_s"]), "ttfot_s": _q(streamed["ttfot_s"]),
+           "itl_s": _q(itl_gaps(df)), "tpot_s": _q(streamed["tpot_s"]), "out_tok_s_per_request": _q(ok["out_tok_s"]),
            "throughput_rps": len(ok) / duration,
            "output_tokens_s": float(ok["output_tokens"].fillna(0).sum()) / duration,
            "input_tokens": int(ok["input_tokens"].fillna(0).sum()),
            "output_tokens": int(ok["output_tokens"].fillna(0).sum()),
+           # parts of input and output (DESIGN.md), from usages that state them
+           "cached_input_tokens": int(ok["cached_input_tokens"].fillna(0).sum()),
+           "reasoning_tokens": int(ok["reasoning_tokens"].fillna(0).sum()),
            "tokens_from_usage_ratio": float(ok["tokens_from_usage"].fillna(False).astype(bool).mean())
            if len(ok) else None,
            "streamed_ratio": float(ok["streamed"].fillna(False).astype(bool).mean()) if len(ok) else None,
@@ -175,6 +208,7 @@ def summarize(df: pd.DataFrame, meta: dict | None = None) -> dict:
     if scenario == "conversation" and len(ok):
         by_turn = ok.groupby(ok["turn"].fillna(0).astype(int))
         out["by_turn"] = {str(k): {"input_tokens_mean": float(g["input_tokens"].mean()),
+                                   "cache_hit_ratio": _hit_ratio(g),
                                    "ttft_p95_s": float(g["ttft_s"].quantile(0.95))} for k, g in by_turn}
     return _clean(out)
 

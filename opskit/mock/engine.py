@@ -134,6 +134,8 @@ async def admit(state: MockState, req: GenRequest, identity: str, arrival: float
         except BaseException:
             state.gate.release()
             raise
+    # before loop_now: the lookup's time is part of the queue the ground-truth headers report
+    cached = state.context_cache.lookup(req.text, req.prompt_tokens)
     loop_now = time.perf_counter()
     sched = state.model.sample(req.n, req.max_tokens, state.faults.extra_ttft_ms,
                                req.kind == "chat" and req.model in REASONING_MODELS)
@@ -150,7 +152,9 @@ async def admit(state: MockState, req: GenRequest, identity: str, arrival: float
         "x-mock-output-tokens": str(sched.output_tokens),
         "x-mock-prompt-tokens": str(req.prompt_tokens),
     })
-    adm = Admission(rid, req, sched, Encoder(req, rid, int(time.time())), loop_now, faults, headers)
+    enc = Encoder(req, rid, int(time.time()))
+    enc.cached = cached
+    adm = Admission(rid, req, sched, enc, loop_now, faults, headers)
     if seq is not None:
         adm.seq, seq.adm = seq, adm
     return adm

@@ -38,17 +38,21 @@ DEFAULT_KV_CAPACITY_TOKENS = 1 << 20
 
 
 class PrefixCache:
-    """Hash-chained prompt blocks in an LRU; `lookup(text)` returns the cached prefix in tokens."""
+    """Hash-chained prompt blocks in an LRU; `lookup(text)` returns the cached prefix in tokens.
 
-    def __init__(self, max_blocks: int) -> None:
+    `block_tokens`: the engine's KV block (16, as vLLM) or a hosted API's cache unit (64 tokens, as
+    DeepSeek's context cache: only whole units of a prefix seen before are hits)."""
+
+    def __init__(self, max_blocks: int, block_tokens: int = BLOCK_TOKENS) -> None:
         self.max_blocks = max(1, max_blocks)
+        self.block_tokens, self.block_chars = block_tokens, 4 * block_tokens  # ~4 characters a token
         self._blocks: collections.OrderedDict[int, None] = collections.OrderedDict()
 
     def lookup(self, text: str, prompt_tokens: int) -> int:
         """Cached leading tokens of this prompt; every full block of it is then cached (and fresh)."""
-        blocks, h, hits, leading = self._blocks, 0, 0, True
-        for start in range(0, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS):
-            h = hash((h, text[start:start + BLOCK_CHARS]))
+        blocks, h, hits, leading, size = self._blocks, 0, 0, True, self.block_chars
+        for start in range(0, len(text) - size + 1, size):
+            h = hash((h, text[start:start + size]))
             if leading and h in blocks:
                 hits += 1
                 blocks.move_to_end(h)
@@ -57,7 +61,7 @@ class PrefixCache:
             blocks[h] = None
         while len(blocks) > self.max_blocks:
             blocks.popitem(last=False)
-        return min(prompt_tokens, hits * BLOCK_TOKENS)
+        return min(prompt_tokens, hits * self.block_tokens)
 
 
 @dataclass(eq=False, slots=True)

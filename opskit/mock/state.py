@@ -16,9 +16,13 @@ import random
 from dataclasses import dataclass, field
 
 from opskit.mock.auth import ServerAuth
+from opskit.mock.engine_sim import PrefixCache
 from opskit.mock.latency_model import LatencyModel
 from opskit.mock.limits import Gate, RateLimiter
 from opskit.mock.settings import Faults, Latency, Limits, SettingsError, check_keys, positive_int
+
+CONTEXT_CACHE_TOKENS = 64     # DeepSeek's context-cache unit
+CONTEXT_CACHE_UNITS = 1 << 16  # units kept (LRU)
 
 DEFAULT_MODELS = ("deepseek-chat", "deepseek-reasoner")
 REASONING_MODELS = frozenset({"deepseek-reasoner"})
@@ -135,6 +139,9 @@ class MockState:
         self.gate = Gate(latency.capacity)
         self.limiter = RateLimiter(limits)
         self.counters = Counters()
+        # DeepSeek's context cache: a prompt that starts with a recently seen prefix is billed partly as
+        # cache hits, in 64-token units (usage.prompt_cache_hit_tokens); 64k units (4M tokens) kept.
+        self.context_cache = PrefixCache(CONTEXT_CACHE_UNITS, block_tokens=CONTEXT_CACHE_TOKENS)
         self.lateness = Lateness()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()

@@ -115,6 +115,7 @@ class Encoder:
 
     def __init__(self, req: GenRequest, rid: str, created: int) -> None:
         self.req, self.rid, self.created = req, rid, created
+        self.cached = 0  # prompt tokens served from the context cache (state.context_cache), set at admission
         obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
         head = f'{{"id":"{rid}","object":"{obj}","created":{created},"model":{json.dumps(req.model)},'
         self.head = head.encode()
@@ -156,7 +157,9 @@ class Encoder:
     def usage(self, sched: Schedule) -> dict:
         """The usage object, exact for the tokens the schedule streams."""
         p, c = self.req.prompt_tokens, sched.output_tokens
-        u = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        # DeepSeek's shape: the context cache's hit and miss tokens beside prompt_tokens
+        u = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+             "prompt_cache_hit_tokens": self.cached, "prompt_cache_miss_tokens": p - self.cached}
         if sched.reasoning_tokens:
             u["completion_tokens_details"] = {"reasoning_tokens": sched.reasoning_tokens}
         return u

@@ -80,8 +80,8 @@ def _ratio(selector: str, window: str) -> str:
     return f"({part} or {whole} * 0) / {whole}"
 
 
-def _quantile(q: float, metric: catalog.Metric, window: str = "5m") -> str:
-    return f"histogram_quantile({num(q)}, sum by (target, le) (rate({metric.name}_bucket[{window}])))"
+def _quantile(q: float, metric: catalog.Metric, window: str = "5m", by: str = "target") -> str:
+    return f"histogram_quantile({num(q)}, sum by ({by}, le) (rate({metric.name}_bucket[{window}])))"
 
 
 def slo_record(window: str) -> str:
@@ -94,6 +94,8 @@ DURATION_P90 = "target:opskit_llm_request_duration_seconds:p90_5m"
 ERRORS_RATIO = "target:opskit_llm_errors:ratio_rate5m"
 RATE_LIMITED_RATIO = "target:opskit_llm_ratelimited:ratio_rate5m"
 REQUESTS_RATE = "target:opskit_llm_requests:rate5m"
+# Projected daily spend: the last hour's spend rate over a whole day, per target and currency.
+SPEND_PROJECTED = "target:opskit_llm_spend:projected_daily"
 
 
 def _guarded(ratio_rule: str, above: float, t: Thresholds) -> str:
@@ -112,8 +114,11 @@ def recordings() -> tuple[Recording, ...]:
         Recording(ERRORS_RATIO, _ratio('error_type!=""', "5m")),
         Recording(RATE_LIMITED_RATIO, _ratio('code="429"', "5m")),
         Recording(TTFT_P95, _quantile(0.95, catalog.LLM_TTFT)),
-        Recording(DURATION_P90, _quantile(0.90, catalog.LLM_DURATION)),
+        # Per stream ("true"/"false"): a streamed chat and a non-streamed batch call are different
+        # latencies; mixing them makes either objective meaningless.
+        Recording(DURATION_P90, _quantile(0.90, catalog.LLM_DURATION, by="target, stream")),
         *(Recording(slo_record(w), _ratio(f'error_type=~"{slo}"', w)) for w in SLO_WINDOWS),
+        Recording(SPEND_PROJECTED, f"sum by (target, currency) (rate({catalog.LLM_SPEND.name}[1h])) * 86400"),
     )
 
 
@@ -131,12 +136,13 @@ def llm_alerts(t: Thresholds) -> tuple[Alert, ...]:
     return (
         Alert("LLMHighTimeToFirstToken", f"{TTFT_P95} > {num(t.ttft_p95_seconds)}", t.ttft_for, "warning",
               f"p95 time to first token is high {on}",
-              f"p95 time to first token {on} is {{{{ $value | humanizeDuration }}}}, above "
-              f"{seconds(t.ttft_p95_seconds)} for {t.ttft_for}."),
+              f"p95 time to first token of successful streamed calls {on} is "
+              f"{{{{ $value | humanizeDuration }}}}, above {seconds(t.ttft_p95_seconds)} for {t.ttft_for}."),
         Alert("LLMHighRequestLatency", f"{DURATION_P90} > {num(t.duration_p90_seconds)}", t.duration_for,
-              "warning", f"p90 request duration is high {on}",
-              f"p90 request duration {on} is {{{{ $value | humanizeDuration }}}}, above "
-              f"{seconds(t.duration_p90_seconds)} for {t.duration_for}."),
+              "warning", f"p90 request duration is high {on} (stream={{{{ $labels.stream }}}})",
+              f"p90 duration of successful {{{{ if eq $labels.stream \"true\" }}}}streamed"
+              f"{{{{ else }}}}non-streamed{{{{ end }}}} calls {on} is {{{{ $value | humanizeDuration }}}}, "
+              f"above {seconds(t.duration_p90_seconds)} for {t.duration_for}."),
         Alert("LLMHighErrorRate", _guarded(ERRORS_RATIO, t.error_ratio, t), t.error_for, "warning",
               f"Error rate is high {on}",
               f"{{{{ $value | humanizePercentage }}}} of requests {on} failed, above "
@@ -155,6 +161,10 @@ def llm_alerts(t: Thresholds) -> tuple[Alert, ...]:
               None, "warning", f"Daily request quota nearly used up {on}",
               f"{{{{ $value | humanizePercentage }}}} of the daily request quota {on} was used in the "
               f"last 24h, above {percent(t.quota_used_ratio)}."),
+        Alert("LLMSpendBudgetBurn", f"{SPEND_PROJECTED} > {num(t.spend_daily_budget)}", t.spend_for, "warning",
+              f"Projected daily spend is over budget {on}",
+              f"At the last hour's rate, target {{{{ $labels.target }}}} spends {{{{ $value | printf \"%.2f\" }}}} "
+              f"{{{{ $labels.currency }}}} a day, above the budget of {num(t.spend_daily_budget)} for {t.spend_for}."),
     )
 
 

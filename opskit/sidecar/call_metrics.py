@@ -7,12 +7,14 @@ gauges are all derived from the same `CallRecord`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from opskit.core import catalog
 from opskit.core.catalog import Metric
+from opskit.core.pricing import Prices
 from opskit.core.records import CallRecord
 
 
@@ -30,13 +32,17 @@ def make(metric: Metric, registry: CollectorRegistry, labels: Iterable[str] | No
 class CallMetrics:
     """Call series for a set of targets; `models` maps target name -> the models it may label."""
 
-    def __init__(self, registry: CollectorRegistry, models: Mapping[str, Iterable[str]]) -> None:
+    def __init__(self, registry: CollectorRegistry, models: Mapping[str, Iterable[str]],
+                 prices: Mapping[str, Prices] | None = None, clock: Callable[[], float] = time.time) -> None:
         self._models = {t: frozenset(ms) for t, ms in models.items()}
+        self._prices = dict(prices or {})  # target -> its prices; no spend for a target without
+        self._clock = clock                # wall clock (UTC), for off-peak windows
         self.requests = make(catalog.LLM_REQUESTS, registry)
         self.duration = make(catalog.LLM_DURATION, registry)
         self.ttft = make(catalog.LLM_TTFT, registry)
         self.tpot = make(catalog.LLM_TPOT, registry)
         self.tokens = make(catalog.LLM_TOKENS, registry)
+        self.spend = make(catalog.LLM_SPEND, registry)
         self.in_flight = make(catalog.LLM_IN_FLIGHT, registry)
         self.rl_requests = make(catalog.LLM_RL_REQUESTS, registry)
         self.rl_tokens = make(catalog.LLM_RL_TOKENS, registry)
@@ -66,16 +72,27 @@ class CallMetrics:
         if counter is None:
             counter = series.requests[key] = self.requests.labels(*base, str(r.code), r.error_type)
         counter.inc()
-        series.duration.observe(r.duration_s)
-        if r.ttft_s is not None:
-            series.ttft.observe(r.ttft_s)
-        tpot = r.tpot_s
-        if tpot is not None and r.streamed:
-            series.tpot.observe(tpot)
+        # Latency of successful calls only (a fast 429 is no fast answer); TTFT/TPOT of streamed ones.
+        if r.ok:
+            series.duration_of(r.streamed).observe(r.duration_s)
+            if r.streamed and r.ttft_s is not None:
+                series.ttft.observe(r.ttft_s)
+            tpot = r.tpot_s
+            if tpot is not None:
+                series.tpot.observe(tpot)
         if r.input_tokens:
             series.tokens_in.inc(r.input_tokens)
         if r.output_tokens:
             series.tokens_out.inc(r.output_tokens)
+        if r.cached_input_tokens:
+            series.part("cached_input").inc(r.cached_input_tokens)
+        if r.reasoning_tokens:
+            series.part("reasoning").inc(r.reasoning_tokens)
+        prices = self._prices.get(r.target)
+        if prices is not None and (r.input_tokens or r.output_tokens):
+            cost = prices.cost(r.model, r.input_tokens, r.cached_input_tokens, r.output_tokens, self._clock())
+            if cost:
+                self.spend.labels(*base, prices.currency).inc(cost)
         if r.ratelimit_remaining_requests is not None:
             self.rl_requests.labels(r.target, r.source).set(r.ratelimit_remaining_requests)
         if r.ratelimit_remaining_tokens is not None:
@@ -86,12 +103,28 @@ class _Series:
     """The labelled children of one (target, source, model), looked up once: `labels()` hashes and
     locks on every call, and the proxy accounts every request through here."""
 
-    __slots__ = ("requests", "duration", "ttft", "tpot", "tokens_in", "tokens_out")
+    __slots__ = ("m", "base", "requests", "durations", "ttft", "tpot", "tokens_in", "tokens_out", "parts")
 
     def __init__(self, m: CallMetrics, base: tuple[str, str, str]) -> None:
         self.requests: dict[tuple[int, str], object] = {}
-        self.duration = m.duration.labels(*base)
+        self.m, self.base = m, base
+        self.durations: dict[bool, object] = {}  # by streamed; made when first seen (a proxy may see one kind)
         self.ttft = m.ttft.labels(*base)
         self.tpot = m.tpot.labels(*base)
         self.tokens_in = m.tokens.labels(*base, "input")
         self.tokens_out = m.tokens.labels(*base, "output")
+        self.parts: dict[str, object] = {}  # cached_input, reasoning: made when a usage first states them
+
+    def duration_of(self, streamed: bool):
+        """The duration histogram child of streamed (stream="true") or non-streamed calls."""
+        child = self.durations.get(streamed)
+        if child is None:
+            child = self.durations[streamed] = self.m.duration.labels(*self.base, "true" if streamed else "false")
+        return child
+
+    def part(self, token_type: str):
+        """The token counter of a part of input or output (cached_input, reasoning)."""
+        child = self.parts.get(token_type)
+        if child is None:
+            child = self.parts[token_type] = self.m.tokens.labels(*self.base, token_type)
+        return child

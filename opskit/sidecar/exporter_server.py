@@ -134,7 +134,8 @@ def build_registry(cfg: config.Config, gpu_collector=None,
         registry.register(gpu_collector)
     models = {t.name: t.models for t in cfg.targets}
     models.update(extra_models or {})
-    return registry, CallMetrics(registry, models)
+    prices = {t.name: t.prices for t in cfg.targets if t.prices is not None}
+    return registry, CallMetrics(registry, models, prices)
 
 
 class Exporter:

@@ -165,6 +165,7 @@ class MeteredCall:
         except Exception:  # a bug in metering must not lose the call: count it with unknown tokens
             rec.ttft_s = rec.ttfot_s = None
             rec.input_tokens = rec.output_tokens = rec.text_chunks = 0
+            rec.cached_input_tokens = rec.reasoning_tokens = 0
             rec.tokens_from_usage = False
         return rec
 
@@ -174,10 +175,10 @@ class MeteredCall:
         if self.meter is not None:
             self._stream_result(rec, end)
         elif self.body is not None:
-            inp, out, from_usage, has_text = completion_usage(b"".join(self.body))
-            rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = inp, out, from_usage
-            if has_text and rec.ok:
-                rec.ttft_s = rec.ttfot_s = rec.duration_s
+            u = completion_usage(b"".join(self.body))
+            rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = u.input, u.output, u.from_usage
+            rec.cached_input_tokens, rec.reasoning_tokens = u.cached, u.reasoning
+            if u.has_text and rec.ok:  # a duration and no TTFT: the first token came with the last
                 rec.text_chunks = 1
 
     def _stream_result(self, rec: CallRecord, end: float) -> None:
@@ -187,6 +188,7 @@ class MeteredCall:
                 m.on_data(payload, end)
         rec.ttft_s, rec.ttfot_s, rec.text_chunks = m.ttft, m.ttfot, m.text_chunks
         rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = m.tokens
+        rec.cached_input_tokens, rec.reasoning_tokens = m.details
         if self.code != 200 or rec.error_type not in (records.OK, records.CLIENT_DISCONNECT):
             return
         # A bad event comes first: a client that hangs up on it (an SDK fails on it) does not hide it.

@@ -192,17 +192,19 @@ class Prober:
         elif m.stream_error:
             error_type = records.SERVER_ERROR
         inp, out, from_usage = m.tokens
+        cached, reasoning = m.details
         return self._record(200, error_type, t0, ttft_s=m.ttft, ttfot_s=m.ttfot, input_tokens=inp,
                             output_tokens=out, tokens_from_usage=from_usage, streamed=True,
-                            text_chunks=m.text_chunks, **rl)
+                            text_chunks=m.text_chunks, cached_input_tokens=cached, reasoning_tokens=reasoning,
+                            **rl)
 
     def _json_record(self, body: bytes, t0: float, rl: dict) -> CallRecord:
         """The target ignored `stream: true` and answered with one JSON body."""
-        inp, out, from_usage, has_text = completion_usage(body)
-        rec = self._record(200, records.OK, t0, input_tokens=inp, output_tokens=out,
-                           tokens_from_usage=from_usage, **rl)
-        if has_text:
-            rec.ttft_s = rec.ttfot_s = rec.duration_s
+        u = completion_usage(body)
+        rec = self._record(200, records.OK, t0, input_tokens=u.input, output_tokens=u.output,
+                           tokens_from_usage=u.from_usage, cached_input_tokens=u.cached,
+                           reasoning_tokens=u.reasoning, **rl)
+        rec.text_chunks = int(u.has_text)  # not streamed: a duration, no TTFT (DESIGN.md)
         return rec
 
     def _partial(self, code: int, error_type: str, t0: float, meter: StreamMeter | None) -> CallRecord:
