@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from opskit.core import config, processes
+from opskit.core import config, processes, thresholds
 from opskit.core.cli_helpers import redact_url
 from opskit.loadtest import results, runner, services, slo
+from opskit.loadtest.breaker import Breaker
 from opskit.loadtest.slo import Check, Verdict
 
 DEFAULT_SLO_FILE = runner.LOCUSTFILES / "slo.yaml"
@@ -90,7 +91,7 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
         _admin(target, "POST", "/admin/reset")
     before = _proxy_counts(target) if metered else {}
     try:
-        rc = runner.run_locust(params, locustfile, run_dir, progress)
+        rc = runner.run_locust(params, locustfile, run_dir, progress, Breaker.for_scenario(name, thresholds.load()))
     finally:
         if limits:
             _admin(target, "PUT", "/admin/limits", {"rpm": None})
@@ -106,8 +107,25 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     if metered and len(df):
         verdict.checks.append(reconcile(name, df, before, after) if before is not None and after is not None
                               else Check(name, "proxy_reconciled", None, "==", 0, False, "exporter unreachable"))
+    if opened := runner.circuit_reason(run_dir, name):
+        limit = thresholds.load().circuit_error_ratio
+        verdict.checks.insert(0, Check(name, "circuit_breaker", opened[1], "<", limit, False, opened[0]))
+        echo(f"[{name}] {opened[0]}")
     echo(f"[{name}] done: {len(df)} requests")
     return verdict, meta
+
+
+def _canary(opts: runner.Options, run_dir: Path, target: runner.Target, model: str, scheme: str) -> None:
+    """One call the way the first scenario sends, before any load; RunError naming the cause."""
+    from opskit.loadtest import canary
+
+    params = runner.scenario_params(opts, opts.scenarios[0], run_dir, target, model)
+    if params.transport == "ws":
+        params = replace(params, base_url=target.url)
+    try:
+        canary.check(params, target.url, scheme)
+    except canary.CanaryFailed as exc:
+        raise runner.RunError(str(exc)) from None
 
 
 def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[str], None],
@@ -128,9 +146,15 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
             echo(f"note: {note}")
         echo(f"target {redact_url(target.url)}{' via metering proxy' if target.metrics_url else ''}; "
              f"run directory {run_dir}")
+        _canary(opts, run_dir, target, model, tgt.auth.scheme if tgt else "none")
         for name in opts.scenarios:
             v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress)
             verdict.extend(v)
+            if runner.circuit_reason(run_dir, name):  # a failing target takes no more load
+                skipped = [s for s in opts.scenarios if s not in metas]
+                if skipped:
+                    echo(f"not run after the circuit opened: {', '.join(skipped)}")
+                break
     finally:
         target.close()
     write(run_dir, verdict, metas, redact_url(target.url), target.notes)

@@ -12,7 +12,7 @@ import html as _html
 from opskit.loadtest.slo import Check, Verdict
 
 _TIMES = ("ttft_p95", "duration_p90")
-_RATIOS = ("error_ratio", "achieved_rate_ratio")
+_RATIOS = ("error_ratio", "achieved_rate_ratio", "circuit_breaker")
 
 
 def fmt_value(name: str, value: float | None) -> str:
@@ -42,7 +42,8 @@ def render(verdict: Verdict) -> str:
         lines.append(f"VERDICT: PASS ({len(verdict.checks)} checks)")
     else:
         missed = ", ".join(f"{c.scenario} {c.name}" for c in verdict.missed) or "no checks ran"
-        lines.append(f"VERDICT: FAIL (missed: {missed})")
+        stopped = "".join(f"[{c.scenario}] {c.note}; " for c in verdict.missed if c.name == "circuit_breaker")
+        lines.append(f"VERDICT: FAIL ({stopped}missed: {missed})")
     return "\n".join(lines)
 
 

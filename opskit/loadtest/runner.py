@@ -14,6 +14,7 @@ goes direct and says so.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 from opskit.core import processes
 from opskit.core.processes import Child
 from opskit.loadtest import services, shapes
+from opskit.loadtest.breaker import Breaker, read_counts
 from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.shipped import folder
 
@@ -183,9 +185,11 @@ def _locust_argv(p: RunParams, locustfile: Path, prefix: Path, role: list[str]) 
             "--exit-code-on-error", "0", *role]
 
 
-def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable[[str], None]) -> int:
+def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable[[str], None],
+               breaker: Breaker | None = None) -> int:
     """Run one scenario's Locust processes to the end; returns the master's exit status, or raises
-    RunError with the line a Locust process wrote when it could not go on (it is stopped early)."""
+    RunError with the line a Locust process wrote when it could not go on (it is stopped early).
+    With a breaker, the run stops early when it opens (circuit_reason then says why)."""
     ldir = run_dir / "locust"
     prefix = ldir / p.scenario
     env = dict(os.environ)
@@ -209,7 +213,7 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
                                                        "--worker", "--master-host", "127.0.0.1", "--master-port",
                                                        str(port), "--loglevel", "WARNING"],
                                 ldir / f"{p.scenario}-worker{i}.log", wenv, into=children)
-        _watch(master, proc, p, Path(str(prefix) + "_stats_history.csv"), progress, run_dir)
+        _watch(master, proc, p, prefix, progress, run_dir, breaker)
         if fatal := fatal_reason(run_dir, p.scenario):  # refused credentials: a config error, not a verdict
             raise RunError(f"[{p.scenario}] {fatal}")
         return proc.returncode
@@ -233,16 +237,40 @@ def fatal_reason(run_dir: Path, scenario: str) -> str | None:
     return None
 
 
-def _watch(master: Child, proc: subprocess.Popen, p: RunParams, history: Path,
-           progress: Callable[[str], None], run_dir: Path) -> None:
+def circuit_reason(run_dir: Path, scenario: str) -> tuple[str, float] | None:
+    """(reason, error ratio) when the circuit breaker stopped this scenario, else None."""
+    try:
+        data = json.loads((run_dir / "log" / f"circuit-{scenario}.json").read_text())
+        return str(data["reason"]), float(data["ratio"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _watch(master: Child, proc: subprocess.Popen, p: RunParams, prefix: Path,
+           progress: Callable[[str], None], run_dir: Path, breaker: Breaker | None = None) -> None:
     """Wait for the master, reporting progress every second; stop it early when a Locust process could
-    not go on (fatal_reason), and kill it if it overruns badly."""
+    not go on (fatal_reason) or the circuit breaker opens, and kill it if it overruns badly.
+
+    An open circuit is written to log/circuit-<scenario>.json, where the users look: they start no more
+    requests, and Locust is stopped once the calls in flight have ended (every one logged), or after
+    the request timeout."""
     start = time.monotonic()
     limit = p.duration + p.timeout_s + 60
+    history = Path(str(prefix) + "_stats_history.csv")
+    opened_at, last = None, None
     while proc.poll() is None:
         elapsed = time.monotonic() - start
-        if elapsed > limit or fatal_reason(run_dir, p.scenario):
-            processes.stop(master, timeout=5.0)
+        counts = read_counts(prefix) if breaker is not None else None
+        if opened_at is None and counts is not None and (opened := breaker.observe(elapsed, *counts)):
+            (run_dir / "log").mkdir(exist_ok=True)
+            (run_dir / "log" / f"circuit-{p.scenario}.json").write_text(
+                json.dumps({"reason": opened[0], "ratio": opened[1]}))
+            opened_at = elapsed
+        settled = opened_at is not None and (elapsed - opened_at >= 2 and counts == last
+                                             or elapsed - opened_at > p.timeout_s + 2)
+        last = counts
+        if elapsed > limit or settled or fatal_reason(run_dir, p.scenario):
+            processes.stop(master, timeout=p.timeout_s + 5 if settled else 5.0)
             proc.poll()
             break
         progress(progress_line(p.scenario, elapsed, p.duration, history))
