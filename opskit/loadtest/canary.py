@@ -116,3 +116,19 @@ def check(p: RunParams, target_url: str, scheme: str) -> None:
     why = explain(row, tried, scheme, p.model, p.timeout_s)
     if why:
         raise CanaryFailed(f"canary call failed, no load sent: {why}")
+
+
+def preflight(opts, run_dir, target, model: str, scheme: str) -> None:
+    """The canary of a run (runner.Options, an open runner.Target), sent the way its first scenario
+    sends; runner.RunError (exit 2) naming the cause."""
+    from dataclasses import replace
+
+    from opskit.loadtest import runner
+
+    params = runner.scenario_params(opts, opts.scenarios[0], run_dir, target, model)
+    if params.transport == "ws":  # the WebSocket transport goes direct, never through the proxy
+        params = replace(params, base_url=target.url)
+    try:
+        check(params, target.url, scheme)
+    except CanaryFailed as exc:
+        raise runner.RunError(str(exc)) from None

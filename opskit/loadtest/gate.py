@@ -19,7 +19,7 @@ import pandas as pd
 
 from opskit.core import config, processes, thresholds
 from opskit.core.cli_helpers import redact_url
-from opskit.loadtest import results, runner, services, slo
+from opskit.loadtest import canary, results, runner, services, slo
 from opskit.loadtest.breaker import Breaker
 from opskit.loadtest.slo import Check, Verdict
 
@@ -115,19 +115,6 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     return verdict, meta
 
 
-def _canary(opts: runner.Options, run_dir: Path, target: runner.Target, model: str, scheme: str) -> None:
-    """One call the way the first scenario sends, before any load; RunError naming the cause."""
-    from opskit.loadtest import canary
-
-    params = runner.scenario_params(opts, opts.scenarios[0], run_dir, target, model)
-    if params.transport == "ws":
-        params = replace(params, base_url=target.url)
-    try:
-        canary.check(params, target.url, scheme)
-    except canary.CanaryFailed as exc:
-        raise runner.RunError(str(exc)) from None
-
-
 def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[str], None],
         slo_file: str | None = None) -> tuple[Verdict, Path]:
     """Run every scenario and write the run directory. ConfigError / RunError for usage problems."""
@@ -146,7 +133,7 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
             echo(f"note: {note}")
         echo(f"target {redact_url(target.url)}{' via metering proxy' if target.metrics_url else ''}; "
              f"run directory {run_dir}")
-        _canary(opts, run_dir, target, model, tgt.auth.scheme if tgt else "none")
+        canary.preflight(opts, run_dir, target, model, tgt.auth.scheme if tgt else "none")
         for name in opts.scenarios:
             v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress)
             verdict.extend(v)
