@@ -179,6 +179,20 @@ def test_progress_line_never_shows_more_time_than_the_run_has(tmp_path):
     assert progress_line("qps", 21.0, 20, missing) == "[qps]   20s/20s (finishing)"
 
 
+def test_progress_line_counts_errors_as_the_verdict_does(tmp_path):
+    from opskit.loadtest.runner import progress_line
+
+    history = tmp_path / "h.csv"
+    head = "Timestamp,User Count,Type,Name,Requests/s,Failures/s,95%,Total Request Count,Total Failure Count\n"
+    history.write_text(head + "1,8,,Aggregated,0.000000,0.000000,N/A,0,0\n")
+    assert progress_line("throttling", 1.0, 20, history) == "[throttling]    1s/20s (19s left)  errors 0/0"
+    history.write_text(head + "2,8,,Aggregated,12.5,4.5,340,125,45\n")
+    assert progress_line("throttling", 9.0, 20, history, {"rate_limited": 45}) == (
+        "[throttling]    9s/20s (11s left)  12.5 req/s  duration p95 340 ms (last 10 s)  errors 0/125  "
+        "429s 45 (expected)")
+    assert progress_line("qps", 9.0, 20, history, {"rate_limited": 45}).endswith("errors 45/125")
+
+
 def test_ttft_check_of_a_non_streamed_run_says_what_ttft_means_there():
     rows = [row(t=i * 0.1, dur=0.8, ttft=0.8, streamed=False) for i in range(20)]
     v = slo.evaluate(results.frame(rows), slo.defaults(), {"scenario": "qps", "duration": 2})

@@ -13,6 +13,7 @@ goes direct and says so.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -273,12 +274,15 @@ def _watch(master: Child, proc: subprocess.Popen, p: RunParams, prefix: Path,
             processes.stop(master, timeout=p.timeout_s + 5 if settled else 5.0)
             proc.poll()
             break
-        progress(progress_line(p.scenario, elapsed, p.duration, history))
+        progress(progress_line(p.scenario, elapsed, p.duration, history, (counts or read_counts(prefix) or (0, {}))[1]))
         time.sleep(1.0)
 
 
-def progress_line(scenario: str, elapsed: float, duration: float, history: Path) -> str:
-    """`[qps] 12s/20s (8s left)  48.9 req/s  p95 123 ms  errors 0` from Locust's history CSV."""
+def progress_line(scenario: str, elapsed: float, duration: float, history: Path,
+                  failures: dict[str, int] | None = None) -> str:
+    """`[qps] 12s/20s (8s left)  48.9 req/s  duration p95 123 ms (last 10 s)  errors 0/580` from Locust's
+    history CSV; with `failures` by error type, throttling's expected 429s are shown apart from errors
+    (as the verdict counts them). Numbers Locust has not got yet (0 req/s, p95 N/A) are left out."""
     if elapsed >= duration:  # the grace after the deadline, while the last calls finish: not "5s/4s"
         line = f"[{scenario}] {duration:4g}s/{duration:g}s (finishing)"
     else:
@@ -288,11 +292,19 @@ def progress_line(scenario: str, elapsed: float, duration: float, history: Path)
             rows = list(csv.DictReader(fh))
     except OSError:
         return line
-    if rows:
-        last = rows[-1]
-        p95 = last.get("95%") or "N/A"
-        line += (f"  {float(last.get('Requests/s') or 0):.1f} req/s  p95 {p95} ms"
-                 f"  errors {last.get('Total Failure Count', '0')}/{last.get('Total Request Count', '0')}")
+    if not rows:
+        return line
+    last = rows[-1]
+    with contextlib.suppress(ValueError):
+        if (rps := float(last.get("Requests/s") or 0)) > 0:
+            line += f"  {rps:.1f} req/s"
+    if (p95 := last.get("95%")) and p95 != "N/A":  # Locust's: whole calls (users report full durations)
+        line += f"  duration p95 {p95} ms (last 10 s)"
+    total, failed = last.get("Total Request Count", "0"), last.get("Total Failure Count", "0")
+    expected = (failures or {}).get("rate_limited", 0) if scenario == "throttling" else 0
+    with contextlib.suppress(ValueError):
+        failed = str(int(float(failed)) - expected)
+    line += f"  errors {failed}/{total}" + (f"  429s {expected} (expected)" if expected else "")
     return line
 
 
