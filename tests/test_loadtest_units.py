@@ -274,7 +274,20 @@ def test_compare_flags_regressions_beyond_tolerance(tmp_path):
     assert not compare.compare(base, same)["regressed"].any()
     table = compare.compare(base, worse)
     assert set(table[table["regressed"]]["metric"]) == {"ttft_p95_s", "ttft_p99_s", "throughput_rps", "error_ratio"}
-    assert "COMPARE: REGRESSION in streaming ttft_p95_s" in compare.render(table)
+    assert "COMPARE: REGRESSION in streaming ttft_p95, " in compare.render(table)  # the unit is on the values
+
+
+def test_compare_says_missing_and_names_an_unfinished_run(tmp_path):
+    base = compare.load_summary(summary_file(tmp_path / "a", 0.100, 50.0))
+    new = {"scenarios": {"streaming": {"throughput_rps": 50.0, "error_ratio": 1.0}}}  # every call failed: no TTFT
+    table = compare.compare(base, new)
+    out = compare.render(table)
+    assert "streaming     ttft_p95            100.00 ms      missing       n/a  MISSING in NEW" in out
+    assert out.splitlines()[-1].startswith("COMPARE: REGRESSION in streaming ttft_p50, streaming ttft_p95")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "log").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["report", "compare", str(tmp_path / "a"), str(unfinished)])
+    assert res.exit_code == 2 and res.output.startswith(f"Error: {unfinished}: this run did not finish")
 
 
 def test_report_compare_cli_exit_codes(tmp_path):
