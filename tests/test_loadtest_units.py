@@ -256,6 +256,21 @@ def test_html_report_is_self_contained_verdict_first():
     assert "http://" not in page and "https://" not in page and "<script" not in page
 
 
+def test_report_opens_with_a_verdict_paragraph_and_reads_in_words():
+    from opskit.loadtest.slo import Check
+
+    v = slo.evaluate(results.frame([row(t=i * 0.1) for i in range(30)]), slo.defaults(), {"duration": 3})
+    page = report.html(v, {}, params={"streaming": {"scenario": "streaming", "duration": 3.0, "users": 5,
+                                                    "processes": 1, "stream": True, "transport": "sse",
+                                                    "model": "deepseek-chat"}})
+    assert "<p class='verdict'>PASS: all " in page and "name='viewport'" in page
+    assert "<th>asked</th><td>3 s, 5 users, 1 Locust process, streamed (sse), model deepseek-chat</td>" in page
+    assert "TTFOT" not in page  # no reasoning tokens: it would repeat TTFT
+    v.checks.insert(0, Check("streaming", "circuit_breaker", 0.5, "<", 0.15, False, "stopped: circuit open after 3 s"))
+    assert report.verdict_paragraph(v) == (f"FAIL: 1 of {len(v.checks)} checks missed (streaming). "
+                                           "streaming: stopped: circuit open after 3 s.")
+
+
 # ---- comparison ----
 
 

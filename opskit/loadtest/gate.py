@@ -156,7 +156,11 @@ def write(run_dir: Path, verdict: Verdict, metas: dict, target: str, notes: list
                "checks": [c.__dict__ for c in verdict.checks], "params": metas, "scenarios": verdict.summaries}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     df = results.load(run_dir)
-    figures = plots.all_figures(df) if len(df) else {}
+    slo_lines: dict[str, dict[str, float]] = {}
+    for c in verdict.checks:  # the limits the verdict judged, drawn on the latency plots
+        if c.name in ("ttft_p95", "duration_p90") and c.limit is not None:
+            slo_lines.setdefault(c.scenario, {})[c.name] = c.limit
+    figures = plots.all_figures(df, slo_lines) if len(df) else {}
     page = report.html(verdict, figures, title=f"opskit load test {run_dir.name}",
                        meta={"target": target, "python": sys.version.split()[0]}, params=metas)
     (run_dir / "report.html").write_text(page)
