@@ -121,7 +121,8 @@ def _asked(d: dict) -> str:
 
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
         ".wide{overflow-x:auto}p.verdict{font-size:1.15em;max-width:60em}"
-        "@media (max-width:700px){body{margin:.6em}td,th{padding:2px 4px;font-size:.9em}}"
+        "@media (max-width:700px){body{margin:.6em}td,th{padding:2px 4px;font-size:.9em}"
+        ".plot img{max-width:none;width:1000px}}"  # six panels shrunk to a phone's width are unreadable: scroll
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.pass{color:#070}.fail{color:#b00;"
         "font-weight:bold}img{max-width:100%}h1 .fail,h1 .pass{font-size:1em}")
 
@@ -153,6 +154,7 @@ def html(verdict: Verdict, plots: dict[str, list[tuple[str, str]]], title: str =
         out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in key_numbers(summary)]
         out.append("</table></div>")
         for caption, b64 in plots.get(name, []):
-            out.append(f"<h3>{e(caption)}</h3><img alt='{e(caption)}' src='data:image/png;base64,{b64}'>")
+            out.append(f"<h3>{e(caption)}</h3><div class='wide plot'><img alt='{e(caption)}' "
+                       f"src='data:image/png;base64,{b64}'></div>")
     out.append("</body></html>")
     return "\n".join(out)
