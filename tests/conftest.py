@@ -77,6 +77,12 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
 
 
+@pytest.fixture(autouse=True)
+def _own_state_home(tmp_path, monkeypatch):
+    """`opskit stack up` notes its state dir under $XDG_STATE_HOME: never the developer's own."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+
+
 @pytest.fixture
 def start_mock(tmp_path):
     """Factory: start_mock(*flags) -> MockServer, stopped at teardown."""

@@ -177,3 +177,16 @@ def test_config_error_in_any_command_is_one_line_exit_2(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli.main, ["boom"])
     assert r.exit_code == 2
     assert r.output.strip().count("\n") == 0 and "config error" in r.output and "missing.yaml" in r.output
+
+
+def test_the_shipped_example_config_parses():
+    from pathlib import Path
+
+    from opskit.core import config
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "opskit.yaml"
+    cfg = config.parse(__import__("yaml").safe_load(example.read_text()), str(example),
+                       {"DEEPSEEK_API_KEY": "sk-example"})
+    assert [(t.name, t.kind, t.auth.scheme) for t in cfg.targets] == [("deepseek", "hosted", "bearer"),
+                                                                     ("llm-server", "private", "none")]
+    assert cfg.probe.interval_s == 60

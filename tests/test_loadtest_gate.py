@@ -52,6 +52,9 @@ def test_healthy_mock_passes_through_the_proxy_with_two_processes(tmp_path):
     page = (run / "report.html").read_text()
     assert "PASS" in page and page.count("data:image/png;base64,") == 2
     assert (run / "locust" / "qps_stats.csv").exists() and (run / "locust" / "streaming.html").exists()
+    for name in ("qps", "streaming"):  # Locust's CSV counts every call too (it lost its last second)
+        stats = pd.read_csv(run / "locust" / f"{name}_stats.csv").set_index("Name")
+        assert stats.loc["Aggregated", "Request Count"] == (df["scenario"] == name).sum()
     assert list((run / "log").glob("requests-*.jsonl"))
 
 
@@ -100,7 +103,7 @@ def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server)
     proc, run = loadtest(tmp_path, "conversation", "--duration", "4", "--users", "4", "--no-proxy",
                          "--target", mock_server.url, "--baseline", str(base))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "VERDICT: PASS" in proc.stdout and "COMPARE: REGRESSION in conversation ttft_p50_s" in proc.stdout
+    assert "VERDICT: PASS" in proc.stdout and "COMPARE: REGRESSION in conversation ttft_p50, " in proc.stdout
     turns = json.loads((run / "summary.json").read_text())["scenarios"]["conversation"]["by_turn"]
     sizes = [turns[k]["input_tokens_mean"] for k in sorted(turns)]
     assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
@@ -173,10 +176,21 @@ def test_hmac_auth_from_config_through_the_proxy_and_no_secret_leaks(tmp_path, s
     written = "".join(p.read_text(errors="replace") for p in run.rglob("*") if p.is_file())
     assert secret not in written + proc.stdout + proc.stderr
 
-    proc, _ = loadtest(tmp_path / "bad", "streaming", "--config", str(cfg), "--duration", "2", "--users", "2",
-                       "--no-proxy", env={**env, "LT_SECRET": "wrong"})
-    assert proc.returncode == 1 and "streaming error_ratio" in proc.stdout.splitlines()[-2]
-    assert "client_error" in proc.stdout
+    # a wrong secret: the canary call is refused and no load follows (it ran the whole duration of 401s)
+    before = _counters(mock)["by_path"].get("/chat/completions", 0)
+    proc, _ = loadtest(tmp_path / "bad", "streaming", "--config", str(cfg), "--duration", "20", "--users", "2",
+                       "--no-proxy", env={**env, "LT_SECRET": "wrong-zz-hmac"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "canary call failed, no load sent: HTTP 401" in proc.stderr and "auth scheme hmac" in proc.stderr
+    assert _counters(mock)["by_path"].get("/chat/completions", 0) - before == 1
+    assert "wrong-zz-hmac" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def _counters(mock) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(mock.admin_url + "/admin/counters", timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 def test_an_overloaded_open_loop_scheduler_still_ends_with_its_run(tmp_path):

@@ -179,6 +179,20 @@ def test_progress_line_never_shows_more_time_than_the_run_has(tmp_path):
     assert progress_line("qps", 21.0, 20, missing) == "[qps]   20s/20s (finishing)"
 
 
+def test_progress_line_counts_errors_as_the_verdict_does(tmp_path):
+    from opskit.loadtest.runner import progress_line
+
+    history = tmp_path / "h.csv"
+    head = "Timestamp,User Count,Type,Name,Requests/s,Failures/s,95%,Total Request Count,Total Failure Count\n"
+    history.write_text(head + "1,8,,Aggregated,0.000000,0.000000,N/A,0,0\n")
+    assert progress_line("throttling", 1.0, 20, history) == "[throttling]    1s/20s (19s left)  errors 0/0"
+    history.write_text(head + "2,8,,Aggregated,12.5,4.5,340,125,45\n")
+    assert progress_line("throttling", 9.0, 20, history, {"rate_limited": 45}) == (
+        "[throttling]    9s/20s (11s left)  12.5 req/s  duration p95 340 ms (last 10 s)  errors 0/125  "
+        "429s 45 (expected)")
+    assert progress_line("qps", 9.0, 20, history, {"rate_limited": 45}).endswith("errors 45/125")
+
+
 def test_a_non_streamed_run_is_gated_on_duration_not_ttft():
     # a non-streamed call has a duration and no TTFT (DESIGN.md); an old log that still
     # carries ttft = duration for such calls must not bring TTFT back
@@ -263,6 +277,21 @@ def test_html_report_is_self_contained_verdict_first():
     assert "http://" not in page and "https://" not in page and "<script" not in page
 
 
+def test_report_opens_with_a_verdict_paragraph_and_reads_in_words():
+    from opskit.loadtest.slo import Check
+
+    v = slo.evaluate(results.frame([row(t=i * 0.1) for i in range(30)]), slo.defaults(), {"duration": 3})
+    page = report.html(v, {}, params={"streaming": {"scenario": "streaming", "duration": 3.0, "users": 5,
+                                                    "processes": 1, "stream": True, "transport": "sse",
+                                                    "model": "deepseek-chat"}})
+    assert "<p class='verdict'>PASS: all " in page and "name='viewport'" in page
+    assert "<th>asked</th><td>3 s, 5 users, 1 Locust process, streamed (sse), model deepseek-chat</td>" in page
+    assert "TTFOT" not in page  # no reasoning tokens: it would repeat TTFT
+    v.checks.insert(0, Check("streaming", "circuit_breaker", 0.5, "<", 0.15, False, "stopped: circuit open after 3 s"))
+    assert report.verdict_paragraph(v) == (f"FAIL: 1 of {len(v.checks)} checks missed (streaming). "
+                                           "streaming: stopped: circuit open after 3 s.")
+
+
 # ---- comparison ----
 
 
@@ -281,7 +310,20 @@ def test_compare_flags_regressions_beyond_tolerance(tmp_path):
     assert not compare.compare(base, same)["regressed"].any()
     table = compare.compare(base, worse)
     assert set(table[table["regressed"]]["metric"]) == {"ttft_p95_s", "ttft_p99_s", "throughput_rps", "error_ratio"}
-    assert "COMPARE: REGRESSION in streaming ttft_p95_s" in compare.render(table)
+    assert "COMPARE: REGRESSION in streaming ttft_p95, " in compare.render(table)  # the unit is on the values
+
+
+def test_compare_says_missing_and_names_an_unfinished_run(tmp_path):
+    base = compare.load_summary(summary_file(tmp_path / "a", 0.100, 50.0))
+    new = {"scenarios": {"streaming": {"throughput_rps": 50.0, "error_ratio": 1.0}}}  # every call failed: no TTFT
+    table = compare.compare(base, new)
+    out = compare.render(table)
+    assert "streaming     ttft_p95            100.00 ms      missing       n/a  MISSING in NEW" in out
+    assert out.splitlines()[-1].startswith("COMPARE: REGRESSION in streaming ttft_p50, streaming ttft_p95")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "log").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["report", "compare", str(tmp_path / "a"), str(unfinished)])
+    assert res.exit_code == 2 and res.output.startswith(f"Error: {unfinished}: this run did not finish")
 
 
 def test_report_compare_cli_exit_codes(tmp_path):

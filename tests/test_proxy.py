@@ -301,6 +301,9 @@ def test_upstream_down_gives_502(proxy_factory):
     r = _post(p.url)
     assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_unreachable"
     assert p.settle(1) == 1 and p.count(502, "connection") == 1
+    # the client learns why without the exporter's log: the error type it was counted as, and the cause
+    assert r.headers["X-Opskit-Error-Type"] == "connection"
+    assert r.json()["error"]["message"] == "upstream unreachable: connect failed: ConnectionRefusedError"
 
 
 def test_upstream_down_is_logged_once_per_interval_not_per_call(proxy_factory, caplog):
@@ -319,7 +322,7 @@ def test_upstream_down_is_logged_once_per_interval_not_per_call(proxy_factory, c
 def test_upstream_hang_gives_504(upstream, proxy_factory):
     p = proxy_factory(upstream, timeout_s=0.3)
     r = _post(p.url, "hang")
-    assert r.status_code == 504
+    assert r.status_code == 504 and r.headers["X-Opskit-Error-Type"] == "timeout"
     assert p.settle(1) == 1 and p.count(504, "timeout") == 1
 
 
@@ -406,7 +409,9 @@ def test_https_upstream_is_verified(tls_upstream, proxy_factory):
     import ssl
     url, cert = tls_upstream
     untrusted = proxy_factory(url, connect_timeout_s=5)  # system CAs: a self-signed certificate is refused
-    assert _post(untrusted.url).status_code == 502
+    refused = _post(untrusted.url)
+    assert refused.status_code == 502 and refused.headers["X-Opskit-Error-Type"] == "connection"
+    assert "SSLCertVerificationError" in refused.json()["error"]["message"]  # why: TLS, not a dead port
     assert untrusted.settle(1) == 1 and untrusted.count(502, "connection") == 1
     trusted = proxy_factory(url, ssl_context=ssl.create_default_context(cafile=str(cert)))
     r = _post(trusted.url)

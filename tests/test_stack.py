@@ -231,7 +231,7 @@ def _pids(state_dir) -> list[processes.Child]:
 
 
 @pytest.mark.slow
-def test_stack_up_status_down_leaves_nothing_running(tmp_path):
+def test_stack_up_status_down_leaves_nothing_running(tmp_path, monkeypatch):
     from opskit.cli import main
 
     need_binary("prometheus")
@@ -253,8 +253,20 @@ def test_stack_up_status_down_leaves_nothing_running(tmp_path):
             names = {ru["name"] for g in json.loads(resp.read())["data"]["groups"] for ru in g["rules"]}
         assert {"LLMHighErrorRate", "GPUHighUtilization"} <= names
         assert processes.http_ok(stack.url("alertmanager") + "/-/ready")
+        # ready-to-paste settings: the proxy URL is the API root, and the UI links are the ones served
+        proxy = stack.url("exporter", "proxy_url")
+        assert f"export OPENAI_BASE_URL={proxy}\n" in r.output and f"{stack.url('exporter')}/metrics" in r.output
+        links = re.findall(r"http://127\.0\.0\.1:\d+/\S*alerts", r.output)
+        assert len(links) == 2 and all(processes.http_ok(u) for u in links), links
+        req = urllib.request.Request(proxy + "/chat/completions", method="POST", headers={"Content-Type": "application/json"},
+                                     data=b'{"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}')
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
         r = runner.invoke(main, ["stack", "status", "--state-dir", str(state)])
         assert r.exit_code == 0 and r.output.count("running") == 5 and prom in r.output
+        monkeypatch.chdir(tmp_path)  # no .stack here: the last `up`'s state dir is used, and named
+        r = runner.invoke(main, ["stack", "status"])
+        assert r.exit_code == 0 and r.output.count("running") == 5 and f"--state-dir {state}" in r.output
         r = runner.invoke(main, ["stack", "up", "--state-dir", str(state)])
         assert r.exit_code == 0 and "already up" in r.output
         assert [c.pid for c in _pids(state)] == [c.pid for c in children]  # nothing new started

@@ -90,6 +90,13 @@ class Thresholds:
     # (window-boundary jitter). loadtests/slo.yaml overrides these, and the three above, per scenario.
     achieved_rate_ratio: float = 0.95
     throttling_limit_tolerance: float = 0.05
+    # Release gate's circuit breaker (opskit.loadtest.breaker): a scenario stops when errors other
+    # than its expected 429s reach this share of the requests of the last `circuit_window_s` seconds
+    # (with at least `circuit_min_requests` in the window): the 15 % error threshold of DeepSeek's
+    # integration guidance, as error_ratio_critical. 1 (or a window of 0) turns it off.
+    circuit_error_ratio: float = 0.15
+    circuit_window_s: float = 10.0
+    circuit_min_requests: float = 20
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Thresholds:

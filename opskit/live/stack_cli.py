@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from opskit.core.cli_helpers import sigterm_unwinds
+from opskit.live import stack_settings
 from opskit.live.stack import (
     DEFAULT_STATE_DIR,
     GPU_MODES,
@@ -52,7 +53,8 @@ def _state_dir(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
 
 
 _state_opt = click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, type=click.Path(path_type=Path),
-                          callback=_state_dir, help="Where configs, data, logs and the pid/state file live.")
+                          callback=_state_dir, help="Where configs, data, logs and the pid/state file live "
+                          "(status, down: default the last `stack up`'s when none is in .stack).")
 
 
 @stack.command("up")
@@ -87,14 +89,31 @@ def up_cmd(state_dir: Path, config: str | None, target: str | None, gpu: str, sc
     lines, _ = status_lines(started)
     click.echo("\n".join(lines))
     click.echo(f"notifications: {started.files.get('notifications', '-')}")
+    click.echo("\n".join(stack_settings.settings_lines({c.child.name: c.urls for c in started.components})))
+    stack_settings.remember(state_dir)
+
+
+def _resolve(ctx: click.Context, state_dir: Path) -> Path:
+    """The state dir to use: the flag's; without the flag and no stack in the default dir, the one the
+    last `stack up --state-dir X` used (saying so), so `status` and `down` never call a running stack down."""
+    if ctx.get_parameter_source("state_dir") != click.core.ParameterSource.DEFAULT or (state_dir / "state.json").exists():
+        return state_dir
+    last = stack_settings.last()
+    if last is None or last == state_dir.resolve():
+        return state_dir
+    click.echo(f"using the stack of the last `opskit stack up` (--state-dir {last})", err=True)
+    return last
 
 
 @stack.command("down")
 @_state_opt
-def down_cmd(state_dir: Path) -> None:
+@click.pass_context
+def down_cmd(ctx: click.Context, state_dir: Path) -> None:
     """Stop every process the stack started."""
+    state_dir = _resolve(ctx, state_dir)
     try:
         stopped = down(state_dir)
+        stack_settings.forget(state_dir)
     except StackError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running (state dir {state_dir})")
@@ -102,8 +121,10 @@ def down_cmd(state_dir: Path) -> None:
 
 @stack.command("status")
 @_state_opt
-def status_cmd(state_dir: Path) -> None:
+@click.pass_context
+def status_cmd(ctx: click.Context, state_dir: Path) -> None:
     """Show each component, its pid and URLs; exit 1 when the stack is down or partly down."""
+    state_dir = _resolve(ctx, state_dir)
     try:
         recorded = Stack.load(state_dir)
     except StackError as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from opskit.core import config
 from opskit.core.cli_helpers import redact_url
-from opskit.loadtest import capacity, results, runner, slo
+from opskit.loadtest import canary, capacity, results, runner, slo
 from opskit.loadtest.capacity import Level, SearchPlan
 from opskit.loadtest.gate import DEFAULT_SLO_FILE, new_run_dir
 
@@ -75,6 +75,8 @@ def run(opts: runner.Options, by: str, plan: SearchPlan, slo_file: str | None, e
         for note in target.notes:
             echo(f"note: {note}")
         echo(f"target {redact_url(target.url)}; capacity search by {by}; run directory {run_dir}")
+        canary.preflight(replace(opts, scenarios=(scenario,)), run_dir, target, model,
+                         tgt.auth.scheme if tgt else "none")
         levels = capacity.search(one, plan, clock,
                                  estimate_s=lambda load: capacity.level_duration(load, by, MIN_LEVEL_S) + 5)
     finally:

@@ -28,11 +28,29 @@ perf = time.perf_counter
 GROUND_TRUTH = (("x-mock-ttft-ms", "mock_ttft_ms", float), ("x-mock-queue-ms", "mock_queue_ms", float),
                 ("x-mock-output-tokens", "mock_output_tokens", int))
 
+PROXY_ERROR_TYPE = "x-opskit-error-type"   # opskit.sidecar.proxy.ERROR_TYPE_HEADER
 AuthFn = Callable[[str, str, bytes], dict]
 
 
 def _no_auth(method: str, path: str, body: bytes) -> dict:
     return {}
+
+
+def auth_for(p) -> tuple[AuthFn | None, Callable[[], dict] | None]:
+    """Header function and WebSocket auth message for the target of RunParams `p` (secrets stay in
+    this process); (None, None) for the embedded mock or a target without auth."""
+    if not (p.config_path or p.target_url):
+        return None, None
+    from opskit.core import config
+
+    target = config.load(p.config_path, p.target_url).target(p.target_name)
+    if target.auth.scheme == "none":
+        return None, None
+    from opskit.core.auth import Authenticator
+
+    authenticator = Authenticator(target.auth)
+    # a fresh WebSocket auth message per connection: HMAC timestamps and OAuth2 tokens age
+    return authenticator.headers, getattr(authenticator, "ws_auth_message", None)
 
 
 def _discard(resp) -> None:
@@ -96,6 +114,7 @@ class ChatClient:
         self.timeout_s = timeout_s
         # set when the target's token endpoint refused our credentials: no later request can succeed
         self.refused: str | None = None
+        self.keep_error_body = False  # the canary sets it: a refused call's body goes into its row
         # no per-read network timeout (each would arm a timer per chunk): call() bounds the whole request
         self.http = HTTPClient.from_url(base_url, concurrency=pool_size, connection_timeout=min(10.0, timeout_s),
                                         network_timeout=None)
@@ -207,6 +226,12 @@ class ChatClient:
                        text_chunks=int(u.has_text), cached_input_tokens=u.cached, reasoning_tokens=u.reasoning)
         elif row["error_type"]:
             row["error"] = f"HTTP {row['status']}"
+            # the metering proxy's own 502/504 names what went wrong upstream: count it as the exporter does
+            kind = resp.get(PROXY_ERROR_TYPE)
+            if kind in (records.CONNECTION, records.TIMEOUT):
+                row["error_type"] = kind
+            if self.keep_error_body:  # the canary explains a refusal from the body (bounded)
+                row["error_body"] = data[:2000].decode("utf-8", "replace")
 
     def _call_ws(self, body: dict, t_sched: float | None) -> dict:
         """One request over the mock's WebSocket transport (GET /v1/chat/stream)."""

@@ -33,10 +33,18 @@ METRICS = (
 )
 
 
+RUN_PARTS = ("log", "locust", "mock.log", "exporter.log")  # what a run directory holds before its summary
+
+
 def load_summary(path: str | Path) -> dict:
     """summary.json of a run directory (or the file itself); ConfigError when unreadable."""
     p = Path(path)
     if p.is_dir():
+        if not (p / "summary.json").exists() and any((p / part).exists() for part in RUN_PARTS):
+            import click
+
+            raise click.UsageError(f"{p}: this run did not finish (no summary.json: it was stopped or failed "
+                                   f"before its verdict, or it is still running); compare finished runs")
         p = p / "summary.json"
     try:
         data = json.loads(p.read_text())
@@ -63,7 +71,11 @@ def compare(base: dict, new: dict, tolerance: float = 0.10, error_tolerance: flo
         b, n = base["scenarios"][scenario], new["scenarios"][scenario]
         for label, path, higher_better in METRICS:
             vb, vn = _get(b, path), _get(n, path)
-            if vb is None or vn is None:
+            if vb is None:  # nothing to compare with; a metric the new run lacks is shown, never dropped
+                continue
+            if vn is None:  # e.g. no call succeeded, or TTFT of a stream that never started: not a pass
+                rows.append({"scenario": scenario, "metric": label, "base": vb, "new": None, "change": float("nan"),
+                             "regressed": True})
                 continue
             rel = (vn - vb) / vb if vb else (0.0 if vn == vb else float("inf"))
             if label == "error_ratio":
@@ -82,8 +94,19 @@ def only_in_one(base: dict, new: dict) -> list[str]:
     return sorted(set(base["scenarios"]) ^ set(new["scenarios"]))
 
 
-def _fmt(metric: str, v: float) -> str:
-    if metric.endswith("_s") and not metric.endswith("tokens_s"):
+def shown(metric: str) -> str:
+    """A metric's name as the table shows it: the unit is with the values (`ttft_p50_s` -> `ttft_p50`)."""
+    return metric[:-2] if _is_time(metric) else metric
+
+
+def _is_time(metric: str) -> bool:
+    return metric.endswith("_s") and not metric.endswith("tokens_s")
+
+
+def _fmt(metric: str, v: float | None) -> str:
+    if v is None or v != v:
+        return "missing"
+    if _is_time(metric):
         return f"{v * 1000:.2f} ms"
     if metric == "error_ratio":
         return f"{v * 100:.2f} %"
@@ -96,14 +119,16 @@ def render(table: pd.DataFrame, missing: list[str] | None = None) -> str:
         return "no scenario in common: nothing to compare"
     lines = [f"{'SCENARIO':<13} {'METRIC':<16} {'BASE':>12} {'NEW':>12} {'CHANGE':>9}  RESULT"]
     for r in table.itertuples():
-        change = "n/a" if r.change in (float("inf"), float("-inf")) else f"{r.change * 100:+.1f}%"
-        lines.append(f"{r.scenario:<13} {r.metric:<16} {_fmt(r.metric, r.base):>12} {_fmt(r.metric, r.new):>12} "
-                     f"{change:>9}  {'REGRESSED' if r.regressed else 'ok'}")
+        missing = r.new is None or r.new != r.new
+        change = "n/a" if missing or r.change in (float("inf"), float("-inf")) else f"{r.change * 100:+.1f}%"
+        result = "MISSING in NEW" if missing else "REGRESSED" if r.regressed else "ok"
+        lines.append(f"{r.scenario:<13} {shown(r.metric):<16} {_fmt(r.metric, r.base):>12} "
+                     f"{_fmt(r.metric, r.new):>12} {change:>9}  {result}")
     if missing:
         lines.append("only in one run (not compared): " + ", ".join(missing))
     bad = table[table["regressed"]]
     if bad.empty:
         lines.append("COMPARE: no regression")
     else:
-        lines.append("COMPARE: REGRESSION in " + ", ".join(f"{r.scenario} {r.metric}" for r in bad.itertuples()))
+        lines.append("COMPARE: REGRESSION in " + ", ".join(f"{r.scenario} {shown(r.metric)}" for r in bad.itertuples()))
     return "\n".join(lines)

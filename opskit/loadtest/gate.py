@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from opskit.core import config, processes
+from opskit.core import config, processes, thresholds
 from opskit.core.cli_helpers import redact_url
-from opskit.loadtest import results, runner, services, slo
+from opskit.loadtest import canary, results, runner, services, slo
+from opskit.loadtest.breaker import Breaker
 from opskit.loadtest.slo import Check, Verdict
 
 DEFAULT_SLO_FILE = runner.LOCUSTFILES / "slo.yaml"
@@ -92,7 +93,7 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     before = _proxy_counts(target) if metered else {}
     sampler = _engine_sampler(opts, target)
     try:
-        rc = runner.run_locust(params, locustfile, run_dir, progress)
+        rc = runner.run_locust(params, locustfile, run_dir, progress, Breaker.for_scenario(name, thresholds.load()))
     finally:
         if sampler is not None:
             sampler.stop()
@@ -115,6 +116,10 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     if metered and len(df):
         verdict.checks.append(reconcile(name, df, before, after) if before is not None and after is not None
                               else Check(name, "proxy_reconciled", None, "==", 0, False, "exporter unreachable"))
+    if opened := runner.circuit_reason(run_dir, name):
+        limit = thresholds.load().circuit_error_ratio
+        verdict.checks.insert(0, Check(name, "circuit_breaker", opened[1], "<", limit, False, opened[0]))
+        echo(f"[{name}] {opened[0]}")
     echo(f"[{name}] done: {len(df)} requests")
     return verdict, meta
 
@@ -151,10 +156,23 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
             echo(f"note: {note}")
         echo(f"target {redact_url(target.url)}{' via metering proxy' if target.metrics_url else ''}; "
              f"run directory {run_dir}")
+        canary.preflight(opts, run_dir, target, model, tgt.auth.scheme if tgt else "none")
+        if opts.scenarios[0] == "throttling" and target.admin_url is None:
+            # the canary took one call of the target's rate-limit window and opened it early: the check of
+            # calls accepted per window would see two half windows as one; let it pass (the embedded
+            # mock's limiter is reset instead)
+            wait = runner.scenario_params(opts, "throttling", run_dir, target, model).window_s
+            echo(f"note: waiting {wait:g} s for the target's rate-limit window (the canary call counts in it)")
+            time.sleep(wait)
         for name in opts.scenarios:
             v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress,
                                        prices=tgt.prices if tgt else None)
             verdict.extend(v)
+            if runner.circuit_reason(run_dir, name):  # a failing target takes no more load
+                skipped = [s for s in opts.scenarios if s not in metas]
+                if skipped:
+                    echo(f"not run after the circuit opened: {', '.join(skipped)}")
+                break
     finally:
         target.close()
     write(run_dir, verdict, metas, redact_url(target.url), target.notes)
@@ -169,7 +187,11 @@ def write(run_dir: Path, verdict: Verdict, metas: dict, target: str, notes: list
                "checks": [c.__dict__ for c in verdict.checks], "params": metas, "scenarios": verdict.summaries}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     df = results.load(run_dir)
-    figures = plots.all_figures(df) if len(df) else {}
+    slo_lines: dict[str, dict[str, float]] = {}
+    for c in verdict.checks:  # the limits the verdict judged, drawn on the latency plots
+        if c.name in ("ttft_p95", "duration_p90") and c.limit is not None:
+            slo_lines.setdefault(c.scenario, {})[c.name] = c.limit
+    figures = plots.all_figures(df, slo_lines) if len(df) else {}
     for name, s in verdict.summaries.items():
         if s.get("engine") and (png := plots.engine_figure(df[df["scenario"] == name], s["engine"])):
             figures.setdefault(name, []).append(("the engine's queue and KV cache beside client TTFT", png))

@@ -12,7 +12,7 @@ import html as _html
 from opskit.loadtest.slo import Check, Verdict
 
 _TIMES = ("ttft_p95", "duration_p90")
-_RATIOS = ("error_ratio", "achieved_rate_ratio")
+_RATIOS = ("error_ratio", "achieved_rate_ratio", "circuit_breaker")
 
 
 def fmt_value(name: str, value: float | None) -> str:
@@ -42,7 +42,8 @@ def render(verdict: Verdict) -> str:
         lines.append(f"VERDICT: PASS ({len(verdict.checks)} checks)")
     else:
         missed = ", ".join(f"{c.scenario} {c.name}" for c in verdict.missed) or "no checks ran"
-        lines.append(f"VERDICT: FAIL (missed: {missed})")
+        stopped = "".join(f"[{c.scenario}] {c.note}; " for c in verdict.missed if c.name == "circuit_breaker")
+        lines.append(f"VERDICT: FAIL ({stopped}missed: {missed})")
     return "\n".join(lines)
 
 
@@ -59,7 +60,8 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     s = summary
     rows = [("requests (ok)", f"{s['requests']} ({s['ok']})"), ("throughput", f"{s['throughput_rps']:.2f} req/s"),
             ("output tokens/s (aggregate)", f"{s['output_tokens_s']:.1f}"),
-            ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none")]
+            ("errors", (", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none")
+             + ("  (429s are expected here: see the 429 share)" if s.get("throttling") else ""))]
     timings = (("ttft_s", "TTFT"), ("ttfot_s", "TTFOT"), ("duration_s", "duration"), ("itl_s", "ITL"),
                ("tpot_s", "TPOT"))
     if s.get("streamed_ratio") == 0:  # --no-stream: a duration per call, no TTFT/ITL/TPOT (DESIGN.md)
@@ -67,6 +69,8 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
         rows.append(("timings", "not streamed: request duration only (no TTFT, ITL or TPOT)"))
     for key, label in timings:
         q = s[key]
+        if key == "ttfot_s" and q == s["ttft_s"]:  # no reasoning tokens: TTFOT would repeat TTFT
+            continue
         rows.append((f"{label} p50/p95/p99 ms", f"{_ms(q['p50'])} / {_ms(q['p95'])} / {_ms(q['p99'])}"))
     if s.get("input_tokens") or s.get("output_tokens"):
         rows.append(("tokens by type", f"input {s['input_tokens']} (cached {s.get('cached_input_tokens') or 0}), "
@@ -117,7 +121,36 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def verdict_paragraph(verdict: Verdict) -> str:
+    """One paragraph for the top of the page, to forward as it is."""
+    scenarios = ", ".join(verdict.summaries) or "no scenario"
+    if verdict.passed:
+        return f"PASS: all {len(verdict.checks)} checks met ({scenarios})."
+    missed = "; ".join(f"{c.scenario} {c.name} {fmt_value(c.name, c.value)} (limit {_limit(c)})"
+                       for c in verdict.missed if c.name != "circuit_breaker")
+    stopped = " ".join(f"{c.scenario}: {c.note}." for c in verdict.missed if c.name == "circuit_breaker")
+    return (f"FAIL: {len(verdict.missed)} of {len(verdict.checks)} checks missed ({scenarios}). "
+            + (stopped + " " if stopped else "") + (f"Missed: {missed}." if missed else "")).strip()
+
+
+def _asked(d: dict) -> str:
+    """What was asked, in words (it read like a Python dump)."""
+    parts = [f"{d['duration']:g} s" if "duration" in d else None,
+             f"{d['users']} users" if d.get("scenario") != "qps" and "users" in d else None,
+             f"{d.get('arrival', 'fixed')} arrivals at {d['rate']:g} req/s" if d.get("rate") else None,
+             f"{d['processes']} Locust process{'es' if d.get('processes', 1) > 1 else ''}" if "processes" in d else None,
+             ("streamed (" + str(d.get("transport", "sse")) + ")") if d.get("stream") else "not streamed",
+             f"model {d['model']}" if d.get("model") else None,
+             f"limit {d['limit_requests']:g} per {d.get('window_s') or 60:g} s, offered x{d.get('overdrive', 1):g}"
+             if d.get("limit_requests") else None,
+             f"{d['turns']} turns, keeping {d.get('keep_turns')}" if d.get("turns") else None]
+    return ", ".join(p for p in parts if p)
+
+
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+        ".wide{overflow-x:auto}p.verdict{font-size:1.15em;max-width:60em}"
+        "@media (max-width:700px){body{margin:.6em}td,th{padding:2px 4px;font-size:.9em}"
+        ".plot img{max-width:none;width:1000px}}"  # six panels shrunk to a phone's width are unreadable: scroll
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.pass{color:#070}.fail{color:#b00;"
         "font-weight:bold}img{max-width:100%}h1 .fail,h1 .pass{font-size:1em}")
 
@@ -128,26 +161,28 @@ def html(verdict: Verdict, plots: dict[str, list[tuple[str, str]]], title: str =
     e = _html.escape
     word = "PASS" if verdict.passed else "FAIL"
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+           "<meta name='viewport' content='width=device-width,initial-scale=1'>",
            f"<style>{_CSS}</style></head><body>",
            f"<h1>{e(title)}: <span class='{word.lower()}'>{word}</span></h1>"]
+    out.append(f"<p class='verdict'>{e(verdict_paragraph(verdict))}</p>")
     if meta:
         out.append("<p>" + e(", ".join(f"{k}: {v}" for k, v in meta.items())) + "</p>")
-    out.append("<h2>Verdict</h2><table><tr><th>scenario</th><th>check</th><th>value</th><th>limit</th>"
+    out.append("<h2>Verdict</h2><div class='wide'><table><tr><th>scenario</th><th>check</th><th>value</th><th>limit</th>"
                "<th>result</th><th>note</th></tr>")
     for c in verdict.checks:
         cls = "pass" if c.passed else "fail"
         out.append(f"<tr><td>{e(c.scenario)}</td><td>{e(c.name)}</td><td>{e(fmt_value(c.name, c.value))}</td>"
                    f"<td>{e(_limit(c))}</td><td class='{cls}'>{cls.upper()}</td><td>{e(c.note)}</td></tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     for name, summary in verdict.summaries.items():
-        out.append(f"<h2>{e(name)}</h2><table>")
+        out.append(f"<h2>{e(name)}</h2><div class='wide'><table>")
         asked = (params or {}).get(name)
         if asked:
-            out.append(f"<tr><th>asked</th><td>{e(', '.join(f'{k}={v}' for k, v in asked.items() if k != 'scenario'))}"
-                       "</td></tr>")
+            out.append(f"<tr><th>asked</th><td>{e(_asked(asked))}</td></tr>")
         out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in key_numbers(summary)]
-        out.append("</table>")
+        out.append("</table></div>")
         for caption, b64 in plots.get(name, []):
-            out.append(f"<h3>{e(caption)}</h3><img alt='{e(caption)}' src='data:image/png;base64,{b64}'>")
+            out.append(f"<h3>{e(caption)}</h3><div class='wide plot'><img alt='{e(caption)}' "
+                       f"src='data:image/png;base64,{b64}'></div>")
     out.append("</body></html>")
     return "\n".join(out)

@@ -13,7 +13,9 @@ goes direct and says so.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
 import os
 import subprocess
@@ -26,6 +28,7 @@ from pathlib import Path
 from opskit.core import processes
 from opskit.core.processes import Child
 from opskit.loadtest import services, shapes
+from opskit.loadtest.breaker import Breaker, read_counts
 from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.shipped import folder
 
@@ -184,9 +187,11 @@ def _locust_argv(p: RunParams, locustfile: Path, prefix: Path, role: list[str]) 
             "--exit-code-on-error", "0", *role]
 
 
-def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable[[str], None]) -> int:
+def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable[[str], None],
+               breaker: Breaker | None = None) -> int:
     """Run one scenario's Locust processes to the end; returns the master's exit status, or raises
-    RunError with the line a Locust process wrote when it could not go on (it is stopped early)."""
+    RunError with the line a Locust process wrote when it could not go on (it is stopped early).
+    With a breaker, the run stops early when it opens (circuit_reason then says why)."""
     ldir = run_dir / "locust"
     prefix = ldir / p.scenario
     env = dict(os.environ)
@@ -210,7 +215,7 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
                                                        "--worker", "--master-host", "127.0.0.1", "--master-port",
                                                        str(port), "--loglevel", "WARNING"],
                                 ldir / f"{p.scenario}-worker{i}.log", wenv, into=children)
-        _watch(master, proc, p, Path(str(prefix) + "_stats_history.csv"), progress, run_dir)
+        _watch(master, proc, p, prefix, progress, run_dir, breaker)
         if fatal := fatal_reason(run_dir, p.scenario):  # refused credentials: a config error, not a verdict
             raise RunError(f"[{p.scenario}] {fatal}")
         return proc.returncode
@@ -234,24 +239,51 @@ def fatal_reason(run_dir: Path, scenario: str) -> str | None:
     return None
 
 
-def _watch(master: Child, proc: subprocess.Popen, p: RunParams, history: Path,
-           progress: Callable[[str], None], run_dir: Path) -> None:
+def circuit_reason(run_dir: Path, scenario: str) -> tuple[str, float] | None:
+    """(reason, error ratio) when the circuit breaker stopped this scenario, else None."""
+    try:
+        data = json.loads((run_dir / "log" / f"circuit-{scenario}.json").read_text())
+        return str(data["reason"]), float(data["ratio"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _watch(master: Child, proc: subprocess.Popen, p: RunParams, prefix: Path,
+           progress: Callable[[str], None], run_dir: Path, breaker: Breaker | None = None) -> None:
     """Wait for the master, reporting progress every second; stop it early when a Locust process could
-    not go on (fatal_reason), and kill it if it overruns badly."""
+    not go on (fatal_reason) or the circuit breaker opens, and kill it if it overruns badly.
+
+    An open circuit is written to log/circuit-<scenario>.json, where the users look: they start no more
+    requests, and Locust is stopped once the calls in flight have ended (every one logged), or after
+    the request timeout."""
     start = time.monotonic()
     limit = p.duration + p.timeout_s + 60
+    history = Path(str(prefix) + "_stats_history.csv")
+    opened_at, last = None, None
     while proc.poll() is None:
         elapsed = time.monotonic() - start
-        if elapsed > limit or fatal_reason(run_dir, p.scenario):
-            processes.stop(master, timeout=5.0)
+        counts = read_counts(prefix) if breaker is not None else None
+        if opened_at is None and counts is not None and (opened := breaker.observe(elapsed, *counts)):
+            (run_dir / "log").mkdir(exist_ok=True)
+            (run_dir / "log" / f"circuit-{p.scenario}.json").write_text(
+                json.dumps({"reason": opened[0], "ratio": opened[1]}))
+            opened_at = elapsed
+        settled = opened_at is not None and (elapsed - opened_at >= 2 and counts == last
+                                             or elapsed - opened_at > p.timeout_s + 2)
+        last = counts
+        if elapsed > limit or settled or fatal_reason(run_dir, p.scenario):
+            processes.stop(master, timeout=p.timeout_s + 5 if settled else 5.0)
             proc.poll()
             break
-        progress(progress_line(p.scenario, elapsed, p.duration, history))
+        progress(progress_line(p.scenario, elapsed, p.duration, history, (counts or read_counts(prefix) or (0, {}))[1]))
         time.sleep(1.0)
 
 
-def progress_line(scenario: str, elapsed: float, duration: float, history: Path) -> str:
-    """`[qps] 12s/20s (8s left)  48.9 req/s  p95 123 ms  errors 0` from Locust's history CSV."""
+def progress_line(scenario: str, elapsed: float, duration: float, history: Path,
+                  failures: dict[str, int] | None = None) -> str:
+    """`[qps] 12s/20s (8s left)  48.9 req/s  duration p95 123 ms (last 10 s)  errors 0/580` from Locust's
+    history CSV; with `failures` by error type, throttling's expected 429s are shown apart from errors
+    (as the verdict counts them). Numbers Locust has not got yet (0 req/s, p95 N/A) are left out."""
     if elapsed >= duration:  # the grace after the deadline, while the last calls finish: not "5s/4s"
         line = f"[{scenario}] {duration:4g}s/{duration:g}s (finishing)"
     else:
@@ -261,11 +293,19 @@ def progress_line(scenario: str, elapsed: float, duration: float, history: Path)
             rows = list(csv.DictReader(fh))
     except OSError:
         return line
-    if rows:
-        last = rows[-1]
-        p95 = last.get("95%") or "N/A"
-        line += (f"  {float(last.get('Requests/s') or 0):.1f} req/s  p95 {p95} ms"
-                 f"  errors {last.get('Total Failure Count', '0')}/{last.get('Total Request Count', '0')}")
+    if not rows:
+        return line
+    last = rows[-1]
+    with contextlib.suppress(ValueError):
+        if (rps := float(last.get("Requests/s") or 0)) > 0:
+            line += f"  {rps:.1f} req/s"
+    if (p95 := last.get("95%")) and p95 != "N/A":  # Locust's: whole calls (users report full durations)
+        line += f"  duration p95 {p95} ms (last 10 s)"
+    total, failed = last.get("Total Request Count", "0"), last.get("Total Failure Count", "0")
+    expected = (failures or {}).get("rate_limited", 0) if scenario == "throttling" else 0
+    with contextlib.suppress(ValueError):
+        failed = str(int(float(failed)) - expected)
+    line += f"  errors {failed}/{total}" + (f"  429s {expected} (expected)" if expected else "")
     return line
 
 

@@ -32,13 +32,38 @@ from locust import User, constant, constant_pacing, events, task
 
 from opskit.core import records
 from opskit.loadtest import shapes
-from opskit.loadtest.client import ChatClient
+from opskit.loadtest.client import ChatClient, auth_for
 from opskit.loadtest.log import RequestLog
 from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, filler
 
 # the runner's live progress line reads the stats-history CSV: have Locust write it every second
 locust.stats.CSV_STATS_FLUSH_INTERVAL_SEC = 1
+
+_close_csv_files = locust.stats.StatsCSVFileWriter.close_files
+
+
+def _close_with_final_rows(self) -> None:
+    """Locust closes its CSV files holding the rows of its last 1 s tick, so the calls of the final second
+    were missing from them (qps 387 in the CSV, 400 in its log and HTML): write every file once more
+    from the final stats first, as its writer loop does."""
+    try:
+        self.requests_csv_filehandle.seek(0)
+        self.requests_csv_filehandle.truncate()
+        self.requests_csv_writer.writerow(self.requests_csv_columns)
+        self._requests_data_rows(self.requests_csv_writer)
+        self._stats_history_data_rows(self.stats_history_csv_writer, time.time())
+        for name in ("failures", "exceptions"):
+            fh = getattr(self, f"{name}_csv_filehandle")
+            fh.seek(getattr(self, f"{name}_csv_data_start"))
+            getattr(self, f"_{name}_data_rows")(getattr(self, f"{name}_csv_writer"))
+            fh.truncate()
+    except (AttributeError, OSError, ValueError) as exc:  # another Locust version: its own files as they are
+        logging.getLogger("opskit.loadtest").warning("final CSV rows not written: %s", exc)
+    _close_csv_files(self)
+
+
+locust.stats.StatsCSVFileWriter.close_files = _close_with_final_rows
 
 # A collection pass over Locust's and Flask's ~10^5 long-lived objects stalls every greenlet for tens of
 # ms, which would show up as late tokens: freeze what exists after import, and collect young objects rarely.
@@ -62,20 +87,31 @@ class Process:
 
     def __init__(self, params: RunParams) -> None:
         self.params = params
-        auth, ws_auth = _auth(params)
+        auth, ws_auth = auth_for(params)
         pool = max(params.users, 16) if params.scenario != "qps" else params.max_inflight
         self.client = ChatClient(params.base_url, params.path, auth=auth, timeout_s=params.timeout_s,
                                  pool_size=pool, ws_auth=ws_auth)
         self.log = RequestLog(os.path.join(params.run_dir, "log"), params.scenario, params.worker)
         self.user_ids = itertools.count()
         self.refused_noted = False
+        self._circuit_file = os.path.join(params.run_dir, "log", f"circuit-{params.scenario}.json")
+        self._circuit, self._circuit_checked = False, 0.0
         # Users stop starting requests at this deadline; Locust's own run time is a little longer, so when
         # it stops the users they are idle and nothing in flight is cut off (or counted as an error).
         self.deadline = perf() + params.duration
 
     def over(self) -> bool:
-        """No more requests: the run's deadline has passed, or the credentials were refused."""
-        return perf() >= self.deadline or self.client.refused is not None
+        """No more requests: the run's deadline has passed, the credentials were refused, or the runner's
+        circuit breaker opened."""
+        return perf() >= self.deadline or self.client.refused is not None or self.circuit_open()
+
+    def circuit_open(self) -> bool:
+        """The runner wrote log/circuit-<scenario>.json (looked for at most every 0.2 s)."""
+        now = perf()
+        if not self._circuit and now - self._circuit_checked >= 0.2:
+            self._circuit_checked = now
+            self._circuit = os.path.exists(self._circuit_file)
+        return self._circuit
 
     def check_refused(self) -> None:
         """Once the token endpoint refused the credentials, say so once, in one line, where the runner
@@ -129,22 +165,6 @@ def _write_lag() -> None:
     path = os.path.join(_PROC.params.run_dir, "log", f"lag-{_PROC.params.scenario}-{_PROC.params.worker}.json")
     with open(path, "w") as fh:
         json.dump({"samples": len(lag), "p50": pick(0.5), "p99": pick(0.99), "max": lag[-1]}, fh)
-
-
-def _auth(p: RunParams):
-    """Header function and WebSocket auth message for the target's scheme (secrets stay in this process)."""
-    if not (p.config_path or p.target_url):
-        return None, None
-    from opskit.core import config
-
-    target = config.load(p.config_path, p.target_url).target(p.target_name)
-    if target.auth.scheme == "none":
-        return None, None
-    from opskit.core.auth import Authenticator
-
-    authenticator = Authenticator(target.auth)
-    # a fresh WebSocket auth message per connection: HMAC timestamps and OAuth2 tokens age
-    return authenticator.headers, getattr(authenticator, "ws_auth_message", None)
 
 
 @events.test_stop.add_listener
@@ -249,7 +269,7 @@ class OpenLoopUser(ChatUser):
             t = start + offset
             delay = t - perf()
             gevent.sleep(max(0.0, delay))  # sleep(0) when behind: let the sends and Locust run
-            if perf() >= end + END_GRACE_S or self.p.client.refused is not None:
+            if perf() >= end + END_GRACE_S or self.p.client.refused is not None or self.p.circuit_open():
                 break
             if len(pool) >= prm.max_inflight:
                 self._dropped(t)

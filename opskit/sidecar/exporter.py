@@ -99,7 +99,8 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--target", "target_url", help="Target API base URL (instead of a config file).")
 @click.option("--proxy-listen", callback=_hostport, help="HOST:PORT for the metering proxy.")
 @click.option("--upstream", help="URL the proxy forwards to (default: the --proxy-target's or first "
-              "configured target's base_url).")
+              "configured target's base_url). The proxy stands for it: a client that would call UPSTREAM/X "
+              "calls PROXY/X, so with an upstream ending in /v1 OPENAI_BASE_URL is the proxy's root.")
 @click.option("--proxy-target", "proxy_target_name", metavar="NAME",
               help="Configured target whose name labels the proxy's series (default: the one whose base_url, "
                    "with or without a trailing /v1, is --upstream; else `default`).")
@@ -139,7 +140,7 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
       opskit exporter --listen :9464                                   # GPU series only
       opskit exporter --listen :9464 --proxy-listen :8080 --upstream http://vllm:8000
       opskit exporter --listen :9464 --config opskit.yaml --proxy-listen :8080 \\
-          --upstream http://127.0.0.1:8000 --proxy-target llm-server --probe   # clients use :8080/v1
+          --upstream http://127.0.0.1:8000 --proxy-target llm-server --probe   # :8080/v1 as :8000/v1
       opskit exporter --listen :9464 --config opskit.yaml --probe --no-gpu
     """
     for flag, value in (("--upstream", upstream), ("--proxy-target", proxy_target_name)):

@@ -102,10 +102,16 @@ def _accept_encoding(value: str) -> str:
     return ",".join(keep).strip() or "identity"
 
 
-def _error(status: int, message: str, kind: str, close: bool = False) -> web.Response:
-    """A small OpenAI-style error body produced by the proxy itself."""
+ERROR_TYPE_HEADER = "X-Opskit-Error-Type"
+
+
+def _error(status: int, message: str, kind: str, close: bool = False, error_type: str | None = None) -> web.Response:
+    """A small OpenAI-style error body produced by the proxy itself. On its own 502/504 the header
+    ERROR_TYPE_HEADER names the error type the exporter counts (connection, timeout, server_error), so
+    the client sees why without the exporter's log."""
     body = json.dumps({"error": {"message": message, "type": kind, "source": "opskit-proxy"}})
-    resp = web.Response(status=status, text=body, content_type="application/json")
+    resp = web.Response(status=status, text=body, content_type="application/json",
+                        headers={ERROR_TYPE_HEADER: error_type} if error_type else None)
     if close:
         resp.force_close()
     return resp
@@ -242,20 +248,25 @@ class _Proxy:
             ex = await self.pool.send(request.method, wire, lambda ex: setattr(proto, "on_lost", ex.client_gone))
         except ClientGone:
             return self._failed(call, 0, records.CLIENT_DISCONNECT, "client went away", "client_disconnect")
-        except UpstreamTimeout:
-            return self._failed(call, 504, records.TIMEOUT, "upstream did not answer in time", "upstream_timeout")
+        except UpstreamTimeout as exc:
+            return self._failed(call, 504, records.TIMEOUT, "upstream did not answer in time", "upstream_timeout",
+                                exc)
         except BadResponse as exc:
             self._log_failure(exc)
+            # no detail: a head parse error may quote the peer's bytes
             return self._failed(call, 502, records.SERVER_ERROR, "bad upstream response", "bad_upstream_response")
         except UpstreamError as exc:
             self._log_failure(exc)
-            return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable")
+            return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable", exc)
         return await self._relay(request, ex, call)
 
-    def _failed(self, call: MeteredCall | None, status: int, error_type: str, msg: str, kind: str) -> web.Response:
+    def _failed(self, call: MeteredCall | None, status: int, error_type: str, msg: str, kind: str,
+                exc: Exception | None = None) -> web.Response:
         if call is not None:
             call.code, call.error_type, call.end = status, error_type, perf_counter()
-        return _error(status, msg, kind)
+        # connection and timeout texts are fixed phrases and exception class names: no secret, no peer bytes
+        detail = f"{msg}: {exc}" if exc is not None and str(exc) else msg
+        return _error(status, detail, kind, error_type=error_type if status else None)
 
     async def _relay(self, request: web.BaseRequest, ex: Exchange, call: MeteredCall | None) -> web.StreamResponse:
         """Pass the upstream response on: in one write if it is already complete, else chunk by chunk."""
