@@ -34,8 +34,6 @@ from opskit.live.drill_plan import PHASES, Phase, Seen
 from opskit.live.stack_config import DRILL_TIMING
 
 POLL_S = 0.5
-REQUEST_BODY = {"model": "deepseek-chat", "stream": True, "stream_options": {"include_usage": True},
-                "max_tokens": 16, "messages": [{"role": "user", "content": "Say something short."}]}
 
 
 @dataclass
@@ -89,7 +87,7 @@ class Load:
     async def _one(self) -> None:
         self.in_flight += 1
         try:
-            async with self.session.post(self.url, json=REQUEST_BODY, timeout=aiohttp.ClientTimeout(total=15)) as r:
+            async with self.session.post(self.url, json=drill_plan.REQUEST_BODY, timeout=aiohttp.ClientTimeout(total=15)) as r:
                 async for _ in r.content.iter_any():
                     pass
                 self.codes[r.status] += 1

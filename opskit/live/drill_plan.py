@@ -69,6 +69,14 @@ def alert_severities(text: str) -> dict[str, str]:
             for g in data.get("groups", []) for r in g.get("rules", []) if "alert" in r}
 
 
+# One system prompt shared by every call (~100 tokens, as an application's would be): the mock's context
+# cache serves its 64-token blocks again, so the cache-hit and spend panels have data like the rest.
+SYSTEM = "You are the release assistant of an SRE team. " * 8
+REQUEST_BODY = {"model": "deepseek-chat", "stream": True, "stream_options": {"include_usage": True},
+                "max_tokens": 16, "messages": [{"role": "system", "content": SYSTEM},
+                                               {"role": "user", "content": "Say something short."}]}
+
+
 @dataclass(frozen=True)
 class Phase:
     """One injected fault. `required` alerts must fire, reach the receiver (or be inhibited there
@@ -167,10 +175,11 @@ PHASES: tuple[Phase, ...] = (
     Phase("engine-queue", "the engine admits one request at a time", mock={"engine": {"capacity": 1}},
           required=frozenset({"LLMEngineQueueBacklog"}),
           allowed=_ENGINE_SIDE | _ERRORS | _BURN, scope=_ENGINE),
-    # A KV cache of 48 tokens for calls of ~20 tokens each, ~4 at a time: the newest running request
-    # is preempted again and again. Its usage swings between ~75 and 100 % as requests are pushed
-    # back, so KVCacheNearlyFull (> 90 % for its whole `for:`) may or may not make it here.
-    Phase("engine-kv", "the engine's KV cache shrunk to 48 tokens", mock={"engine": {"kv_capacity_tokens": 48}},
+    # A KV cache of 330 tokens for calls of ~100 prompt tokens growing by 16, ~4 at a time: three are
+    # admitted, their growth overflows it, and the newest running request is preempted again and
+    # again. Usage swings as requests are pushed back, so KVCacheNearlyFull (> 90 % for its whole
+    # `for:`) may or may not make it here.
+    Phase("engine-kv", "the engine's KV cache shrunk to 330 tokens", mock={"engine": {"kv_capacity_tokens": 330}},
           required=frozenset({"LLMEnginePreempting"}),
           allowed=_ENGINE_SIDE | {"LLMEngineKVCacheNearlyFull", "LLMEngineQueueBacklog"} | _ERRORS | _BURN,
           scope=_ENGINE),

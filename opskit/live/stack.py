@@ -183,13 +183,20 @@ class _Starter:
                 processes.stop(comp.child)
 
 
+# Illustrative prices for the embedded mock (per million tokens), so the stack's Spend panels and the
+# spend alert have data; a real target's prices come from its own config, never from here.
+MOCK_PRICES = {"currency": "USD", "per_million_tokens": {
+    m: {"input": 0.1, "cached_input": 0.02, "output": 0.4} for m in ("deepseek-chat", "deepseek-reasoner")}}
+
+
 def _exporter_config(spec: StackSpec, mock_url: str) -> str:
     """The exporter's config for the mock target: its models, a daily quota, a fast probe."""
     import yaml
 
     return yaml.safe_dump({
         "targets": [{"name": "mock", "base_url": mock_url + "/v1", "kind": "private",
-                     "models": list(spec.models), "daily_quota_requests": spec.daily_quota_requests}],
+                     "models": list(spec.models), "daily_quota_requests": spec.daily_quota_requests,
+                     "prices": MOCK_PRICES}],
         "probe": {"interval_s": spec.probe_interval_s, "timeout_s": 5.0, "max_tokens": 8},
     }, sort_keys=False)
 
