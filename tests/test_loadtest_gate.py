@@ -127,8 +127,10 @@ def test_timings_match_the_mock_ground_truth_at_100_streams(tmp_path, start_mock
 
     The strict 2 ms p99 figure is measured by bench/loadgen_capacity.py; on this shared 2-core
     machine (mock, Locust and other people's tests on the same cores, where a stolen time slice delays
-    a token by tens of ms) the test asks for a 10 ms median and a 40 ms p95: loose, yet it catches the
-    real mistakes (timing the role-only chunk, reading whole buffers late, batching tokens).
+    a token by tens of ms) the test asks for a 15 ms median and a 40 ms p95: loose, yet it catches the
+    real mistakes (timing the role-only chunk, reading whole buffers late, batching tokens), each of
+    which is off by a whole 100 ms gap. The median bound was 10 ms; run alone on this machine the
+    first release's own code measured 10.3-11.8 ms medians in some runs, as today's does.
     """
     mock = start_mock("--ttft-ms", "100", "--ttft-jitter-ms", "0", "--itl-ms", "100", "--itl-jitter-ms", "0",
                       "--output-tokens-mean", "12", "--output-tokens-spread", "0", "--seed", "1")
@@ -146,7 +148,7 @@ def test_timings_match_the_mock_ground_truth_at_100_streams(tmp_path, start_mock
     gaps = pd.Series([g for gs in steady["itl"] for g in gs])
     assert len(gaps) == 11 * len(steady)
     for err in (ttft_err, dur_err, (gaps - 0.100).abs()):
-        assert err.quantile(0.5) < 0.010 and err.quantile(0.95) < 0.040
+        assert err.quantile(0.5) < 0.015 and err.quantile(0.95) < 0.040
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path):
