@@ -156,13 +156,18 @@ BUILD_INFO = _m("opskit_build_info", GAUGE, "", "opskit build; always 1.", ("ver
 CONNECTIONS_REFUSED = _m("opskit_exporter_connections_refused_total", COUNTER, "",
                          "Client connections answered 503 and closed at accept: the listener (proxy or metrics) "
                          "was at its connection cap.", ("listener",))
+CALL_LOG_RECORDS = _m("opskit_call_log_records_total", COUNTER, "",
+                      "Call-log records written (with --call-log).")
+CALL_LOG_DROPPED = _m("opskit_call_log_dropped_total", COUNTER, "",
+                      "Call-log records lost, by reason: queue_full (the writer fell behind; the proxy never "
+                      "waits for it) or write_error (disk full, directory gone).", ("reason",))
 
 ALL: tuple[Metric, ...] = (
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER, GPU_INFO, GPU_UP,
     GPU_COLLECT_ERRORS, *GPU_HEALTH,
     LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_SPEND, LLM_IN_FLIGHT,
     LLM_RL_REQUESTS, LLM_RL_TOKENS, LLM_QUOTA_LIMIT, PROBE_SUCCESS, PROBE_DURATION, BUILD_INFO,
-    CONNECTIONS_REFUSED,
+    CONNECTIONS_REFUSED, CALL_LOG_RECORDS, CALL_LOG_DROPPED,
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in ALL}
 

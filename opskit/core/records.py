@@ -56,6 +56,7 @@ class CallRecord:
     text_chunks: int = 0
     ratelimit_remaining_requests: float | None = None
     ratelimit_remaining_tokens: float | None = None
+    request_id: str | None = None  # the upstream's x-request-id header, else the response body's `id`
 
     @property
     def stream_label(self) -> str:

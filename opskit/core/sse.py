@@ -125,7 +125,7 @@ class StreamMeter:
 
     __slots__ = ("t0", "first_token", "first_output", "last_text", "text_chunks", "input_tokens",
                  "output_tokens", "cached_tokens", "reasoning_tokens", "usage_seen", "done", "malformed",
-                 "stream_error", "gaps")
+                 "stream_error", "gaps", "response_id")
 
     def __init__(self, t0: float, keep_gaps: bool = False) -> None:
         self.t0 = t0
@@ -142,6 +142,7 @@ class StreamMeter:
         self.malformed = 0
         self.stream_error: str | None = None
         self.gaps: list[float] | None = [] if keep_gaps else None
+        self.response_id: str | None = None  # the first chunk's `id` ("" once a chunk had none)
 
     def on_data(self, payload: str, now: float) -> None:
         """Account one event payload received at `now`."""
@@ -156,6 +157,8 @@ class StreamMeter:
         if not isinstance(obj, dict):
             self.malformed += 1
             return
+        if self.response_id is None:
+            self.response_id = response_id(obj)
         if "error" in obj and obj["error"]:
             err = obj["error"]
             self.stream_error = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
@@ -251,6 +254,15 @@ def _choices(obj: dict) -> list:
     return choices if isinstance(choices, list) else []
 
 
+MAX_ID_CHARS = 100  # a response id longer than this is cut (it labels an exemplar: 128 characters at most)
+
+
+def response_id(obj: dict) -> str:
+    """The `id` of a response object or chunk ("" when it has no string id), cut to MAX_ID_CHARS."""
+    rid = obj.get("id")
+    return rid[:MAX_ID_CHARS] if isinstance(rid, str) else ""
+
+
 class BodyUsage(NamedTuple):
     """What a non-streamed JSON response says about its tokens (see `completion_usage`)."""
 
@@ -260,6 +272,7 @@ class BodyUsage(NamedTuple):
     has_text: bool
     cached: int = 0      # of input, from the provider's prompt cache
     reasoning: int = 0   # of output, spent on reasoning
+    id: str = ""         # the response's `id`
 
 
 def completion_usage(body: bytes) -> BodyUsage:
@@ -279,5 +292,5 @@ def completion_usage(body: bytes) -> BodyUsage:
                 has_text = True
     usage = _usage(obj.get("usage"))
     if usage is not None:
-        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3])
-    return BodyUsage(0, 0, False, has_text)
+        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3], response_id(obj))
+    return BodyUsage(0, 0, False, has_text, id=response_id(obj))

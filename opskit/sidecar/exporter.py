@@ -18,6 +18,8 @@ import click
 
 from opskit.core import catalog, config, readyfile
 from opskit.core.cli_helpers import FiniteRange, parse_hostport
+from opskit.sidecar.call_log import CallLogError
+from opskit.sidecar.call_log_cli import call_log_from_flags, call_log_options
 from opskit.sidecar.exporter_server import (
     DEFAULT_MAX_BODY,
     METRICS_MAX_CONNECTIONS,
@@ -130,9 +132,11 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--metrics-linger-s", type=FiniteRange(min=0), default=15.0, show_default=True,
               help="On SIGTERM, after the drain, /metrics stays up until scraped once more, for at most this long, "
               "so calls that finished while draining reach Prometheus (use your scrape interval).")
+@call_log_options
 def exporter_command(listen, config_file, target_url, proxy_listen, upstream, proxy_target_name, probe, gpu,
                      nvml_lib, ready_file, max_body_bytes, drain_s, upstream_timeout_s, client_header_timeout_s,
-                     client_body_timeout_s, client_idle_timeout_s, max_connections, metrics_linger_s) -> None:
+                     client_body_timeout_s, client_idle_timeout_s, max_connections, metrics_linger_s,
+                     **call_log) -> None:
     """Serve Prometheus metrics: GPUs (NVML), a metering proxy for real calls, canary probes.
 
     \b
@@ -142,8 +146,11 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
       opskit exporter --listen :9464 --config opskit.yaml --proxy-listen :8080 \\
           --upstream http://127.0.0.1:8000 --proxy-target llm-server --probe   # :8080/v1 as :8000/v1
       opskit exporter --listen :9464 --config opskit.yaml --probe --no-gpu
+      opskit exporter --listen :9464 --proxy-listen :8080 --upstream http://vllm:8000 --call-log /var/log/opskit
     """
-    for flag, value in (("--upstream", upstream), ("--proxy-target", proxy_target_name)):
+    call_log_opts = call_log_from_flags(**call_log)
+    for flag, value in (("--upstream", upstream), ("--proxy-target", proxy_target_name),
+                        ("--call-log", call_log_opts)):
         if value is not None and proxy_listen is None:
             raise click.UsageError(f"{flag} needs --proxy-listen")
     if upstream is not None and (problem := config.url_problem(upstream)):  # a bad port or [v6 too: exit 2
@@ -164,10 +171,11 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
                    probe=probe, gpu=gpu, nvml_lib=os.path.abspath(nvml_lib) if nvml_lib else None, visible_devices=visible,
                    ready_file=ready_file, max_body_bytes=max_body_bytes, drain_s=drain_s,
                    upstream_timeout_s=upstream_timeout_s, metrics_linger_s=metrics_linger_s,
-                   limits=Limits(client_header_timeout_s, client_body_timeout_s, client_idle_timeout_s, max_connections))
+                   limits=Limits(client_header_timeout_s, client_body_timeout_s, client_idle_timeout_s, max_connections),
+                   call_log=call_log_opts)
     try:
         _run(serve(cfg, opts))
-    except ReadyFileError as exc:
+    except (ReadyFileError, CallLogError) as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot listen: {exc.strerror or exc}") from None

@@ -37,6 +37,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from opskit import __version__
 from opskit.core import catalog, config
 from opskit.core.cli_helpers import redact_url
+from opskit.sidecar.call_log import CallLog, CallLogOptions
 from opskit.sidecar.call_metrics import CallMetrics, make
 from opskit.sidecar.fast_exposition import Renderer
 from opskit.sidecar.http_guard import GuardedServer, Limits
@@ -66,6 +67,7 @@ class Options:
     upstream_timeout_s: float = 300.0
     limits: Limits = Limits()
     metrics_linger_s: float = 15.0
+    call_log: CallLogOptions | None = None  # --call-log: a JSON line per proxied call (needs the proxy)
 
 
 def local_url(host: str, port: int) -> str:
@@ -169,6 +171,9 @@ class Exporter:
         self._scraped_calls = 0           # proxy calls counted when the last scrape began
         self._scraped = asyncio.Event()   # set at each scrape (the linger after the drain waits on it)
         self._proxy = None
+        self.call_log = None
+        if opts.call_log is not None and self.proxy_target is not None:  # CallLogError: one line, exit 1
+            self.call_log = CallLog(opts.call_log, redact_url(self.proxy_target[1]), self.registry)
         self._probe_tasks: list[asyncio.Task] = []
         self.port = 0
         self.proxy_port: int | None = None
@@ -195,10 +200,12 @@ class Exporter:
 
         name, upstream = self.proxy_target
         host, port = self.opts.proxy_listen
+        if self.call_log is not None:
+            self.call_log.start()
         self._proxy = await start_proxy(host, port, upstream, name, self.metrics,
                                         max_body_bytes=self.opts.max_body_bytes,
                                         timeout_s=self.opts.upstream_timeout_s, limits=self.opts.limits,
-                                        on_refused=self._refused.labels("proxy").inc)
+                                        on_refused=self._refused.labels("proxy").inc, call_log=self.call_log)
         self.proxy_port = self._proxy.port
 
     def _start_probers(self) -> None:
@@ -216,6 +223,9 @@ class Exporter:
             await asyncio.wait(self._probe_tasks, timeout=5)
         if self._proxy is not None:
             await self._proxy.close(self.opts.drain_s)
+        if self.call_log is not None:  # every call the drain finished is queued: write them all
+            await self.call_log.close()
+        if self._proxy is not None:
             await self._linger()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -259,6 +269,9 @@ class Exporter:
             name, upstream = self.proxy_target
             parts.append(f"proxy {local_url(self.opts.proxy_listen[0], self.proxy_port)} -> "
                          f"{redact_url(upstream)} as target {name}")
+            if self.call_log is not None:
+                parts.append(f"call log {self.opts.call_log.directory}"
+                             f"{' WITH BODIES' if self.opts.call_log.bodies else ''}")
         else:
             parts.append("proxy off")
         probed = ",".join(t.name for t in self.cfg.targets) if self.opts.probe else "off"

@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 
 from opskit.core import records
 from opskit.core.records import CallRecord
-from opskit.core.sse import SSEParser, StreamMeter, completion_usage
+from opskit.core.sse import MAX_ID_CHARS, SSEParser, StreamMeter, completion_usage
 
 SOURCE = "proxy"
 JSON_METER_CAP = 4 * 1024 * 1024      # non-streamed bodies bigger than this are passed but not metered
@@ -62,10 +62,15 @@ class MeteredCall:
 
     __slots__ = ("t0", "model", "code", "error_type", "end", "streamed", "parser", "meter", "body",
                  "body_len", "decoder", "inflated", "inflate_cap", "overlong", "in_flight", "rl_requests",
-                 "rl_tokens")
+                 "rl_tokens", "request_body", "request_id", "capture", "capture_left")
 
-    def __init__(self, t0: float) -> None:
+    def __init__(self, t0: float, capture: int = 0) -> None:
         self.t0 = t0
+        self.request_body: bytes | None = None  # for the call log
+        self.request_id: str | None = None      # the upstream's x-request-id header
+        # a copy of a streamed body's first `capture` decoded bytes, for the call log's bodies
+        self.capture: list[bytes] | None = [] if capture else None
+        self.capture_left = capture
         self.model: str | None = None
         self.code = 0
         # Until the request goes upstream, a call that ends was ended by its client (it hung up, or the
@@ -90,6 +95,8 @@ class MeteredCall:
         self.error_type = records.error_type_for_status(status)
         self.rl_requests = _float_header(h, "x-ratelimit-remaining-requests")
         self.rl_tokens = _float_header(h, "x-ratelimit-remaining-tokens")
+        rid = h.get("x-request-id")
+        self.request_id = rid[:MAX_ID_CHARS] if rid else None
         coding = h.get("Content-Encoding", "identity").strip().lower()
         if coding in ("gzip", "x-gzip"):
             self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -111,6 +118,9 @@ class MeteredCall:
             if self.decoder is not None:
                 chunk = self._inflate(chunk)
             if self.parser is not None:
+                if self.capture is not None and self.capture_left > 0:
+                    self.capture.append(chunk[:self.capture_left])
+                    self.capture_left -= len(chunk)
                 on_data = self.meter.on_data
                 for payload in self.parser.feed(chunk):
                     on_data(payload, now)
@@ -159,7 +169,8 @@ class MeteredCall:
         end = self.end if self.end is not None else perf_counter()
         rec = CallRecord(target=target, source=SOURCE, model=model, code=self.code, error_type=self.error_type,
                          duration_s=end - self.t0, streamed=self.streamed,
-                         ratelimit_remaining_requests=self.rl_requests, ratelimit_remaining_tokens=self.rl_tokens)
+                         ratelimit_remaining_requests=self.rl_requests, ratelimit_remaining_tokens=self.rl_tokens,
+                         request_id=self.request_id)
         try:
             self._result(rec, end)
         except Exception:  # a bug in metering must not lose the call: count it with unknown tokens
@@ -178,6 +189,7 @@ class MeteredCall:
             u = completion_usage(b"".join(self.body))
             rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = u.input, u.output, u.from_usage
             rec.cached_input_tokens, rec.reasoning_tokens = u.cached, u.reasoning
+            rec.request_id = rec.request_id or u.id or None
             if u.has_text and rec.ok:  # a duration and no TTFT: the first token came with the last
                 rec.text_chunks = 1
 
@@ -189,6 +201,7 @@ class MeteredCall:
         rec.ttft_s, rec.ttfot_s, rec.text_chunks = m.ttft, m.ttfot, m.text_chunks
         rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = m.tokens
         rec.cached_input_tokens, rec.reasoning_tokens = m.details
+        rec.request_id = rec.request_id or m.response_id or None
         if self.code != 200 or rec.error_type not in (records.OK, records.CLIENT_DISCONNECT):
             return
         # A bad event comes first: a client that hangs up on it (an SDK fails on it) does not hide it.

@@ -32,21 +32,20 @@ forwarded but not metered, because it is not a model call and would skew latency
 - A client that hangs up while the upstream is silent (before the head, or between chunks) is noticed
   by its connection (opskit.sidecar.http_guard's `on_lost`): the upstream connection is closed at once
   and the call ends client_disconnect, instead of both waiting out `timeout_s`.
-- Authorization and every other header pass through untouched; headers are never recorded or logged.
+- Authorization and every other header pass through untouched; headers are never logged (a call log,
+  opskit.sidecar.call_log, gets each finished call off the loop and keeps a keyed hash of Authorization).
   The path and body are forwarded byte for byte (a compressed request body too), so HMAC-signed
   requests stay valid, as long as the upstream URL has no path prefix (a prefix is prepended to every
   path, changing what was signed).
 - For metered calls `Accept-Encoding` is narrowed to gzip/deflate/identity so that the proxy can decode
   a copy of a compressed body for metering (bounded: opskit.sidecar.metering); the bytes sent to the
   client stay the upstream's.
-- Not proxied: WebSocket upgrades (Upgrade is hop-by-hop).
-- Every client is bounded by opskit.sidecar.http_guard: header and idle timeouts, a connection cap,
-  and a throttled log for malformed requests.
+- Not proxied: WebSocket upgrades (Upgrade is hop-by-hop). Every client is bounded by http_guard:
+  header and idle timeouts, a connection cap, and a throttled log for malformed requests.
 
-Speed: the upstream side is opskit.sidecar.upstream_client (its connections: upstream_protocol),
-which pushes each body piece from `data_received` straight through `_sink` (write to the client, then meter) with no task switch per chunk; a body that
-is complete when its head is parsed goes out in one write with the headers. bench/proxy_overhead.py
-measures what this costs.
+Speed: opskit.sidecar.upstream_client (connections: upstream_protocol) pushes each body piece from
+`data_received` straight through `_sink` (write to the client, then meter), no task switch per chunk; a
+body complete with its head goes out with the headers in one write (cost: bench/proxy_overhead.py).
 """
 
 from __future__ import annotations
@@ -174,7 +173,7 @@ class _Proxy:
 
     def __init__(self, upstream: str, target: str, metrics: CallMetrics, max_body_bytes: int,
                  timeout_s: float, connect_timeout_s: float, ssl_context: ssl.SSLContext | None,
-                 limits: Limits) -> None:
+                 limits: Limits, call_log=None) -> None:
         url = urlsplit(upstream)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
@@ -183,7 +182,7 @@ class _Proxy:
         self.tasks: set[asyncio.Task] = set()
         self.closing = False
         self.finished = 0  # metered calls counted so far (the exporter lingers until a scrape has them all)
-        self.limits = limits
+        self.limits, self.call_log = limits, call_log
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
         self._throttle = Throttle()
 
@@ -205,7 +204,7 @@ class _Proxy:
                           "configured upstream", "invalid_request", True)
         if request.method != "POST" or not request.path.endswith(METERED_SUFFIXES):
             return await self._forward(request, None)
-        call = MeteredCall(t0)
+        call = MeteredCall(t0, self.call_log.capture if self.call_log is not None else 0)
         task = asyncio.current_task()
         self.tasks.add(task)
         try:
@@ -218,6 +217,8 @@ class _Proxy:
             self.tasks.discard(task)
             rec = call.record(self.target, self.metrics.model_label(self.target, call.model))
             (self.metrics.finished if call.in_flight else self.metrics.observe)(rec)
+            if self.call_log is not None:
+                self.call_log.submit(rec, call, request.headers.get("Authorization"))
             self.finished += 1
 
     async def _forward(self, request: web.BaseRequest, call: MeteredCall | None) -> web.StreamResponse:
@@ -237,7 +238,7 @@ class _Proxy:
         drop = _dropped(request.headers, REQUEST_DROP)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
         if call is not None:
-            call.model = model_of(body)
+            call.model, call.request_body = model_of(body), body
             headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
             call.error_type = records.CONNECTION  # from here, ending with no response is the upstream's
             call.in_flight = True  # in flight: waiting on the API (an upload in progress is not)
@@ -373,17 +374,18 @@ def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
 async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,
                       max_body_bytes: int = 10 * 1024 * 1024, timeout_s: float = 300,
                       connect_timeout_s: float = 10, ssl_context: ssl.SSLContext | None = None,
-                      limits: Limits | None = None, on_refused=None) -> ProxyServer:
+                      limits: Limits | None = None, on_refused=None, call_log=None) -> ProxyServer:
     """Start the metering proxy on host:port (0 = a free port) in the running event loop.
 
     `timeout_s` bounds the wait for the upstream's response head and every silence in its body;
     a stream may last longer as long as it keeps sending. An https upstream is verified against the
     system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given. `limits`
     bound what a client may hold (opskit.sidecar.http_guard); `on_refused()` is called for each
-    connection refused at the cap.
+    connection refused at the cap; `call_log` (opskit.sidecar.call_log) records each metered call.
     """
     limits = limits or Limits()
-    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits)
+    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits,
+                   call_log)
     # auto_decompress off: a compressed request body is forwarded as sent, with its Content-Encoding
     server = GuardedServer(proxy.handle, limits, log, "proxy", on_refused, auto_decompress=False)
     runner = web.ServerRunner(server, shutdown_timeout=1.0)
