@@ -16,6 +16,7 @@ from opskit.core import catalog
 from opskit.core.catalog import Metric
 from opskit.core.pricing import Prices
 from opskit.core.records import CallRecord
+from opskit.core.sse import MAX_ID_CHARS
 
 
 def make(metric: Metric, registry: CollectorRegistry, labels: Iterable[str] | None = None):
@@ -73,13 +74,15 @@ class CallMetrics:
             counter = series.requests[key] = self.requests.labels(*base, str(r.code), r.error_type)
         counter.inc()
         # Latency of successful calls only (a fast 429 is no fast answer); TTFT/TPOT of streamed ones.
+        # The call's request id is the bucket's exemplar (OpenMetrics): a slow bucket leads to its calls.
         if r.ok:
-            series.duration_of(r.streamed).observe(r.duration_s)
+            ex = {"request_id": r.request_id[:MAX_ID_CHARS]} if r.request_id else None
+            series.duration_of(r.streamed).observe(r.duration_s, ex)
             if r.streamed and r.ttft_s is not None:
-                series.ttft.observe(r.ttft_s)
+                series.ttft.observe(r.ttft_s, ex)
             tpot = r.tpot_s
             if tpot is not None:
-                series.tpot.observe(tpot)
+                series.tpot.observe(tpot, ex)
         if r.input_tokens:
             series.tokens_in.inc(r.input_tokens)
         if r.output_tokens:

@@ -8,7 +8,8 @@ One process, one asyncio event loop, one fresh CollectorRegistry (no global regi
   and by the active probe (`--probe`, opskit.sidecar.probe), both on the same loop.
 
 /metrics is rendered by opskit.sidecar.fast_exposition (the bytes of prometheus_client's generate_latest in the
-text format 0.0.4, ~20x cheaper for the call histograms) on one worker thread, so a slow NVML call
+text format 0.0.4, ~20x cheaper for the call histograms; OpenMetrics, with the latency buckets' exemplars,
+when the scraper asks for it) on one worker thread, so a slow NVML call
 never stalls the proxy's streams on the event loop (ctypes releases the GIL while NVML works); one
 worker also means scrapes never overlap. `/healthz` answers 200 "ok" from the loop itself.
 
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 
 from opskit import __version__
 from opskit.core import catalog, config
@@ -291,13 +293,15 @@ class Exporter:
         loop = asyncio.get_running_loop()
         seen = self._proxy.finished_calls if self._proxy is not None else 0  # all in this render
         try:
-            body = await loop.run_in_executor(self._pool, self._renderer.render)
+            # Prometheus asks for OpenMetrics first: that page carries the latency buckets' exemplars
+            om = "application/openmetrics-text" in request.headers.get("Accept", "")
+            body = await loop.run_in_executor(self._pool, self._renderer.render, om)
         except Exception as exc:  # a collector bug: one line in the log, a 500 to Prometheus (up stays 1)
             log.error("rendering /metrics failed: %s: %s", type(exc).__name__, exc)
             return web.Response(status=500, text="metrics rendering failed\n")
         self._scraped_calls = max(self._scraped_calls, seen)
         self._scraped.set()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+        return web.Response(body=body, headers={"Content-Type": OM_CONTENT_TYPE if om else CONTENT_TYPE_PLAIN_0_0_4})
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
         return web.Response(text="ok")
