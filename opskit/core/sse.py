@@ -272,18 +272,22 @@ class BodyUsage(NamedTuple):
     has_text: bool
     cached: int = 0      # of input, from the provider's prompt cache
     reasoning: int = 0   # of output, spent on reasoning
-    id: str = ""         # the response's `id`
 
 
 def completion_usage(body: bytes) -> BodyUsage:
     """From a non-streamed JSON response: input, output, from_usage, has_text, cached, reasoning.
     Never raises, whatever the body holds."""
+    return completion_usage_and_id(body)[0]
+
+
+def completion_usage_and_id(body: bytes) -> tuple[BodyUsage, str]:
+    """completion_usage and the response's `id` ("" when none), from one parse. Never raises."""
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than the stack
-        return BodyUsage(0, 0, False, False)
+        return BodyUsage(0, 0, False, False), ""
     if not isinstance(obj, dict):
-        return BodyUsage(0, 0, False, False)
+        return BodyUsage(0, 0, False, False), ""
     has_text = False
     for choice in _choices(obj):
         if isinstance(choice, dict):
@@ -292,5 +296,5 @@ def completion_usage(body: bytes) -> BodyUsage:
                 has_text = True
     usage = _usage(obj.get("usage"))
     if usage is not None:
-        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3], response_id(obj))
-    return BodyUsage(0, 0, False, has_text, id=response_id(obj))
+        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3]), response_id(obj)
+    return BodyUsage(0, 0, False, has_text), response_id(obj)

@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 
 from opskit.core import records
 from opskit.core.records import CallRecord
-from opskit.core.sse import MAX_ID_CHARS, SSEParser, StreamMeter, completion_usage
+from opskit.core.sse import MAX_ID_CHARS, SSEParser, StreamMeter, completion_usage_and_id
 
 SOURCE = "proxy"
 JSON_METER_CAP = 4 * 1024 * 1024      # non-streamed bodies bigger than this are passed but not metered
@@ -186,10 +186,10 @@ class MeteredCall:
         if self.meter is not None:
             self._stream_result(rec, end)
         elif self.body is not None:
-            u = completion_usage(b"".join(self.body))
+            u, rid = completion_usage_and_id(b"".join(self.body))
             rec.input_tokens, rec.output_tokens, rec.tokens_from_usage = u.input, u.output, u.from_usage
             rec.cached_input_tokens, rec.reasoning_tokens = u.cached, u.reasoning
-            rec.request_id = rec.request_id or u.id or None
+            rec.request_id = rec.request_id or rid or None
             if u.has_text and rec.ok:  # a duration and no TTFT: the first token came with the last
                 rec.text_chunks = 1
 
