@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "generate": "opskit.opscode.generate:generate",
     "drill": "opskit.live.drill:drill",
     "exporter": "opskit.sidecar.exporter:exporter_command",
+    "calllog": "opskit.sidecar.call_log_stats:calllog",
 }
 
 
@@ -76,6 +77,7 @@ def main() -> None:
       opskit stack up; opskit stack status; opskit stack down
       opskit drill
       opskit generate alerts --check
+      opskit calllog stats /var/log/opskit-calls
 
     Each command's --help has more examples. Usage and config errors exit 2.
     """

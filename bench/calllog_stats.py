@@ -1,0 +1,86 @@
+"""How long `opskit calllog stats` takes on a day of call logs: one million lines.
+
+Writes a synthetic call log (24 hourly files of format-1 records, gzip-compressed as the exporter
+leaves them, with a few malformed lines), then times the command as a user runs it (a subprocess,
+imports included) and, in this process, the phases (load: read + parse; summarize: pandas).
+
+    .venv/bin/python bench/calllog_stats.py [--lines 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = ("deepseek-chat", "deepseek-reasoner", "qwen-72b", "llama-3-70b")
+ERRORS = ("rate_limited", "server_error", "timeout", "stream_broken")
+
+
+def write_log(directory: Path, lines: int, seed: int = 1) -> int:
+    """24 hourly gzip files holding `lines` records in all (plus 3 malformed lines); total bytes."""
+    rng = random.Random(seed)
+    per_hour = lines // 24
+    total = 0
+    for h in range(24):
+        out = []
+        n = per_hour if h < 23 else lines - 23 * per_hour
+        for i in range(n):
+            err = rng.choice(ERRORS) if rng.random() < 0.02 else None
+            stream = rng.random() < 0.7
+            dur = rng.lognormvariate(0.5, 0.8)
+            out.append(json.dumps({
+                "v": 1, "ts": f"2026-12-01T{h:02d}:{i * 3600 // n // 60:02d}:{i * 3600 // n % 60:02d}"
+                              f".{rng.randrange(1000):03d}Z",
+                "target": "https://api.example.com", "model": rng.choice(MODELS), "stream": stream,
+                "status": 200 if err is None else 500, "error_type": err, "duration_s": round(dur, 6),
+                "ttft_s": round(dur * 0.1, 6) if stream and err is None else None, "tpot_s": None,
+                "tokens": {"input": rng.randrange(50, 4000), "cached_input": rng.randrange(0, 50),
+                           "output": rng.randrange(1, 800), "reasoning": 0},
+                "tokens_from_usage": True, "max_tokens": 1024, "request_id": f"req-{h}-{i}",
+                "caller": "4f946c02ab2be91b", "prompt_chars": 1200, "prefix_block_chars": 256,
+                "prefix_hashes": ["85c5a5598977df8f", "7e29b4dcfb98415e", "a1b2c3d4e5f60718", "0f1e2d3c4b5a6978"],
+            }, separators=(",", ":")))
+        if h == 12:
+            out[100:100] = ["{not json", "[1, 2]", '{"v": 1, "ts": "yesterday"}']
+        data = gzip.compress(("\n".join(out) + "\n").encode(), 6)
+        (directory / f"calls-20261201T{h:02d}0000Z.jsonl.gz").write_bytes(data)
+        total += data.__len__()
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lines", type=int, default=1_000_000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        t0 = time.perf_counter()
+        size = write_log(d, args.lines)
+        print(f"call log: {args.lines:,} lines in 24 gzip files, {size / 1e6:.0f} MB compressed "
+              f"(written in {time.perf_counter() - t0:.1f} s)")
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "opskit", "calllog", "stats", str(d)], capture_output=True,
+                             text=True, check=True)
+        wall = time.perf_counter() - t0
+        print("\n".join(res.stdout.splitlines()[:3]))
+        print(f"opskit calllog stats (subprocess, imports included): {wall:.2f} s wall, "
+              f"{args.lines / wall / 1e3:.0f}k lines/s")
+        from opskit.sidecar import call_log_stats
+
+        t0 = time.perf_counter()
+        loaded = call_log_stats.load([d])
+        t1 = time.perf_counter()
+        call_log_stats.summarize(loaded)
+        t2 = time.perf_counter()
+        print(f"  in-process phases: load (gunzip + parse) {t1 - t0:.2f} s, summarize (pandas) {t2 - t1:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
