@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
 import subprocess
 import sys
@@ -21,13 +22,15 @@ from pathlib import Path
 
 MODELS = ("deepseek-chat", "deepseek-reasoner", "qwen-72b", "llama-3-70b")
 ERRORS = ("rate_limited", "server_error", "timeout", "stream_broken")
+HASHES = [f"{i:016x}" for i in range(32)]
 
 
-def write_log(directory: Path, lines: int, seed: int = 1) -> int:
-    """24 hourly gzip files holding `lines` records in all (plus 3 malformed lines); total bytes."""
+def write_log(directory: Path, lines: int, seed: int = 1) -> tuple[int, int]:
+    """24 hourly gzip files holding `lines` records in all (plus 3 malformed lines); (compressed bytes,
+    uncompressed bytes)."""
     rng = random.Random(seed)
     per_hour = lines // 24
-    total = 0
+    total = plain = 0
     for h in range(24):
         out = []
         n = per_hour if h < 23 else lines - 23 * per_hour
@@ -45,14 +48,16 @@ def write_log(directory: Path, lines: int, seed: int = 1) -> int:
                            "output": rng.randrange(1, 800), "reasoning": 0},
                 "tokens_from_usage": True, "max_tokens": 1024, "request_id": f"req-{h}-{i}",
                 "caller": "4f946c02ab2be91b", "prompt_chars": 1200, "prefix_block_chars": 256,
-                "prefix_hashes": ["85c5a5598977df8f", "7e29b4dcfb98415e", "a1b2c3d4e5f60718", "0f1e2d3c4b5a6978"],
+                "prefix_hashes": HASHES[:rng.randrange(0, 33)],  # prompts of 0-8k characters
             }, separators=(",", ":")))
         if h == 12:
             out[100:100] = ["{not json", "[1, 2]", '{"v": 1, "ts": "yesterday"}']
-        data = gzip.compress(("\n".join(out) + "\n").encode(), 6)
+        text = ("\n".join(out) + "\n").encode()
+        plain += len(text)
+        data = gzip.compress(text, 6)
         (directory / f"calls-20261201T{h:02d}0000Z.jsonl.gz").write_bytes(data)
         total += data.__len__()
-    return total
+    return total, plain
 
 
 def main() -> None:
@@ -62,9 +67,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         t0 = time.perf_counter()
-        size = write_log(d, args.lines)
-        print(f"call log: {args.lines:,} lines in 24 gzip files, {size / 1e6:.0f} MB compressed "
-              f"(written in {time.perf_counter() - t0:.1f} s)")
+        size, plain = write_log(d, args.lines)
+        print(f"call log: {args.lines:,} lines ({plain / args.lines:.0f} bytes on average) in 24 gzip files, "
+              f"{size / 1e6:.0f} MB compressed, {plain / 1e6:.0f} MB plain (written in {time.perf_counter() - t0:.1f} s)")
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-m", "opskit", "calllog", "stats", str(d)], capture_output=True,
                              text=True, check=True)
@@ -75,11 +80,14 @@ def main() -> None:
         from opskit.sidecar import call_log_stats
 
         t0 = time.perf_counter()
-        loaded = call_log_stats.load([d])
+        call_log_stats.load([d], jobs=1)
         t1 = time.perf_counter()
-        call_log_stats.summarize(loaded)
+        loaded = call_log_stats.load([d])
         t2 = time.perf_counter()
-        print(f"  in-process phases: load (gunzip + parse) {t1 - t0:.2f} s, summarize (pandas) {t2 - t1:.2f} s")
+        call_log_stats.summarize(loaded)
+        t3 = time.perf_counter()
+        print(f"  in-process phases: load (gunzip + parse) {t1 - t0:.2f} s in one process, {t2 - t1:.2f} s "
+              f"with one process per CPU ({os.cpu_count()}); summarize (pandas) {t3 - t2:.2f} s")
 
 
 if __name__ == "__main__":

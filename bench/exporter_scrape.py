@@ -54,7 +54,8 @@ def populate(metrics, cfg) -> None:
                     for k in range(5):
                         metrics.observe(CallRecord(
                             t.name, source, model, code, err, duration_s=0.2 + 0.3 * k, ttft_s=0.05 * (k + 1),
-                            input_tokens=100, output_tokens=50, streamed=True, ratelimit_remaining_requests=99))
+                            input_tokens=100, output_tokens=50, streamed=True, ratelimit_remaining_requests=99,
+                            request_id=f"chatcmpl-{t.name}-{model}-{k}-0123456789abcdef"))  # exemplars
 
 
 def serve(config_path: str, ready: str) -> None:
@@ -127,6 +128,7 @@ def measure(scrapes: int) -> None:
             write_state(state, fake_gpus(8, util=55, ecc_volatile=1, ecc_aggregate=2, remapped_correctable=1,
                                          clocks_event_reasons=0x24, xids=(13, 79, 48)))
             report(info, proc.pid, scrapes)
+            report(info, proc.pid, scrapes, OPENMETRICS)
             render_ab(tmp / "opskit.yaml")
             gpu_ab(lib, env)
         finally:
@@ -134,14 +136,17 @@ def measure(scrapes: int) -> None:
             proc.wait(20)
 
 
-def report(info: dict, pid: int, scrapes: int) -> None:
+OPENMETRICS = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"  # as Prometheus asks
+
+
+def report(info: dict, pid: int, scrapes: int, accept: str | None = None) -> None:
     if pin(0):
         os.sched_setaffinity(0, {0})
     host, port = info["url"].removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
 
     def scrape() -> bytes:
-        conn.request("GET", "/metrics")
+        conn.request("GET", "/metrics", headers={"Accept": accept} if accept else {})
         resp = conn.getresponse()
         body = resp.read()
         assert resp.status == 200
@@ -160,7 +165,9 @@ def report(info: dict, pid: int, scrapes: int) -> None:
     rss, hwm = rss_mb(pid)
     samples = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
     times.sort()
-    print(f"exporter /metrics, 8 fake GPUs, {TARGETS} targets: {samples} samples, {len(body) / 1024:.0f} KiB")
+    kind = "OpenMetrics with exemplars" if accept else "text 0.0.4"
+    print(f"exporter /metrics ({kind}), 8 fake GPUs, {TARGETS} targets: {samples} samples, "
+          f"{len(body) / 1024:.0f} KiB")
     print(f"  scrape wall (client, keep-alive): median {statistics.median(times) * 1e3:.2f} ms, "
           f"p95 {times[int(0.95 * len(times))] * 1e3:.2f} ms, max {times[-1] * 1e3:.2f} ms  (n={scrapes})")
     print(f"  exporter CPU per scrape: {cpu * 1e3:.2f} ms")
@@ -172,6 +179,7 @@ def render_ab(config_path: Path, rounds: int = 7) -> None:
     import timeit
 
     import prometheus_client
+    from prometheus_client.openmetrics.exposition import generate_latest as om_generate_latest
 
     from opskit.core import config
     from opskit.sidecar import exporter_server
@@ -183,13 +191,17 @@ def render_ab(config_path: Path, rounds: int = 7) -> None:
     populate(metrics, cfg)
     renderer = Renderer(reg)
     assert renderer.render() == prometheus_client.generate_latest(reg)
-    a, b = [], []
+    assert renderer.render(True) == om_generate_latest(reg)
+    a, b, c, d = [], [], [], []
     for _ in range(rounds):  # alternate A and B so drift from other load hits both
         a.append(timeit.timeit(lambda: prometheus_client.generate_latest(reg), number=3) / 3)
         b.append(timeit.timeit(renderer.render, number=3) / 3)
-    ma, mb = statistics.median(a), statistics.median(b)
+        c.append(timeit.timeit(lambda: om_generate_latest(reg), number=3) / 3)
+        d.append(timeit.timeit(lambda: renderer.render(True), number=3) / 3)
+    ma, mb, mc, md = (statistics.median(x) for x in (a, b, c, d))
     print(f"  call series render, in-process (median of {rounds}): generate_latest {ma * 1e3:.1f} ms, "
-          f"opskit.sidecar.fast_exposition {mb * 1e3:.1f} ms ({ma / mb:.0f}x)")
+          f"opskit.sidecar.fast_exposition {mb * 1e3:.1f} ms ({ma / mb:.0f}x); OpenMetrics with exemplars: "
+          f"{mc * 1e3:.1f} ms vs {md * 1e3:.1f} ms ({mc / md:.0f}x)")
 
 
 def gpu_ab(lib: Path, env: dict, rounds: int = 7, n: int = 50) -> None:
