@@ -7,10 +7,12 @@ gauges are all derived from the same `CallRecord`.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.samples import Exemplar
 
 from opskit.core import catalog
 from opskit.core.catalog import Metric
@@ -76,13 +78,13 @@ class CallMetrics:
         # Latency of successful calls only (a fast 429 is no fast answer); TTFT/TPOT of streamed ones.
         # The call's request id is the bucket's exemplar (OpenMetrics): a slow bucket leads to its calls.
         if r.ok:
-            ex = {"request_id": r.request_id[:MAX_ID_CHARS]} if r.request_id else None
-            series.duration_of(r.streamed).observe(r.duration_s, ex)
+            ex = ({"request_id": r.request_id[:MAX_ID_CHARS]}, time.time()) if r.request_id else None
+            _observe(series.duration_of(r.streamed), r.duration_s, ex)
             if r.streamed and r.ttft_s is not None:
-                series.ttft.observe(r.ttft_s, ex)
+                _observe(series.ttft, r.ttft_s, ex)
             tpot = r.tpot_s
             if tpot is not None:
-                series.tpot.observe(tpot, ex)
+                _observe(series.tpot, tpot, ex)
         if r.input_tokens:
             series.tokens_in.inc(r.input_tokens)
         if r.output_tokens:
@@ -100,6 +102,17 @@ class CallMetrics:
             self.rl_requests.labels(r.target, r.source).set(r.ratelimit_remaining_requests)
         if r.ratelimit_remaining_tokens is not None:
             self.rl_tokens.labels(r.target, r.source).set(r.ratelimit_remaining_tokens)
+
+
+def _observe(child, value: float, ex: tuple[dict[str, str], float] | None) -> None:
+    """Histogram.observe, with the exemplar set as Histogram.observe(value, exemplar) would set it, less
+    its per-call label validation (the one label is fixed and its value cut to fit) and clock read."""
+    child.observe(value)
+    if ex is not None:
+        bounds = child._upper_bounds
+        i = bisect.bisect_left(bounds, value)
+        if i < len(bounds) and value <= bounds[i]:  # (NaN lands in no bucket)
+            child._buckets[i].set_exemplar(Exemplar(ex[0], value, ex[1]))
 
 
 class _Series:
