@@ -81,11 +81,18 @@ def load_key(opts: CallLogOptions, env=os.environ) -> bytes:
     path = opts.key_file or opts.directory / KEY_FILE
     try:
         if opts.key_file is None and not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # written whole under a temporary name, then linked into place: processes starting
+            # together (proxy workers) all read the one key that won, never a half-written file
+            tmp = path.with_name(f"{KEY_FILE}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32) + "\n")
-        key = path.read_bytes().strip()
-    except FileExistsError:  # another process made it between the check and the open
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
         key = path.read_bytes().strip()
     except OSError as exc:
         raise CallLogError(f"cannot read or create the call-log key file {path}: {exc.strerror or exc}") from None
