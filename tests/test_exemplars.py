@@ -67,6 +67,11 @@ def test_openmetrics_render_equals_the_library_and_carries_request_ids(monkeypat
     assert _exemplars(text, "opskit_llm_time_to_first_token_seconds") == {"0.06": "req-slow-2"}
     assert _exemplars(text, "opskit_llm_time_per_output_token_seconds") == {"0.015": "req-slow-2"}  # (0.3 - 0.05) / 19
     promtool_check(r.render().decode())
+    calls.observe(CallRecord("t", "proxy", "m", 200, "", 0.4, ttft_s=0.05, output_tokens=20, streamed=True,
+                             request_id="req-newer"))  # a newer call in a bucket already rendered
+    om = r.render(openmetrics=True)
+    assert om == om_generate_latest(reg)
+    assert _exemplars(om.decode(), "opskit_llm_request_duration_seconds")["stream=true 0.5"] == "req-newer"
 
 
 def test_a_long_request_id_is_cut_to_fit_an_exemplar(monkeypatch):

@@ -65,6 +65,9 @@ class Renderer:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
         self._prefixes: dict[tuple[object, tuple[str, ...]], tuple[str, ...]] = {}
+        # id(bucket) -> (its exemplar, rendered): a bucket's exemplar changes only when a call lands
+        # in it, so most scrapes reuse the text (holding the exemplar keeps the identity check sound)
+        self._exemplars: dict[int, tuple[object, str]] = {}
 
     def render(self, openmetrics: bool = False) -> bytes:
         """The exposition: equal to `generate_latest(registry)`, or with `openmetrics` to
@@ -75,8 +78,9 @@ class Renderer:
             return om_generate_latest(reg) if openmetrics else generate_latest(reg)
         with reg._lock:
             collectors = list(reg._collector_to_names)
-        if len(self._prefixes) > _MAX_CACHED:
+        if len(self._prefixes) > _MAX_CACHED or len(self._exemplars) > _MAX_CACHED:
             self._prefixes.clear()
+            self._exemplars.clear()
         out: list[str] = []
         for c in collectors:
             if type(c) in _FAST_TYPES and c._labelnames and not c._labelvalues:
@@ -110,7 +114,13 @@ class Renderer:
             for prefix, bucket in zip(prefixes, child._buckets, strict=False):
                 acc += bucket.get()
                 ex = bucket._exemplar if openmetrics else None
-                out.append(prefix + fmt(acc) + ("\n" if ex is None else _exemplar(ex)))
+                if ex is None:
+                    out.append(prefix + fmt(acc) + "\n")
+                    continue
+                cached = self._exemplars.get(id(bucket))
+                if cached is None or cached[0] is not ex:
+                    cached = self._exemplars[id(bucket)] = (ex, _exemplar(ex))
+                out.append(prefix + fmt(acc) + cached[1])
             out.append(prefixes[-2] + fmt(acc) + "\n")
             if prefixes[-1]:
                 out.append(prefixes[-1] + fmt(child._sum.get()) + "\n")
