@@ -103,3 +103,57 @@ def test_exporter_serves_openmetrics_only_when_asked(start_exporter, mock_server
     assert sample(plain, "opskit_llm_requests_total", target="default", code="200") == 2
     promtool_check(plain)
     assert ex.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_real_prometheus_stores_the_request_ids(start_exporter, mock_server, tmp_path):  # noqa: F811
+    """Prometheus (exemplar storage on) negotiates OpenMetrics and keeps each bucket's request id."""
+    import json
+    import subprocess
+    import time
+    import urllib.parse
+
+    import yaml
+
+    from opskit.core.processes import free_port
+    from tests.conftest import need_binary, stop
+
+    openai = pytest.importorskip("openai")
+    binary = need_binary("prometheus")
+    ex = start_exporter("--no-gpu", "--proxy-listen", "127.0.0.1:0", "--upstream", mock_server.url,
+                        "--metrics-linger-s", "0", env=base_env())
+    client = openai.OpenAI(base_url=ex.info["proxy_url"] + "/v1", api_key=SECRET, timeout=20, max_retries=0)
+    ids = {client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4).id for _ in range(3)}
+    cfg = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+           "scrape_configs": [{"job_name": "opskit", "static_configs": [
+               {"targets": [ex.info["url"].removeprefix("http://")]}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+                             "--enable-feature=exemplar-storage", "--log.level=warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        found: set[str] = set()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            now = time.time()
+            query = urllib.parse.urlencode({"query": "opskit_llm_request_duration_seconds_bucket",
+                                            "start": now - 600, "end": now + 60})
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query_exemplars?{query}",
+                                            timeout=5) as r:
+                    body = json.loads(r.read())
+                found = {e["labels"]["request_id"] for s in body["data"] for e in s["exemplars"]}
+            except OSError:
+                pass
+            if found:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-1000:]
+            time.sleep(0.5)
+        # the calls are fast, so they share a bucket: the last one is its exemplar
+        assert found and found <= ids, (found, ids)
+    finally:
+        stop(proc)
+        ex.stop()
