@@ -82,7 +82,7 @@ def main() -> None:
         t0 = time.perf_counter()
         call_log_stats.load([d], jobs=1)
         t1 = time.perf_counter()
-        loaded = call_log_stats.load([d])
+        loaded = call_log_stats.load([d], jobs=0)
         t2 = time.perf_counter()
         call_log_stats.summarize(loaded)
         t3 = time.perf_counter()

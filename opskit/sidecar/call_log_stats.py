@@ -9,7 +9,8 @@ Speed: a day of logs is millions of lines, so lines are parsed in batches (one `
 array of many lines, the C parser's speed without a Python call per line) and only the columns used
 become a DataFrame; a batch with a malformed line is parsed again line by line, so a bad line costs
 its batch, not the run. Lines are cut before the fields not read (prefix hashes, bodies: most of a
-line) when that leaves every field read, and files are read by one process per CPU. Malformed lines (not JSON, not an object, no valid `ts`) are skipped and
+line) when that leaves every field read. `--jobs N` reads files in N processes: on a busy 2-core machine
+that was slower than one (bench/README.md), since every record is sent back to the parent. Malformed lines (not JSON, not an object, no valid `ts`) are skipped and
 counted, with where the first ones are.
 """
 
@@ -88,9 +89,9 @@ def _add(cols: dict[str, list], objs: list) -> int:
     return bad
 
 
-def load(paths: list[Path], jobs: int | None = None) -> Loaded:
+def load(paths: list[Path], jobs: int = 1) -> Loaded:
     """Every usable record of the call-log files under `paths` (directories or files); files are read
-    by `jobs` processes (default: one per CPU, at most one per file)."""
+    by `jobs` processes (at most one per file; 0 = one per CPU)."""
     files = _files(paths)
     jobs = min(len(files), jobs or os.cpu_count() or 1)
     if jobs > 1:
@@ -252,8 +253,10 @@ def calllog() -> None:
 
 @calllog.command("stats")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--jobs", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Processes reading files in parallel (0: one per CPU).")
 @click.pass_context
-def stats_command(ctx: click.Context, paths: tuple[Path, ...]) -> None:
+def stats_command(ctx: click.Context, paths: tuple[Path, ...], jobs: int) -> None:
     """Calls, error types, tokens, top models and latency percentiles per hour of a call log.
 
     \b
@@ -262,7 +265,7 @@ def stats_command(ctx: click.Context, paths: tuple[Path, ...]) -> None:
       opskit calllog stats /var/log/opskit-calls
       opskit calllog stats calls-20261201T000000Z.jsonl.gz
     """
-    loaded = load(list(paths))
+    loaded = load(list(paths), jobs)
     try:
         s = summarize(loaded)
     except ValueError:
