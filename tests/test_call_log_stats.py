@@ -75,3 +75,13 @@ def test_no_usable_line_is_one_line_exit_2(tmp_path):
     assert res.exit_code == 2 and "no usable call-log line" in res.output and "0 files" in res.output
     res = CliRunner().invoke(main, ["calllog", "stats", str(tmp_path / "missing")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
+
+
+def test_parallel_reading_gives_the_same_records(tmp_path):
+    for h in range(3):
+        lines = [rec(f"2026-12-01T0{h}:00:{i:02d}.000Z", dur=h + i / 100) for i in range(50)] + ["bad"]
+        (tmp_path / f"calls-20261201T0{h}0000Z.jsonl").write_text("\n".join(lines) + "\n")
+    one, many = call_log_stats.load([tmp_path], jobs=1), call_log_stats.load([tmp_path], jobs=3)
+    assert one.columns == many.columns and len(one.columns["ts"]) == 150
+    assert (one.files, one.malformed, one.bad_at) == (many.files, many.malformed, many.bad_at) == (
+        3, 3, [f"calls-20261201T0{h}0000Z.jsonl:51" for h in range(3)])
