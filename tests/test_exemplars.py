@@ -157,3 +157,26 @@ def test_real_prometheus_stores_the_request_ids(start_exporter, mock_server, tmp
     finally:
         stop(proc)
         ex.stop()
+
+
+def test_openmetrics_page_with_gpu_series_parses(fake_nvml, tmp_path, monkeypatch):
+    """The whole page Prometheus now gets (GPU health series included) is valid OpenMetrics."""
+    from opskit.live.fakenvml import fake_gpus, write_state
+    from opskit.sidecar.gpu import GpuCollector
+
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)
+    monkeypatch.setenv("FAKE_NVML_STATE", str(write_state(tmp_path / "s", fake_gpus(
+        2, util=42, ecc_volatile=1, ecc_aggregate=2, remapped_correctable=1, clocks_event_reasons=0x24))))
+    gpu = GpuCollector(lib_path=str(fake_nvml))
+    try:
+        cfg = config.parse({"targets": [{"name": "t", "base_url": "http://h/v1", "models": ["m"]}]}, env={})
+        reg, calls = exporter_server.build_registry(cfg, gpu)
+        calls.observe(CallRecord("t", "proxy", "m", 200, "", 0.3, ttft_s=0.05, output_tokens=20, streamed=True,
+                                 input_tokens=5, request_id="req-1"))
+        text = Renderer(reg).render(openmetrics=True).decode()
+        families = {f.name: f for f in om_families(text)}  # raises on anything invalid
+        assert families["opskit_gpu_utilization_ratio"].samples[0].value == pytest.approx(0.42)
+        assert families["opskit_llm_requests"].type == "counter"
+        assert _exemplars(text, "opskit_llm_time_to_first_token_seconds") == {"0.06": "req-1"}
+    finally:
+        gpu.close()
