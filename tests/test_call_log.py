@@ -233,3 +233,23 @@ def test_prefix_hashes_are_chained_and_keyed():
     assert call_log_record.prompt_text(parts) == "abcd"
     assert call_log_record.prompt_text({"prompt": ["x", "y"]}) == "xy"
     assert call_log_record.caller(None, b"k") is None and call_log_record.caller("Bearer s", b"k") != "Bearer s"
+
+
+def test_a_failing_disk_is_counted_not_raised(tmp_path, caplog):
+    import shutil
+
+    clock = Clock()
+    log, reg = _log(tmp_path, clock)
+    log._thread.start = lambda: None
+    log.start()
+    shutil.rmtree(tmp_path / "calls")  # the directory is gone: opening the file fails
+    for _ in range(3):
+        log.submit(*_call({"model": "m", "messages": []}), auth=None)
+    log._drain()
+    assert reg.get_sample_value("opskit_call_log_dropped_total", {"reason": "write_error"}) == 3
+    assert reg.get_sample_value("opskit_call_log_records_total") == 0
+    assert [r.levelname for r in caplog.records if "not written" in r.message] == ["ERROR"]
+    (tmp_path / "calls").mkdir()  # back: the next records are written
+    log.submit(*_call({"model": "m", "messages": []}), auth=None)
+    log._drain()
+    assert reg.get_sample_value("opskit_call_log_records_total") == 1
