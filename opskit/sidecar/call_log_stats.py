@@ -17,6 +17,7 @@ counted, with where the first ones are.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import gzip
 import json
 import math
@@ -134,6 +135,16 @@ def _parse(batch: list[str]) -> list | None:
 
 def load_file(path: Path) -> Loaded:
     """The usable records of one call-log file (.jsonl or .jsonl.gz)."""
+    enabled = gc.isenabled()
+    gc.disable()  # parsing makes millions of short-lived dicts and no cycle: the collector only costs (~25 %)
+    try:
+        return _load_file(path)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _load_file(path: Path) -> Loaded:
     out = Loaded({c: [] for c in COLUMNS}, files=1)
     try:
         raw = path.read_bytes()
