@@ -10,7 +10,7 @@ array of many lines, the C parser's speed without a Python call per line) and on
 become a DataFrame; a batch with a malformed line is parsed again line by line, so a bad line costs
 its batch, not the run. Lines are cut before the fields not read (prefix hashes, bodies: most of a
 line) when that leaves every field read. `--jobs N` reads files in N processes: on a busy 2-core machine
-that was slower than one (bench/README.md), since every record is sent back to the parent. Malformed lines (not JSON, not an object, no valid `ts`) are skipped and
+that gained nothing dependable (bench/README.md), since every record is sent back to the parent. Malformed lines (not JSON, not an object, no valid `ts`) are skipped and
 counted, with where the first ones are.
 """
 
