@@ -9,9 +9,11 @@ Speed: a day of logs is millions of lines, so lines are parsed in batches (one `
 array of many lines, the C parser's speed without a Python call per line) and only the columns used
 become a DataFrame; a batch with a malformed line is parsed again line by line, so a bad line costs
 its batch, not the run. Lines are cut before the fields not read (prefix hashes, bodies: most of a
-line) when that leaves every field read. `--jobs N` reads files in N processes: on a busy 2-core machine
-that gained nothing dependable (bench/README.md), since every record is sent back to the parent. Malformed lines (not JSON, not an object, no valid `ts`) are skipped and
-counted, with where the first ones are.
+line) when that leaves every field read, and the cyclic garbage collector is off while parsing (millions
+of short-lived dicts, no cycles). `--jobs N` reads files in N processes: on a busy 2-core machine that
+gained nothing dependable (bench/README.md), since every record is sent back to the parent.
+Malformed lines (not JSON, not an object, no valid `ts`) are skipped and counted, with where the first
+ones are.
 """
 
 from __future__ import annotations
