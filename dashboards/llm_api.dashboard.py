@@ -103,11 +103,13 @@ def spend(t: Thresholds) -> list:
         timeseries("Prompt cache hit ratio", "Share of input tokens served from the provider's prompt cache "
                    "(billed at the cached-input price): a drop means a changed prompt prefix.", "percentunit",
                    [target(cache, "{{target}} {{model}}")]),
-        timeseries("Projected daily spend", f"The last hour's spend rate over a whole day, per target. Line: "
-                   f"the daily budget of the LLMSpendBudgetBurn alert ({t.spend_daily_budget:g}, in the "
-                   f"target's currency).", "short",
+        timeseries("Projected daily spend", "The last hour's spend rate over a whole day, per target, and the "
+                   "daily budget configured with the target's prices (the LLMSpendBudgetBurn alert fires when the "
+                   f"projection stays above it for {t.spend_for}; no budget line, no alert).", "short",
                    [target(f'sum by (target, currency) (rate({c.LLM_SPEND.name}{{target=~"$target"}}[1h])) * 86400',
-                           "{{target}} {{currency}}")], (("red", t.spend_daily_budget),)),
+                           "{{target}} {{currency}}"),
+                    target(f'max by (target, currency) ({c.LLM_SPEND_BUDGET.name}{{target=~"$target"}})',
+                           "{{target}} budget ({{currency}})")]),
     ]
 
 

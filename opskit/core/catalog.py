@@ -139,6 +139,9 @@ LLM_TOKENS = _m("opskit_llm_tokens_total", COUNTER, "",
 LLM_SPEND = _m("opskit_llm_spend_total", COUNTER, "",
                "Estimated spend from usage and the target's configured prices per million tokens "
                "(off-peak discounts applied), in the currency label's units.", CALL_LABELS + ("currency",))
+LLM_SPEND_BUDGET = _m("opskit_llm_spend_daily_budget", GAUGE, "",
+                      "Configured daily spend budget of the target, in the currency label's units (absent when "
+                      "none is configured: no spend alert then).", ("target", "currency"))
 LLM_IN_FLIGHT = _m("opskit_llm_requests_in_flight", GAUGE, "", "Calls started and not yet finished.",
                    ("target", "source"))
 LLM_RL_REQUESTS = _m("opskit_llm_ratelimit_remaining_requests", GAUGE, "",
@@ -160,7 +163,7 @@ CONNECTIONS_REFUSED = _m("opskit_exporter_connections_refused_total", COUNTER, "
 ALL: tuple[Metric, ...] = (
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER, GPU_INFO, GPU_UP,
     GPU_COLLECT_ERRORS, *GPU_HEALTH,
-    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_SPEND, LLM_IN_FLIGHT,
+    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_SPEND, LLM_SPEND_BUDGET, LLM_IN_FLIGHT,
     LLM_RL_REQUESTS, LLM_RL_TOKENS, LLM_QUOTA_LIMIT, PROBE_SUCCESS, PROBE_DURATION, BUILD_INFO,
     CONNECTIONS_REFUSED,
 )

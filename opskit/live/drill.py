@@ -66,6 +66,7 @@ class Load:
         self.codes: collections.Counter[int] = collections.Counter()
         self.in_flight = 0
         self.paused = False
+        self.body = drill_plan.REQUEST_BODY
 
     async def run(self) -> None:
         """Send calls until cancelled."""
@@ -87,7 +88,7 @@ class Load:
     async def _one(self) -> None:
         self.in_flight += 1
         try:
-            async with self.session.post(self.url, json=drill_plan.REQUEST_BODY, timeout=aiohttp.ClientTimeout(total=15)) as r:
+            async with self.session.post(self.url, json=self.body, timeout=aiohttp.ClientTimeout(total=15)) as r:
                 async for _ in r.content.iter_any():
                     pass
                 self.codes[r.status] += 1
@@ -171,6 +172,8 @@ async def apply(phase: Phase, ctx: dict, inject: bool) -> None:
             await _admin(session, admin, section, changes)
         else:
             await _admin(session, admin, section, drill_plan.restore(changes, saved[section]))
+    if phase.body:
+        ctx["load"].body = {**drill_plan.REQUEST_BODY, **phase.body} if inject else drill_plan.REQUEST_BODY
     if phase.gpu is not None and ctx["gpu_state"]:
         from opskit.live import fake_gpu
 
@@ -379,7 +382,8 @@ def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_se
     state_dir = Path(tempfile.mkdtemp(prefix="opskit-drill-"))
     spec = stack.StackSpec(state_dir=state_dir, timing=DRILL_TIMING, probe_interval_s=1.0,
                            rules={"drill.rules.yml": project.rules}, alertmanager_yml=project.alertmanager_yml,
-                           gpu="off" if no_gpu else "fake", engine="vllm")
+                           gpu="off" if no_gpu else "fake", engine="vllm",
+                           spend_daily_budget=drill_plan.SPEND_BUDGET_PER_RPS * rps)
     started = time.monotonic()
     try:
         with sigterm_unwinds():  # unwind, so the stack is stopped

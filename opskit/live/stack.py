@@ -63,6 +63,7 @@ class StackSpec:
     mock_flags: tuple[str, ...] = ()
     engine: str | None = None          # the mock plays this model server (vllm, sglang, tgi), scraped too
     probe: bool = True                 # canary calls from the exporter (they cost money on a hosted API)
+    spend_daily_budget: float | None = None  # the mock target's daily budget (USD): arms LLMSpendBudgetBurn
     ready_timeout_s: float = 60.0
 
 
@@ -196,7 +197,8 @@ def _exporter_config(spec: StackSpec, mock_url: str) -> str:
     return yaml.safe_dump({
         "targets": [{"name": "mock", "base_url": mock_url + "/v1", "kind": "private",
                      "models": list(spec.models), "daily_quota_requests": spec.daily_quota_requests,
-                     "prices": MOCK_PRICES}],
+                     "prices": {**MOCK_PRICES, **({"daily_budget": spec.spend_daily_budget}
+                                                  if spec.spend_daily_budget else {})}}],
         "probe": {"interval_s": spec.probe_interval_s, "timeout_s": 5.0, "max_tokens": 8},
     }, sort_keys=False)
 
