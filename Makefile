@@ -37,9 +37,13 @@ pytest: install
 lint: install
 	$(BIN)/ruff check .
 
+# PRICES=FILE prices the run (a target's `prices:` section); the embedded mock gets the shipped
+# illustrative ones; a TARGET, CONFIG or $$OPSKIT_TARGET_URL none unless given (a config's own prices apply).
+PRICES ?=
 loadtest: install
 	$(BIN)/opskit loadtest $(if $(TARGET),--target $(TARGET)) $(if $(CONFIG),--config $(CONFIG)) \
-		$(if $(BASELINE),--baseline $(BASELINE))
+		$(if $(BASELINE),--baseline $(BASELINE)) \
+		$(if $(PRICES),--prices $(PRICES),$(if $(TARGET)$(CONFIG)$(OPSKIT_TARGET_URL),,--prices loadtests/example-prices.yaml))
 
 alerts: install
 	$(BIN)/opskit generate alerts

@@ -347,7 +347,6 @@ def run(spec: stack.StackSpec, project: Project, phases: list[Phase], rps: float
         return ["interrupted"]
 
 
-
 @click.command()
 @click.option("--phase", "phase_names", multiple=True, type=click.Choice(drill_plan.PHASE_NAMES),
               help="Run only these phases (repeatable; default: all).")

@@ -120,8 +120,19 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
         limit = thresholds.load().circuit_error_ratio
         verdict.checks.insert(0, Check(name, "circuit_breaker", opened[1], "<", limit, False, opened[0]))
         echo(f"[{name}] {opened[0]}")
-    echo(f"[{name}] done: {len(df)} requests")
+    echo(f"[{name}] done: {len(df)} requests{tokens_and_cost(verdict.summaries.get(name, {}))}")
     return verdict, meta
+
+
+def tokens_and_cost(s: dict) -> str:
+    """"; tokens by type ..., estimated cost ..." for a scenario's console line ("" without tokens)."""
+    if not (s.get("input_tokens") or s.get("output_tokens")):
+        return ""
+    out = (f"; tokens input {s['input_tokens']} (cached {s.get('cached_input_tokens') or 0}), "
+           f"output {s['output_tokens']} (reasoning {s.get('reasoning_tokens') or 0})")
+    if c := s.get("cost"):
+        out += f"; estimated cost {c['total']:.4f} {c['currency']}"
+    return out
 
 
 def _engine_sampler(opts: runner.Options, target: runner.Target):
@@ -166,13 +177,17 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
             time.sleep(wait)
         for name in opts.scenarios:
             v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress,
-                                       prices=tgt.prices if tgt else None)
+                                       prices=opts.prices or (tgt.prices if tgt else None))
             verdict.extend(v)
             if runner.circuit_reason(run_dir, name):  # a failing target takes no more load
                 skipped = [s for s in opts.scenarios if s not in metas]
                 if skipped:
                     echo(f"not run after the circuit opened: {', '.join(skipped)}")
                 break
+        costs = [s["cost"] for s in verdict.summaries.values() if s.get("cost")]
+        if costs:  # what a release test on a paid API cost, said before the verdict
+            echo(f"estimated cost of the run: {sum(c['total'] for c in costs):.4f} {costs[0]['currency']} "
+                 f"(usage x the configured prices; failed calls with usage included)")
     finally:
         target.close()
     write(run_dir, verdict, metas, redact_url(target.url), target.notes)

@@ -66,6 +66,7 @@ class Options:
     out_dir: Path = Path("reports")
     locustfiles: Path = LOCUSTFILES
     engine_metrics: str | None = None  # a model server's /metrics URL sampled during each scenario
+    prices: object | None = None       # opskit.core.pricing.Prices for the run's cost (--prices), else the target's
 
 
 # Defaults per scenario, sized so all four run in well under make loadtest's 3 minutes on 2 cores.
