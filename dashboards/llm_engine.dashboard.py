@@ -119,6 +119,7 @@ def build(t: Thresholds) -> object:
         "dashboards`; edit the code, not the JSON.",
         [engine_variable(), variable("target", "Target (client side)", c.LLM_REQUESTS)],
         [("Load and saturation", load(t)), ("Latency", latency(t)), ("Throughput", throughput(t))],
+        alerts="LLMEngine.*",
     )
 
 
