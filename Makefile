@@ -59,8 +59,11 @@ dashboards: install
 
 # Kubernetes manifests made from alerts/ and dashboards/ (PrometheusRule, Grafana ConfigMaps).
 .PHONY: manifests
+# RUNBOOK_BASE: the absolute URL of alerts/runbook.md that the PrometheusRule links to (required; the
+# committed deploy/generated/ uses the placeholder below: render your own before applying it).
+RUNBOOK_BASE ?= https://runbooks.example.com/opskit/alerts/runbook.md
 manifests: install
-	$(BIN)/opskit generate manifests
+	$(BIN)/opskit generate manifests --runbook-base $(RUNBOOK_BASE)
 
 check-alerts: install
 	alerts/check.sh
