@@ -2,7 +2,7 @@
 
     opskit generate alerts                       # rewrite alerts/opskit.rules.yml, alertmanager.yml
     opskit generate dashboards --check           # exit 1 if dashboards/generated/ is out of date
-    opskit generate manifests --out-dir /tmp/k8s # deploy/generated/*.yaml somewhere else
+    opskit generate manifests --runbook-base URL --out-dir /tmp/k8s # deploy/generated/*.yaml somewhere else
 
 Each generator only returns `{relative path: text}`; `write_or_check` is the one place that compares
 with, or writes to, the output folder. By default that folder is the shipped one (the checkout's own
@@ -63,7 +63,7 @@ def generate() -> None:
     Examples:
       opskit generate alerts --check
       opskit generate dashboards --out-dir /tmp/grafana --prometheus-url http://prometheus:9090
-      opskit generate manifests
+      opskit generate manifests --runbook-base https://git.example.com/ops/opskit/blob/main/alerts/runbook.md
     """
 
 

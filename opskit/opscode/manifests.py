@@ -6,7 +6,7 @@
 - deploy/generated/dashboards.yaml: one ConfigMap per dashboard JSON, labelled for Grafana's
   dashboard sidecar (`grafana_dashboard: "1"`).
 
-`opskit generate manifests [--check]` writes or checks them (opskit.opscode.generate).
+`opskit generate manifests --runbook-base URL [--check]` writes or checks them (opskit.opscode.generate).
 """
 
 from __future__ import annotations
