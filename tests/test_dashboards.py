@@ -50,7 +50,7 @@ def test_both_dashboards_exist_with_their_variables(dashboards):
     names = {k: [v["name"] for v in _json(d)["templating"]["list"]] for k, d in dashboards.items()}
     assert names["llm_api"] == ["datasource", "cluster", "namespace", "job", "instance", "source", "target", "model"]
     assert names["gpu"][:5] == ["datasource", "cluster", "namespace", "job", "instance"]
-    assert names["llm_engine"] == ["datasource", "instance", "target"]
+    assert names["llm_engine"] == ["datasource", "cluster", "namespace", "instance", "target"]
 
 
 def test_llm_api_links_to_the_engine_dashboard(dashboards):
