@@ -106,3 +106,26 @@ def test_console_line_shows_tokens_by_type_and_cost():
                                        "estimated cost 0.0012 USD")
     assert gate.tokens_and_cost({**s, "cost": None}).endswith("(reasoning 0)")
     assert gate.tokens_and_cost({"input_tokens": 0, "output_tokens": 0}) == ""
+
+
+@pytest.mark.parametrize("args, env, want", [
+    ([], {}, "--prices loadtests/example-prices.yaml"),          # the embedded mock: illustrative prices
+    (["CONFIG=x.yaml"], {}, None),                                 # a real target: its own prices or none
+    (["TARGET=http://h"], {}, None),
+    ([], {"OPSKIT_TARGET_URL": "http://h"}, None),
+    (["TARGET=http://h", "PRICES=p.yaml"], {}, "--prices p.yaml"),
+])
+def test_make_loadtest_prices_only_the_mock_by_default(args, env, want):
+    import os
+    import shutil
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    if not shutil.which("make"):
+        pytest.skip("make not installed")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OPSKIT_TARGET_URL", "TARGET", "CONFIG", "PRICES")}
+    out = subprocess.run(["make", "-n", "loadtest", *args], cwd=ROOT, env={**clean, **env}, capture_output=True,
+                         text=True, timeout=30).stdout
+    assert "opskit loadtest" in out
+    assert ("--prices" in out) == (want is not None) and (want is None or want in out), out
