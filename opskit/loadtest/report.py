@@ -114,6 +114,10 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
                      f"preemptions {'-' if g['preemptions'] is None else format(g['preemptions'], 'g')}"))
     elif s.get("engine"):
         rows.append(("server side", f"no sample from {s['engine']['url']} (see the notes)"))
+    if s.get("replay"):
+        from opskit.loadtest.replay_compare import lines
+
+        rows += [("replay vs recorded" if i == 0 else "", line) for i, line in enumerate(lines(s["replay"]))]
     if s.get("ground_truth"):
         g = s["ground_truth"]
         rows.append(("vs mock ground truth", f"TTFT |err| p99 {_ms(g['ttft_abs_err_p99_s'])} ms, "
@@ -136,7 +140,9 @@ def verdict_paragraph(verdict: Verdict) -> str:
 def _asked(d: dict) -> str:
     """What was asked, in words (it read like a Python dump)."""
     parts = [f"{d['duration']:g} s" if "duration" in d else None,
-             f"{d['users']} users" if d.get("scenario") != "qps" and "users" in d else None,
+             f"{d['users']} users" if d.get("scenario") not in ("qps", "replay") and "users" in d else None,
+             f"{d['scheduled']} requests at the trace's arrival times, speed {d.get('speed', 1):g}"
+             if d.get("arrival") == "trace" else None,
              f"{d.get('arrival', 'fixed')} arrivals at {d['rate']:g} req/s" if d.get("rate") else None,
              f"{d['processes']} Locust process{'es' if d.get('processes', 1) > 1 else ''}" if "processes" in d else None,
              ("streamed (" + str(d.get("transport", "sse")) + ")") if d.get("stream") else "not streamed",
