@@ -12,12 +12,14 @@ import gevent
 import gevent.pool
 from locust import task
 
+from opskit.core import records
 from opskit.loadtest.replay_plan import PromptBuilder, read_schedule
-from opskit.loadtest.users import END_GRACE_S, OpenLoopUser, perf
+from opskit.loadtest.users import END_GRACE_S, ChatUser, perf, report
 
 
-class ReplayUser(OpenLoopUser):
-    """Sends the trace's requests at their offsets: recorded model, stream flag, lengths and prefixes."""
+class ReplayUser(ChatUser):
+    """Sends the trace's requests at their offsets: recorded model, stream flag, lengths and prefixes.
+    (Not a subclass of the qps scheduler: Locust would run its task, the qps schedule, beside this one.)"""
 
     abstract = True
     scenario = "replay"
@@ -25,6 +27,7 @@ class ReplayUser(OpenLoopUser):
     def on_start(self) -> None:
         """Read this process's share of the schedule."""
         super().on_start()
+        self.done = False
         prm = self.p.params
         self.entries = read_schedule(prm.schedule, prm.worker, prm.workers) if prm.schedule else []
         self.builder = PromptBuilder(prm.seed)
@@ -57,8 +60,17 @@ class ReplayUser(OpenLoopUser):
                 break
             tags = {"trace_line": e["line"], "trace_index": e["i"], "model": e["model"], "rec_model": e["rec_model"]}
             if len(pool) >= prm.max_inflight:
-                self._dropped(t)
+                self._dropped(t, tags)
                 continue
             pool.spawn(self.send, self.replay_body(e), t, **tags)
         pool.join(timeout=prm.timeout_s + 5)
         self.done = True
+
+    def _dropped(self, t: float, tags: dict) -> None:
+        """Too many requests in flight: counted as a client-side failure, never silently skipped."""
+        self.seq += 1
+        now, prm = perf(), self.p.params
+        report(self.environment, {"scenario": prm.scenario, "worker": prm.worker, "user": self.uid, "seq": self.seq,
+                                  "t_sched": t, "t_sent": None, "t_end": now, "duration_s": now - t, "status": 0,
+                                  "error_type": records.CONNECTION, "error": "dropped: max in-flight reached",
+                                  **tags}, prm.scenario)
