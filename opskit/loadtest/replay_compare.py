@@ -79,13 +79,17 @@ def slowdown_check(c: dict) -> Check | None:
                  note or "no model with recorded and replayed successes")
 
 
+def _article(fmt: str) -> str:
+    return f"{'an' if fmt[:1] in 'aeiou' else 'a'} {fmt}"
+
+
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
 def lines(c: dict) -> list[str]:
     """The section as text lines (printed after the verdict table and shown in report.html)."""
-    out = [f"replay of a {c['format']} trace at speed {c['speed']:g}: {c['lines']} lines read, "
+    out = [f"replay of {_article(c['format'])} trace at speed {c['speed']:g}: {c['lines']} lines read, "
            f"{c['skipped_count']} malformed and skipped"
            + (" (lines " + ", ".join(f"{s or ''}{':' if s else ''}{n}" for s, n, _ in c["skipped"])
               + (", ..." if c["skipped_count"] > len(c["skipped"]) else "") + ")" if c["skipped"] else "")]
