@@ -244,3 +244,24 @@ def test_mooncake_slice_replayed_fast_says_there_is_no_recorded_latency(tmp_path
     assert "recorded latency: none (the mooncake trace" in proc.stdout
     rows = [json.loads(x) for x in (run / "log" / "requests-replay-0.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["model"] == "deepseek-chat" for r in rows)
+
+
+def test_a_long_trace_is_read_only_as_far_as_it_can_be_replayed(tmp_path):
+    f = tmp_path / "day.jsonl"
+    f.write_text("".join(json.dumps({"timestamp": k * 1000, "input_length": 10, "output_length": 5, "hash_ids": [k]})
+                         + "\n" for k in range(5000)))  # one request a second for 83 minutes
+    tr = trace.read(f, stop_after=120.0)
+    assert len(tr.requests) == 122 and tr.stopped and "line 122" in tr.stopped
+    plan = _plan(tr, max_duration=60.0)
+    assert len(plan.entries) == 61 and plan.cuts == ["--max-duration 60 s: replayed the first 61 of 122 requests "
+                                                     "(121 s of arrivals at speed 1)"]
+
+
+def test_models_sent_as_recorded_when_served_else_the_fallback():
+    from opskit.loadtest.replay_cli import _model_mapper
+
+    served = _model_mapper(None, ("a", "b"), "a")
+    assert [served(m) for m in ("a", "b", "c", None)] == ["a", "b", "a", "a"]
+    unknown = _model_mapper(None, None, "a")  # a bare --target URL: its models are not known
+    assert [unknown(m) for m in ("b", None)] == ["b", "a"]
+    assert _model_mapper("z", ("a",), "a")("a") == "z"

@@ -117,6 +117,8 @@ def replay(trace_path, fmt, speed, window, max_requests, max_duration, target_ur
                                 _model_mapper(model, served, fallback), stream if stream is not None else True, stream)
     except ValueError as exc:
         fail(str(exc))
+    if tr.stopped:
+        plan.cuts.append(tr.stopped)
     progress, echo = _progress_printer()
     echo(f"trace {trace_path} ({tr.format}): {len(tr.requests)} usable of {tr.lines} lines, {tr.skipped_count} "
          f"malformed; replaying {len(plan.entries)} requests over {plan.span_s:.1f} s")

@@ -67,6 +67,7 @@ class Trace:
     skipped_count: int = 0
     lines: int = 0
     first_t: float | None = None
+    stopped: str | None = None      # where reading stopped early (`stop_after`), in words
 
     @property
     def has_latency(self) -> bool:
@@ -212,10 +213,14 @@ def _azure_time(value: str) -> float:
 
 
 def _past(trace: Trace, req: TraceRequest, stop_after: float | None) -> bool:
-    """Keep `req`; True once the trace has run `stop_after` seconds past its first request."""
+    """Keep `req`; True (and noted) once the trace has run `stop_after` seconds past its first request."""
     trace.requests.append(req)
     trace.first_t = req.t if trace.first_t is None else min(trace.first_t, req.t)
-    return stop_after is not None and req.t - trace.first_t > stop_after
+    if stop_after is not None and req.t - trace.first_t > stop_after:
+        where = f"{req.source}:{req.line}" if req.source else f"line {req.line}"
+        trace.stopped = f"the trace was read up to {where} ({req.t - trace.first_t:.0f} s in), past what can be replayed"
+        return True
+    return False
 
 
 def _read_json_lines(trace: Trace, path: Path, parse, stop_after: float | None, source: str) -> None:
@@ -270,6 +275,8 @@ def read(path: str | Path, fmt: str | None = None, stop_after: float | None = No
     trace = Trace(format=fmt)
     files = files_of(path)
     for f in files:
+        if trace.stopped:  # the files are in time order (calls-<UTC time>): the later ones start later still
+            break
         source = f.name if len(files) > 1 else ""
         if fmt == "azure":
             _read_azure(trace, f, stop_after, source)
