@@ -192,6 +192,10 @@ def test_comparison_says_faster_or_slower_and_when_nothing_was_recorded():
                                                                           "has_latency": False}})
     assert "recorded latency: none" in "\n".join(replay_compare.lines(none))
     assert not replay_compare.slowdown_check(none).passed
+    table = replay_compare.html_table(replay_compare.compare(df.assign(rec_model="<b>"), {
+        **plan, "recorded": {"<b>": plan["recorded"]["a"]}, "models": {"<b>": "<b>"}}))
+    assert "&lt;b&gt;" in table and "<b>" not in table and "50 % faster" in table
+    assert "the trace recorded none" in replay_compare.html_table(none)
 
 
 def _replay(tmp_path, *args, timeout=150):
@@ -231,7 +235,8 @@ def test_call_log_replayed_against_the_mock_at_its_offsets(tmp_path):
     assert set(section["by_model"]) == {"deepseek-chat", "deepseek-reasoner"}
     assert all(row["ratio"]["duration_p50_s"] is not None for row in section["by_model"].values())
     assert "recorded -> replayed:" in proc.stdout and ("faster" in proc.stdout or "slower" in proc.stdout)
-    assert "replay vs recorded" in (run / "report.html").read_text()
+    page = (run / "report.html").read_text()
+    assert "replayed vs recorded latency, per model" in page and page.count("rowspan='4'") == 2
     assert "achieved_rate_ratio" in proc.stdout and "VERDICT: PASS" in proc.stdout
 
 

@@ -87,8 +87,8 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f}"
 
 
-def lines(c: dict) -> list[str]:
-    """The section as text lines (printed after the verdict table and shown in report.html)."""
+def head_lines(c: dict) -> list[str]:
+    """What was replayed: the trace, its malformed lines, every cut, and whether it recorded latency."""
     out = [f"replay of {_article(c['format'])} trace at speed {c['speed']:g}: {c['lines']} lines read, "
            f"{c['skipped_count']} malformed and skipped"
            + (" (lines " + ", ".join(f"{s or ''}{':' if s else ''}{n}" for s, n, _ in c["skipped"])
@@ -97,6 +97,12 @@ def lines(c: dict) -> list[str]:
     if not c["has_latency"]:
         out.append(f"recorded latency: none (the {c['format']} trace records arrival times and lengths only), "
                    "so there is nothing to compare the replayed latency with")
+    return out
+
+
+def lines(c: dict) -> list[str]:
+    """The section as text lines, printed after the verdict table."""
+    out = head_lines(c)
     for model, row in c["by_model"].items():
         rec, rep = row["recorded"], row["replayed"]
         name = model or "(no model in the trace)"
@@ -116,3 +122,29 @@ def lines(c: dict) -> list[str]:
             out.append(f"  output tokens mean {ro:.0f} -> {po:.0f}" + ("  (the target generated fewer than "
                        "recorded: durations are not like for like; --ignore-eos on vLLM/SGLang)" if po < 0.9 * ro else ""))
     return out
+
+
+def html_table(c: dict) -> str:
+    """The comparison as an HTML table: per recorded model, recorded and replayed p50/p95 and the change."""
+    from html import escape as e
+
+    if not c["has_latency"]:
+        head = "<tr><th>model</th><th>replayed ok</th>" + "".join(f"<th>{e(lbl)} ms</th>" for _, lbl in METRICS)
+        body = "".join(f"<tr><td>{e(m or '(none)')}{e(' as ' + r['sent_as'] if r['sent_as'] != m else '')}</td>"
+                       f"<td>{r['replayed'].get('ok', 0)}/{r['replayed'].get('requests', 0)}</td>"
+                       + "".join(f"<td>{_ms(r['replayed'].get(k))}</td>" for k, _ in METRICS) + "</tr>"
+                       for m, r in c["by_model"].items())
+        return f"<h3>replayed latency (the trace recorded none)</h3><div class='wide'><table>{head}</tr>{body}</table></div>"
+    head = ("<tr><th>model</th><th>metric</th><th>recorded ms</th><th>replayed ms</th><th>change</th></tr>")
+    body = []
+    for m, r in c["by_model"].items():
+        name = e(m or "(none)") + (e(f" (sent as {r['sent_as']})") if r["sent_as"] != m else "")
+        counts = f"{r['recorded'].get('ok', 0)} recorded ok, {r['replayed'].get('ok', 0)} replayed ok"
+        for j, (k, label) in enumerate(METRICS):
+            ratio = r["ratio"].get(k)
+            cls = "" if ratio is None else (" class='fail'" if ratio > 1.005 else " class='pass'")
+            first = f"<td rowspan='{len(METRICS)}'>{name}<br>{e(counts)}</td>" if j == 0 else ""
+            body.append(f"<tr>{first}<td>{e(label)}</td><td>{_ms(r['recorded'].get(k))}</td>"
+                        f"<td>{_ms(r['replayed'].get(k))}</td><td{cls}>{e(change_words(ratio))}</td></tr>")
+    return (f"<h3>replayed vs recorded latency, per model (same traffic, this build)</h3><div class='wide'><table>"
+            f"{head}{''.join(body)}</table></div>")

@@ -114,10 +114,10 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
                      f"preemptions {'-' if g['preemptions'] is None else format(g['preemptions'], 'g')}"))
     elif s.get("engine"):
         rows.append(("server side", f"no sample from {s['engine']['url']} (see the notes)"))
-    if s.get("replay"):
-        from opskit.loadtest.replay_compare import lines
+    if s.get("replay"):  # the trace and its cuts; the comparison table follows the key numbers
+        from opskit.loadtest.replay_compare import head_lines
 
-        rows += [("replay vs recorded" if i == 0 else "", line) for i, line in enumerate(lines(s["replay"]))]
+        rows += [("replay" if i == 0 else "", line) for i, line in enumerate(head_lines(s["replay"]))]
     if s.get("ground_truth"):
         g = s["ground_truth"]
         rows.append(("vs mock ground truth", f"TTFT |err| p99 {_ms(g['ttft_abs_err_p99_s'])} ms, "
@@ -187,6 +187,10 @@ def html(verdict: Verdict, plots: dict[str, list[tuple[str, str]]], title: str =
             out.append(f"<tr><th>asked</th><td>{e(_asked(asked))}</td></tr>")
         out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in key_numbers(summary)]
         out.append("</table></div>")
+        if summary.get("replay"):
+            from opskit.loadtest.replay_compare import html_table
+
+            out.append(html_table(summary["replay"]))
         for caption, b64 in plots.get(name, []):
             out.append(f"<h3>{e(caption)}</h3><div class='wide plot'><img alt='{e(caption)}' "
                        f"src='data:image/png;base64,{b64}'></div>")
