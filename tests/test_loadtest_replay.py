@@ -270,3 +270,15 @@ def test_models_sent_as_recorded_when_served_else_the_fallback():
     unknown = _model_mapper(None, None, "a")  # a bare --target URL: its models are not known
     assert [unknown(m) for m in ("b", None)] == ["b", "a"]
     assert _model_mapper("z", ("a",), "a")("a") == "z"
+
+
+@pytest.mark.slow
+def test_a_slower_build_fails_against_the_recorded_latency(tmp_path):
+    # the same traffic against a target 1.5 s slower to its first token: every call is slower than recorded
+    proc, run = _replay(tmp_path, "--trace", str(CALLLOG), "--window", "..4", "--max-slowdown", "0.1",
+                        "--mock-args", "--extra-ttft-ms 1500", "--no-proxy")
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert "replay    vs_recorded_p95" in proc.stdout and "slower than recorded" in proc.stdout
+    verdict = next(line for line in proc.stdout.splitlines() if line.startswith("VERDICT"))
+    assert verdict.startswith("VERDICT: FAIL") and "replay vs_recorded_p95" in verdict
+    assert json.loads((run / "summary.json").read_text())["passed"] is False

@@ -23,6 +23,8 @@ def fmt_value(name: str, value: float | None) -> str:
         return f"{value * 1000:.1f} ms"
     if name in _RATIOS:
         return f"{value * 100:.2f} %"
+    if name == "vs_recorded_p95":  # replayed over recorded
+        return f"x{value:.2f}"
     return f"{value:g}"
 
 
