@@ -136,6 +136,7 @@ def replay(trace_path, fmt, speed, window, max_requests, max_duration, target_ur
         (d / "plan.json").write_text(json.dumps({
             "trace": summary, "scheduled": len(plan.entries), "speed": speed, "window": window, "cuts": plan.cuts,
             "models": plan.models, "max_slowdown": max_slowdown,
+            "streamed": sum(1 for e in plan.entries if e["stream"]),
             "recorded": replay_plan.recorded_by_model(plan.entries) if tr.has_latency else {}}, indent=1))
 
     first = plan.entries[0]

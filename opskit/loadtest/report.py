@@ -143,10 +143,11 @@ def _asked(d: dict) -> str:
     """What was asked, in words (it read like a Python dump)."""
     parts = [f"{d['duration']:g} s" if "duration" in d else None,
              f"{d['users']} users" if d.get("scenario") not in ("qps", "replay") and "users" in d else None,
-             f"{d['scheduled']} requests at the trace's arrival times, speed {d.get('speed', 1):g}"
-             if d.get("arrival") == "trace" else None,
+             f"{d['scheduled']} requests at the trace's arrival times, speed {d.get('speed', 1):g}, "
+             f"{d.get('streamed')} streamed" if d.get("arrival") == "trace" else None,
              f"{d.get('arrival', 'fixed')} arrivals at {d['rate']:g} req/s" if d.get("rate") else None,
              f"{d['processes']} Locust process{'es' if d.get('processes', 1) > 1 else ''}" if "processes" in d else None,
+             None if d.get("arrival") == "trace" else
              ("streamed (" + str(d.get("transport", "sse")) + ")") if d.get("stream") else "not streamed",
              f"model {d['model']}" if d.get("model") else None,
              f"limit {d['limit_requests']:g} per {d.get('window_s') or 60:g} s, offered x{d.get('overdrive', 1):g}"

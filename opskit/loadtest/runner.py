@@ -178,7 +178,9 @@ def meta_for(p: RunParams) -> dict:
     if p.scenario == "replay":  # the trace's arrivals, as planned (replay_cli writes plan.json first)
         plan = json.loads((Path(p.run_dir) / REPLAY_DIR / "plan.json").read_text())
         meta.update(arrival="trace", scheduled=plan["scheduled"], requested_rate=plan["scheduled"] / p.duration,
-                    trace=plan["trace"], speed=plan["speed"])
+                    speed=plan["speed"], streamed=plan.get("streamed"),
+                    model=", ".join(sorted(set(plan["models"].values()))) or p.model,
+                    trace={k: plan["trace"][k] for k in ("path", "format", "lines", "usable", "skipped_count")})
     if p.scenario == "throttling":
         meta.update(limit_requests=p.limit_requests, window_s=p.window_s, overdrive=p.overdrive)
     if p.scenario == "conversation":
