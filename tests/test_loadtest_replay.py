@@ -282,3 +282,12 @@ def test_a_slower_build_fails_against_the_recorded_latency(tmp_path):
     verdict = next(line for line in proc.stdout.splitlines() if line.startswith("VERDICT"))
     assert verdict.startswith("VERDICT: FAIL") and "replay vs_recorded_p95" in verdict
     assert json.loads((run / "summary.json").read_text())["passed"] is False
+
+
+def test_azure_2024_timestamps_with_an_offset(tmp_path):
+    # the 2024 week-long traces write microseconds and a UTC offset
+    f = tmp_path / "AzureLLMInferenceTrace_code_1week.csv"
+    f.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2024-05-10 00:00:00.009930+00:00,2048,28\n"
+                 "2024-05-10 00:00:01+00:00,1024,4\n2024-05-10 02:00:01.5+02:00,64,8\n")
+    tr = trace.read(f)
+    assert [round(r.t - tr.requests[0].t, 6) for r in tr.requests] == [0.0, 0.99007, 1.49007]

@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -202,14 +203,17 @@ def parse_mooncake(obj: dict, line: int) -> TraceRequest:
     return TraceRequest(line=line, t=t, input_tokens=inp, output_tokens=out, blocks=tuple(blocks))
 
 
+_AZURE_TIME = re.compile(r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:\.(\d+))?\s*(Z|[+-]\d\d:?\d\d)?")
+
+
 def _azure_time(value: str) -> float:
-    value = (value or "").strip()
-    if not value:
-        raise ValueError("TIMESTAMP is empty")
-    head, _, frac = value.partition(".")
-    ts = datetime.fromisoformat(head.replace("T", " ").rstrip("Z"))
-    digits = "".join(c for c in frac if c.isdigit())
-    return ts.replace(tzinfo=ts.tzinfo or UTC).timestamp() + (float("0." + digits) if digits else 0.0)
+    """`2023-11-16 18:15:46.6805900` (the 2023 traces: 7 digits, UTC) or `2024-05-10 00:00:00.009930+00:00`."""
+    m = _AZURE_TIME.fullmatch((value or "").strip())
+    if not m:
+        raise ValueError(f"TIMESTAMP {value[:40]!r} is not a date and time")
+    head, frac, tz = m.groups()
+    ts = datetime.fromisoformat(head.replace("T", " ") + ("+00:00" if tz in (None, "Z") else tz))
+    return ts.timestamp() + (float("0." + frac) if frac else 0.0)
 
 
 def _past(trace: Trace, req: TraceRequest, stop_after: float | None) -> bool:
