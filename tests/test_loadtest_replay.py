@@ -141,6 +141,9 @@ def test_window_speed_and_caps_say_what_was_cut():
     assert short.span_s <= 3.0 and "replayed the first" in short.cuts[0]
     with pytest.raises(ValueError, match="holds no request"):
         _plan(tr, window=(1000.0, 2000.0))
+    assert replay_plan.peak_rate(full.entries) <= 5 and replay_plan.peak_rate(fast.entries) >= \
+        replay_plan.peak_rate(full.entries)
+    assert replay_plan.peak_rate([{"at": t} for t in (0, 0.1, 0.2, 1.15, 1.3, 5)]) == 3
     assert replay_plan.parse_window("600..") == (600.0, math.inf)
     for bad in ("5", "9..3", "-1..4", "a..b"):
         with pytest.raises(ValueError):

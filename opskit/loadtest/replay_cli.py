@@ -124,6 +124,11 @@ def replay(trace_path, fmt, speed, window, max_requests, max_duration, target_ur
          f"malformed; replaying {len(plan.entries)} requests over {plan.span_s:.1f} s")
     for cut in plan.cuts:
         echo(f"cut: {cut}")
+    peak = replay_plan.peak_rate(plan.entries)
+    if peak > runner.MAX_RATE_PER_PROCESS * processes:  # beyond it the run measures Locust, not the target
+        echo(f"note: the replay peaks at {peak:,} requests in one second; one Locust process keeps "
+             f"{runner.MAX_RATE_PER_PROCESS:,} req/s (bench/README.md): use --processes "
+             f"{-(-peak // runner.MAX_RATE_PER_PROCESS)} or a lower --speed")
     for rec, sent in sorted(plan.models.items()):
         if rec and rec != sent:
             echo(f"note: model {rec} is sent as {sent}")

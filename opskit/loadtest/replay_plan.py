@@ -93,6 +93,16 @@ def plan(trace: Trace, window: tuple[float, float], speed: float, max_requests: 
     return out
 
 
+def peak_rate(entries: list[dict]) -> int:
+    """The most requests the schedule starts within one second (a sliding 1 s window)."""
+    times, best, lo = [e["at"] for e in entries], 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= 1.0:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
 def write_schedule(path: Path, entries: list[dict]) -> None:
     """The schedule as JSONL (one entry a line), which every Locust process reads its share of."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ def _lines(path: Path, trace: Trace | None = None) -> Iterator[str]:
     that breaks off (a compressed file cut short) ends there, noted as a skipped line when `trace` is given."""
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
-        fh = opener(path, "rt", encoding="utf-8", errors="replace", newline="")
+        fh = opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
     except OSError as exc:
         raise TraceError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with fh:
