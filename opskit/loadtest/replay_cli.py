@@ -12,7 +12,9 @@ import click
 from opskit.core.cli_helpers import CONTEXT, FiniteRange, sigterm_unwinds
 
 DEFAULT_MAX_DURATION = 600.0
-READ_SLACK_S = 60.0  # a call log's lines are written as calls end: read a minute past the window for stragglers
+# read this far past the last arrival that --window/--max-duration could replay: a call log's lines are
+# written as calls end (a little out of order), and --max-duration counts from the window's first request
+READ_SLACK_S = 600.0
 
 
 def _model_mapper(force: str | None, served: tuple[str, ...] | None, fallback: str):
@@ -96,6 +98,8 @@ def replay(trace_path, fmt, speed, window, max_requests, max_duration, target_ur
         raise click.BadParameter(str(exc), param_hint="--mock-args") from None
     if extra and (target_url or config_file):
         raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    if target_name and not config_file:
+        raise click.UsageError("--target-name picks one of the targets of --config; give --config")
     try:
         tr = trace.read(trace_path, fmt, stop_after=min(hi, lo + max_duration * speed) + READ_SLACK_S)
     except trace.TraceError as exc:
@@ -109,8 +113,8 @@ def replay(trace_path, fmt, speed, window, max_requests, max_duration, target_ur
         mine = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--model"]
         served = tuple(mine) if mine else None
         fallback = mine[0] if mine else (recorded[0] if recorded else "deepseek-chat")
-        if not mine and recorded and not model:
-            extra += [a for m in recorded for a in ("--model", m)]
+        if not mine and (model or recorded):
+            extra += [a for m in ([model] if model else recorded) for a in ("--model", m)]
     fallback = model or fallback
     try:
         plan = replay_plan.plan(tr, (lo, hi), speed, max_requests, max_duration,
