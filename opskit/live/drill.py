@@ -233,7 +233,7 @@ def report_phase(phase: Phase, seen: dict[str, Seen], t0: float, t1: float) -> l
         if s.firing_at is None and role != "required":
             role = "pending only"
         delivered = _since(s.delivered_at, t0) if s.delivered_at or not s.inhibited_at else "inhibit"
-        rows.append(f"  {name:<28} {role:<12} {_since(s.pending_at, t0)} {_since(s.firing_at, t0)} "
+        rows.append(f"  {name:<30} {role:<12} {_since(s.pending_at, t0)} {_since(s.firing_at, t0)} "
                     f"{delivered:>7} {_since(s.resolved_at or s.inactive_at, t1)}  {s.receiver or ''}")
     return rows
 
@@ -282,7 +282,7 @@ async def run_phases(phases: list[Phase], ctx: dict, project: Project, timeout_s
     misses = []
     for phase in phases:
         click.echo(f"\n{phase.name}: {phase.what}")
-        click.echo(f"  {'alert':<28} {'role':<12} {'pending':>7} {'firing':>7} {'deliver':>7} {'resolve':>7}  receiver")
+        click.echo(f"  {'alert':<30} {'role':<12} {'pending':>7} {'firing':>7} {'deliver':>7} {'resolve':>7}  receiver")
         seen, t0, t1 = await run_phase(phase, ctx, timeout_s)
         click.echo("\n".join(report_phase(phase, seen, t0, t1)) or "  (no alert went pending)")
         found = drill_plan.phase_misses(phase, seen, project.severities, project.routes)
