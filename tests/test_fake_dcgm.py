@@ -13,7 +13,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from opskit.core import catalog
 from opskit.live import drill_dcgm, fake_dcgm, stack_config
 from opskit.live.drill_plan import PHASES, Seen, phase_misses
-from opskit.live.fakenvml import GIB, NOT_SUPPORTED, UNKNOWN_ERROR, fake_gpus, read_state, uuid_for, write_state
+from opskit.live.fakenvml import (
+    GIB,
+    NOT_SUPPORTED,
+    UNKNOWN_ERROR,
+    fake_gpus,
+    read_state,
+    uuid_for,
+    write_state,
+)
 
 MIB = 1 << 20
 # dcgm-exporter's gpuMetricsFormat at catalog.DCGM_EXPORTER_VERSION: these labels in this order, then
