@@ -50,7 +50,8 @@ def test_healthy_mock_passes_through_the_proxy_with_two_processes(tmp_path):
     assert set(df["worker"]) == {0, 1}  # both Locust workers sent their share
     assert (df["output_tokens"] == df["mock_output_tokens"]).all()
     page = (run / "report.html").read_text()
-    assert "PASS" in page and page.count("data:image/png;base64,") == 2
+    assert "PASS" in page and page.count("<figcaption>Is time to first token within its SLO over time?") == 2
+    assert page.count("SLO TTFT p95 &lt; 500 ms") == 4  # over time and among the percentiles, per scenario
     assert (run / "locust" / "qps_stats.csv").exists() and (run / "locust" / "streaming.html").exists()
     for name in ("qps", "streaming"):  # Locust's CSV counts every call too (it lost its last second)
         stats = pd.read_csv(run / "locust" / f"{name}_stats.csv").set_index("Name")

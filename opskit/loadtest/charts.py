@@ -67,6 +67,10 @@ def to_svg(fig) -> str:
     text = buf.getvalue()
     text = text[text.index("<svg"):]
     text = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 class="chart"', text, count=1)
+    # inline in HTML an SVG needs no namespaces, and matplotlib's RDF metadata is links to schemas:
+    # without them the page names no URL at all
+    text = re.sub(r' xmlns(:xlink)?="[^"]*"', "", text)
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, count=1, flags=re.S)
     prefix = "c" + hashlib.sha1(text.encode()).hexdigest()[:8] + "-"
     text = re.sub(r'\bid="([^"]+)"', rf'id="{prefix}\1"', text)
     return re.sub(r'(href="#|url\(#)([^")]+)', rf"\1{prefix}\2", text)

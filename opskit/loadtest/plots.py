@@ -139,8 +139,9 @@ def percentiles(r: Rows) -> Chart | None:
         for s, label, color, limit, judged in series:
             ys = np.percentile(s, QUANTILES) * 1000
             ax.plot(range(len(QUANTILES)), ys, "o-", color=color, label=label)
-            i = QUANTILES.index(judged)
-            ax.plot([i], [ys[i]], "o", ms=12, mfc="none", mec=color, mew=1.5)
+            if limit:
+                i = QUANTILES.index(judged)
+                ax.plot([i], [ys[i]], "o", ms=12, mfc="none", mec=color, mew=1.5)
             values += list(ys)
             if limit:
                 limits.append(limit * 1000)
@@ -149,7 +150,7 @@ def percentiles(r: Rows) -> Chart | None:
             if limit:
                 slo_line(ax, limit * 1000, f"SLO {label} p{judged} < {ms_label(limit)}", color=color, right=False)
         ax.set_xticks(range(len(QUANTILES)), [f"p{q:g}" for q in QUANTILES])
-        ax.set_xlabel("percentile of successful calls (ringed: the one the SLO judges)")
+        ax.set_xlabel("percentile of successful calls" + (" (ringed: the one the SLO judges)" if limits else ""))
         _legend(ax)
 
     judged = any(s[3] for s in series)

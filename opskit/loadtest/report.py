@@ -180,7 +180,7 @@ def _asked(d: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
-_CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;line-height:1.35}"
+CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;line-height:1.35}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
         "vertical-align:top}.wide{overflow-x:auto}p.verdict{font-size:1.15em;max-width:60em}"
         ".pass{color:#070}.fail{color:#b00;font-weight:bold}h1 .fail,h1 .pass{font-size:1em}"
@@ -199,7 +199,7 @@ def _head(title: str, word: str) -> list[str]:
     e = _html.escape
     return [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
             "<meta name='viewport' content='width=device-width,initial-scale=1'>",
-            f"<style>{_CSS}</style></head><body>",
+            f"<style>{CSS}</style></head><body>",
             f"<h1>{e(title)}: <span class='{word.lower()}'>{word}</span></h1>"]
 
 
