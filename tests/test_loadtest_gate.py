@@ -337,7 +337,8 @@ def test_engine_metrics_sampled_beside_the_client(tmp_path):
     # the server's own TTFT is part of what the client saw
     assert engine["server_ttft_mean_s"] <= summary["scenarios"]["streaming"]["ttft_s"]["p99"]
     page = (run / "report.html").read_text()
-    assert "server side (vllm /metrics" in page and "the engine&#x27;s queue and KV cache" in page
+    assert "server side (vllm /metrics" in page and "<figcaption>Did requests queue in the engine (vllm)?" in page
+    assert "<figcaption>Did the KV cache fill up as client TTFT rose?" in page
     # a dead endpoint is a note and a counted error, never a crash or a failed gate
     (tmp_path / "dead").mkdir()
     proc, run = loadtest(tmp_path / "dead", "qps", "--duration", "2", "--engine-metrics", "http://127.0.0.1:9/metrics")
