@@ -84,7 +84,7 @@ def test_ttfot_only_for_reasoning_models():
     thinking = [row(t=i * 0.1, ttft=0.1, ttfot_s=0.3, reasoning_tokens=5) for i in range(30)]
     page, s = page_for(thinking, {"scenario": "streaming", "duration": 3.0})
     assert "<th>TTFOT p50/p95/p99 ms</th><td>300.0 / 300.0 / 300.0</td>" in page
-    assert ">TTFOT p95 (first answer token)<" in svg_of(page, "Is time to first token within its SLO over time?")
+    assert ">TTFOT p95 (answer after reasoning)<" in svg_of(page, "Is time to first token within its SLO over time?")
 
 
 def test_throttling_names_its_429s_as_expected_not_as_errors():

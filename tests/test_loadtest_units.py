@@ -137,7 +137,7 @@ def test_plots_of_a_run_where_every_call_failed_warn_nothing():
         charts = plots.scenario_charts(results.frame(rows), {"ttft_p95": 0.5})
     # no latency to draw: what is left says how many calls started and which errors came back
     assert [c.question for c in charts] == ["How many requests per second completed?", "Which errors, and when?"]
-    assert all(c.svg.startswith("<svg") for c in charts) and "server_error: 20" in charts[1].svg
+    assert all(c.svg.startswith("<svg") for c in charts) and "server_error 502: 20" in charts[1].svg
 
 
 def test_throttling_429s_are_not_errors_and_windows_are_counted():

@@ -28,9 +28,9 @@ STYLE = {"font.size": 10.5, "axes.titlesize": 10.5, "axes.labelsize": 10.5, "leg
          "xtick.labelsize": 9.5, "ytick.labelsize": 9.5, "axes.spines.top": False, "axes.spines.right": False,
          "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False, "svg.fonttype": "none",
          "svg.hashsalt": "opskit", "font.family": "sans-serif"}
-# inches (SVG units are points): a phone's 375 px shows it near 1:1, so 9.5 pt text stays ~9 px; two
-# abreast on a laptop scale it up to ~15 px
-SIZE = (5.4, 3.2)
+# inches (SVG units are points): a phone's ~375 px shows it a little over 1:1, so 9.5 pt text reads
+# as ~10 px there; two abreast on a laptop scale it to about the page's own 16 px
+SIZE = (4.8, 3.0)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def slo_line(ax, limit: float, text: str, color: str = COLORS["slo"], right: boo
     ax.axhline(limit, color=color, ls="--", lw=1.4)
     ax.annotate(text, xy=(1 if right else 0, limit), xycoords=("axes fraction", "data"), xytext=(-3 if right else 3, 3),
                 textcoords="offset points", ha="right" if right else "left", va="bottom", color=color,
-                fontsize=9.5, bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.85})
+                fontsize=9.5, bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
 
 
 def latency_scale(ax, values_ms: Iterable[float], limits_ms: Iterable[float], axis: str = "y") -> None:

@@ -73,8 +73,10 @@ def _legend(ax, *more) -> None:
     for other in more:
         h, lab = other.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
-    if labels:
-        ax.figure.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)))
+    if labels:  # as many columns as fit the chart's width (~55 characters at this size)
+        longest = max(len(label) for label in labels)
+        ncol = next(n for n in (3, 2, 1) if n == 1 or n * (longest + 6) <= 60)
+        ax.figure.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)))
 
 
 def _over_time(ax, rows: pd.DataFrame, col: str, label: str, color: str, q: float, width: float) -> None:
@@ -98,7 +100,7 @@ def ttft_over_time(r: Rows) -> Chart | None:
         if r.reasoned and rows["ttfot_s"].notna().any():
             out = rows.dropna(subset=["ttfot_s"])
             p95 = _per_bin(out, "ttfot_s", 0.95, r.width)
-            ax.plot(p95.index, p95.values, color=COLORS["ttfot"], lw=2, label="TTFOT p95 (first answer token)")
+            ax.plot(p95.index, p95.values, color=COLORS["ttfot"], lw=2, label="TTFOT p95 (answer after reasoning)")
             values += list(out["ttfot_s"] * 1000)
         latency_scale(ax, values, [limit * 1000] if limit else [])
         if limit:
@@ -148,9 +150,9 @@ def percentiles(r: Rows) -> Chart | None:
         latency_scale(ax, values, limits)
         for _, label, color, limit, judged in series:
             if limit:
-                slo_line(ax, limit * 1000, f"SLO {label} p{judged} < {ms_label(limit)}", color=color, right=False)
+                slo_line(ax, limit * 1000, f"SLO {label} p{judged} < {ms_label(limit)}", color=color)
         ax.set_xticks(range(len(QUANTILES)), [f"p{q:g}" for q in QUANTILES])
-        ax.set_xlabel("percentile of successful calls" + (" (ringed: the one the SLO judges)" if limits else ""))
+        ax.set_xlabel("percentile of successful calls" + (" (ringed: judged)" if limits else ""))
         _legend(ax)
 
     judged = any(s[3] for s in series)
@@ -219,7 +221,7 @@ def errors(r: Rows) -> Chart | None:
         return None
     expected = bool(r.summary.get("throttling"))
     w = r.width
-    names = bad["error_type"].replace("", "other")
+    names = bad["error_type"].replace("", "other") + bad["status"].map(lambda s: f" {s}" if s else "")
     names = names.where(bad["status"] != 429, "429 rate limited (expected)" if expected else "429 rate limited")
 
     def draw(ax):
@@ -252,7 +254,7 @@ def itl(r: Rows) -> Chart | None:
         for q, ls in ((0.5, ":"), (0.99, "--")):
             v = float(gaps.quantile(q))
             ax.axvline(v, color="black", ls=ls, lw=1.2, label=f"p{q * 100:g} {v:.1f} ms")
-        ax.set(xlabel="ms between tokens (beyond p99.9 piled at the right edge)", ylabel="gaps")
+        ax.set(xlabel="ms between tokens (clipped at p99.9)", ylabel="gaps")
         _legend(ax)
 
     return chart("How steady is the token stream (inter-token latency)?", draw)
