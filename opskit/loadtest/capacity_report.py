@@ -36,9 +36,12 @@ def _ms(v: float | None) -> str:
 
 
 def _max_load(ax, summary: dict) -> None:
+    """The answer as a vertical line, labelled on the line."""
     if summary.get("max_load"):
-        ax.axvline(summary["max_load"], color=COLORS["ok"], lw=1.2, ls="--", label=f"meets every SLO up to "
-                   f"{summary['max_load']:g} {summary['unit']}")
+        x = summary["max_load"]
+        ax.axvline(x, color=COLORS["ok"], lw=1.2, ls="--")
+        ax.annotate(f"max at SLO {x:g}", xy=(x, 1), xycoords=("data", "axes fraction"), xytext=(-3, -3),
+                    textcoords="offset points", ha="right", va="top", rotation=90, color=COLORS["ok"], fontsize=9.5)
 
 
 def latency_chart(summary: dict) -> Chart | None:
@@ -57,7 +60,8 @@ def latency_chart(summary: dict) -> Chart | None:
                     values += [y for y in ys if y is not None]
         limits = [(obj.get("ttft_p95_seconds"), "TTFT p95", COLORS["ttft"], True),
                   (obj.get("duration_p90_seconds"), "duration p90", COLORS["duration"], False)]
-        latency_scale(ax, values, [lim * 1000 for lim, *_ in limits if lim is not None])
+        # load-latency curves span orders of magnitude once past the knee: always a log axis
+        latency_scale(ax, values, [lim * 1000 for lim, *_ in limits if lim is not None], log=True)
         for lim, label, color, right in limits:
             if lim is not None:
                 slo_line(ax, lim * 1000, f"SLO {label} < {ms_label(lim)}", color=color, right=right)
@@ -65,7 +69,7 @@ def latency_chart(summary: dict) -> Chart | None:
         ax.set_xlabel(f"offered load ({summary['unit']})")
         legend(ax)
 
-    return chart("How does latency grow with the offered load?", draw) if levels else None
+    return chart("How does latency grow with the offered load?", draw, size=(4.8, 3.8)) if levels else None
 
 
 def throughput_chart(summary: dict) -> Chart | None:
@@ -113,20 +117,22 @@ def html(summary: dict) -> str:
     """The whole page; every value escaped."""
     esc = _html.escape
     found = charts(summary)
+    head = (f"load ({summary['unit']})", "requests", "achieved req/s", "TTFT p95", "duration p95", "errors",
+            "attainment (95 % interval)", "verdict")
     rows = "".join(
-        f"<tr><td>{lv['load']:.4g}</td><td>{lv['requests']}</td><td>{lv['achieved_rps']:.1f}</td>"
-        f"<td>{_ms(lv['ttft_s'].get('p95'))}</td><td>{_ms(lv['duration_s'].get('p95'))}</td>"
-        f"<td>{lv['error_ratio']:.1%}</td><td>{esc(_attain(lv))}</td>"
-        f"<td class={'pass' if lv['passed'] else 'fail'}>{'OK' if lv['passed'] else esc('MISS ' + ', '.join(lv['missed']))}"
-        f"</td></tr>" for lv in summary["levels"])
+        "<tr>" + "".join(f"<td data-label='{esc(h)}'{cls}>{esc(v)}</td>" for h, (v, cls) in zip(head, (
+            (f"{lv['load']:.4g}", ""), (str(lv["requests"]), ""), (f"{lv['achieved_rps']:.1f}", ""),
+            (_ms(lv["ttft_s"].get("p95")), ""), (_ms(lv["duration_s"].get("p95")), ""),
+            (f"{lv['error_ratio']:.1%}", ""), (_attain(lv), ""),
+            ("OK", " class='pass'") if lv["passed"] else ("MISS " + ", ".join(lv["missed"]), " class='fail'")),
+            strict=True)) + "</tr>" for lv in summary["levels"])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>opskit capacity {esc(str(summary.get('run', '')))}</title>
 <meta name='viewport' content='width=device-width,initial-scale=1'>
 <style>{CSS}</style></head><body>
 <h1>Capacity: {esc(summary['sentence'])}</h1>
 <p class='verdict'>scenario {esc(summary['scenario'])}, search by {esc(summary['by'])}, target {esc(str(summary.get('target', '')))};
 each level ran long enough for {summary.get('min_requests_per_level', '')} requests.</p>
-<div class='wide'><table><tr><th>load ({esc(summary['unit'])})</th><th>requests</th><th>achieved req/s</th><th>TTFT p95</th>
-<th>duration p95</th><th>errors</th><th>attainment (95 % interval)</th><th>verdict</th></tr>{rows}</table></div>
+<table class='stack'><tr>{"".join(f"<th>{esc(h)}</th>" for h in head)}</tr>{rows}</table>
 {charts_html(found) if found else '<p>no level ran</p>'}
 </body></html>
 """

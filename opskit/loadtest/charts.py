@@ -76,11 +76,17 @@ def to_svg(fig) -> str:
     return re.sub(r'(href="#|url\(#)([^")]+)', rf"\1{prefix}\2", text)
 
 
-def legend(ax, **kwargs) -> None:
-    """A legend when something is labelled (matplotlib warns on stderr otherwise)."""
+def legend(ax, *more) -> None:
+    """The legend under the plot area, never over the data, in as many columns as fit the chart's
+    width (~55 characters at this size); nothing when nothing is labelled (matplotlib would warn)."""
     handles, labels = ax.get_legend_handles_labels()
+    for other in more:
+        h, lab = other.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
     if labels:
-        ax.legend(handles, labels, **kwargs)
+        longest = max(len(label) for label in labels)
+        ncol = next(n for n in (3, 2, 1) if n == 1 or n * (longest + 6) <= 60)
+        ax.figure.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)))
 
 
 def slo_line(ax, limit: float, text: str, color: str = COLORS["slo"], right: bool = True) -> None:
@@ -91,13 +97,16 @@ def slo_line(ax, limit: float, text: str, color: str = COLORS["slo"], right: boo
                 fontsize=9.5, bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
 
 
-def latency_scale(ax, values_ms: Iterable[float], limits_ms: Iterable[float], axis: str = "y") -> None:
+def latency_scale(ax, values_ms: Iterable[float], limits_ms: Iterable[float], axis: str = "y",
+                  log: bool | None = None) -> None:
     """Linear from 0 when the data and the SLO lines share a scale; logarithmic when an objective sits
-    far above the data, so the data keeps its shape and the line stays on the chart."""
+    far above the data, so the data keeps its shape and the line stays on the chart (or as `log` says)."""
     v = np.asarray([x for x in values_ms if x == x], dtype=float)
     limits = [x for x in limits_ms if x is not None]
     top = float(np.percentile(v, 99)) if len(v) else 0.0
-    if limits and top > 0 and max(limits) > 4 * top:
+    if log is None:
+        log = bool(limits) and top > 0 and max(limits) > 4 * top
+    if log and len(v) and float(v.min()) > 0:
         from matplotlib.ticker import FuncFormatter, LogLocator
 
         (ax.set_yscale if axis == "y" else ax.set_xscale)("log")

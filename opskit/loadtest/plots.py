@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from opskit.loadtest.charts import COLORS, ERROR_COLORS, Chart, chart, latency_scale, ms_label, slo_line
+from opskit.loadtest.charts import (
+    COLORS,
+    ERROR_COLORS,
+    Chart,
+    chart,
+    latency_scale,
+    legend,
+    ms_label,
+    slo_line,
+)
 from opskit.loadtest.results import itl_gaps
 
 QUANTILES = (50, 75, 90, 95, 99, 99.9)
@@ -67,18 +76,6 @@ def _per_bin(rows: pd.DataFrame, col: str, q: float, width: float) -> pd.Series:
     return binned.reindex(full.round(6)).set_axis(full) if len(full) < 10_000 else binned
 
 
-def _legend(ax, *more) -> None:
-    """The legend under the plot area, never over the data."""
-    handles, labels = ax.get_legend_handles_labels()
-    for other in more:
-        h, lab = other.get_legend_handles_labels()
-        handles, labels = handles + h, labels + lab
-    if labels:  # as many columns as fit the chart's width (~55 characters at this size)
-        longest = max(len(label) for label in labels)
-        ncol = next(n for n in (3, 2, 1) if n == 1 or n * (longest + 6) <= 60)
-        ax.figure.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)))
-
-
 def _over_time(ax, rows: pd.DataFrame, col: str, label: str, color: str, q: float, width: float) -> None:
     """Each call as a faint dot, and per time bin the median (dotted) and the judged percentile."""
     ax.scatter(rows["t"], rows[col] * 1000, s=5, alpha=0.25, color=color, linewidths=0, rasterized=True)
@@ -105,7 +102,7 @@ def ttft_over_time(r: Rows) -> Chart | None:
         latency_scale(ax, values, [limit * 1000] if limit else [])
         if limit:
             slo_line(ax, limit * 1000, f"SLO TTFT p95 < {ms_label(limit)}")
-        _legend(ax)
+        legend(ax)
 
     return chart("Is time to first token within its SLO over time?" if limit else
                  "How did time to first token move over the run?", draw)
@@ -122,7 +119,7 @@ def duration_over_time(r: Rows) -> Chart | None:
         latency_scale(ax, rows["duration_s"] * 1000, [limit * 1000] if limit else [])
         if limit:
             slo_line(ax, limit * 1000, f"SLO duration p90 < {ms_label(limit)}")
-        _legend(ax)
+        legend(ax)
 
     return chart("Is request duration within its SLO over time?" if limit else
                  "How did request duration move over the run?", draw)
@@ -153,7 +150,7 @@ def percentiles(r: Rows) -> Chart | None:
                 slo_line(ax, limit * 1000, f"SLO {label} p{judged} < {ms_label(limit)}", color=color)
         ax.set_xticks(range(len(QUANTILES)), [f"p{q:g}" for q in QUANTILES])
         ax.set_xlabel("percentile of successful calls" + (" (ringed: judged)" if limits else ""))
-        _legend(ax)
+        legend(ax)
 
     judged = any(s[3] for s in series)
     return chart("Where does the latency distribution sit against the SLOs?" if judged else
@@ -187,7 +184,7 @@ def throughput(r: Rows) -> Chart | None:
                      color=COLORS["asked"])
         ax.set_ylim(0, max([float(started.max()) if len(started) else 1, asked or 0, limit or 0]) * 1.2)
         ax.set(xlabel=f"s since start (per {w:g} s)", ylabel="requests/s")
-        _legend(ax)
+        legend(ax)
 
     return chart(question, draw)
 
@@ -208,7 +205,7 @@ def tokens(r: Rows) -> Chart | None:
             ax.axhline(mean, color=COLORS["asked"], ls=":", lw=1.2, label=f"run average {mean:.0f} tokens/s")
         ax.set_ylim(0, float(per.max()) * 1.2)
         ax.set(xlabel=f"s since start (per {w:g} s)", ylabel="tokens/s")
-        _legend(ax)
+        legend(ax)
 
     return chart("How many output tokens per second came back?", draw)
 
@@ -235,7 +232,7 @@ def errors(r: Rows) -> Chart | None:
                    label=f"{kind}: {total}")
             bottom += table[kind].values
         ax.set(xlabel=f"s since start (per {w:g} s)", ylabel="calls/s")
-        _legend(ax)
+        legend(ax)
 
     if expected:
         return chart("When did the target throttle (429s expected here), and did anything else fail?", draw)
@@ -255,7 +252,7 @@ def itl(r: Rows) -> Chart | None:
             v = float(gaps.quantile(q))
             ax.axvline(v, color="black", ls=ls, lw=1.2, label=f"p{q * 100:g} {v:.1f} ms")
         ax.set(xlabel="ms between tokens (clipped at p99.9)", ylabel="gaps")
-        _legend(ax)
+        legend(ax)
 
     return chart("How steady is the token stream (inter-token latency)?", draw)
 
@@ -290,7 +287,7 @@ def engine_charts(df: pd.DataFrame, engine: dict) -> list[Chart]:
         ax.plot(series["t_s"], series["running"], color=COLORS["duration"], lw=2, label="running")
         ax.set_ylim(bottom=0)
         ax.set(xlabel="s since the first sample", ylabel="requests")
-        _legend(ax)
+        legend(ax)
 
     def kv(ax):
         if series["kv_usage"].notna().any():
@@ -306,7 +303,7 @@ def engine_charts(df: pd.DataFrame, engine: dict) -> list[Chart]:
         twin.set_ylabel("ms")
         twin.grid(False)
         twin.spines["right"].set_visible(True)
-        _legend(ax, twin)
+        legend(ax, twin)
 
     charts = [chart(f"Did requests queue in the engine ({name})?", queue),
               chart("Did the KV cache fill up as client TTFT rose?", kv)]

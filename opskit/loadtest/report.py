@@ -186,12 +186,15 @@ CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1
         ".pass{color:#070}.fail{color:#b00;font-weight:bold}h1 .fail,h1 .pass{font-size:1em}"
         ".charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,460px),1fr));gap:1em 2em}"
         "figure{margin:0}figcaption{font-weight:bold;margin:.6em 0 .2em}svg.chart{width:100%;height:auto}"
-        "@media (max-width:700px){body{margin:.6em auto;padding:0 .5em}"
+        "@media (max-width:700px){body{margin:.6em auto;padding:0 .5em}h1{font-size:1.45em}"
         # a phone: every check a block of its own (scenario, check, value, limit, result, note wrap)
         "table.checks tr:first-child{display:none}table.checks tr{display:block;border-bottom:1px solid #ccc;"
         "padding:.3em 0}table.checks td{display:inline;border:none;padding:0 .4em 0 0}"
         "table.checks td:nth-child(2){font-weight:bold}table.checks td:nth-child(6){display:block}"
         "table.numbers th,table.numbers td{display:block;border:none;padding:0}"
+        "table.stack tr:first-child{display:none}table.stack tr{display:block;border-bottom:1px solid #ccc;"
+        "padding:.3em 0}table.stack td{display:block;border:none;padding:0}"
+        "table.stack td::before{content:attr(data-label) ': ';color:#555}"
         "table.numbers td{padding-bottom:.4em}}")
 
 
