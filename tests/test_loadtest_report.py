@@ -129,3 +129,15 @@ def test_capacity_report_uses_the_same_charts():
     assert len(questions) == len(set(questions)) == page.count("<svg") == 3
     assert ">SLO TTFT p95 &lt; 500 ms<" in page and ">SLO errors &lt; 2 %<" in page
     assert "<img" not in page and "http" not in page
+
+
+def test_a_run_without_streaming_asks_only_what_it_can_answer():
+    rows = [row("qps", t=i * 0.1, streamed=False, ttft=None, ttfot_s=None, itl=None) for i in range(30)]
+    page, _ = page_for(rows, {"scenario": "qps", "duration": 3.0, "requested_rate": 10.0})
+    questions = re.findall(r"<figcaption>([^<]+)</figcaption>", page)
+    # no TTFT, no token stream: duration against its SLO, the distribution, throughput, tokens/s
+    assert questions == ["Is request duration within its SLO over time?",
+                         "Where does the latency distribution sit against the SLOs?",
+                         "Did throughput keep up with the asked 10 req/s?",
+                         "How many output tokens per second came back?"]
+    assert "SLO TTFT" not in page and ">SLO duration p90 &lt; 2000 ms<" in page

@@ -185,7 +185,7 @@ CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1
         "vertical-align:top}.wide{overflow-x:auto}p.verdict{font-size:1.15em;max-width:60em}"
         ".pass{color:#070}.fail{color:#b00;font-weight:bold}h1 .fail,h1 .pass{font-size:1em}"
         ".charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,460px),1fr));gap:1em 2em}"
-        "figure{margin:0}figcaption{font-weight:bold;margin:.6em 0 .2em}svg.chart{width:100%;height:auto}"
+        "figure{margin:0}figcaption{font-weight:bold;font-size:1.05em;margin:.6em 0 .2em}svg.chart{width:100%;height:auto}"
         "@media (max-width:700px){body{margin:.6em auto;padding:0 .5em}h1{font-size:1.45em}"
         # a phone: every check a block of its own (scenario, check, value, limit, result, note wrap)
         "table.checks tr:first-child{display:none}table.checks tr{display:block;border-bottom:1px solid #ccc;"
