@@ -105,6 +105,8 @@ def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server)
                          "--target", mock_server.url, "--baseline", str(base))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "VERDICT: PASS" in proc.stdout and "COMPARE: REGRESSION in conversation ttft_p50, " in proc.stdout
+    page = (run / "report.html").read_text()  # the comparison travels with the report
+    assert f"<h2>Against the baseline</h2><p>{base}: REGRESSION in conversation ttft_p50, " in page
     turns = json.loads((run / "summary.json").read_text())["scenarios"]["conversation"]["by_turn"]
     sizes = [turns[k]["input_tokens_mean"] for k in sorted(turns)]
     assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]

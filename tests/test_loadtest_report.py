@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import warnings
 
+import pytest
+
 from opskit.loadtest import capacity_report, plots, report, results, slo
 
 DASHED_SLO = re.compile(r"stroke-dasharray: [0-9.,]+; stroke-dashoffset: 0; stroke: #c00000")
@@ -141,3 +143,23 @@ def test_a_run_without_streaming_asks_only_what_it_can_answer():
                          "Did throughput keep up with the asked 10 req/s?",
                          "How many output tokens per second came back?"]
     assert "SLO TTFT" not in page and ">SLO duration p90 &lt; 2000 ms<" in page
+
+
+def test_a_baseline_comparison_is_a_section_of_the_report(tmp_path):
+    from opskit.loadtest import compare
+
+    base = {"scenarios": {"qps": {"ttft_s": {"p95": 0.100}, "throughput_rps": 20.0, "error_ratio": 0.0}}}
+    new = {"scenarios": {"qps": {"ttft_s": {"p95": 0.150}, "throughput_rps": 21.0, "error_ratio": 0.0},
+                         "streaming": {}}}
+    table = compare.compare(base, new, 0.10)
+    section = compare.html_section(table, compare.only_in_one(base, new), 0.10, "reports/base")
+    assert "<p>reports/base: REGRESSION in qps ttft_p95; only in one run (not compared): streaming.</p>" in section
+    chart = svg_of(section, "What got worse against the baseline?")
+    assert ">tolerance 10 %<" in chart and ">qps ttft_p95<" in chart and ">qps throughput_rps<" in chart
+    assert "<td data-label='result' class=fail>REGRESSED</td>" in section
+    assert [compare.worse_by(r) for r in table.itertuples()] == pytest.approx([50.0, -5.0, 0.0])  # more req/s: better
+    page = tmp_path / "report.html"
+    page.write_text(report.html(slo.Verdict(), {}))
+    report.add_section(page, section)
+    text = page.read_text()
+    assert text.index("<h2>Against the baseline</h2>") < text.index("</body>") and text.endswith("</html>")

@@ -258,3 +258,14 @@ def html(verdict: Verdict, charts: dict[str, list] | None = None, title: str = "
     out += sections or []
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def add_section(page_path, section: str) -> None:
+    """Append a block to a report already written (e.g. the comparison with --baseline, known only
+    after the run): it goes last, before the page ends."""
+    from pathlib import Path
+
+    path = Path(page_path)
+    page = path.read_text()
+    end = page.rindex("</body>")
+    path.write_text(page[:end] + section + "\n" + page[end:])
