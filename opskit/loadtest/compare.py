@@ -165,7 +165,7 @@ def changes_chart(table: pd.DataFrame, tolerance: float):
         ax.annotate(f"tolerance {tolerance * 100:g} %", xy=(tolerance * 100, 1), xycoords=("data", "axes fraction"),
                     xytext=(3, -3), textcoords="offset points", ha="left", va="top", color=COLORS["slo"])
         ax.set_xlim(min(0.0, *values) * 1.15 - 1, max(tolerance * 100, *values) * 1.6 + 1)  # room for the label
-        ax.set_xlabel("\u2190 better | worse by % \u2192 (error ratio: points; red: regressed)")
+        ax.set_xlabel("\u2190 better | worse by % \u2192")
 
     return chart("What got worse against the baseline?", draw, size=(4.8, 1.2 + 0.24 * len(rows)))
 
@@ -193,5 +193,7 @@ def html_section(table: pd.DataFrame, missing: list[str], tolerance: float, base
     return (f"<h2>Against the baseline</h2><p>{e(baseline)}: {e(verdict)}"
             + (f"; only in one run (not compared): {e(', '.join(missing))}" if missing else "") + ".</p>"
             + charts_html([chart] if chart else [])
-            + "<table class='stack'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
-            + "".join(rows) + "</table>")
+            + "<p>Worse by: the relative change, turned so that worse is positive (more latency, less "
+              "throughput); the error ratio by percentage points. Red: regressed.</p>"
+            + "<div class='wide'><table class='nowrap'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+            + "".join(rows) + "</table></div>")

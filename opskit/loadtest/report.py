@@ -181,7 +181,7 @@ def _asked(d: dict) -> str:
 
 
 CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;line-height:1.35}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+        "table{border-collapse:collapse}.nowrap td{white-space:nowrap}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
         "vertical-align:top}.wide{overflow-x:auto}p.verdict{font-size:1.15em;max-width:60em}"
         ".pass{color:#070}.fail{color:#b00;font-weight:bold}h1 .fail,h1 .pass{font-size:1em}"
         ".charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,460px),1fr));gap:1em 2em}"
