@@ -78,14 +78,14 @@ def to_svg(fig) -> str:
 
 def legend(ax, *more) -> None:
     """The legend under the plot area, never over the data, in as many columns as fit the chart's
-    width (~55 characters at this size); nothing when nothing is labelled (matplotlib would warn)."""
+    width (~66 characters at this size); nothing when nothing is labelled (matplotlib would warn)."""
     handles, labels = ax.get_legend_handles_labels()
     for other in more:
         h, lab = other.get_legend_handles_labels()
         handles, labels = handles + h, labels + lab
     if labels:
         longest = max(len(label) for label in labels)
-        ncol = next(n for n in (3, 2, 1) if n == 1 or n * (longest + 6) <= 60)
+        ncol = next(n for n in (3, 2, 1) if n == 1 or n * (longest + 5) <= 66)
         ax.figure.legend(handles, labels, loc="outside lower center", ncol=min(ncol, len(labels)))
 
 
