@@ -36,14 +36,19 @@ def _progress_printer():
 
 
 class ScenariosOrCapacity(click.Command):
-    """`opskit loadtest [SCENARIO...]` runs the release gate; `opskit loadtest capacity ...` hands the
-    rest of the line to the capacity search (a command of its own, with its own flags)."""
+    """`opskit loadtest [SCENARIO...]` runs the release gate; `opskit loadtest capacity ...` and
+    `opskit loadtest replay ...` hand the rest of the line to a command of their own, with its own flags."""
+
+    SUBCOMMANDS = {"capacity": ("opskit.loadtest.capacity_cli", "capacity"),
+                   "replay": ("opskit.loadtest.replay_cli", "replay")}
 
     def make_context(self, info_name, args, parent=None, **extra):
-        if args and args[0] == "capacity":
-            from opskit.loadtest.capacity_cli import capacity
+        if args and args[0] in self.SUBCOMMANDS:
+            import importlib
 
-            return capacity.make_context(f"{info_name} capacity", args[1:], parent=parent, **extra)
+            module, name = self.SUBCOMMANDS[args[0]]
+            command = getattr(importlib.import_module(module), name)
+            return command.make_context(f"{info_name} {args[0]}", args[1:], parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
 
@@ -101,6 +106,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
     SCENARIOS: qps streaming throttling conversation (default: all four; against --target/--config,
     throttling only with --limit-requests, since it judges the target against that limit).
     `opskit loadtest capacity --help`: the search for the highest load that meets every SLO.
+    `opskit loadtest replay --help`: replay recorded traffic (a call log, Mooncake or Azure trace).
     Exit status: 0 pass, 1 an SLO missed (or a regression against --baseline), 2 usage/config error.
     Examples:
       opskit loadtest                                   # all scenarios against the embedded mock

@@ -113,6 +113,13 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
         target.notes.extend(n for n in sampler.notes() if n not in target.notes)
     if prices is not None and len(df):  # the target's configured prices: what the run cost
         verdict.summaries[name]["cost"] = results.cost(df, prices, model)
+    if name == "replay":  # replayed latency beside the trace's recorded latency, per model
+        from opskit.loadtest import replay_compare
+
+        plan = json.loads((run_dir / runner.REPLAY_DIR / "plan.json").read_text())
+        verdict.summaries[name]["replay"] = section = replay_compare.compare(df, plan)
+        if check := replay_compare.slowdown_check(section):
+            verdict.checks.append(check)
     if metered and len(df):
         verdict.checks.append(reconcile(name, df, before, after) if before is not None and after is not None
                               else Check(name, "proxy_reconciled", None, "==", 0, False, "exporter unreachable"))
@@ -137,8 +144,9 @@ def _engine_sampler(opts: runner.Options, target: runner.Target):
 
 
 def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[str], None],
-        slo_file: str | None = None) -> tuple[Verdict, Path]:
-    """Run every scenario and write the run directory. ConfigError / RunError for usage problems."""
+        slo_file: str | None = None, prepare: Callable[[Path], None] | None = None) -> tuple[Verdict, Path]:
+    """Run every scenario and write the run directory. ConfigError / RunError for usage problems.
+    `prepare(run_dir)` writes what the scenarios read there before any starts (a replay's schedule)."""
     for name in opts.scenarios:
         if not (opts.locustfiles / f"{name}.py").is_file():
             have = sorted(f.stem for f in opts.locustfiles.glob("*.py") if not f.name.startswith("_"))
@@ -149,6 +157,8 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
     tgt = cfg.target(opts.target_name) if cfg.targets else None
     model = opts.model or (tgt.models[0] if tgt else "deepseek-chat")
     run_dir = new_run_dir(opts.out_dir)
+    if prepare is not None:
+        prepare(run_dir)
     target = runner.open_target(opts, run_dir, tgt.base_url if tgt else None)
     verdict, metas = Verdict(), {}
     try:

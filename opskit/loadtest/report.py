@@ -26,6 +26,8 @@ def fmt_value(name: str, value: float | None) -> str:
         return f"{value * 1000:.1f} ms"
     if name in _RATIOS:
         return f"{value * 100:.2f} %"
+    if name == "vs_recorded_p95":  # replayed over recorded
+        return f"x{value:.2f}"
     return f"{value:g}"
 
 
@@ -127,6 +129,10 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
                      f"preemptions {'-' if g['preemptions'] is None else format(g['preemptions'], 'g')}"))
     elif s.get("engine"):
         rows.append(("server side", f"no sample from {s['engine']['url']} (see the notes)"))
+    if s.get("replay"):  # the trace and its cuts; the comparison table follows the key numbers
+        from opskit.loadtest.replay_compare import head_lines
+
+        rows += [("replay" if i == 0 else "", line) for i, line in enumerate(head_lines(s["replay"]))]
     if s.get("ground_truth"):
         g = s["ground_truth"]
         rows.append(("vs mock ground truth", f"TTFT |err| p99 {_ms(g['ttft_abs_err_p99_s'])} ms, "
@@ -169,9 +175,12 @@ def _verdict_sentence(verdict: Verdict) -> str:
 def _asked(d: dict) -> str:
     """What was asked, in words (it read like a Python dump)."""
     parts = [f"{d['duration']:g} s" if "duration" in d else None,
-             f"{d['users']} users" if d.get("scenario") != "qps" and "users" in d else None,
+             f"{d['users']} users" if d.get("scenario") not in ("qps", "replay") and "users" in d else None,
+             f"{d['scheduled']} requests at the trace's arrival times, speed {d.get('speed', 1):g}, "
+             f"{d.get('streamed')} streamed" if d.get("arrival") == "trace" else None,
              f"{d.get('arrival', 'fixed')} arrivals at {d['rate']:g} req/s" if d.get("rate") else None,
              f"{d['processes']} Locust process{'es' if d.get('processes', 1) > 1 else ''}" if "processes" in d else None,
+             None if d.get("arrival") == "trace" else
              ("streamed (" + str(d.get("transport", "sse")) + ")") if d.get("stream") else "not streamed",
              f"model {d['model']}" if d.get("model") else None,
              f"limit {d['limit_requests']:g} per {d.get('window_s') or 60:g} s, offered x{d.get('overdrive', 1):g}"
@@ -235,6 +244,10 @@ def scenario_section(name: str, summary: dict, charts, asked: dict | None = None
         out.append(f"<tr><th>asked</th><td>{e(_asked(asked))}</td></tr>")
     out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in key_numbers(summary)]
     out.append("</table>")
+    if summary.get("replay"):  # replayed latency beside the trace's recorded latency, per model
+        from opskit.loadtest.replay_compare import html_table
+
+        out.append(html_table(summary["replay"]))
     out.append(charts_html(charts))
     return "\n".join(out)
 
