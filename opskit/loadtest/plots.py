@@ -164,7 +164,7 @@ def throughput(r: Rows) -> Chart | None:
     asked, th, w = r.summary.get("requested_rate"), r.summary.get("throttling"), r.width
     limit = th["limit_requests"] / th["window_s"] if th and th.get("limit_requests") else None
     if asked:
-        question = f"Did throughput keep up with the asked {asked:g} req/s?"
+        question = f"Did throughput keep up with the asked {asked:.3g} req/s?"
     elif limit:
         question = "How much did the target accept against its rate limit?"
     else:
@@ -178,7 +178,7 @@ def throughput(r: Rows) -> Chart | None:
                label="accepted and completed" if th else "completed")
         ax.step(started.index, started.values, where="mid", color=COLORS["sent"], lw=1.2, label="started")
         if asked:
-            slo_line(ax, asked, f"asked {asked:g} req/s", color=COLORS["asked"])
+            slo_line(ax, asked, f"asked {asked:.3g} req/s", color=COLORS["asked"])
         if limit:
             slo_line(ax, limit, f"limit {th['limit_requests']:g} per {th['window_s']:g} s = {limit:.3g} req/s",
                      color=COLORS["asked"])
