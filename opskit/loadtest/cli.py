@@ -167,19 +167,24 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
         sys.exit(2)
     click.echo(report.render(verdict))
     click.echo(f"report: {run_dir / 'report.html'}")
-    sys.exit(max(0 if verdict.passed else 1, _against_baseline(base, run_dir, tolerance)))
+    sys.exit(max(0 if verdict.passed else 1, _against_baseline(base, run_dir, tolerance, baseline)))
 
 
 
-def _against_baseline(base: dict | None, run_dir: Path, tolerance: float) -> int:
-    """Print the comparison with --baseline; 1 on a regression."""
+def _against_baseline(base: dict | None, run_dir: Path, tolerance: float, base_path: str | None) -> int:
+    """Print the comparison with --baseline, and add it to the report; 1 on a regression."""
     from opskit.loadtest import compare
 
     if base is None:
         return 0
+    from opskit.loadtest import report
+
     new = compare.load_summary(run_dir)
     table = compare.compare(base, new, tolerance)
-    click.echo(compare.render(table, compare.only_in_one(base, new)))
+    missing = compare.only_in_one(base, new)
+    click.echo(compare.render(table, missing))
+    if not table.empty:  # the comparison in the report too, to forward with it
+        report.add_section(run_dir / "report.html", compare.html_section(table, missing, tolerance, base_path))
     return 1 if table["regressed"].any() else 0
 
 

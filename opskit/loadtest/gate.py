@@ -201,10 +201,10 @@ def write(run_dir: Path, verdict: Verdict, metas: dict, target: str, notes: list
     for c in verdict.checks:  # the limits the verdict judged, drawn on the latency plots
         if c.name in ("ttft_p95", "duration_p90") and c.limit is not None:
             slo_lines.setdefault(c.scenario, {})[c.name] = c.limit
-    figures = plots.all_figures(df, slo_lines) if len(df) else {}
+    figures = plots.all_figures(df, slo_lines, verdict.summaries) if len(df) else {}
     for name, s in verdict.summaries.items():
-        if s.get("engine") and (png := plots.engine_figure(df[df["scenario"] == name], s["engine"])):
-            figures.setdefault(name, []).append(("the engine's queue and KV cache beside client TTFT", png))
+        if s.get("engine"):
+            figures.setdefault(name, []).extend(plots.engine_charts(df[df["scenario"] == name], s["engine"]))
     page = report.html(verdict, figures, title=f"opskit load test {run_dir.name}",
                        meta={"target": target, "python": sys.version.split()[0]}, params=metas)
     (run_dir / "report.html").write_text(page)
