@@ -77,8 +77,8 @@ GPU_MEMORY_USED = _m("opskit_gpu_memory_used_bytes", GAUGE, "bytes", "GPU memory
 GPU_MEMORY_TOTAL = _m("opskit_gpu_memory_total_bytes", GAUGE, "bytes", "GPU memory installed.", GPU_LABELS)
 GPU_TEMPERATURE = _m("opskit_gpu_temperature_celsius", GAUGE, "celsius", "GPU core temperature.", GPU_LABELS)
 GPU_POWER = _m("opskit_gpu_power_watts", GAUGE, "watts", "GPU power draw.", GPU_LABELS)
-GPU_INFO = _m("opskit_gpu_info", GAUGE, "", "GPU identity; always 1.",
-              ("gpu", "uuid", "name", "driver_version"))
+GPU_INFO = _m("opskit_gpu_info", GAUGE, "", "GPU identity; always 1. A MIG device (gpu 0:1) names its "
+              "parent GPU's UUID in parent_uuid.", ("gpu", "uuid", "name", "driver_version", "parent_uuid"))
 GPU_UP = _m("opskit_gpu_up", GAUGE, "", "1 when NVML answered at this scrape, else 0.")
 GPU_COLLECT_ERRORS = _m("opskit_gpu_collect_errors_total", COUNTER, "",
                         "NVML errors while collecting, by reason.", ("reason",))

@@ -100,6 +100,7 @@ class Phase:
     allowed: frozenset[str] = frozenset()
     scope: dict[str, str] = field(default_factory=dict)
     hold_s: float = 0.0                # with no required alert: how long to watch for a false alarm
+    scopes: dict[str, dict[str, str]] = field(default_factory=dict)  # per-alert scope, instead of `scope`
 
     @property
     def needs_gpu(self) -> bool:
@@ -240,7 +241,7 @@ def phase_misses(phase: Phase, seen: dict[str, Seen], severities: dict[str, str]
         if s.delivered_at is None and s.inhibited_at is None:
             misses.append(f"{name}: fired but never reached the receiver")
         elif s.delivered_at is not None:
-            misses.extend(_label_misses(name, s, phase.scope, severities, routes))
+            misses.extend(_label_misses(name, s, phase.scopes.get(name, phase.scope), severities, routes))
         if s.inactive_at is None:
             misses.append(f"{name}: still active after the fault was cleared")
         elif s.delivered_at is not None and s.resolved_at is None:

@@ -58,6 +58,7 @@ class StackSpec:
     rules: dict[str, str] | None = None
     alertmanager_yml: str | None = None  # None: the project's alerts/alertmanager.yml, else a plain route
     gpu: str = "auto"                  # auto: NVML if the driver is there; fake: tests' fake NVML; off
+    fake_dcgm: bool = False            # with gpu fake: a fake dcgm-exporter on the same GPUs, scraped too
     models: tuple[str, ...] = ("deepseek-chat", "deepseek-reasoner")
     daily_quota_requests: int = 100000
     mock_flags: tuple[str, ...] = ()
@@ -247,6 +248,10 @@ def _gpu_flags(st: _Starter, env: dict[str, str]) -> list[str]:
         env["LD_LIBRARY_PATH"] = f"{lib_dir}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(lib_dir)
         env[fake_gpu.STATE_ENV] = str(state)
         st.files["fake_nvml_state"] = str(state)
+        if st.spec.fake_dcgm:
+            st.files["dcgm_url"] = st.with_ready_file("dcgm-exporter", _python(
+                "-m", "opskit.live.fake_dcgm", "--state", str(state), "--listen", "127.0.0.1:0",
+                *fake_gpu.DCGM_FLAGS))["url"]
     return ["--gpu"]
 
 
@@ -290,7 +295,7 @@ def _start_all(st: _Starter) -> None:
         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"], "/-/ready")
     prom_yml = d / "prometheus.yml"
     prom_yml.write_text(stack_config.prometheus_yml(exp["url"], am_url, _write_rules(spec), spec.timing,
-                                                    st.files.get("engine_url")))
+                                                    st.files.get("engine_url"), st.files.get("dcgm_url")))
     prom_url = st.with_port("prometheus", lambda port: [
         prom_bin, f"--config.file={prom_yml}", f"--storage.tsdb.path={d / 'prometheus-data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",

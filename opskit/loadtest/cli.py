@@ -36,14 +36,19 @@ def _progress_printer():
 
 
 class ScenariosOrCapacity(click.Command):
-    """`opskit loadtest [SCENARIO...]` runs the release gate; `opskit loadtest capacity ...` hands the
-    rest of the line to the capacity search (a command of its own, with its own flags)."""
+    """`opskit loadtest [SCENARIO...]` runs the release gate; `opskit loadtest capacity ...` and
+    `opskit loadtest replay ...` hand the rest of the line to a command of their own, with its own flags."""
+
+    SUBCOMMANDS = {"capacity": ("opskit.loadtest.capacity_cli", "capacity"),
+                   "replay": ("opskit.loadtest.replay_cli", "replay")}
 
     def make_context(self, info_name, args, parent=None, **extra):
-        if args and args[0] == "capacity":
-            from opskit.loadtest.capacity_cli import capacity
+        if args and args[0] in self.SUBCOMMANDS:
+            import importlib
 
-            return capacity.make_context(f"{info_name} capacity", args[1:], parent=parent, **extra)
+            module, name = self.SUBCOMMANDS[args[0]]
+            command = getattr(importlib.import_module(module), name)
+            return command.make_context(f"{info_name} {args[0]}", args[1:], parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
 
@@ -103,6 +108,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
     SCENARIOS: qps streaming throttling conversation (default: all four; against --target/--config,
     throttling only with --limit-requests, since it judges the target against that limit).
     `opskit loadtest capacity --help`: the search for the highest load that meets every SLO.
+    `opskit loadtest replay --help`: replay recorded traffic (a call log, Mooncake or Azure trace).
     Exit status: 0 pass, 1 an SLO missed (or a regression against --baseline), 2 usage/config error.
     Examples:
       opskit loadtest                                   # all scenarios against the embedded mock
@@ -165,7 +171,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
         sys.exit(2)
     click.echo(report.render(verdict))
     click.echo(f"report: {run_dir / 'report.html'}")
-    sys.exit(max(0 if verdict.passed else 1, _against_baseline(base, run_dir, tolerance)))
+    sys.exit(max(0 if verdict.passed else 1, _against_baseline(base, run_dir, tolerance, baseline)))
 
 
 
@@ -187,15 +193,20 @@ def load_prices(path: str):
         raise ConfigError(path, exc.key, exc.expected) from None
 
 
-def _against_baseline(base: dict | None, run_dir: Path, tolerance: float) -> int:
-    """Print the comparison with --baseline; 1 on a regression."""
+def _against_baseline(base: dict | None, run_dir: Path, tolerance: float, base_path: str | None) -> int:
+    """Print the comparison with --baseline, and add it to the report; 1 on a regression."""
     from opskit.loadtest import compare
 
     if base is None:
         return 0
+    from opskit.loadtest import report
+
     new = compare.load_summary(run_dir)
     table = compare.compare(base, new, tolerance)
-    click.echo(compare.render(table, compare.only_in_one(base, new)))
+    missing = compare.only_in_one(base, new)
+    click.echo(compare.render(table, missing))
+    if not table.empty:  # the comparison in the report too, to forward with it
+        report.add_section(run_dir / "report.html", compare.html_section(table, missing, tolerance, base_path))
     return 1 if table["regressed"].any() else 0
 
 
