@@ -37,9 +37,13 @@ pytest: install
 lint: install
 	$(BIN)/ruff check .
 
+# PRICES=FILE prices the run (a target's `prices:` section); the embedded mock gets the shipped
+# illustrative ones; a TARGET, CONFIG or $$OPSKIT_TARGET_URL none unless given (a config's own prices apply).
+PRICES ?=
 loadtest: install
 	$(BIN)/opskit loadtest $(if $(TARGET),--target $(TARGET)) $(if $(CONFIG),--config $(CONFIG)) \
-		$(if $(BASELINE),--baseline $(BASELINE))
+		$(if $(BASELINE),--baseline $(BASELINE)) \
+		$(if $(PRICES),--prices $(PRICES),$(if $(TARGET)$(CONFIG)$(OPSKIT_TARGET_URL),,--prices loadtests/example-prices.yaml))
 
 alerts: install
 	$(BIN)/opskit generate alerts
@@ -55,8 +59,11 @@ dashboards: install
 
 # Kubernetes manifests made from alerts/ and dashboards/ (PrometheusRule, Grafana ConfigMaps).
 .PHONY: manifests
+# RUNBOOK_BASE: the absolute URL of alerts/runbook.md that the PrometheusRule links to (required; the
+# committed deploy/generated/ uses the placeholder below: render your own before applying it).
+RUNBOOK_BASE ?= https://runbooks.example.com/opskit/alerts/runbook.md
 manifests: install
-	$(BIN)/opskit generate manifests
+	$(BIN)/opskit generate manifests --runbook-base $(RUNBOOK_BASE)
 
 check-alerts: install
 	alerts/check.sh

@@ -1,5 +1,5 @@
 """Scrape cost and memory of `opskit exporter`: /metrics with 8 GPUs (every health reading, XIDs
-counted by the event thread) and 10 targets' call series.
+counted by the event thread, two GPUs in MIG mode with 3 MIG devices each) and 10 targets' call series.
 
 Targets: a scrape <= 10 ms, exporter RSS <= 80 MB. The exporter runs as its own process on the fake
 NVML (opskit/live/fakenvml, 8 GPUs, loaded through LD_LIBRARY_PATH by the real pynvml binding) with a
@@ -103,15 +103,26 @@ def pin(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if (os.cpu_count() or 1) >= 2 and os.path.exists("/usr/bin/taskset") else []
 
 
+def bench_gpus(xids: tuple[int, ...] = ()) -> list:
+    """8 fake GPUs with every health reading present, throttled, with `xids`; GPUs 6 and 7 in MIG mode."""
+    from opskit.live.fakenvml import FakeMig, fake_gpus, mig_uuid_for
+
+    gpus = fake_gpus(8, util=55, ecc_volatile=1, ecc_aggregate=2, remapped_correctable=1,
+                     clocks_event_reasons=0x24, xids=xids)
+    for g in gpus[6:]:
+        g.mig_mode = 1
+        g.migs = tuple(FakeMig(slot, mig_uuid_for(g.index, slot)) for slot in (0, 2, 4))
+    return gpus
+
+
 def measure(scrapes: int) -> None:
-    from opskit.live.fakenvml import build_fake_nvml, fake_gpus, write_state
+    from opskit.live.fakenvml import build_fake_nvml, write_state
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         lib = build_fake_nvml(tmp / "lib")
         # Every health reading present, throttled and with XIDs, so each family is in the scrape.
-        state = write_state(tmp / "gpus", fake_gpus(8, util=55, ecc_volatile=1, ecc_aggregate=2,
-                                                    remapped_correctable=1, clocks_event_reasons=0x24))
+        state = write_state(tmp / "gpus", bench_gpus())
         write_config(tmp / "opskit.yaml")
         env = {**os.environ, "LD_LIBRARY_PATH": str(lib.parent), "FAKE_NVML_STATE": str(state)}
         ready = tmp / "ready.json"
@@ -125,8 +136,7 @@ def measure(scrapes: int) -> None:
                 time.sleep(0.05)
             info = json.loads(ready.read_text())
             urllib.request.urlopen(info["url"] + "/metrics", timeout=10).close()  # registers XID events
-            write_state(state, fake_gpus(8, util=55, ecc_volatile=1, ecc_aggregate=2, remapped_correctable=1,
-                                         clocks_event_reasons=0x24, xids=(13, 79, 48)))
+            write_state(state, bench_gpus(xids=(13, 79, 48)))
             report(info, proc.pid, scrapes)
             report(info, proc.pid, scrapes, OPENMETRICS)
             render_ab(tmp / "opskit.yaml")
@@ -166,7 +176,8 @@ def report(info: dict, pid: int, scrapes: int, accept: str | None = None) -> Non
     samples = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
     times.sort()
     kind = "OpenMetrics with exemplars" if accept else "text 0.0.4"
-    print(f"exporter /metrics ({kind}), 8 fake GPUs, {TARGETS} targets: {samples} samples, "
+    migs = body.count(b"opskit_gpu_info{") - 8
+    print(f"exporter /metrics ({kind}), 8 fake GPUs + {migs} MIG devices, {TARGETS} targets: {samples} samples, "
           f"{len(body) / 1024:.0f} KiB")
     print(f"  scrape wall (client, keep-alive): median {statistics.median(times) * 1e3:.2f} ms, "
           f"p95 {times[int(0.95 * len(times))] * 1e3:.2f} ms, max {times[-1] * 1e3:.2f} ms  (n={scrapes})")
@@ -205,24 +216,29 @@ def render_ab(config_path: Path, rounds: int = 7) -> None:
 
 
 def gpu_ab(lib: Path, env: dict, rounds: int = 7, n: int = 50) -> None:
-    """In a child process on the same fake NVML: one GPU collect() of 8 GPUs with the health readings
-    and XID counts (B) and without them (A, the readings stubbed out), alternating."""
+    """In a child process on the same fake NVML: one GPU collect() of the 8 GPUs with the health readings,
+    XID counts and MIG devices (B), without the health readings (A, stubbed out) and without the MIG
+    enumeration (C, stubbed out), alternating."""
     code = f"""
 import statistics, timeit
 from opskit.sidecar import gpu, gpu_health
 c = gpu.GpuCollector(lib_path={str(lib)!r})
-real = gpu.read_health
+real_health, real_migs = gpu.read_health, c._migs.read
 def run():
     return sum(len(f.samples) for f in c.collect())
-a, b = [], []
+a, b, m = [], [], []
 for _ in range({rounds}):
     gpu.read_health = lambda h, e: gpu_health.Health()
     na = run(); a.append(timeit.timeit(run, number={n}) / {n})
-    gpu.read_health = real
+    gpu.read_health = real_health
     nb = run(); b.append(timeit.timeit(run, number={n}) / {n})
-ma, mb = statistics.median(a), statistics.median(b)
-print(f"  GPU collect, 8 GPUs, in-process (median of {rounds}): load only {{ma * 1e3:.2f}} ms ({{na}} samples), "
-      f"with health + XIDs {{mb * 1e3:.2f}} ms ({{nb}} samples), +{{(mb - ma) * 1e3:.2f}} ms")
+    c._migs.read = lambda *args: []
+    nm = run(); m.append(timeit.timeit(run, number={n}) / {n})
+    c._migs.read = real_migs
+ma, mb, mm = statistics.median(a), statistics.median(b), statistics.median(m)
+print(f"  GPU collect, 8 GPUs, in-process (median of {rounds}): everything {{mb * 1e3:.2f}} ms ({{nb}} samples); "
+      f"without health readings {{ma * 1e3:.2f}} ms ({{na}} samples, health +{{(mb - ma) * 1e3:.2f}} ms); "
+      f"without MIG devices {{mm * 1e3:.2f}} ms ({{nm}} samples, MIG +{{(mb - mm) * 1e3:.2f}} ms)")
 c.close()
 """
     subprocess.run([*pin(1), sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=300)

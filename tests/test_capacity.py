@@ -83,7 +83,7 @@ def test_knee_headroom_and_report():
     assert not capacity.headroom_check(s, planned=30, min_headroom=1.5)[0]
     assert "meets every SLO up to 40 req/s" in capacity_report.render(s)
     page = capacity_report.html({**s, "objectives": {"ttft_p95_seconds": 0.5}, "target": "<x>"})
-    assert "&lt;x&gt;" in page and "data:image/png;base64," in page
+    assert "&lt;x&gt;" in page and page.count("<svg") == 3 and ">SLO TTFT p95 &lt; 500 ms<" in page
 
 
 @pytest.mark.slow

@@ -48,14 +48,55 @@ def test_committed_json_and_provisioning_are_up_to_date():
 def test_both_dashboards_exist_with_their_variables(dashboards):
     assert set(dashboards) == {"llm_api", "gpu", "llm_engine"}
     names = {k: [v["name"] for v in _json(d)["templating"]["list"]] for k, d in dashboards.items()}
-    assert names["llm_api"] == ["datasource", "target", "model", "instance"]
-    assert names["gpu"][:2] == ["datasource", "instance"]
-    assert names["llm_engine"] == ["datasource", "instance", "target"]
+    assert names["llm_api"] == ["datasource", "cluster", "namespace", "job", "instance", "source", "target", "model"]
+    assert names["gpu"][:5] == ["datasource", "cluster", "namespace", "job", "instance"]
+    assert names["llm_engine"] == ["datasource", "cluster", "namespace", "instance", "target"]
 
 
 def test_llm_api_links_to_the_engine_dashboard(dashboards):
     uid = _json(dashboards["llm_engine"])["uid"]
     assert any(link["url"] == f"/d/{uid}" for link in _json(dashboards["llm_api"])["links"])
+
+
+def test_every_dashboard_links_to_the_others_and_marks_its_alerts(dashboards):
+    for name, d in dashboards.items():
+        data = _json(d)
+        menu = [link for link in data["links"] if link["type"] == "dashboards"]
+        assert menu and menu[0]["tags"] == ["opskit"] and data["tags"] == ["opskit"], name
+        notes = data["annotations"]["list"]
+        assert notes and all(n["expr"].startswith('ALERTS{alertstate="firing"') for n in notes), name
+
+
+def test_every_panel_is_filtered_by_scope_and_exporter(dashboards):
+    # The scope variables match `.*` on All, which also matches a series without the label (the
+    # drill runs every query so on a Prometheus without cluster/namespace labels and needs data).
+    for board in ("llm_api", "gpu"):
+        exprs = [(p["title"], t["expr"]) for p in _json(dashboards[board])["panels"] for t in p.get("targets", [])]
+        assert len(exprs) > 10
+        for title, expr in exprs:
+            for var in ("cluster", "namespace", "job", "instance"):
+                assert f'{var}=~"${var}"' in expr, (board, title, var)
+
+
+def test_source_variable_keeps_canary_calls_out_of_latency_by_default(dashboards):
+    data = _json(dashboards["llm_api"])
+    source = next(v for v in data["templating"]["list"] if v["name"] == "source")
+    assert source["current"]["value"] == "proxy" and source["includeAll"]
+    for title in ("Time to first token", "Request duration", "Time per output token", "p95 time to first token"):
+        assert all('source=~"$source"' in t["expr"] for t in _panel(dashboards["llm_api"], title)["targets"]), title
+
+
+def test_at_a_glance_row_comes_first_and_headroom_has_an_axis_each(dashboards):
+    panels = _json(dashboards["llm_api"])["panels"]
+    assert panels[0]["type"] == "row" and panels[0]["title"] == "At a glance"
+    assert [p["title"] for p in panels[1:5]] == ["Availability vs SLO", "Error budget left (30 d)",
+                                                 "p95 time to first token", "Projected daily spend"]
+    assert all(p["type"] == "stat" for p in panels[1:5])
+    assert _lines(_panel(dashboards["llm_api"], "Availability vs SLO")) == [T.availability_slo]
+    assert _lines(_panel(dashboards["llm_api"], "p95 time to first token")) == [T.ttft_p95_seconds]
+    for kind in ("requests", "tokens"):
+        exprs = [t["expr"] for t in _panel(dashboards["llm_api"], f"Rate-limit headroom: {kind}")["targets"]]
+        assert exprs and all(f"remaining_{kind}" in e for e in exprs), kind
 
 
 def test_engine_panels_read_all_three_engines(dashboards):
@@ -172,6 +213,7 @@ def test_provisioning_points_grafana_at_the_json_and_prometheus(dashboards):
     assert provider["type"] == "file" and provider["options"]["path"] == "/srv/dash"
     ds = yaml.safe_load(files["provisioning/datasources/opskit.yml"])["datasources"][0]
     assert ds["type"] == "prometheus" and ds["url"] == "http://127.0.0.1:19090"
+    assert ds["isDefault"] is False  # an existing Grafana keeps its own default datasource
     # The dashboards' datasource variable selects the provisioned datasource by default.
     for d in dashboards.values():
         assert _json(d)["templating"]["list"][0]["current"]["value"] == ds["name"]

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from opskit import __version__, cli
 from opskit.core import config as cfgmod
 from opskit.core.processes import free_port
-from opskit.opscode import alert_rules, engine_rules, manifests
+from opskit.opscode import alert_rules, engine_rules, manifests, rules_file
 from tests.conftest import ROOT, stop, wait_for_file
 
 DEPLOY = ROOT / "deploy"
@@ -137,6 +137,9 @@ def test_prometheusrule_is_generated_from_the_rules_files():
     assert pr["apiVersion"] == "monitoring.coreos.com/v1" and pr["metadata"]["name"] == "opskit"
     expected = [g for f in manifests.rule_files(ROOT / "alerts") for g in yaml.safe_load(f.read_text())["groups"]]
     assert expected, "alerts/*.rules.yml missing"
+    for rule in (r for g in expected for r in g["rules"] if "alert" in r):  # made absolute (test below)
+        rule["annotations"]["runbook_url"] = rule["annotations"]["runbook_url"].replace(
+            rules_file.RUNBOOK_BASE, manifests.EXAMPLE_RUNBOOK_BASE)
     assert pr["spec"]["groups"] == expected
     for group in pr["spec"]["groups"]:
         assert set(group) <= {"name", "interval", "rules", "limit"}
@@ -144,6 +147,24 @@ def test_prometheusrule_is_generated_from_the_rules_files():
             assert ("alert" in rule) != ("record" in rule) and isinstance(rule["expr"], str)
             if "alert" in rule:
                 assert rule["labels"]["severity"] and rule["annotations"]["runbook_url"]
+
+
+def test_prometheusrule_runbook_links_are_absolute_and_a_base_is_required(tmp_path):
+    (pr,) = by_kind("PrometheusRule")
+    urls = [r["annotations"]["runbook_url"] for g in pr["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert urls and all(u.startswith(manifests.EXAMPLE_RUNBOOK_BASE + "#") for u in urls)
+    runner, base = CliRunner(), "https://git.example.org/ops/opskit/blob/main/alerts/runbook.md"
+    for args in ([], ["--runbook-base", "alerts/runbook.md"], ["--runbook-base", base + "#x"]):
+        res = runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path), *args],
+                            env={"OPSKIT_RUNBOOK_BASE": ""})
+        assert res.exit_code == 2 and "--runbook-base" in res.output and len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path)],
+                        env={"OPSKIT_RUNBOOK_BASE": base})
+    assert res.exit_code == 0, res.output
+    rule = yaml.safe_load((tmp_path / manifests.RULES_FILE).read_text())
+    mine = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    assert mine == [u.replace(manifests.EXAMPLE_RUNBOOK_BASE, base) for u in urls]
+    assert f"{base}#llmspendbudgetburn" in mine
 
 
 def test_prometheusrule_spec_passes_promtool(tmp_path):
@@ -176,15 +197,17 @@ def test_generated_files_are_up_to_date():
 
 def test_generate_check_reports_a_stale_file(tmp_path):
     runner = CliRunner()
-    res = runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path), "--check"])
+    base = ["--runbook-base", manifests.EXAMPLE_RUNBOOK_BASE]
+    res = runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path), "--check", *base])
     assert res.exit_code == 1 and "out of date" in res.output and "prometheusrule.yaml" in res.output
-    assert runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path)]).exit_code == 0
-    res = runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path), "--check"])
+    assert runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path), *base]).exit_code == 0
+    res = runner.invoke(cli.main, ["generate", "manifests", "--out-dir", str(tmp_path), "--check", *base])
     assert res.exit_code == 0 and "up to date" in res.output
     broken = tmp_path / "rules"
     broken.mkdir()
     (broken / "x.rules.yml").write_text("groups: [unclosed\n")
-    res = runner.invoke(cli.main, ["generate", "manifests", "--alerts-dir", str(broken), "--out-dir", str(tmp_path)])
+    res = runner.invoke(cli.main, ["generate", "manifests", "--alerts-dir", str(broken), "--out-dir", str(tmp_path),
+                                   *base])
     assert res.exit_code == 2 and "valid YAML" in res.output and "Traceback" not in res.output
 
 

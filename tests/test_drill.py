@@ -103,8 +103,6 @@ def test_every_llm_and_gpu_alert_is_drilled():
     # back, so the KV alert may fire there (allowed) without being required; the GPU-idle ticket needs
     # the fake GPU and may fire with the queue phase. Both are promtool-tested (llm_engine.test.yml).
     undrilled |= {"LLMEngineKVCacheNearlyFull", "LLMEngineGPUIdleWhileQueued"}
-    # Promtool-tested (alerts/tests/spend.test.yml); no drill phase yet (the stack's target has no prices).
-    undrilled |= {"LLMSpendBudgetBurn"}
     drilled = {n for p in PHASES for n in p.required}
     assert set(drill_plan.alert_severities(_rendered())) - drilled == undrilled
 

@@ -89,7 +89,8 @@ def test_two_gpus_values_and_changes_between_scrapes(state, collect):
     assert val(reg, "opskit_gpu_memory_total_bytes", 0) == 80 * GIB
     assert val(reg, "opskit_gpu_temperature_celsius", 1) == 55
     assert val(reg, "opskit_gpu_power_watts", 0) == pytest.approx(250.5)
-    assert val(reg, "opskit_gpu_info", 0, name="NVIDIA H100 80GB HBM3", driver_version="550.54.15") == 1
+    assert val(reg, "opskit_gpu_info", 0, name="NVIDIA H100 80GB HBM3", driver_version="550.54.15",
+               parent_uuid="") == 1
     assert val(reg, "opskit_gpu_utilization_ratio", 2) is None
 
     gpus = fake_gpus(2, util=37)

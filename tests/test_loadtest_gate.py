@@ -50,7 +50,8 @@ def test_healthy_mock_passes_through_the_proxy_with_two_processes(tmp_path):
     assert set(df["worker"]) == {0, 1}  # both Locust workers sent their share
     assert (df["output_tokens"] == df["mock_output_tokens"]).all()
     page = (run / "report.html").read_text()
-    assert "PASS" in page and page.count("data:image/png;base64,") == 2
+    assert "PASS" in page and page.count("<figcaption>Is time to first token within its SLO over time?") == 2
+    assert page.count("SLO TTFT p95 &lt; 500 ms") == 4  # over time and among the percentiles, per scenario
     assert (run / "locust" / "qps_stats.csv").exists() and (run / "locust" / "streaming.html").exists()
     for name in ("qps", "streaming"):  # Locust's CSV counts every call too (it lost its last second)
         stats = pd.read_csv(run / "locust" / f"{name}_stats.csv").set_index("Name")
@@ -104,6 +105,8 @@ def test_conversation_context_grows_and_websocket_streams(tmp_path, mock_server)
                          "--target", mock_server.url, "--baseline", str(base))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "VERDICT: PASS" in proc.stdout and "COMPARE: REGRESSION in conversation ttft_p50, " in proc.stdout
+    page = (run / "report.html").read_text()  # the comparison travels with the report
+    assert f"<h2>Against the baseline</h2><p>{base}: REGRESSION in conversation ttft_p50, " in page
     turns = json.loads((run / "summary.json").read_text())["scenarios"]["conversation"]["by_turn"]
     sizes = [turns[k]["input_tokens_mean"] for k in sorted(turns)]
     assert sizes == sorted(sizes) and sizes[-1] > 2 * sizes[0]
@@ -336,7 +339,8 @@ def test_engine_metrics_sampled_beside_the_client(tmp_path):
     # the server's own TTFT is part of what the client saw
     assert engine["server_ttft_mean_s"] <= summary["scenarios"]["streaming"]["ttft_s"]["p99"]
     page = (run / "report.html").read_text()
-    assert "server side (vllm /metrics" in page and "the engine&#x27;s queue and KV cache" in page
+    assert "server side (vllm /metrics" in page and "<figcaption>Did requests queue in the engine (vllm)?" in page
+    assert "<figcaption>Did the KV cache fill up as client TTFT rose?" in page
     # a dead endpoint is a note and a counted error, never a crash or a failed gate
     (tmp_path / "dead").mkdir()
     proc, run = loadtest(tmp_path / "dead", "qps", "--duration", "2", "--engine-metrics", "http://127.0.0.1:9/metrics")

@@ -134,8 +134,10 @@ def test_plots_of_a_run_where_every_call_failed_warn_nothing():
     rows = [row("qps", t=i * 0.1, status=502, err="server_error") for i in range(20)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning would fail here instead of reaching the user's terminal
-        png = plots.scenario_figure(results.frame(rows), "qps")
-    assert png.startswith("iVBORw0KGgo")  # base64 of the PNG signature
+        charts = plots.scenario_charts(results.frame(rows), {"ttft_p95": 0.5})
+    # no latency to draw: what is left says how many calls started and which errors came back
+    assert [c.question for c in charts] == ["How many requests per second completed?", "Which errors, and when?"]
+    assert all(c.svg.startswith("<svg") for c in charts) and "server_error 502: 20" in charts[1].svg
 
 
 def test_throttling_429s_are_not_errors_and_windows_are_counted():
@@ -270,11 +272,14 @@ def test_slo_override_file(tmp_path):
 
 
 def test_html_report_is_self_contained_verdict_first():
-    v = slo.evaluate(results.frame([row(t=i * 0.1) for i in range(30)]), slo.defaults(), {"duration": 3})
-    page = report.html(v, {"streaming": [("plots", "iVBORw0KGgo=")]})
-    assert page.index("Verdict") < page.index("<img")
-    assert "data:image/png;base64,iVBORw0KGgo=" in page
-    assert "http://" not in page and "https://" not in page and "<script" not in page
+    from opskit.loadtest import plots
+
+    df = results.frame([row(t=i * 0.1) for i in range(30)])
+    v = slo.evaluate(df, slo.defaults(), {"duration": 3})
+    page = report.html(v, plots.all_figures(df, {"streaming": {"ttft_p95": 0.5}}, v.summaries))
+    assert page.index("class='verdict'") < page.index("Checks") < page.index("<svg")
+    # inline SVG only: no image file, no URL (not even an XML namespace), no script
+    assert "<img" not in page and "http://" not in page and "https://" not in page and "<script" not in page
 
 
 def test_report_opens_with_a_verdict_paragraph_and_reads_in_words():
@@ -289,7 +294,8 @@ def test_report_opens_with_a_verdict_paragraph_and_reads_in_words():
     assert "TTFOT" not in page  # no reasoning tokens: it would repeat TTFT
     v.checks.insert(0, Check("streaming", "circuit_breaker", 0.5, "<", 0.15, False, "stopped: circuit open after 3 s"))
     assert report.verdict_paragraph(v) == (f"FAIL: 1 of {len(v.checks)} checks missed (streaming). "
-                                           "streaming: stopped: circuit open after 3 s.")
+                                           "streaming: stopped: circuit open after 3 s. streaming: 30 calls at "
+                                           "10.0 req/s, TTFT p95 100.0 ms, duration p90 500.0 ms, no errors.")
 
 
 # ---- comparison ----

@@ -123,8 +123,9 @@ def test_the_wheel_runs_from_an_empty_directory(tmp_path):
     where = subprocess.run([py, "-c", "import opskit; print(opskit.__file__)"], cwd=empty, env=env,
                            capture_output=True, text=True, timeout=60)
     assert where.stdout.startswith(str(tmp_path / "venv")), (where.stdout, where.stderr)
-    for what in ("alerts", "dashboards", "manifests"):
-        res = opskit("generate", what, "--check")
+    for what, more in (("alerts", ()), ("dashboards", ()),
+                       ("manifests", ("--runbook-base", "https://runbooks.example.com/opskit/alerts/runbook.md"))):
+        res = opskit("generate", what, "--check", *more)
         assert res.returncode == 0 and "up to date" in res.stdout, (what, res.stdout, res.stderr)
     run = opskit("loadtest", "qps", "--duration", "5", "--out", str(empty / "reports"), timeout=180)
     assert run.returncode == 0 and "VERDICT: PASS" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]

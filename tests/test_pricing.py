@@ -39,6 +39,8 @@ def test_cost_bills_uncached_cached_and_output_tokens_with_off_peak_discount():
     ({**SPEC, "off_peak": [{"start": "25:00", "end": "01:00", "discount": 0.5}]}, "t.prices.off_peak[0].start"),
     ({**SPEC, "off_peak": [{"start": "01:00", "end": "02:00", "discount": 1.5}]}, "t.prices.off_peak[0].discount"),
     ({**SPEC, "tax": 1}, "t.prices"),
+    ({**SPEC, "daily_budget": 0}, "t.prices.daily_budget"),
+    ({**SPEC, "daily_budget": "50 USD"}, "t.prices.daily_budget"),
 ])
 def test_malformed_prices_name_the_key(bad, key):
     with pytest.raises(pricing.PricingError) as info:
@@ -70,3 +72,19 @@ def test_spend_counter_per_target_model_and_currency():
     assert reg.get_sample_value("opskit_llm_spend_total", {**labels, "target": "free"}) is None
     assert reg.get_sample_value("opskit_llm_tokens_total", {**{k: v for k, v in labels.items() if k != "currency"},
                                                             "token_type": "cached_input"}) == 800_000
+
+
+def test_daily_budget_is_optional_and_exported_in_the_prices_currency():
+    assert pricing.parse(SPEC).daily_budget is None
+    assert pricing.parse({**SPEC, "daily_budget": 50}).daily_budget == 50.0
+    from opskit.sidecar.exporter_server import build_registry
+
+    cfg = config.parse({"targets": [
+        {"name": "ds", "base_url": "https://api.deepseek.com", "prices": {**SPEC, "daily_budget": 50}},
+        {"name": "nobudget", "base_url": "https://b.example", "prices": SPEC},
+        {"name": "free", "base_url": "https://c.example"}]})
+    reg, _ = build_registry(cfg)
+    assert reg.get_sample_value("opskit_llm_spend_daily_budget", {"target": "ds", "currency": "USD"}) == 50.0
+    # no budget, no series: the spend alert is not armed for those targets
+    assert [s for f in reg.collect() if f.name == "opskit_llm_spend_daily_budget" for s in f.samples
+            if s.labels["target"] != "ds"] == []

@@ -77,8 +77,8 @@ GPU_MEMORY_USED = _m("opskit_gpu_memory_used_bytes", GAUGE, "bytes", "GPU memory
 GPU_MEMORY_TOTAL = _m("opskit_gpu_memory_total_bytes", GAUGE, "bytes", "GPU memory installed.", GPU_LABELS)
 GPU_TEMPERATURE = _m("opskit_gpu_temperature_celsius", GAUGE, "celsius", "GPU core temperature.", GPU_LABELS)
 GPU_POWER = _m("opskit_gpu_power_watts", GAUGE, "watts", "GPU power draw.", GPU_LABELS)
-GPU_INFO = _m("opskit_gpu_info", GAUGE, "", "GPU identity; always 1.",
-              ("gpu", "uuid", "name", "driver_version"))
+GPU_INFO = _m("opskit_gpu_info", GAUGE, "", "GPU identity; always 1. A MIG device (gpu 0:1) names its "
+              "parent GPU's UUID in parent_uuid.", ("gpu", "uuid", "name", "driver_version", "parent_uuid"))
 GPU_UP = _m("opskit_gpu_up", GAUGE, "", "1 when NVML answered at this scrape, else 0.")
 GPU_COLLECT_ERRORS = _m("opskit_gpu_collect_errors_total", COUNTER, "",
                         "NVML errors while collecting, by reason.", ("reason",))
@@ -139,6 +139,9 @@ LLM_TOKENS = _m("opskit_llm_tokens_total", COUNTER, "",
 LLM_SPEND = _m("opskit_llm_spend_total", COUNTER, "",
                "Estimated spend from usage and the target's configured prices per million tokens "
                "(off-peak discounts applied), in the currency label's units.", CALL_LABELS + ("currency",))
+LLM_SPEND_BUDGET = _m("opskit_llm_spend_daily_budget", GAUGE, "",
+                      "Configured daily spend budget of the target, in the currency label's units (absent when "
+                      "none is configured: no spend alert then).", ("target", "currency"))
 LLM_IN_FLIGHT = _m("opskit_llm_requests_in_flight", GAUGE, "", "Calls started and not yet finished.",
                    ("target", "source"))
 LLM_RL_REQUESTS = _m("opskit_llm_ratelimit_remaining_requests", GAUGE, "",
@@ -165,7 +168,7 @@ CALL_LOG_DROPPED = _m("opskit_call_log_dropped_total", COUNTER, "",
 ALL: tuple[Metric, ...] = (
     GPU_UTILIZATION, GPU_MEMORY_USED, GPU_MEMORY_TOTAL, GPU_TEMPERATURE, GPU_POWER, GPU_INFO, GPU_UP,
     GPU_COLLECT_ERRORS, *GPU_HEALTH,
-    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_SPEND, LLM_IN_FLIGHT,
+    LLM_REQUESTS, LLM_DURATION, LLM_TTFT, LLM_TPOT, LLM_TOKENS, LLM_SPEND, LLM_SPEND_BUDGET, LLM_IN_FLIGHT,
     LLM_RL_REQUESTS, LLM_RL_TOKENS, LLM_QUOTA_LIMIT, PROBE_SUCCESS, PROBE_DURATION, BUILD_INFO,
     CONNECTIONS_REFUSED, CALL_LOG_RECORDS, CALL_LOG_DROPPED,
 )

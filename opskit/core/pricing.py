@@ -11,10 +11,12 @@ currency, with optional off-peak windows (UTC) and their discount, as DeepSeek h
           per_million_tokens:
             deepseek-chat: {input: 0.27, cached_input: 0.07, output: 1.10}
           off_peak: [{start: "16:30", end: "00:30", discount: 0.5}]   # UTC; end may wrap past midnight
+          daily_budget: 50        # optional, in `currency`: arms the LLMSpendBudgetBurn alert
 
 `input` is billed for the uncached part of the input (input - cached_input), `cached_input` for the
 cached part (default: the input price), `output` for all output tokens (reasoning included). A model
-without a price has no spend (its tokens are still counted).
+without a price has no spend (its tokens are still counted). `daily_budget` is what the target may
+spend a day, in the same currency; without one no spend alert is armed for the target.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-PRICE_KEYS = ("currency", "per_million_tokens", "off_peak")
+PRICE_KEYS = ("currency", "per_million_tokens", "off_peak", "daily_budget")
 MODEL_KEYS = ("input", "cached_input", "output")
 
 
@@ -59,11 +61,13 @@ class OffPeak:
 
 @dataclass(frozen=True)
 class Prices:
-    """A target's prices: one currency, per model, with off-peak windows."""
+    """A target's prices: one currency, per model, with off-peak windows, and an optional daily budget
+    in that currency."""
 
     currency: str
     models: dict[str, ModelPrice] = field(default_factory=dict)
     off_peak: tuple[OffPeak, ...] = ()
+    daily_budget: float | None = None
 
     def cost(self, model: str, input_tokens: int, cached_input_tokens: int, output_tokens: int,
              unix_time: float) -> float | None:
@@ -120,4 +124,8 @@ def parse(spec: object, key: str = "prices") -> Prices:
         if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d <= 1:
             raise PricingError(f"{wk}.discount", "a share between 0 and 1")
         windows.append(OffPeak(_minute(w["start"], f"{wk}.start"), _minute(w["end"], f"{wk}.end"), float(d)))
-    return Prices(currency.upper(), models, tuple(windows))
+    budget = spec.get("daily_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)
+                               or not math.isfinite(budget) or budget <= 0):
+        raise PricingError(f"{key}.daily_budget", "a positive number (spend a day, in the prices' currency)")
+    return Prices(currency.upper(), models, tuple(windows), None if budget is None else float(budget))

@@ -77,7 +77,8 @@ class CallRecord:
 
 @dataclass(slots=True, frozen=True)
 class GpuSample:
-    """One GPU read at scrape time. `index` is the host index as a string (the `gpu` label)."""
+    """One GPU read at scrape time. `index` is the host index as a string (the `gpu` label; `0:1` for
+    MIG device 1 of GPU 0, whose parent's UUID is `parent_uuid`, empty for a whole GPU)."""
 
     index: str
     uuid: str
@@ -87,3 +88,4 @@ class GpuSample:
     memory_total_bytes: float | None
     temperature_celsius: float | None
     power_watts: float | None
+    parent_uuid: str = ""

@@ -61,10 +61,9 @@ class Thresholds:
     rate_limited_for: str = "10m"
     # Share of a configured daily quota used.
     quota_used_ratio: float = 0.8
-    # Spend (targets with prices, opskit.core.pricing): the daily budget per target, in the currency of
-    # its prices, that the projected daily spend (the last hour's rate x 24 h) must not exceed for
-    # `spend_for`. Set it to your budget: the default is a placeholder, not advice.
-    spend_daily_budget: float = 100.0
+    # Spend: how long the projected daily spend (the last hour's rate x 24 h) must stay above a target's
+    # daily budget. The budget itself belongs to the target's prices (`prices.daily_budget`, in their
+    # currency, opskit.core.pricing): a target without one has no spend alert.
     spend_for: str = "15m"
     # Probe failing for this long.
     probe_failing_for: str = "5m"

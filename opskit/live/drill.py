@@ -28,7 +28,7 @@ import aiohttp
 import click
 
 from opskit.core.cli_helpers import FiniteRange, sigterm_unwinds
-from opskit.live import drill_plan, stack
+from opskit.live import drill_dcgm, drill_plan, stack
 from opskit.live.alert_receiver import read_notifications
 from opskit.live.drill_plan import PHASES, Phase, Seen
 from opskit.live.stack_config import DRILL_TIMING
@@ -53,8 +53,9 @@ def load_project() -> Project:
     from opskit.opscode import routing, rules_file
     from opskit.opscode.dashboards import all_queries
 
-    text = drill_plan.compress_rules(rules_file.render_rules(thresholds.load(), short_for=drill_plan.SHORT_FOR))
-    return Project(text, drill_plan.alert_severities(text), rules_file.render_alertmanager(),
+    text = drill_plan.compress_rules(rules_file.render_rules(thresholds.load(), short_for=drill_plan.SHORT_FOR,
+                                                             gpu_source=drill_dcgm.GPU_SOURCE))
+    return Project(text, drill_dcgm.severities(drill_plan.alert_severities(text)), rules_file.render_alertmanager(),
                    dict(routing.SEVERITY_RECEIVER), all_queries())
 
 
@@ -64,8 +65,7 @@ class Load:
     def __init__(self, session: aiohttp.ClientSession, url: str, rps: float, max_in_flight: int = 200) -> None:
         self.session, self.url, self.rps, self.cap = session, url, rps, max_in_flight
         self.codes: collections.Counter[int] = collections.Counter()
-        self.in_flight = 0
-        self.paused = False
+        self.in_flight, self.paused, self.body = 0, False, drill_plan.REQUEST_BODY
 
     async def run(self) -> None:
         """Send calls until cancelled."""
@@ -87,7 +87,7 @@ class Load:
     async def _one(self) -> None:
         self.in_flight += 1
         try:
-            async with self.session.post(self.url, json=drill_plan.REQUEST_BODY, timeout=aiohttp.ClientTimeout(total=15)) as r:
+            async with self.session.post(self.url, json=self.body, timeout=aiohttp.ClientTimeout(total=15)) as r:
                 async for _ in r.content.iter_any():
                     pass
                 self.codes[r.status] += 1
@@ -118,7 +118,7 @@ class Watcher:
         body = await self._get(self.prom + "/api/v1/alerts")
         self.active = set()
         for a in body["data"]["alerts"]:
-            name = a["labels"]["alertname"]
+            name = drill_dcgm.alert_key(a["labels"])
             s = seen.setdefault(name, Seen())
             self.active.add(name)
             s.pending_at = s.pending_at or now
@@ -129,8 +129,8 @@ class Watcher:
             if cleared_at is not None:
                 s.inactive_at = (s.inactive_at or now) if not s.active else None
         for a in await self._get(self.am + "/api/v2/alerts?inhibited=true&silenced=true&unprocessed=true"):
-            if a["status"].get("inhibitedBy") and a["labels"]["alertname"] in seen:
-                s = seen[a["labels"]["alertname"]]
+            if a["status"].get("inhibitedBy") and drill_dcgm.alert_key(a["labels"]) in seen:
+                s = seen[drill_dcgm.alert_key(a["labels"])]
                 s.inhibited_at = s.inhibited_at or now
         self._read_notifications(seen, cleared_at)
 
@@ -138,7 +138,7 @@ class Watcher:
         payloads = read_notifications(self.notifications)
         for p in payloads[self.offset:]:
             for a in p.get("alerts", []):
-                s = seen.setdefault(a["labels"].get("alertname", "?"), Seen())
+                s = seen.setdefault(drill_dcgm.alert_key(a["labels"]), Seen())
                 at = p["received_at"]
                 if a["status"] == "firing" and s.delivered_at is None:
                     s.delivered_at, s.receiver, s.labels = at, p.get("receiver"), dict(a["labels"])
@@ -171,6 +171,8 @@ async def apply(phase: Phase, ctx: dict, inject: bool) -> None:
             await _admin(session, admin, section, changes)
         else:
             await _admin(session, admin, section, drill_plan.restore(changes, saved[section]))
+    if phase.body:
+        ctx["load"].body = {**drill_plan.REQUEST_BODY, **phase.body} if inject else drill_plan.REQUEST_BODY
     if phase.gpu is not None and ctx["gpu_state"]:
         from opskit.live import fake_gpu
 
@@ -232,7 +234,7 @@ def report_phase(phase: Phase, seen: dict[str, Seen], t0: float, t1: float) -> l
         if s.firing_at is None and role != "required":
             role = "pending only"
         delivered = _since(s.delivered_at, t0) if s.delivered_at or not s.inhibited_at else "inhibit"
-        rows.append(f"  {name:<26} {role:<12} {_since(s.pending_at, t0)} {_since(s.firing_at, t0)} "
+        rows.append(f"  {name:<30} {role:<12} {_since(s.pending_at, t0)} {_since(s.firing_at, t0)} "
                     f"{delivered:>7} {_since(s.resolved_at or s.inactive_at, t1)}  {s.receiver or ''}")
     return rows
 
@@ -281,7 +283,7 @@ async def run_phases(phases: list[Phase], ctx: dict, project: Project, timeout_s
     misses = []
     for phase in phases:
         click.echo(f"\n{phase.name}: {phase.what}")
-        click.echo(f"  {'alert':<26} {'role':<12} {'pending':>7} {'firing':>7} {'deliver':>7} {'resolve':>7}  receiver")
+        click.echo(f"  {'alert':<30} {'role':<12} {'pending':>7} {'firing':>7} {'deliver':>7} {'resolve':>7}  receiver")
         seen, t0, t1 = await run_phase(phase, ctx, timeout_s)
         click.echo("\n".join(report_phase(phase, seen, t0, t1)) or "  (no alert went pending)")
         found = drill_plan.phase_misses(phase, seen, project.severities, project.routes)
@@ -344,7 +346,6 @@ def run(spec: stack.StackSpec, project: Project, phases: list[Phase], rps: float
         return ["interrupted"]
 
 
-
 @click.command()
 @click.option("--phase", "phase_names", multiple=True, type=click.Choice(drill_plan.PHASE_NAMES),
               help="Run only these phases (repeatable; default: all).")
@@ -371,7 +372,7 @@ def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_se
         project = load_project()
     except stack.StackError as exc:
         raise click.ClickException(str(exc)) from None
-    phases = [p for p in PHASES if not phase_names or p.name in phase_names]
+    phases = [drill_dcgm.both_sources(p) for p in PHASES if not phase_names or p.name in phase_names]
     no_gpu = fake_gpu.unavailable_reason()
     if no_gpu:
         click.echo(f"GPU phases skipped: {no_gpu}")
@@ -379,7 +380,8 @@ def drill(phase_names: tuple[str, ...], rps: float, phase_timeout: float, max_se
     state_dir = Path(tempfile.mkdtemp(prefix="opskit-drill-"))
     spec = stack.StackSpec(state_dir=state_dir, timing=DRILL_TIMING, probe_interval_s=1.0,
                            rules={"drill.rules.yml": project.rules}, alertmanager_yml=project.alertmanager_yml,
-                           gpu="off" if no_gpu else "fake", engine="vllm")
+                           gpu="off" if no_gpu else "fake", fake_dcgm=True, engine="vllm",
+                           spend_daily_budget=drill_plan.SPEND_BUDGET_PER_RPS * rps)
     started = time.monotonic()
     try:
         with sigterm_unwinds():  # unwind, so the stack is stopped

@@ -87,6 +87,7 @@ class Phase:
     drill reads the section first and puts the old values back to clear it. `gpu` sets fake GPU
     fields (util in %, mem_used in bytes, power_mw "!" for a failing read, index 1 for a device
     count NVML cannot report). `stop_exporter` freezes the exporter (SIGSTOP), with the load paused.
+    `body` changes the load's request body while the fault lasts (what the callers ask for).
     """
 
     name: str
@@ -94,10 +95,12 @@ class Phase:
     mock: dict[str, dict] = field(default_factory=dict)
     gpu: dict | None = None
     stop_exporter: bool = False
+    body: dict = field(default_factory=dict)
     required: frozenset[str] = frozenset()
     allowed: frozenset[str] = frozenset()
     scope: dict[str, str] = field(default_factory=dict)
     hold_s: float = 0.0                # with no required alert: how long to watch for a false alarm
+    scopes: dict[str, dict[str, str]] = field(default_factory=dict)  # per-alert scope, instead of `scope`
 
     @property
     def needs_gpu(self) -> bool:
@@ -121,6 +124,15 @@ _ENGINE = {"job": "llm-engine"}
 _ENGINE_SIDE = frozenset({"LLMEngineGPUIdleWhileQueued", "LLMHighTimeToFirstToken", "LLMHighRequestLatency",
                           "LLMProbeFailing"})
 GIB = 1 << 30
+
+# Spend. The stack's mock target is priced (opskit.live.stack.MOCK_PRICES) and the drill gives it a daily
+# budget proportional to the load: SPEND_BUDGET_PER_RPS per call/s offered. Drill calls (~94 prompt
+# tokens, ~61 of them cached, 16 output) project to ~1.0 USD a day per call/s (measured: 19.5 at 20/s,
+# the canary's calls included); runaway answers of 256 tokens to ~6.5 (129 at 20/s). The budget sits at
+# 3 per call/s, a factor of two or more from both.
+SPEND_BUDGET_PER_RPS = 3.0
+_LONG_ANSWERS = {"latency": {"output_tokens_mean": 256, "output_tokens_spread": 0, "itl_ms": 2.0,
+                             "itl_jitter_ms": 0.0, "tokens_per_chunk": 16}}
 
 PHASES: tuple[Phase, ...] = (
     # 5 % server errors: above the 2 % warning, far below the 15 % critical. A 5x burn of a 99 %
@@ -146,6 +158,10 @@ PHASES: tuple[Phase, ...] = (
     # does every error and burn alert (the critical ones inhibit their warning twins).
     Phase("probe-failing", "every call (probe included) answered 503", mock={"faults": {"error_rate": {"503": 1.0}}},
           required=frozenset({"LLMProbeFailing"}) | _ERRORS | _BURN, scope=_TARGET),
+    # A runaway caller: every answer 256 tokens (fast, 2 ms a token, so no latency alert) against the
+    # budget the drill configured; projected daily spend goes ~3x over it.
+    Phase("spend", "callers ask for long answers (256 tokens each)", mock=_LONG_ANSWERS, body={"max_tokens": 512},
+          required=frozenset({"LLMSpendBudgetBurn"}), scope={**_TARGET, "currency": "USD"}),
     Phase("gpu-busy", "GPU 0 at 95 % utilization", gpu={"util": 95},
           required=frozenset({"GPUHighUtilization"}), scope={"gpu": "0", **_INSTANCE}),
     Phase("gpu-memory", "GPU 0 with 78 of 80 GiB in use", gpu={"mem_used": 78 * GIB},
@@ -225,7 +241,7 @@ def phase_misses(phase: Phase, seen: dict[str, Seen], severities: dict[str, str]
         if s.delivered_at is None and s.inhibited_at is None:
             misses.append(f"{name}: fired but never reached the receiver")
         elif s.delivered_at is not None:
-            misses.extend(_label_misses(name, s, phase.scope, severities, routes))
+            misses.extend(_label_misses(name, s, phase.scopes.get(name, phase.scope), severities, routes))
         if s.inactive_at is None:
             misses.append(f"{name}: still active after the fault was cleared")
         elif s.delivered_at is not None and s.resolved_at is None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 STATE_ENV = "FAKE_NVML_STATE"
+# The fake dcgm-exporter (opskit.live.fake_dcgm) attributes the fake GPU to a pod, as dcgm-exporter's
+# Kubernetes mapping does, so the dcgm source's pod/namespace labels are exercised too.
+DCGM_POD = ("llm", "vllm-0", "vllm")
+DCGM_FLAGS = ("--pod", f"0={'/'.join(DCGM_POD)}")
 
 
 class FakeGpuUnavailable(Exception):

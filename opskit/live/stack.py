@@ -58,11 +58,13 @@ class StackSpec:
     rules: dict[str, str] | None = None
     alertmanager_yml: str | None = None  # None: the project's alerts/alertmanager.yml, else a plain route
     gpu: str = "auto"                  # auto: NVML if the driver is there; fake: tests' fake NVML; off
+    fake_dcgm: bool = False            # with gpu fake: a fake dcgm-exporter on the same GPUs, scraped too
     models: tuple[str, ...] = ("deepseek-chat", "deepseek-reasoner")
     daily_quota_requests: int = 100000
     mock_flags: tuple[str, ...] = ()
     engine: str | None = None          # the mock plays this model server (vllm, sglang, tgi), scraped too
     probe: bool = True                 # canary calls from the exporter (they cost money on a hosted API)
+    spend_daily_budget: float | None = None  # the mock target's daily budget (USD): arms LLMSpendBudgetBurn
     ready_timeout_s: float = 60.0
 
 
@@ -196,7 +198,8 @@ def _exporter_config(spec: StackSpec, mock_url: str) -> str:
     return yaml.safe_dump({
         "targets": [{"name": "mock", "base_url": mock_url + "/v1", "kind": "private",
                      "models": list(spec.models), "daily_quota_requests": spec.daily_quota_requests,
-                     "prices": MOCK_PRICES}],
+                     "prices": {**MOCK_PRICES, **({"daily_budget": spec.spend_daily_budget}
+                                                  if spec.spend_daily_budget else {})}}],
         "probe": {"interval_s": spec.probe_interval_s, "timeout_s": 5.0, "max_tokens": 8},
     }, sort_keys=False)
 
@@ -245,6 +248,10 @@ def _gpu_flags(st: _Starter, env: dict[str, str]) -> list[str]:
         env["LD_LIBRARY_PATH"] = f"{lib_dir}:{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else str(lib_dir)
         env[fake_gpu.STATE_ENV] = str(state)
         st.files["fake_nvml_state"] = str(state)
+        if st.spec.fake_dcgm:
+            st.files["dcgm_url"] = st.with_ready_file("dcgm-exporter", _python(
+                "-m", "opskit.live.fake_dcgm", "--state", str(state), "--listen", "127.0.0.1:0",
+                *fake_gpu.DCGM_FLAGS))["url"]
     return ["--gpu"]
 
 
@@ -288,7 +295,7 @@ def _start_all(st: _Starter) -> None:
         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"], "/-/ready")
     prom_yml = d / "prometheus.yml"
     prom_yml.write_text(stack_config.prometheus_yml(exp["url"], am_url, _write_rules(spec), spec.timing,
-                                                    st.files.get("engine_url")))
+                                                    st.files.get("engine_url"), st.files.get("dcgm_url")))
     prom_url = st.with_port("prometheus", lambda port: [
         prom_bin, f"--config.file={prom_yml}", f"--storage.tsdb.path={d / 'prometheus-data'}",
         f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",

@@ -47,12 +47,13 @@ def host_port(url: str) -> str:
 
 
 ENGINE_JOB = "llm-engine"  # what the engine rules' `job` matcher expects (deploy/podmonitor.yaml names it so)
+DCGM_JOB = "dcgm-exporter"  # matched by the dcgm GPU source's default job pattern (.*dcgm.*)
 
 
 def prometheus_yml(exporter_url: str, alertmanager_url: str, rule_files: list[str], timing: Timing,
-                   engine_url: str | None = None) -> str:
+                   engine_url: str | None = None, dcgm_url: str | None = None) -> str:
     """prometheus.yml: scrape the exporter (and, when the mock plays a model server, its own /metrics
-    as job llm-engine), load `rule_files`, send alerts to Alertmanager."""
+    as job llm-engine; a dcgm-exporter as job dcgm-exporter), load `rule_files`, send alerts to Alertmanager."""
     path = urlsplit(exporter_url).path.rstrip("/")
     metrics_path = path if path.endswith("/metrics") else path + "/metrics"
     cfg = {
@@ -72,6 +73,9 @@ def prometheus_yml(exporter_url: str, alertmanager_url: str, rule_files: list[st
     if engine_url:
         cfg["scrape_configs"].append({"job_name": ENGINE_JOB, "metrics_path": "/metrics",
                                       "static_configs": [{"targets": [host_port(engine_url)]}]})
+    if dcgm_url:
+        cfg["scrape_configs"].append({"job_name": DCGM_JOB, "metrics_path": "/metrics",
+                                      "static_configs": [{"targets": [host_port(dcgm_url)]}]})
     return yaml.safe_dump(cfg, sort_keys=False)
 
 

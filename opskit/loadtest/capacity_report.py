@@ -1,12 +1,14 @@
-"""The capacity search's report: one sentence, the levels table, and load-latency curves (TTFT and
-duration p50/p95/p99, achieved against offered, error ratio) with the SLO lines. Text for the
-terminal, HTML (plots as data URIs) for the run directory."""
+"""The capacity search's report: one sentence, the levels table, and a chart per question in the
+load-test report's style (`charts`): how latency grows with offered load (TTFT and duration
+p50/p95/p99 against their SLO lines), whether achieved throughput follows it, and where errors start.
+Text for the terminal, HTML (inline SVG) for the run directory."""
 
 from __future__ import annotations
 
 import html as _html
 
-from opskit.loadtest.plots import _png
+from opskit.loadtest.charts import COLORS, Chart, chart, latency_scale, legend, ms_label, slo_line
+from opskit.loadtest.report import CSS, charts_html
 
 
 def render(summary: dict) -> str:
@@ -33,71 +35,105 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.0f} ms"
 
 
-def figure(summary: dict) -> str | None:
-    """Three panels against offered load; a base64 PNG, or None when no level ran."""
-    import matplotlib
+def _max_load(ax, summary: dict) -> None:
+    """The answer as a vertical line, labelled on the line."""
+    if summary.get("max_load"):
+        x = summary["max_load"]
+        ax.axvline(x, color=COLORS["ok"], lw=1.2, ls="--")
+        ax.annotate(f"max at SLO {x:g}", xy=(x, 1), xycoords=("data", "axes fraction"), xytext=(-3, -3),
+                    textcoords="offset points", ha="right", va="top", rotation=90, color=COLORS["ok"], fontsize=9.5)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    levels = summary["levels"]
-    if not levels:
-        return None
+def latency_chart(summary: dict) -> Chart | None:
+    """TTFT and duration percentiles against offered load, each objective a labelled line."""
+    levels, obj = summary["levels"], summary.get("objectives") or {}
     x = [lv["load"] for lv in levels]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    obj = summary.get("objectives") or {}
-    for col, name, limit in (("ttft_s", "TTFT", obj.get("ttft_p95_seconds")),
-                             ("duration_s", "duration", obj.get("duration_p90_seconds"))):
-        for q, style in (("p50", ":"), ("p95", "-"), ("p99", "--")):
-            ys = [lv[col].get(q) for lv in levels]
-            if any(y is not None for y in ys):
-                axes[0].plot(x, [None if y is None else y * 1000 for y in ys], style, marker="o", ms=3,
-                             label=f"{name} {q}")
+
+    def draw(ax):
+        values = []
+        for col, name, color in (("ttft_s", "TTFT", COLORS["ttft"]), ("duration_s", "duration", COLORS["duration"])):
+            for q, style in (("p50", ":"), ("p95", "-"), ("p99", "--")):
+                ys = [None if lv[col].get(q) is None else lv[col][q] * 1000 for lv in levels]
+                if any(y is not None for y in ys):
+                    ax.plot(x, [float("nan") if y is None else y for y in ys], style, marker="o", ms=3, color=color,
+                            label=f"{name} {q}")
+                    values += [y for y in ys if y is not None]
+        limits = [(obj.get("ttft_p95_seconds"), "TTFT p95", COLORS["ttft"], True),
+                  (obj.get("duration_p90_seconds"), "duration p90", COLORS["duration"], False)]
+        # load-latency curves span orders of magnitude once past the knee: always a log axis
+        latency_scale(ax, values, [lim * 1000 for lim, *_ in limits if lim is not None], log=True)
+        for lim, label, color, right in limits:
+            if lim is not None:
+                slo_line(ax, lim * 1000, f"SLO {label} < {ms_label(lim)}", color=color, right=right)
+        _max_load(ax, summary)
+        ax.set_xlabel(f"offered load ({summary['unit']})")
+        legend(ax)
+
+    return chart("How does latency grow with the offered load?", draw, size=(4.8, 3.8)) if levels else None
+
+
+def throughput_chart(summary: dict) -> Chart | None:
+    """Achieved and good (within-SLO) requests per second against offered load."""
+    levels = summary["levels"]
+    x = [lv["load"] for lv in levels]
+
+    def draw(ax):
+        ax.plot(x, [lv["achieved_rps"] for lv in levels], "o-", color=COLORS["duration"], label="achieved req/s")
+        ax.plot(x, [lv["goodput_rps"] for lv in levels], "s--", color=COLORS["ok"], label="goodput req/s (within SLO)")
+        if summary["by"] == "rate":
+            ax.plot(x, x, color=COLORS["asked"], lw=1, label="offered")
+        _max_load(ax, summary)
+        ax.set_ylim(bottom=0)
+        ax.set(xlabel=f"offered load ({summary['unit']})", ylabel="req/s")
+        legend(ax)
+
+    return chart("Does achieved throughput follow the offered load?", draw) if levels else None
+
+
+def errors_chart(summary: dict) -> Chart | None:
+    """The error ratio per level against its objective."""
+    levels, limit = summary["levels"], (summary.get("objectives") or {}).get("error_ratio")
+    x = [lv["load"] for lv in levels]
+
+    def draw(ax):
+        ys = [lv["error_ratio"] * 100 for lv in levels]
+        ax.plot(x, ys, "o-", color=COLORS["slo"], label="errors %")
         if limit is not None:
-            axes[0].axhline(limit * 1000, color="red" if name == "TTFT" else "purple", lw=0.8,
-                            label=f"{name} SLO")
-    axes[0].set(title="latency against offered load", xlabel=summary["unit"], ylabel="ms", yscale="log")
-    axes[0].legend(fontsize=7)
-    axes[1].plot(x, [lv["achieved_rps"] for lv in levels], "o-", label="achieved req/s")
-    axes[1].plot(x, [lv["goodput_rps"] for lv in levels], "s--", label="goodput req/s")
-    if summary["by"] == "rate":
-        axes[1].plot(x, x, color="grey", lw=0.8, label="offered")
-    axes[1].set(title="throughput", xlabel=summary["unit"], ylabel="req/s")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(x, [lv["error_ratio"] * 100 for lv in levels], "o-")
-    if obj.get("error_ratio") is not None:
-        axes[2].axhline(obj["error_ratio"] * 100, color="red", lw=0.8, label="error SLO")
-        axes[2].legend(fontsize=7)
-    axes[2].set(title="error ratio", xlabel=summary["unit"], ylabel="%")
-    for ax in axes:
-        if summary.get("max_load"):
-            ax.axvline(summary["max_load"], color="green", lw=0.8, ls="--")
-    fig.tight_layout()
-    try:
-        return _png(fig)
-    finally:
-        plt.close(fig)
+            slo_line(ax, limit * 100, f"SLO errors < {limit * 100:g} %")
+        ax.set_ylim(0, max([*ys, (limit or 0) * 100, 1.0]) * 1.2)
+        _max_load(ax, summary)
+        ax.set(xlabel=f"offered load ({summary['unit']})", ylabel="% of calls")
+        legend(ax)
+
+    return chart("At what load do errors start?", draw) if levels else None
+
+
+def charts(summary: dict) -> list[Chart]:
+    """The report's charts, one question each (none when no level ran)."""
+    return [c for fn in (latency_chart, throughput_chart, errors_chart) if (c := fn(summary)) is not None]
 
 
 def html(summary: dict) -> str:
     """The whole page; every value escaped."""
     esc = _html.escape
-    png = figure(summary)
+    found = charts(summary)
+    head = (f"load ({summary['unit']})", "requests", "achieved req/s", "TTFT p95", "duration p95", "errors",
+            "attainment (95 % interval)", "verdict")
     rows = "".join(
-        f"<tr><td>{lv['load']:.4g}</td><td>{lv['requests']}</td><td>{lv['achieved_rps']:.1f}</td>"
-        f"<td>{_ms(lv['ttft_s'].get('p95'))}</td><td>{_ms(lv['duration_s'].get('p95'))}</td>"
-        f"<td>{lv['error_ratio']:.1%}</td><td>{esc(_attain(lv))}</td>"
-        f"<td class={'ok' if lv['passed'] else 'miss'}>{'OK' if lv['passed'] else esc('MISS ' + ', '.join(lv['missed']))}"
-        f"</td></tr>" for lv in summary["levels"])
+        "<tr>" + "".join(f"<td data-label='{esc(h)}'{cls}>{esc(v)}</td>" for h, (v, cls) in zip(head, (
+            (f"{lv['load']:.4g}", ""), (str(lv["requests"]), ""), (f"{lv['achieved_rps']:.1f}", ""),
+            (_ms(lv["ttft_s"].get("p95")), ""), (_ms(lv["duration_s"].get("p95")), ""),
+            (f"{lv['error_ratio']:.1%}", ""), (_attain(lv), ""),
+            ("OK", " class='pass'") if lv["passed"] else ("MISS " + ", ".join(lv["missed"]), " class='fail'")),
+            strict=True)) + "</tr>" for lv in summary["levels"])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>opskit capacity {esc(str(summary.get('run', '')))}</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 8px;text-align:right}}
-.ok{{color:#070}} .miss{{color:#b00}} h2{{margin-top:1.5em}}</style></head><body>
+<meta name='viewport' content='width=device-width,initial-scale=1'>
+<style>{CSS}</style></head><body>
 <h1>Capacity: {esc(summary['sentence'])}</h1>
-<p>scenario {esc(summary['scenario'])}, search by {esc(summary['by'])}, target {esc(str(summary.get('target', '')))};
+<p class='verdict'>scenario {esc(summary['scenario'])}, search by {esc(summary['by'])}, target {esc(str(summary.get('target', '')))};
 each level ran long enough for {summary.get('min_requests_per_level', '')} requests.</p>
-<table><tr><th>load ({esc(summary['unit'])})</th><th>requests</th><th>achieved req/s</th><th>TTFT p95</th>
-<th>duration p95</th><th>errors</th><th>attainment (95 % interval)</th><th>verdict</th></tr>{rows}</table>
-{f'<img alt="load-latency curves" src="data:image/png;base64,{png}">' if png else '<p>no level ran</p>'}
+<table class='stack'><tr>{"".join(f"<th>{esc(h)}</th>" for h in head)}</tr>{rows}</table>
+{charts_html(found) if found else '<p>no level ran</p>'}
 </body></html>
 """
 

@@ -36,14 +36,19 @@ def _progress_printer():
 
 
 class ScenariosOrCapacity(click.Command):
-    """`opskit loadtest [SCENARIO...]` runs the release gate; `opskit loadtest capacity ...` hands the
-    rest of the line to the capacity search (a command of its own, with its own flags)."""
+    """`opskit loadtest [SCENARIO...]` runs the release gate; `opskit loadtest capacity ...` and
+    `opskit loadtest replay ...` hand the rest of the line to a command of their own, with its own flags."""
+
+    SUBCOMMANDS = {"capacity": ("opskit.loadtest.capacity_cli", "capacity"),
+                   "replay": ("opskit.loadtest.replay_cli", "replay")}
 
     def make_context(self, info_name, args, parent=None, **extra):
-        if args and args[0] == "capacity":
-            from opskit.loadtest.capacity_cli import capacity
+        if args and args[0] in self.SUBCOMMANDS:
+            import importlib
 
-            return capacity.make_context(f"{info_name} capacity", args[1:], parent=parent, **extra)
+            module, name = self.SUBCOMMANDS[args[0]]
+            command = getattr(importlib.import_module(module), name)
+            return command.make_context(f"{info_name} {args[0]}", args[1:], parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
 
@@ -91,22 +96,26 @@ class ScenariosOrCapacity(click.Command):
 @click.option("--baseline", type=click.Path(), help="A previous run directory: compare and fail on regression.")
 @click.option("--tolerance", type=FiniteRange(min=0), default=0.10, show_default=True,
               help="Relative change counted as a regression against --baseline.")
+@click.option("--prices", "prices_file", type=click.Path(dir_okay=False),
+              help="YAML prices (a target's `prices:` section) for the run's cost; else the target's own.")
 def loadtest(scenarios, target_url, config_file, target_name, duration, rate, arrival, users, processes, stream,
              transport, model, input_tokens, input_spread, output_tokens, output_spread, prompts_file, mock_args,
              proxy, limit_requests, limit_window_s, overdrive, turns, keep_turns, timeout_s, seed, out_dir, slo_file,
-             scenario_dir, engine_metrics, baseline, tolerance) -> None:
+             scenario_dir, engine_metrics, baseline, tolerance, prices_file) -> None:
     """Run load-test scenarios against a target and gate on SLOs.
 
     \b
     SCENARIOS: qps streaming throttling conversation (default: all four; against --target/--config,
     throttling only with --limit-requests, since it judges the target against that limit).
     `opskit loadtest capacity --help`: the search for the highest load that meets every SLO.
+    `opskit loadtest replay --help`: replay recorded traffic (a call log, Mooncake or Azure trace).
     Exit status: 0 pass, 1 an SLO missed (or a regression against --baseline), 2 usage/config error.
     Examples:
       opskit loadtest                                   # all scenarios against the embedded mock
       opskit loadtest qps --rate 100 --arrival poisson --processes 2
       opskit loadtest streaming --mock-args "--extra-ttft-ms 1000"     # must fail: ttft_p95
       opskit loadtest --config opskit.yaml --target-name deepseek throttling --limit-requests 60
+      opskit loadtest --prices loadtests/example-prices.yaml   # the mock priced: tokens and cost shown
     """
     from opskit.loadtest import compare, gate, report, runner
     from opskit.loadtest.prompts import PromptSpec, load_file
@@ -145,7 +154,8 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
                           model=model, prompt=prompt, mock_args=extra, proxy=proxy, limit_requests=limit_requests,
                           window_s=limit_window_s, overdrive=overdrive, turns=turns, keep_turns=keep_turns,
                           timeout_s=timeout_s, seed=seed, out_dir=out_dir,
-                          engine_metrics=engine_metrics, **({"locustfiles": scenario_dir} if scenario_dir else {}))
+                          engine_metrics=engine_metrics, prices=load_prices(prices_file) if prices_file else None,
+                          **({"locustfiles": scenario_dir} if scenario_dir else {}))
     if problem := runner.capacity_problem(opts):  # refused before anything starts: it could not end on time
         raise click.UsageError(problem)
     progress, echo = _progress_printer()
@@ -161,19 +171,42 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
         sys.exit(2)
     click.echo(report.render(verdict))
     click.echo(f"report: {run_dir / 'report.html'}")
-    sys.exit(max(0 if verdict.passed else 1, _against_baseline(base, run_dir, tolerance)))
+    sys.exit(max(0 if verdict.passed else 1, _against_baseline(base, run_dir, tolerance, baseline)))
 
 
 
-def _against_baseline(base: dict | None, run_dir: Path, tolerance: float) -> int:
-    """Print the comparison with --baseline; 1 on a regression."""
+def load_prices(path: str):
+    """Prices from a YAML file holding a target's `prices:` mapping; ConfigError (one line) when bad."""
+    import yaml
+
+    from opskit.core import pricing
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(path, "", f"a readable YAML mapping of prices ({exc.__class__.__name__})") from None
+    if isinstance(data, dict) and set(data) == {"prices"}:  # a section copied with its key
+        data = data["prices"]
+    try:
+        return pricing.parse(data, "prices")
+    except pricing.PricingError as exc:
+        raise ConfigError(path, exc.key, exc.expected) from None
+
+
+def _against_baseline(base: dict | None, run_dir: Path, tolerance: float, base_path: str | None) -> int:
+    """Print the comparison with --baseline, and add it to the report; 1 on a regression."""
     from opskit.loadtest import compare
 
     if base is None:
         return 0
+    from opskit.loadtest import report
+
     new = compare.load_summary(run_dir)
     table = compare.compare(base, new, tolerance)
-    click.echo(compare.render(table, compare.only_in_one(base, new)))
+    missing = compare.only_in_one(base, new)
+    click.echo(compare.render(table, missing))
+    if not table.empty:  # the comparison in the report too, to forward with it
+        report.add_section(run_dir / "report.html", compare.html_section(table, missing, tolerance, base_path))
     return 1 if table["regressed"].any() else 0
 
 

@@ -132,3 +132,68 @@ def render(table: pd.DataFrame, missing: list[str] | None = None) -> str:
     else:
         lines.append("COMPARE: REGRESSION in " + ", ".join(f"{r.scenario} {shown(r.metric)}" for r in bad.itertuples()))
     return "\n".join(lines)
+
+
+def worse_by(row) -> float | None:
+    """A row's change as "worse by" (positive: worse), whichever way the metric is better; None when
+    there is no finite change to show."""
+    change = row.change
+    if row.new is None or change != change or change in (float("inf"), float("-inf")):
+        return None
+    higher_better = next(h for label, _, h in METRICS if label == row.metric)
+    if row.metric == "error_ratio":  # judged in points, not relative change
+        return (row.new - row.base) * 100
+    return -change * 100 if higher_better else change * 100
+
+
+def changes_chart(table: pd.DataFrame, tolerance: float):
+    """"What got worse against the baseline?": one bar per metric, worse to the right, the tolerance
+    as a labelled line (charts' style); None when nothing has a finite change."""
+    from opskit.loadtest.charts import COLORS, chart
+
+    rows = [(f"{r.scenario} {shown(r.metric)}", w, r.regressed) for r in table.itertuples()
+            if (w := worse_by(r)) is not None]
+    if not rows:
+        return None
+
+    def draw(ax):
+        labels, values, bad = zip(*reversed(rows), strict=True)
+        ax.barh(range(len(rows)), values, color=[COLORS["slo"] if b else COLORS["expected"] for b in bad])
+        ax.set_yticks(range(len(rows)), labels)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.axvline(tolerance * 100, color=COLORS["slo"], ls="--", lw=1.4)
+        ax.annotate(f"tolerance {tolerance * 100:g} %", xy=(tolerance * 100, 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -3), textcoords="offset points", ha="left", va="top", color=COLORS["slo"])
+        ax.set_xlim(min(0.0, *values) * 1.15 - 1, max(tolerance * 100, *values) * 1.6 + 1)  # room for the label
+        ax.set_xlabel("\u2190 better | worse by % \u2192")
+
+    return chart("What got worse against the baseline?", draw, size=(4.8, 1.2 + 0.24 * len(rows)))
+
+
+def html_section(table: pd.DataFrame, missing: list[str], tolerance: float, baseline: str) -> str:
+    """The comparison as a report section: its chart and its table (each row a block on a phone)."""
+    import html as _html
+
+    from opskit.loadtest.report import charts_html
+
+    e = _html.escape
+    head = ("scenario", "metric", "base", "new", "change", "result")
+    rows = []
+    for r in table.itertuples():
+        gone = r.new is None or r.new != r.new
+        change = "n/a" if gone or r.change in (float("inf"), float("-inf")) else f"{r.change * 100:+.1f}%"
+        result = "MISSING in NEW" if gone else "REGRESSED" if r.regressed else "ok"
+        cells = (r.scenario, shown(r.metric), _fmt(r.metric, r.base), _fmt(r.metric, r.new), change, result)
+        rows.append("<tr>" + "".join(f"<td data-label='{h}'{' class=fail' if v != 'ok' and h == 'result' else ''}>"
+                                     f"{e(v)}</td>" for h, v in zip(head, cells, strict=True)) + "</tr>")
+    bad = table[table["regressed"]]
+    verdict = ("no regression" if bad.empty else "REGRESSION in " + ", ".join(
+        f"{r.scenario} {shown(r.metric)}" for r in bad.itertuples()))
+    chart = changes_chart(table, tolerance)
+    return (f"<h2>Against the baseline</h2><p>{e(baseline)}: {e(verdict)}"
+            + (f"; only in one run (not compared): {e(', '.join(missing))}" if missing else "") + ".</p>"
+            + charts_html([chart] if chart else [])
+            + "<p>Worse by: the relative change, turned so that worse is positive (more latency, less "
+              "throughput); the error ratio by percentage points. Red: regressed.</p>"
+            + "<div class='wide'><table class='nowrap'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+            + "".join(rows) + "</table></div>")

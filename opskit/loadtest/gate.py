@@ -113,6 +113,13 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
         target.notes.extend(n for n in sampler.notes() if n not in target.notes)
     if prices is not None and len(df):  # the target's configured prices: what the run cost
         verdict.summaries[name]["cost"] = results.cost(df, prices, model)
+    if name == "replay":  # replayed latency beside the trace's recorded latency, per model
+        from opskit.loadtest import replay_compare
+
+        plan = json.loads((run_dir / runner.REPLAY_DIR / "plan.json").read_text())
+        verdict.summaries[name]["replay"] = section = replay_compare.compare(df, plan)
+        if check := replay_compare.slowdown_check(section):
+            verdict.checks.append(check)
     if metered and len(df):
         verdict.checks.append(reconcile(name, df, before, after) if before is not None and after is not None
                               else Check(name, "proxy_reconciled", None, "==", 0, False, "exporter unreachable"))
@@ -120,8 +127,19 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
         limit = thresholds.load().circuit_error_ratio
         verdict.checks.insert(0, Check(name, "circuit_breaker", opened[1], "<", limit, False, opened[0]))
         echo(f"[{name}] {opened[0]}")
-    echo(f"[{name}] done: {len(df)} requests")
+    echo(f"[{name}] done: {len(df)} requests{tokens_and_cost(verdict.summaries.get(name, {}))}")
     return verdict, meta
+
+
+def tokens_and_cost(s: dict) -> str:
+    """"; tokens by type ..., estimated cost ..." for a scenario's console line ("" without tokens)."""
+    if not (s.get("input_tokens") or s.get("output_tokens")):
+        return ""
+    out = (f"; tokens input {s['input_tokens']} (cached {s.get('cached_input_tokens') or 0}), "
+           f"output {s['output_tokens']} (reasoning {s.get('reasoning_tokens') or 0})")
+    if c := s.get("cost"):
+        out += f"; estimated cost {c['total']:.4f} {c['currency']}"
+    return out
 
 
 def _engine_sampler(opts: runner.Options, target: runner.Target):
@@ -137,8 +155,9 @@ def _engine_sampler(opts: runner.Options, target: runner.Target):
 
 
 def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[str], None],
-        slo_file: str | None = None) -> tuple[Verdict, Path]:
-    """Run every scenario and write the run directory. ConfigError / RunError for usage problems."""
+        slo_file: str | None = None, prepare: Callable[[Path], None] | None = None) -> tuple[Verdict, Path]:
+    """Run every scenario and write the run directory. ConfigError / RunError for usage problems.
+    `prepare(run_dir)` writes what the scenarios read there before any starts (a replay's schedule)."""
     for name in opts.scenarios:
         if not (opts.locustfiles / f"{name}.py").is_file():
             have = sorted(f.stem for f in opts.locustfiles.glob("*.py") if not f.name.startswith("_"))
@@ -149,6 +168,8 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
     tgt = cfg.target(opts.target_name) if cfg.targets else None
     model = opts.model or (tgt.models[0] if tgt else "deepseek-chat")
     run_dir = new_run_dir(opts.out_dir)
+    if prepare is not None:
+        prepare(run_dir)
     target = runner.open_target(opts, run_dir, tgt.base_url if tgt else None)
     verdict, metas = Verdict(), {}
     try:
@@ -166,13 +187,17 @@ def run(opts: runner.Options, echo: Callable[[str], None], progress: Callable[[s
             time.sleep(wait)
         for name in opts.scenarios:
             v, metas[name] = _scenario(opts, name, run_dir, target, model, table, echo, progress,
-                                       prices=tgt.prices if tgt else None)
+                                       prices=opts.prices or (tgt.prices if tgt else None))
             verdict.extend(v)
             if runner.circuit_reason(run_dir, name):  # a failing target takes no more load
                 skipped = [s for s in opts.scenarios if s not in metas]
                 if skipped:
                     echo(f"not run after the circuit opened: {', '.join(skipped)}")
                 break
+        costs = [s["cost"] for s in verdict.summaries.values() if s.get("cost")]
+        if costs:  # what a release test on a paid API cost, said before the verdict
+            echo(f"estimated cost of the run: {sum(c['total'] for c in costs):.4f} {costs[0]['currency']} "
+                 f"(usage x the configured prices; failed calls with usage included)")
     finally:
         target.close()
     write(run_dir, verdict, metas, redact_url(target.url), target.notes)
@@ -191,10 +216,10 @@ def write(run_dir: Path, verdict: Verdict, metas: dict, target: str, notes: list
     for c in verdict.checks:  # the limits the verdict judged, drawn on the latency plots
         if c.name in ("ttft_p95", "duration_p90") and c.limit is not None:
             slo_lines.setdefault(c.scenario, {})[c.name] = c.limit
-    figures = plots.all_figures(df, slo_lines) if len(df) else {}
+    figures = plots.all_figures(df, slo_lines, verdict.summaries) if len(df) else {}
     for name, s in verdict.summaries.items():
-        if s.get("engine") and (png := plots.engine_figure(df[df["scenario"] == name], s["engine"])):
-            figures.setdefault(name, []).append(("the engine's queue and KV cache beside client TTFT", png))
+        if s.get("engine"):
+            figures.setdefault(name, []).extend(plots.engine_charts(df[df["scenario"] == name], s["engine"]))
     page = report.html(verdict, figures, title=f"opskit load test {run_dir.name}",
                        meta={"target": target, "python": sys.version.split()[0]}, params=metas)
     (run_dir / "report.html").write_text(page)

@@ -47,6 +47,8 @@ class RunParams:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     max_attempts: int = 6
+    schedule: str | None = None               # replay: the schedule JSONL (<run>/replay/schedule.jsonl)
+    ignore_eos: bool = False                  # replay: ask vLLM/SGLang for exactly max_tokens
 
     def to_env(self) -> str:
         """The JSON that goes into $OPSKIT_LT_PARAMS."""

@@ -1,8 +1,11 @@
 """Verdicts as text (the table `opskit loadtest` prints) and as a self-contained HTML page.
 
-`render(verdict)` is pure string building. `html(...)` puts the verdict first, then the key numbers
-per scenario, then the plots from `plots` embedded as base64 PNG data URIs (no CDN, no external file),
-so report.html can be mailed or attached to a release ticket as it is.
+`render(verdict)` is pure string building. `html(...)` puts a one-paragraph verdict first, then every
+check, then per scenario what was asked, its key numbers and its charts from `plots`, each an inline
+SVG that answers one question (no CDN, no script, no file beside it), so report.html can be mailed or
+attached to a release ticket as it is. The page is built from one function per block
+(`checks_table`, `scenario_section`, `charts_html`); a new block is one more function whose HTML goes
+into `html(..., sections=[...])`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ def fmt_value(name: str, value: float | None) -> str:
         return f"{value * 1000:.1f} ms"
     if name in _RATIOS:
         return f"{value * 100:.2f} %"
+    if name == "vs_recorded_p95":  # replayed over recorded
+        return f"x{value:.2f}"
     return f"{value:g}"
 
 
@@ -55,13 +60,23 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.0f} %"
 
 
+def error_rows(s: dict) -> list[tuple[str, str]]:
+    """Errors in words. In the throttling scenario 429s are the answer it provokes, not errors: they
+    get their own row ("429s: 20 expected (throttling)") and "errors" counts everything else."""
+    listed = ", ".join(f"{k}: {v}" for k, v in s["errors"].items())
+    if not s.get("throttling"):
+        return [("errors", f"{listed} ({100 * s['error_ratio']:.1f} % of calls)" if listed else "none")]
+    t = s["throttling"]
+    return [("429s", f"{t['rate_limited']} expected (throttling: the load goes above the limit on purpose)"
+                     if t["rate_limited"] else "none: the target never throttled (the scenario expects it to)"),
+            ("errors besides 429s", f"{listed} ({100 * s['error_ratio']:.1f} % of the rest)" if listed else "none")]
+
+
 def key_numbers(summary: dict) -> list[tuple[str, str]]:
     """(label, value) pairs shown under each scenario's heading."""
     s = summary
     rows = [("requests (ok)", f"{s['requests']} ({s['ok']})"), ("throughput", f"{s['throughput_rps']:.2f} req/s"),
-            ("output tokens/s (aggregate)", f"{s['output_tokens_s']:.1f}"),
-            ("errors", (", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "none")
-             + ("  (429s are expected here: see the 429 share)" if s.get("throttling") else ""))]
+            ("output tokens/s (aggregate)", f"{s['output_tokens_s']:.1f}"), *error_rows(s)]
     timings = (("ttft_s", "TTFT"), ("ttfot_s", "TTFOT"), ("duration_s", "duration"), ("itl_s", "ITL"),
                ("tpot_s", "TPOT"))
     if s.get("streamed_ratio") == 0:  # --no-stream: a duration per call, no TTFT/ITL/TPOT (DESIGN.md)
@@ -69,7 +84,7 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
         rows.append(("timings", "not streamed: request duration only (no TTFT, ITL or TPOT)"))
     for key, label in timings:
         q = s[key]
-        if key == "ttfot_s" and q == s["ttft_s"]:  # no reasoning tokens: TTFOT would repeat TTFT
+        if key == "ttfot_s" and not s.get("reasoning_tokens"):  # no reasoning: TTFOT is TTFT again
             continue
         rows.append((f"{label} p50/p95/p99 ms", f"{_ms(q['p50'])} / {_ms(q['p95'])} / {_ms(q['p99'])}"))
     if s.get("input_tokens") or s.get("output_tokens"):
@@ -114,6 +129,10 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
                      f"preemptions {'-' if g['preemptions'] is None else format(g['preemptions'], 'g')}"))
     elif s.get("engine"):
         rows.append(("server side", f"no sample from {s['engine']['url']} (see the notes)"))
+    if s.get("replay"):  # the trace and its cuts; the comparison table follows the key numbers
+        from opskit.loadtest.replay_compare import head_lines
+
+        rows += [("replay" if i == 0 else "", line) for i, line in enumerate(head_lines(s["replay"]))]
     if s.get("ground_truth"):
         g = s["ground_truth"]
         rows.append(("vs mock ground truth", f"TTFT |err| p99 {_ms(g['ttft_abs_err_p99_s'])} ms, "
@@ -121,8 +140,28 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def headline(name: str, s: dict) -> str:
+    """A scenario in one clause: calls, rate, the judged latencies and its errors in words."""
+    parts = [f"{s['requests']} calls at {s['throughput_rps']:.1f} req/s"]
+    if s.get("ttft_s", {}).get("p95") is not None:
+        parts.append(f"TTFT p95 {_ms(s['ttft_s']['p95'])} ms")
+    if s.get("duration_s", {}).get("p90") is not None:
+        parts.append(f"duration p90 {_ms(s['duration_s']['p90'])} ms")
+    if s.get("throttling"):
+        parts.append(f"{s['throttling']['rate_limited']} expected 429s")
+    errors = sum(s.get("errors", {}).values())
+    parts.append(f"{errors} errors ({100 * s['error_ratio']:.1f} %)" if errors else "no errors")
+    return f"{name}: " + ", ".join(parts)
+
+
 def verdict_paragraph(verdict: Verdict) -> str:
-    """One paragraph for the top of the page, to forward as it is."""
+    """One paragraph for the top of the page, to forward as it is: the verdict, what stopped or
+    missed, then each scenario in one clause."""
+    return (_verdict_sentence(verdict) + " " + "; ".join(headline(n, s) for n, s in verdict.summaries.items())
+            + ("." if verdict.summaries else "")).strip()
+
+
+def _verdict_sentence(verdict: Verdict) -> str:
     scenarios = ", ".join(verdict.summaries) or "no scenario"
     if verdict.passed:
         return f"PASS: all {len(verdict.checks)} checks met ({scenarios})."
@@ -136,9 +175,12 @@ def verdict_paragraph(verdict: Verdict) -> str:
 def _asked(d: dict) -> str:
     """What was asked, in words (it read like a Python dump)."""
     parts = [f"{d['duration']:g} s" if "duration" in d else None,
-             f"{d['users']} users" if d.get("scenario") != "qps" and "users" in d else None,
+             f"{d['users']} users" if d.get("scenario") not in ("qps", "replay") and "users" in d else None,
+             f"{d['scheduled']} requests at the trace's arrival times, speed {d.get('speed', 1):g}, "
+             f"{d.get('streamed')} streamed" if d.get("arrival") == "trace" else None,
              f"{d.get('arrival', 'fixed')} arrivals at {d['rate']:g} req/s" if d.get("rate") else None,
              f"{d['processes']} Locust process{'es' if d.get('processes', 1) > 1 else ''}" if "processes" in d else None,
+             None if d.get("arrival") == "trace" else
              ("streamed (" + str(d.get("transport", "sse")) + ")") if d.get("stream") else "not streamed",
              f"model {d['model']}" if d.get("model") else None,
              f"limit {d['limit_requests']:g} per {d.get('window_s') or 60:g} s, offered x{d.get('overdrive', 1):g}"
@@ -147,42 +189,96 @@ def _asked(d: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
-_CSS = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
-        ".wide{overflow-x:auto}p.verdict{font-size:1.15em;max-width:60em}"
-        "@media (max-width:700px){body{margin:.6em}td,th{padding:2px 4px;font-size:.9em}"
-        ".plot img{max-width:none;width:1000px}}"  # six panels shrunk to a phone's width are unreadable: scroll
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}.pass{color:#070}.fail{color:#b00;"
-        "font-weight:bold}img{max-width:100%}h1 .fail,h1 .pass{font-size:1em}")
+CSS = ("body{font-family:sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;line-height:1.35}"
+        "table{border-collapse:collapse}.nowrap td{white-space:nowrap}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;"
+        "vertical-align:top}.wide{overflow-x:auto}p.verdict{font-size:1.15em;max-width:60em}"
+        ".pass{color:#070}.fail{color:#b00;font-weight:bold}h1 .fail,h1 .pass{font-size:1em}"
+        ".charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,460px),1fr));gap:1em 2em}"
+        "figure{margin:0}figcaption{font-weight:bold;font-size:1.05em;margin:.6em 0 .2em}svg.chart{width:100%;height:auto}"
+        "@media (max-width:700px){body{margin:.6em auto;padding:0 .5em}h1{font-size:1.45em}"
+        # a phone: every check a block of its own (scenario, check, value, limit, result, note wrap)
+        "table.checks tr:first-child{display:none}table.checks tr{display:block;border-bottom:1px solid #ccc;"
+        "padding:.3em 0}table.checks td{display:inline;border:none;padding:0 .4em 0 0}"
+        "table.checks td:nth-child(2){font-weight:bold}table.checks td:nth-child(6){display:block}"
+        "table.numbers th,table.numbers td{display:block;border:none;padding:0}"
+        "table.stack tr:first-child{display:none}table.stack tr{display:block;border-bottom:1px solid #ccc;"
+        "padding:.3em 0}table.stack td{display:block;border:none;padding:0}"
+        "table.stack td::before{content:attr(data-label) ': ';color:#555}"
+        "table.numbers td{padding-bottom:.4em}}")
 
 
-def html(verdict: Verdict, plots: dict[str, list[tuple[str, str]]], title: str = "opskit load test",
-         meta: dict | None = None, params: dict[str, dict] | None = None) -> str:
-    """The whole page. `plots`: scenario -> [(caption, base64 PNG)]; `params`: scenario -> what was asked."""
+def _head(title: str, word: str) -> list[str]:
     e = _html.escape
-    word = "PASS" if verdict.passed else "FAIL"
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
-           "<meta name='viewport' content='width=device-width,initial-scale=1'>",
-           f"<style>{_CSS}</style></head><body>",
-           f"<h1>{e(title)}: <span class='{word.lower()}'>{word}</span></h1>"]
-    out.append(f"<p class='verdict'>{e(verdict_paragraph(verdict))}</p>")
-    if meta:
-        out.append("<p>" + e(", ".join(f"{k}: {v}" for k, v in meta.items())) + "</p>")
-    out.append("<h2>Verdict</h2><div class='wide'><table><tr><th>scenario</th><th>check</th><th>value</th><th>limit</th>"
-               "<th>result</th><th>note</th></tr>")
+    return [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
+            "<meta name='viewport' content='width=device-width,initial-scale=1'>",
+            f"<style>{CSS}</style></head><body>",
+            f"<h1>{e(title)}: <span class='{word.lower()}'>{word}</span></h1>"]
+
+
+def checks_table(verdict: Verdict) -> str:
+    """Every check, one row each (on a phone one block each)."""
+    e = _html.escape
+    out = ["<h2>Checks</h2><table class='checks'><tr><th>scenario</th><th>check</th><th>value</th>"
+           "<th>limit</th><th>result</th><th>note</th></tr>"]
     for c in verdict.checks:
         cls = "pass" if c.passed else "fail"
         out.append(f"<tr><td>{e(c.scenario)}</td><td>{e(c.name)}</td><td>{e(fmt_value(c.name, c.value))}</td>"
                    f"<td>{e(_limit(c))}</td><td class='{cls}'>{cls.upper()}</td><td>{e(c.note)}</td></tr>")
-    out.append("</table></div>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def charts_html(charts) -> str:
+    """Charts (objects with `question` and inline `svg`) in a grid: two abreast on a laptop, one on a phone."""
+    if not charts:
+        return ""
+    figs = "".join(f"<figure><figcaption>{_html.escape(c.question)}</figcaption>{c.svg}</figure>" for c in charts)
+    return f"<div class='charts'>{figs}</div>"
+
+
+def scenario_section(name: str, summary: dict, charts, asked: dict | None = None) -> str:
+    """A scenario's heading, what was asked, its key numbers and its charts."""
+    e = _html.escape
+    out = [f"<h2>{e(name)}</h2><table class='numbers'>"]
+    if asked:
+        out.append(f"<tr><th>asked</th><td>{e(_asked(asked))}</td></tr>")
+    out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in key_numbers(summary)]
+    out.append("</table>")
+    if summary.get("replay"):  # replayed latency beside the trace's recorded latency, per model
+        from opskit.loadtest.replay_compare import html_table
+
+        out.append(html_table(summary["replay"]))
+    out.append(charts_html(charts))
+    return "\n".join(out)
+
+
+def html(verdict: Verdict, charts: dict[str, list] | None = None, title: str = "opskit load test",
+         meta: dict | None = None, params: dict[str, dict] | None = None,
+         sections: list[str] | None = None) -> str:
+    """The whole page: verdict paragraph, checks, then per scenario its numbers and charts.
+
+    `charts`: scenario -> [Chart] (`plots`); `params`: scenario -> what was asked; `sections`: more
+    HTML blocks (each with its own <h2>) placed after the scenarios, e.g. a comparison."""
+    e = _html.escape
+    word = "PASS" if verdict.passed else "FAIL"
+    out = _head(title, word)
+    out.append(f"<p class='verdict'>{e(verdict_paragraph(verdict))}</p>")
+    if meta:
+        out.append("<p>" + e(", ".join(f"{k}: {v}" for k, v in meta.items())) + "</p>")
+    out.append(checks_table(verdict))
     for name, summary in verdict.summaries.items():
-        out.append(f"<h2>{e(name)}</h2><div class='wide'><table>")
-        asked = (params or {}).get(name)
-        if asked:
-            out.append(f"<tr><th>asked</th><td>{e(_asked(asked))}</td></tr>")
-        out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in key_numbers(summary)]
-        out.append("</table></div>")
-        for caption, b64 in plots.get(name, []):
-            out.append(f"<h3>{e(caption)}</h3><div class='wide plot'><img alt='{e(caption)}' "
-                       f"src='data:image/png;base64,{b64}'></div>")
+        out.append(scenario_section(name, summary, (charts or {}).get(name, []), (params or {}).get(name)))
+    out += sections or []
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def add_section(page_path, section: str) -> None:
+    """Append a block to a report already written (e.g. the comparison with --baseline, known only
+    after the run): it goes last, before the page ends."""
+    from pathlib import Path
+
+    path = Path(page_path)
+    page = path.read_text()
+    end = page.rindex("</body>")
+    path.write_text(page[:end] + section + "\n" + page[end:])

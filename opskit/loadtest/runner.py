@@ -35,6 +35,7 @@ from opskit.shipped import folder
 SCENARIOS = ("qps", "streaming", "throttling", "conversation")
 DEFAULT_SCENARIOS = SCENARIOS
 LOCUSTFILES = folder("loadtests")
+REPLAY_DIR = "replay"  # <run>/replay/: a trace replay's schedule.jsonl and plan.json
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Options:
     out_dir: Path = Path("reports")
     locustfiles: Path = LOCUSTFILES
     engine_metrics: str | None = None  # a model server's /metrics URL sampled during each scenario
+    prices: object | None = None       # opskit.core.pricing.Prices for the run's cost (--prices), else the target's
+    ignore_eos: bool = False           # replay: ask vLLM/SGLang for exactly the recorded output length
 
 
 # Defaults per scenario, sized so all four run in well under make loadtest's 3 minutes on 2 cores.
@@ -151,14 +154,16 @@ def scenario_params(opts: Options, scenario: str, run_dir: Path, target: Target,
     rate = opts.rate or d.get("rate", 10.0)
     limit = opts.limit_requests or (d.get("limit_requests") if target.admin_url else None)
     window = opts.window_s or (d.get("window_s") if target.admin_url else None) or 60.0
-    if scenario == "qps":
+    if scenario in ("qps", "replay"):
         users = opts.processes  # one scheduler per process
+    schedule = str(run_dir / REPLAY_DIR / "schedule.jsonl") if scenario == "replay" else None
     return RunParams(scenario=scenario, run_dir=str(run_dir), base_url=target.send_url, config_path=opts.config,
                      target_url=opts.target_url, target_name=opts.target_name, model=model,
                      duration=opts.duration, users=users, workers=opts.processes, seed=opts.seed,
                      timeout_s=opts.timeout_s, stream=opts.stream, transport=opts.transport, prompt=opts.prompt,
                      arrival={"kind": opts.arrival, "rate": rate, "seed": opts.seed}, limit_requests=limit,
-                     window_s=window, overdrive=opts.overdrive, turns=opts.turns, keep_turns=opts.keep_turns)
+                     window_s=window, overdrive=opts.overdrive, turns=opts.turns, keep_turns=opts.keep_turns,
+                     schedule=schedule, ignore_eos=opts.ignore_eos)
 
 
 def meta_for(p: RunParams) -> dict:
@@ -171,6 +176,12 @@ def meta_for(p: RunParams) -> dict:
         scheduled = sum(sum(1 for _ in shapes.arrivals(spec, p.duration, w, p.workers)) for w in range(p.workers))
         # `rate` is what was asked (--rate), kept beside the drawn rate so the report shows both
         meta.update(arrival=spec.kind, rate=spec.rate, requested_rate=scheduled / p.duration, scheduled=scheduled)
+    if p.scenario == "replay":  # the trace's arrivals, as planned (replay_cli writes plan.json first)
+        plan = json.loads((Path(p.run_dir) / REPLAY_DIR / "plan.json").read_text())
+        meta.update(arrival="trace", scheduled=plan["scheduled"], requested_rate=plan["scheduled"] / p.duration,
+                    speed=plan["speed"], streamed=plan.get("streamed"),
+                    model=", ".join(sorted(set(plan["models"].values()))) or p.model,
+                    trace={k: plan["trace"][k] for k in ("path", "format", "lines", "usable", "skipped_count")})
     if p.scenario == "throttling":
         meta.update(limit_requests=p.limit_requests, window_s=p.window_s, overdrive=p.overdrive)
     if p.scenario == "conversation":

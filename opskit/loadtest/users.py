@@ -75,6 +75,7 @@ perf = time.perf_counter
 # an overloaded scheduler stops this long after the end (Locust's own run time is >= 1 s longer): a
 # little lateness at the end is normal on a busy machine and must not cost the last arrivals
 END_GRACE_S = 0.5
+OPEN_LOOP = ("qps", "replay")  # scenarios with one scheduler per process and a request in flight per arrival
 WALL0 = time.time() - perf()   # perf_counter -> epoch seconds, for plots against clock time
 
 
@@ -88,7 +89,7 @@ class Process:
     def __init__(self, params: RunParams) -> None:
         self.params = params
         auth, ws_auth = auth_for(params)
-        pool = max(params.users, 16) if params.scenario != "qps" else params.max_inflight
+        pool = max(params.users, 16) if params.scenario not in OPEN_LOOP else params.max_inflight
         self.client = ChatClient(params.base_url, params.path, auth=auth, timeout_s=params.timeout_s,
                                  pool_size=pool, ws_auth=ws_auth)
         self.log = RequestLog(os.path.join(params.run_dir, "log"), params.scenario, params.worker)

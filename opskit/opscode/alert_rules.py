@@ -106,6 +106,12 @@ def _guarded(ratio_rule: str, above: float, t: Thresholds) -> str:
     return f"{ratio_rule} > {num(above)} and on (target) {REQUESTS_RATE} > {num(t.min_request_rate)}"
 
 
+# The budget of the alert's target, looked up when the notification is written (Prometheus' `query`).
+_BUDGET_OF_TARGET = (f'{{{{ with printf "max by (target, currency) ({catalog.LLM_SPEND_BUDGET.name}{{target=%q,'
+                     f'currency=%q}})" $labels.target $labels.currency | query }}}}{{{{ . | first | value | '
+                     f'printf "%.2f" }}}}{{{{ end }}}}')
+
+
 def recordings() -> tuple[Recording, ...]:
     """Every recording rule opskit defines (names usable by alerts and dashboards)."""
     slo = "|".join(SLO_ERROR_TYPES)
@@ -161,10 +167,12 @@ def llm_alerts(t: Thresholds) -> tuple[Alert, ...]:
               None, "warning", f"Daily request quota nearly used up {on}",
               f"{{{{ $value | humanizePercentage }}}} of the daily request quota {on} was used in the "
               f"last 24h, above {percent(t.quota_used_ratio)}."),
-        Alert("LLMSpendBudgetBurn", f"{SPEND_PROJECTED} > {num(t.spend_daily_budget)}", t.spend_for, "warning",
-              f"Projected daily spend is over budget {on}",
+        # Only targets whose prices carry a daily budget have the budget series: no budget, no alert.
+        Alert("LLMSpendBudgetBurn",
+              f"{SPEND_PROJECTED} > on (target, currency) max by (target, currency) ({catalog.LLM_SPEND_BUDGET.name})",
+              t.spend_for, "warning", f"Projected daily spend is over budget {on}",
               f"At the last hour's rate, target {{{{ $labels.target }}}} spends {{{{ $value | printf \"%.2f\" }}}} "
-              f"{{{{ $labels.currency }}}} a day, above the budget of {num(t.spend_daily_budget)} for {t.spend_for}."),
+              f"{{{{ $labels.currency }}}} a day, above its daily budget of {_BUDGET_OF_TARGET} for {t.spend_for}."),
     )
 
 

@@ -62,7 +62,9 @@ def provisioning(dashboards_path: str = DEFAULT_DASHBOARDS_PATH,
     }]}
     datasource = {"apiVersion": 1, "datasources": [{
         "name": DATASOURCE_NAME, "uid": "opskit-prometheus", "type": "prometheus", "access": "proxy",
-        "url": prometheus_url, "isDefault": True, "jsonData": {"timeInterval": "15s"},
+        # never the default: provisioned into an existing Grafana, it must not take over the default
+        # datasource of every other dashboard there (the dashboards pick it by name)
+        "url": prometheus_url, "isDefault": False, "jsonData": {"timeInterval": "15s"},
     }]}
     dump = lambda data: yaml.safe_dump(data, sort_keys=True)  # noqa: E731
     return {"provisioning/dashboards/opskit.yml": dump(provider),

@@ -2,7 +2,7 @@
 
     opskit generate alerts                       # rewrite alerts/opskit.rules.yml, alertmanager.yml
     opskit generate dashboards --check           # exit 1 if dashboards/generated/ is out of date
-    opskit generate manifests --out-dir /tmp/k8s # deploy/generated/*.yaml somewhere else
+    opskit generate manifests --runbook-base URL --out-dir /tmp/k8s # deploy/generated/*.yaml somewhere else
 
 Each generator only returns `{relative path: text}`; `write_or_check` is the one place that compares
 with, or writes to, the output folder. By default that folder is the shipped one (the checkout's own
@@ -63,7 +63,7 @@ def generate() -> None:
     Examples:
       opskit generate alerts --check
       opskit generate dashboards --out-dir /tmp/grafana --prometheus-url http://prometheus:9090
-      opskit generate manifests
+      opskit generate manifests --runbook-base https://git.example.com/ops/opskit/blob/main/alerts/runbook.md
     """
 
 
@@ -74,7 +74,8 @@ def generate() -> None:
 @click.option("--eval-interval", help="Rule groups' evaluation interval (default: Prometheus' global).")
 @click.option("--exporter-job", default=alert_rules.DEFAULT_EXPORTER_JOB, show_default=True,
               help="Regex the opskit exporter's scrape `job` label matches.")
-@click.option("--runbook-base", default="alerts/runbook.md", show_default=True, help="URL of runbook.md.")
+@click.option("--runbook-base", envvar="OPSKIT_RUNBOOK_BASE", default="alerts/runbook.md", show_default=True,
+              help="URL of runbook.md (absolute: links that work in a notification); $OPSKIT_RUNBOOK_BASE.")
 @click.option("--gpu-source", type=click.Choice(["nvml", "dcgm", "both"]), default="nvml", show_default=True,
               help="Where GPU series come from: opskit's NVML collector, NVIDIA's dcgm-exporter (mapped onto "
                    "opskit's names by recording rules), or both (one source per node).")
@@ -128,16 +129,28 @@ def dashboards(thresholds_file, out_dir: Path | None, dashboards_path: str, prom
               help="Where the rules files are (default: the shipped alerts/).")
 @click.option("--dashboards-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the dashboard JSON is (default: the shipped dashboards/).")
+@click.option("--runbook-base", envvar="OPSKIT_RUNBOOK_BASE",
+              help="Required: absolute URL where alerts/runbook.md is published ($OPSKIT_RUNBOOK_BASE); "
+                   "the PrometheusRule's runbook links point there.")
 @CHECK
-def manifests(out_dir: Path | None, alerts_dir: Path | None, dashboards_dir: Path | None, check: bool) -> None:
-    """PrometheusRule and dashboard ConfigMaps made from alerts/ and dashboards/ (deploy/generated/)."""
+def manifests(out_dir: Path | None, alerts_dir: Path | None, dashboards_dir: Path | None, runbook_base: str | None,
+              check: bool) -> None:
+    """PrometheusRule and dashboard ConfigMaps made from alerts/ and dashboards/ (deploy/generated/).
+
+    \b
+    Example (the committed deploy/generated/ uses a placeholder base):
+      opskit generate manifests --runbook-base https://git.example.com/ops/opskit/blob/main/alerts/runbook.md
+    """
     import yaml
 
     from opskit.opscode import manifests as k8s
 
+    if problem := k8s.absolute_runbook_base(runbook_base):
+        raise click.UsageError(f"--runbook-base: {problem}")
+
     def render() -> dict[str, str]:
         try:
-            return k8s.outputs(alerts_dir or folder("alerts"), dashboards_dir or folder("dashboards"))
+            return k8s.outputs(alerts_dir or folder("alerts"), dashboards_dir or folder("dashboards"), runbook_base)
         except yaml.YAMLError as exc:
             raise ConfigError("rules file", "", f"valid YAML ({str(exc).splitlines()[0]})") from None
 

@@ -2,7 +2,8 @@
 
 One process, one asyncio event loop, one fresh CollectorRegistry (no global registry):
 
-- `opskit_build_info`, and `opskit_llm_quota_limit_requests` for targets with a configured quota;
+- `opskit_build_info`, `opskit_llm_quota_limit_requests` for targets with a configured quota and
+  `opskit_llm_spend_daily_budget` for targets whose prices carry a daily budget;
 - the GPU collector (opskit.sidecar.gpu), read from NVML at scrape time;
 - the call series (opskit.sidecar.call_metrics), fed by the metering proxy (`--proxy-listen`, opskit.sidecar.proxy)
   and by the active probe (`--probe`, opskit.sidecar.probe), both on the same loop.
@@ -134,6 +135,10 @@ def build_registry(cfg: config.Config, gpu_collector=None,
     for t in cfg.targets:
         if t.daily_quota_requests:
             quota.labels(t.name).set(t.daily_quota_requests)
+    budget = make(catalog.LLM_SPEND_BUDGET, registry)
+    for t in cfg.targets:
+        if t.prices is not None and t.prices.daily_budget is not None:
+            budget.labels(t.name, t.prices.currency).set(t.prices.daily_budget)
     if gpu_collector is not None:
         registry.register(gpu_collector)
     models = {t.name: t.models for t in cfg.targets}

@@ -1,4 +1,4 @@
-"""GPU series read from NVML at scrape time; the only module that imports pynvml.
+"""GPU series read from NVML at scrape time; with gpu_health and gpu_mig, the only modules that import pynvml.
 
 `GpuCollector` is a custom collector (the shape of prometheus_client's process_collector): each
 scrape asks NVML for every visible GPU and yields metric families named by the catalogue. Readings
@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from opskit.core import catalog
 from opskit.core.records import GpuSample
-from opskit.sidecar import gpu_health
+from opskit.sidecar import gpu_health, gpu_mig
 from opskit.sidecar.gpu_health import Health, XidWatcher
 
 log = logging.getLogger("opskit.sidecar.gpu")
@@ -97,7 +97,7 @@ def parse_visible(value: str | None) -> frozenset[str] | None:
     """Selectors from a *_VISIBLE_DEVICES value: None = every GPU, empty = none.
 
     Entries are NVML indexes ("0") or GPU UUIDs ("GPU-8932f937-..."; a unique prefix also matches,
-    as CUDA allows). `all` selects every GPU; `none`, `void` or an empty value selects none.
+    as CUDA allows), or MIG devices ("0:1", "MIG-..."; opskit.sidecar.gpu_mig). `all` selects every GPU; `none`, `void` or an empty value selects none.
     """
     if value is None or value.strip().lower() == "all":
         return None
@@ -187,6 +187,7 @@ class GpuCollector(Collector):
         self.errors: dict[str, float] = {}      # reason -> count, persists across scrapes
         self._xids = XidWatcher(reason)         # XID events, in its own thread, per NVML session
         self._xid_totals: dict[tuple[str, str, str], float] = {}  # counts of past sessions' watchers
+        self._migs = gpu_mig.MigReader(reason, self._count)
 
     def collect(self) -> Iterator[Metric]:
         """Yield the GPU families for this scrape (called by the registry)."""
@@ -205,7 +206,7 @@ class GpuCollector(Collector):
                 errors[why] = errors.get(why, 0) + n
         samples = [s for s, _ in read]
         yield from _families(samples, self._driver)
-        yield from gpu_health.families([(s.index, s.uuid, h) for s, h in read], xids)
+        yield from gpu_health.families([(s.index, s.uuid, h) for s, h in read if h is not None], xids)
         g = GaugeMetricFamily(catalog.GPU_UP.name, catalog.GPU_UP.help, value=1.0 if up else 0.0)
         yield g
         c = CounterMetricFamily(catalog.GPU_COLLECT_ERRORS.name, catalog.GPU_COLLECT_ERRORS.help,
@@ -244,7 +245,7 @@ class GpuCollector(Collector):
     def _count(self, why: str, n: float = 1) -> None:
         self.errors[why] = self.errors.get(why, 0) + n
 
-    def _scrape(self) -> tuple[bool, list[tuple[GpuSample, Health]]]:
+    def _scrape(self) -> tuple[bool, list[tuple[GpuSample, Health | None]]]:
         if not self._initialized and not self._init():
             return False, []
         try:
@@ -256,9 +257,7 @@ class GpuCollector(Collector):
             return False, []
         samples = []
         for index in range(count):
-            sample = self._read(index)
-            if sample is not None:
-                samples.append(sample)
+            samples += self._read(index)
         if not self._selection_checked:
             self._check_selection(count, samples)
         return True, samples
@@ -315,33 +314,40 @@ class GpuCollector(Collector):
             self._uuids[index] = dev.uuid
         return dev
 
-    def _read(self, index: int) -> tuple[GpuSample, Health] | None:
-        """One GPU's sample, or None when it is not visible here or failed as a whole."""
+    def _read(self, index: int) -> list[tuple[GpuSample, Health | None]]:
+        """One GPU's sample and its MIG devices' (no health: the parent's), or none when it is not
+        visible here or failed as a whole. A selected MIG device does not make its parent visible."""
         sel = self._selectors
-        if sel is not None and str(index) not in sel:
+        migs = gpu_mig.selects_mig(sel, index)
+        if sel is not None and str(index) not in sel and not migs:
             # Not ours by index. Without UUID selectors, or with a UUID already known not to match
             # (also once that GPU is lost), don't touch it: its errors are not this pod's.
             uuid = self._uuids.get(index)
             if not self._by_uuid or (uuid is not None and not is_visible(sel, index, uuid)):
-                return None
+                return []
         try:
             dev = self._device(index)
-            if not is_visible(self._selectors, index, dev.uuid):
-                return None
-            sample = read_sample(dev.handle, index, dev.uuid, dev.name, self.errors)
-            health = read_health(dev.handle, self.errors)
-            self._xids.register(index, dev.uuid, dev.handle)
+            out: list[tuple[GpuSample, Health | None]] = []
+            whole = is_visible(sel, index, dev.uuid)
+            if whole:
+                out.append((read_sample(dev.handle, index, dev.uuid, dev.name, self.errors),
+                            read_health(dev.handle, self.errors)))
+                self._xids.register(index, dev.uuid, dev.handle)
+            if whole or migs:
+                out += [(m, None) for m in self._migs.read(dev.handle, index, dev.uuid, None if whole else sel)]
+            if not out:
+                return []
         except pynvml.NVMLError as exc:
             self._devices.pop(index, None)  # ask for a fresh handle next time
             self._count(reason(exc))
             if index not in self._failing:
                 log.warning("GPU %d dropped from this scrape: %s", index, reason(exc))
                 self._failing.add(index)
-            return None
+            return []
         if index in self._failing:
             log.info("GPU %d reporting again", index)
             self._failing.discard(index)
-        return sample, health
+        return out
 
 
 _GAUGES = (
@@ -367,5 +373,5 @@ def _families(samples: list[GpuSample], driver: str) -> Iterator[Metric]:
             yield fam
     info = GaugeMetricFamily(catalog.GPU_INFO.name, catalog.GPU_INFO.help, labels=catalog.GPU_INFO.labels)
     for s in samples:
-        info.add_metric([s.index, s.uuid, s.name, driver], 1.0)
+        info.add_metric([s.index, s.uuid, s.name, driver, s.parent_uuid], 1.0)
     yield info

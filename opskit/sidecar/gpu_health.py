@@ -2,7 +2,7 @@
 
 Split from opskit.sidecar.gpu along one seam: gpu.py owns the NVML session, the devices and the failure
 policy; this module only knows which NVML calls make a health reading and how XID events arrive.
-Together they are the only modules that import pynvml.
+With gpu_mig (MIG devices) they are the only modules that import pynvml.
 
 Readings are taken at scrape time like the others, through the `field` callable gpu.py passes in
 (its failure policy: unsupported = absent and not counted, an error = absent and counted, a lost GPU

@@ -34,6 +34,18 @@ THROTTLE_SW_THERMAL = 0x20
 THROTTLE_HW_THERMAL = 0x40
 
 Field = int | str
+MIG_SLOTS = 7           # MIG device slots of a MIG-enabled fake GPU (nvmlDeviceGetMaxMigDeviceCount)
+
+
+@dataclass
+class FakeMig:
+    """One MIG device of a fake GPU, in MIG slot `slot` (0..MIG_SLOTS-1)."""
+
+    slot: int
+    uuid: str
+    name: str = "NVIDIA H100 80GB HBM3 MIG 1g.10gb"
+    mem_used: int = 1 * GIB
+    mem_total: int = 10 * GIB
 
 
 @dataclass
@@ -64,6 +76,15 @@ class FakeGpu:
     remap_failure: int = 0
     clocks_event_reasons: Field = 0
     xids: tuple[int, ...] | None = ()
+    # MIG: mig_mode 1 = enabled (utilization then unsupported), NOT_SUPPORTED = a board without MIG;
+    # `migs` the MIG devices that exist (only with mig_mode 1).
+    mig_mode: Field = 0
+    migs: tuple[FakeMig, ...] = ()
+
+    def lines(self) -> list[str]:
+        """The GPU's line and its MIG devices' lines."""
+        return [self.line(), *(f"mig {self.index} {m.slot} {m.uuid} {m.name.replace(' ', '_')} {m.mem_used} "
+                               f"{m.mem_total}" for m in self.migs)]
 
     def line(self) -> str:
         fields = (self.util, self.mem_used, self.mem_total, self.temp, self.power_mw, int(self.lost),
@@ -71,12 +92,18 @@ class FakeGpu:
                   self.ecc_aggregate, self.remapped_correctable, self.remapped_uncorrectable, self.remap_pending,
                   self.remap_failure, self.clocks_event_reasons)
         xids = "-" if self.xids is None else ",".join(map(str, self.xids)) or "."
-        return " ".join([str(self.index), self.uuid, self.name.replace(" ", "_"), *map(str, fields), xids])
+        return " ".join([str(self.index), self.uuid, self.name.replace(" ", "_"), *map(str, fields), xids,
+                         str(self.mig_mode)])
 
 
 def uuid_for(index: int) -> str:
     """A stable, well-formed GPU UUID for a fake GPU index."""
     return f"GPU-00000000-0000-0000-0000-{index:012d}"
+
+
+def mig_uuid_for(index: int, slot: int) -> str:
+    """A stable, well-formed MIG device UUID for MIG slot `slot` of fake GPU `index`."""
+    return f"MIG-00000000-0000-0000-{index:04d}-{slot:012d}"
 
 
 def fake_gpus(n: int, **fields) -> list[FakeGpu]:
@@ -111,8 +138,63 @@ def write_state(path: str | os.PathLike[str], gpus: Iterable[FakeGpu], driver: s
                 init_code: int = 0) -> Path:
     """Write the fake's state file atomically (temp file + rename), so a reader never sees half."""
     path = Path(path)
-    lines = [f"driver {driver}", f"init {init_code}", *(g.line() for g in gpus)]
+    lines = [f"driver {driver}", f"init {init_code}", *(line for g in gpus for line in g.lines())]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
     return path
+
+
+_NUMERIC = ("util", "mem_used", "mem_total", "temp", "power_mw", "lost", "sm_clock_mhz", "mem_clock_mhz",
+            "energy_mj", "pcie_replays", "ecc_volatile", "ecc_aggregate", "remapped_correctable",
+            "remapped_uncorrectable", "remap_pending", "remap_failure", "clocks_event_reasons")
+
+
+class StateError(ValueError):
+    """The state file is missing, unreadable or malformed (what makes the fake NVML fail to start)."""
+
+
+def read_state(path: str | os.PathLike[str]) -> tuple[str, list[FakeGpu]]:
+    """(driver version, GPUs) from a state file, as fake_nvml.c reads it (for other fakes that share
+    it, such as opskit.live.fake_dcgm). Fields that are errors stay strings ("-", "!", "!<code>").
+    Raises StateError where the fake NVML would fail to initialise or to count its GPUs."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc.strerror or exc}") from None
+    driver, gpus = "999.99", []
+    for raw in text.splitlines():
+        words = raw.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "driver" and len(words) > 1:
+            driver = words[1]
+        elif words[0] == "init":
+            if len(words) > 1 and words[1] != "0":
+                raise StateError(f"NVML initialisation fails with code {words[1]}")
+        elif words[0] == "mig":
+            parent, slot, uuid, name, used, total = words[1:7]
+            gpus[int(parent)].migs += (FakeMig(int(slot), uuid, name.replace("_", " "), int(used), int(total)),)
+        else:
+            gpus.append(_parse_gpu(words, len(gpus)))
+    return driver, gpus
+
+
+def _parse_gpu(words: list[str], expected: int) -> FakeGpu:
+    if int(words[0]) != expected:
+        raise StateError(f"GPU lines out of order: {words[0]} where {expected} was due")
+
+    def num(tok: str) -> Field:
+        return tok if tok.startswith(("-", "!")) else int(tok)
+
+    values = dict(zip(_NUMERIC, (num(t) for t in words[3:3 + len(_NUMERIC)]), strict=False))
+    values["lost"] = bool(values.get("lost", 0))
+    rest = words[3 + len(_NUMERIC):]
+    xids: tuple[int, ...] | None = ()
+    if rest and rest[0] == "-":
+        xids = None
+    elif rest and rest[0] != ".":
+        xids = tuple(int(x) for x in rest[0].split(","))
+    mig = num(rest[1]) if len(rest) > 1 else 0
+    return FakeGpu(index=expected, uuid=words[1], name=words[2].replace("_", " "), xids=xids, mig_mode=mig,
+                   **values)

@@ -18,13 +18,22 @@
  *     <index> <uuid> <name> <util_pct> <mem_used_bytes> <mem_total_bytes> <temp_c> <power_mw> <lost>
  *         [<sm_clock_mhz> <mem_clock_mhz> <energy_mj> <pcie_replays> <ecc_unc_volatile> <ecc_unc_aggregate>
  *          <remapped_correctable> <remapped_uncorrectable> <remap_pending> <remap_failure>
- *          <clocks_event_reasons> <xids>]
+ *          <clocks_event_reasons> <xids> [<mig_mode>]]
+ *     mig <parent_index> <slot> <uuid> <name> <mem_used_bytes> <mem_total_bytes>
  *
  * The bracketed health fields are optional (missing ones read 0). <clocks_event_reasons> is NVML's
  * bitmask (0x4 power cap, 0x8 hw slowdown, 0x20/0x40 sw/hw thermal...), in decimal. <xids> lists the
  * XID codes the GPU has had, oldest first, comma-separated (`.` = none, `-` = events not supported):
  * an event set registered for XID events delivers, through nvmlEventSetWait_v2, each code appended
  * after it was registered (as the real driver delivers only new events).
+ *
+ * MIG. <mig_mode> is the GPU's current MIG mode (0 disabled, the default; 1 enabled; `-` a board without
+ * MIG). A GPU with MIG enabled reports MAX_MIG MIG device slots (nvmlDeviceGetMaxMigDeviceCount) and no
+ * utilization (NVML_ERROR_NOT_SUPPORTED, as NVIDIA's library on a MIG-enabled GPU); each `mig` line,
+ * after its parent's line, puts a MIG device in slot <slot> (0..MAX_MIG-1) of GPU <parent_index>. A MIG
+ * device handle answers nvmlDeviceGetUUID (<uuid>, MIG-...), nvmlDeviceGetName, nvmlDeviceGetMemoryInfo
+ * and nvmlDeviceGetDeviceHandleFromMigDeviceHandle; every other reading is NOT_SUPPORTED on it. An
+ * empty slot is NVML_ERROR_NOT_FOUND; a lost parent makes its MIG devices lost too.
  *
  * One GPU line per device, index 0, 1, 2, ... in order (a gap makes nvmlDeviceGetCount fail with
  * NVML_ERROR_UNKNOWN). <name> uses `_` for spaces (NVIDIA_H100_80GB_HBM3). <lost> 1 makes every call
@@ -52,6 +61,8 @@
 #define MAX_GPUS 64
 #define STR_LEN 96
 #define MAX_XIDS 64
+#define MAX_MIG 7
+#define MIG_SHIFT 16 /* a MIG device handle: parent handle | (slot + 1) << MIG_SHIFT */
 
 enum {
     F_UTIL, F_MEM_USED, F_MEM_TOTAL, F_TEMP, F_POWER, F_LOST,
@@ -61,6 +72,13 @@ enum {
 };
 
 typedef struct {
+    int present;
+    char uuid[STR_LEN];
+    char name[STR_LEN];
+    unsigned long long mem_used, mem_total;
+} fake_mig;
+
+typedef struct {
     char uuid[STR_LEN];
     char name[STR_LEN];
     unsigned long long value[NFIELDS];
@@ -68,6 +86,9 @@ typedef struct {
     unsigned long long xids[MAX_XIDS];
     int nxids;
     int events_unsupported;
+    unsigned long long mig_mode;
+    nvmlReturn_t mig_err;
+    fake_mig migs[MAX_MIG];
 } fake_gpu;
 
 /* An event set: which GPUs it listens to, and how many of each GPU's XIDs it has delivered. */
@@ -105,6 +126,31 @@ static void parse_field(const char *tok, unsigned long long *value, nvmlReturn_t
     }
 }
 
+static void spaces(char *name) {
+    for (char *p = name; *p; p++)
+        if (*p == '_')
+            *p = ' ';
+}
+
+/* `mig <parent_index> <slot> <uuid> <name> <mem_used> <mem_total>` */
+static void parse_mig_line(char *line) {
+    char uuid[STR_LEN], name[STR_LEN];
+    int parent, slot;
+    unsigned long long used, total;
+    if (sscanf(line, " mig %d %d %95s %95s %llu %llu", &parent, &slot, uuid, name, &used, &total) != 6 ||
+        parent < 0 || parent >= gpu_count || slot < 0 || slot >= MAX_MIG) {
+        state_bad_index = 1;
+        return;
+    }
+    fake_mig *m = &gpus[parent].migs[slot];
+    m->present = 1;
+    snprintf(m->uuid, STR_LEN, "%s", uuid);
+    snprintf(m->name, STR_LEN, "%s", name);
+    spaces(m->name);
+    m->mem_used = used;
+    m->mem_total = total;
+}
+
 static void parse_gpu_line(char *line) {
     char *save = NULL;
     char *tok = strtok_r(line, " \t\r\n", &save);
@@ -118,9 +164,7 @@ static void parse_gpu_line(char *line) {
     char *name = strtok_r(NULL, " \t\r\n", &save);
     snprintf(g->uuid, STR_LEN, "%s", uuid ? uuid : "GPU-missing");
     snprintf(g->name, STR_LEN, "%s", name ? name : "missing");
-    for (char *p = g->name; *p; p++)
-        if (*p == '_')
-            *p = ' ';
+    spaces(g->name);
     for (int f = 0; f < NFIELDS; f++) {
         char *v = strtok_r(NULL, " \t\r\n", &save);
         parse_field(v ? v : "0", &g->value[f], &g->err[f]);
@@ -133,6 +177,8 @@ static void parse_gpu_line(char *line) {
         for (char *code = strtok_r(x, ",", &xsave); code && g->nxids < MAX_XIDS; code = strtok_r(NULL, ",", &xsave))
             g->xids[g->nxids++] = strtoull(code, NULL, 10);
     }
+    char *mig = strtok_r(NULL, " \t\r\n", &save);
+    parse_field(mig ? mig : "0", &g->mig_mode, &g->mig_err);
     gpu_count++;
 }
 
@@ -152,6 +198,8 @@ static void parse_state(FILE *fp) {
             int code = 0;
             sscanf(line, " init %d", &code);
             init_code = (nvmlReturn_t)code;
+        } else if (strcmp(word, "mig") == 0) {
+            parse_mig_line(line);
         } else {
             parse_gpu_line(line);
         }
@@ -180,19 +228,33 @@ static void refresh(void) {
     state_ok = 1;
 }
 
-/* Lock, refresh, and resolve a handle to its GPU; returns NVML_SUCCESS and sets *out, or an error. */
-static nvmlReturn_t enter_device(nvmlDevice_t device, fake_gpu **out) {
+/* Lock, refresh, and resolve a handle to its GPU (for a MIG device handle: its parent, and *mig to
+ * the MIG device, else NULL); returns NVML_SUCCESS and sets *out, or an error. */
+static nvmlReturn_t enter_any(nvmlDevice_t device, fake_gpu **out, fake_mig **mig) {
     pthread_mutex_lock(&lock);
     if (!initialized)
         return NVML_ERROR_UNINITIALIZED;
     refresh();
-    uintptr_t i = (uintptr_t)device;
-    if (i == 0 || (int)i > gpu_count)
+    uintptr_t i = (uintptr_t)device & ((1u << MIG_SHIFT) - 1), slot = (uintptr_t)device >> MIG_SHIFT;
+    if (i == 0 || (int)i > gpu_count || slot > MAX_MIG)
         return NVML_ERROR_INVALID_ARGUMENT;
     *out = &gpus[i - 1];
+    *mig = NULL;
     if ((*out)->value[F_LOST])
         return NVML_ERROR_GPU_IS_LOST;
+    if (slot) {
+        *mig = &(*out)->migs[slot - 1];
+        if ((*out)->mig_err != NVML_SUCCESS || !(*out)->mig_mode || !(*mig)->present)
+            return NVML_ERROR_INVALID_ARGUMENT; /* a MIG device that no longer exists */
+    }
     return NVML_SUCCESS;
+}
+
+/* enter_any for the calls a MIG device handle does not support. */
+static nvmlReturn_t enter_device(nvmlDevice_t device, fake_gpu **out) {
+    fake_mig *mig;
+    nvmlReturn_t ret = enter_any(device, out, &mig);
+    return ret == NVML_SUCCESS && mig ? NVML_ERROR_NOT_SUPPORTED : ret;
 }
 
 static nvmlReturn_t leave(nvmlReturn_t ret) {
@@ -280,14 +342,16 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *dev
 
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
     fake_gpu *g;
-    nvmlReturn_t ret = enter_device(device, &g);
-    return leave(ret != NVML_SUCCESS ? ret : copy_str(uuid, length, g->uuid));
+    fake_mig *m;
+    nvmlReturn_t ret = enter_any(device, &g, &m);
+    return leave(ret != NVML_SUCCESS ? ret : copy_str(uuid, length, m ? m->uuid : g->uuid));
 }
 
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
     fake_gpu *g;
-    nvmlReturn_t ret = enter_device(device, &g);
-    return leave(ret != NVML_SUCCESS ? ret : copy_str(name, length, g->name));
+    fake_mig *m;
+    nvmlReturn_t ret = enter_any(device, &g, &m);
+    return leave(ret != NVML_SUCCESS ? ret : copy_str(name, length, m ? m->name : g->name));
 }
 
 /* Fetch one numeric field of a device, or the error the state file asks for. */
@@ -302,22 +366,36 @@ static nvmlReturn_t get_field(nvmlDevice_t device, int field, unsigned long long
 }
 
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization) {
-    unsigned long long v;
+    fake_gpu *g;
     if (utilization == NULL)
         return NVML_ERROR_INVALID_ARGUMENT;
-    nvmlReturn_t ret = get_field(device, F_UTIL, &v);
+    nvmlReturn_t ret = enter_device(device, &g);
+    if (ret == NVML_SUCCESS)
+        ret = g->mig_err == NVML_SUCCESS && g->mig_mode ? NVML_ERROR_NOT_SUPPORTED : g->err[F_UTIL];
     if (ret == NVML_SUCCESS) {
-        utilization->gpu = (unsigned int)v;
-        utilization->memory = (unsigned int)(v / 2);
+        utilization->gpu = (unsigned int)g->value[F_UTIL];
+        utilization->memory = (unsigned int)(g->value[F_UTIL] / 2);
     }
-    return ret;
+    return leave(ret);
 }
 
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
     unsigned long long used, total;
+    fake_gpu *g;
+    fake_mig *m;
     if (memory == NULL)
         return NVML_ERROR_INVALID_ARGUMENT;
-    nvmlReturn_t ret = get_field(device, F_MEM_USED, &used);
+    nvmlReturn_t ret = enter_any(device, &g, &m);
+    if (ret != NVML_SUCCESS || m) {
+        if (m) {
+            memory->used = m->mem_used;
+            memory->total = m->mem_total;
+            memory->free = m->mem_total > m->mem_used ? m->mem_total - m->mem_used : 0;
+        }
+        return leave(ret);
+    }
+    leave(ret);
+    ret = get_field(device, F_MEM_USED, &used);
     if (ret == NVML_SUCCESS)
         ret = get_field(device, F_MEM_TOTAL, &total);
     if (ret == NVML_SUCCESS) {
@@ -414,6 +492,60 @@ nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, unsigne
 
 nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device, unsigned long long *reasons) {
     return nvmlDeviceGetCurrentClocksEventReasons(device, reasons);
+}
+
+/* ---- MIG ------------------------------------------------------------------------------------- */
+
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode, unsigned int *pendingMode) {
+    fake_gpu *g;
+    if (currentMode == NULL || pendingMode == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = enter_device(device, &g);
+    if (ret == NVML_SUCCESS && (ret = g->mig_err) == NVML_SUCCESS)
+        *currentMode = *pendingMode = g->mig_mode ? NVML_DEVICE_MIG_ENABLE : NVML_DEVICE_MIG_DISABLE;
+    return leave(ret);
+}
+
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *count) {
+    fake_gpu *g;
+    if (count == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = enter_device(device, &g);
+    if (ret == NVML_SUCCESS)
+        *count = g->mig_err == NVML_SUCCESS && g->mig_mode ? MAX_MIG : 0;
+    return leave(ret);
+}
+
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index, nvmlDevice_t *migDevice) {
+    fake_gpu *g;
+    if (migDevice == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = enter_device(device, &g);
+    if (ret == NVML_ERROR_NOT_SUPPORTED) /* a MIG device handle has no MIG devices */
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (ret != NVML_SUCCESS)
+        return leave(ret);
+    if (g->mig_err != NVML_SUCCESS)
+        return leave(g->mig_err);
+    if (!g->mig_mode || index >= MAX_MIG)
+        return leave(NVML_ERROR_INVALID_ARGUMENT);
+    if (!g->migs[index].present)
+        return leave(NVML_ERROR_NOT_FOUND);
+    *migDevice = (nvmlDevice_t)((uintptr_t)device | (uintptr_t)(index + 1) << MIG_SHIFT);
+    return leave(NVML_SUCCESS);
+}
+
+nvmlReturn_t nvmlDeviceGetDeviceHandleFromMigDeviceHandle(nvmlDevice_t migDevice, nvmlDevice_t *device) {
+    fake_gpu *g;
+    fake_mig *m;
+    if (device == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t ret = enter_any(migDevice, &g, &m);
+    if (ret == NVML_SUCCESS && m == NULL)
+        ret = NVML_ERROR_INVALID_ARGUMENT; /* not a MIG device handle */
+    if (ret == NVML_SUCCESS)
+        *device = (nvmlDevice_t)((uintptr_t)migDevice & ((1u << MIG_SHIFT) - 1));
+    return leave(ret);
 }
 
 /* ---- XID events ------------------------------------------------------------------------------- */
