@@ -84,6 +84,12 @@ def test_sdk_calls_through_the_proxy_are_logged(start_exporter, mock_server, tmp
     text = all_bytes(logdir)
     assert SECRET.encode() not in text and b"careful assistant" not in text and key not in text
     assert key.decode() not in err and SECRET not in err
+    from opskit.loadtest import trace  # the replay's reader takes the log as written (the shared contract)
+
+    replayable = trace.read(logdir)
+    assert replayable.format == "opskit" and len(replayable.requests) == 5 and not replayable.skipped
+    assert [r.input_tokens for r in replayable.requests[:4]] == [e[2].prompt_tokens for e in expected]
+    assert len({r.blocks for r in replayable.requests[:4]}) == 1 and replayable.requests[0].blocks
 
 
 @pytest.mark.slow
