@@ -19,8 +19,11 @@ from opskit.core.records import CallRecord
 
 
 def make(metric: Metric, registry: CollectorRegistry, labels: Iterable[str] | None = None):
-    """A prometheus_client metric for a catalogue entry, registered in `registry`."""
+    """A prometheus_client metric for a catalogue entry, registered in `registry`; or, in a proxy
+    worker process, a metric counting into shared memory (`registry` is a shared_counts.Store)."""
     labelnames = tuple(metric.labels if labels is None else labels)
+    if not isinstance(registry, CollectorRegistry):
+        return registry.make(metric, labelnames)
     kw = {"registry": registry, "labelnames": labelnames}
     if metric.type == catalog.COUNTER:
         return Counter(metric.name, metric.help, **kw)

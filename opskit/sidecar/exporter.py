@@ -83,6 +83,22 @@ def _run(coro) -> None:
         uvloop.run(coro)
 
 
+def _workers(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.strip().lower() == "auto":
+        from opskit.sidecar.proxy_workers import available_cpus
+
+        return available_cpus()
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{value!r}: a whole number >= 1, or auto")
+    return n
+
+
 def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
@@ -104,6 +120,9 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--proxy-target", "proxy_target_name", metavar="NAME",
               help="Configured target whose name labels the proxy's series (default: the one whose base_url, "
                    "with or without a trailing /v1, is --upstream; else `default`).")
+@click.option("--proxy-workers", callback=_workers, metavar="N|auto",
+              help="Processes serving the proxy port (SO_REUSEPORT), one /metrics for all (default 1: the proxy "
+                   "runs in the exporter's own process; auto: the CPUs this container may use).")
 @click.option("--probe", is_flag=True, help="Send canary calls to every configured target.")
 @click.option("--gpu/--no-gpu", default=True, show_default=True, help="Export NVML GPU series.")
 @click.option("--nvml-lib", type=click.Path(exists=True, dir_okay=False),
@@ -130,7 +149,7 @@ def _hostport(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--metrics-linger-s", type=FiniteRange(min=0), default=15.0, show_default=True,
               help="On SIGTERM, after the drain, /metrics stays up until scraped once more, for at most this long, "
               "so calls that finished while draining reach Prometheus (use your scrape interval).")
-def exporter_command(listen, config_file, target_url, proxy_listen, upstream, proxy_target_name, probe, gpu,
+def exporter_command(listen, config_file, target_url, proxy_listen, upstream, proxy_target_name, proxy_workers, probe, gpu,
                      nvml_lib, ready_file, max_body_bytes, drain_s, upstream_timeout_s, client_header_timeout_s,
                      client_body_timeout_s, client_idle_timeout_s, max_connections, metrics_linger_s) -> None:
     """Serve Prometheus metrics: GPUs (NVML), a metering proxy for real calls, canary probes.
@@ -143,7 +162,8 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
           --upstream http://127.0.0.1:8000 --proxy-target llm-server --probe   # :8080/v1 as :8000/v1
       opskit exporter --listen :9464 --config opskit.yaml --probe --no-gpu
     """
-    for flag, value in (("--upstream", upstream), ("--proxy-target", proxy_target_name)):
+    for flag, value in (("--upstream", upstream), ("--proxy-target", proxy_target_name),
+                        ("--proxy-workers", proxy_workers)):
         if value is not None and proxy_listen is None:
             raise click.UsageError(f"{flag} needs --proxy-listen")
     if upstream is not None and (problem := config.url_problem(upstream)):  # a bad port or [v6 too: exit 2
@@ -164,7 +184,9 @@ def exporter_command(listen, config_file, target_url, proxy_listen, upstream, pr
                    probe=probe, gpu=gpu, nvml_lib=os.path.abspath(nvml_lib) if nvml_lib else None, visible_devices=visible,
                    ready_file=ready_file, max_body_bytes=max_body_bytes, drain_s=drain_s,
                    upstream_timeout_s=upstream_timeout_s, metrics_linger_s=metrics_linger_s,
-                   limits=Limits(client_header_timeout_s, client_body_timeout_s, client_idle_timeout_s, max_connections))
+                   limits=Limits(client_header_timeout_s, client_body_timeout_s, client_idle_timeout_s, max_connections),
+                   proxy_workers=proxy_workers or 1, target_url=target_url,
+                   config_file=os.path.abspath(config_file) if config_file else None)
     try:
         _run(serve(cfg, opts))
     except ReadyFileError as exc:

@@ -373,14 +373,15 @@ def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
 async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,
                       max_body_bytes: int = 10 * 1024 * 1024, timeout_s: float = 300,
                       connect_timeout_s: float = 10, ssl_context: ssl.SSLContext | None = None,
-                      limits: Limits | None = None, on_refused=None) -> ProxyServer:
+                      limits: Limits | None = None, on_refused=None, reuse_port: bool = False) -> ProxyServer:
     """Start the metering proxy on host:port (0 = a free port) in the running event loop.
 
     `timeout_s` bounds the wait for the upstream's response head and every silence in its body;
     a stream may last longer as long as it keeps sending. An https upstream is verified against the
     system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given. `limits`
     bound what a client may hold (opskit.sidecar.http_guard); `on_refused()` is called for each
-    connection refused at the cap.
+    connection refused at the cap. `reuse_port`: share the port with other processes (SO_REUSEPORT),
+    as the exporter's proxy workers do.
     """
     limits = limits or Limits()
     proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits)
@@ -389,7 +390,7 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
     runner = web.ServerRunner(server, shutdown_timeout=1.0)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -1,0 +1,77 @@
+"""One proxy worker process of `opskit exporter --proxy-workers N` (started by opskit.sidecar.proxy_workers).
+
+It reads its orders as one JSON line on stdin, loads the same config as the exporter, serves the
+metering proxy on the exporter's port (SO_REUSEPORT) and counts its calls into the shared segment it
+was handed (opskit.sidecar.shared_counts). On SIGTERM or SIGINT it stops accepting, drains its calls
+for up to the exporter's `--drain-s` and exits 0; it also stops when its stdin reaches EOF, which
+means the exporter is gone: a worker never outlives it. Run by the exporter only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+
+from opskit.core import catalog, config
+from opskit.sidecar import call_metrics, shared_counts
+from opskit.sidecar.http_guard import Limits
+
+log = logging.getLogger("opskit.sidecar.proxy")
+
+
+async def serve(orders: dict) -> None:
+    """Serve the proxy from this process until told to stop."""
+    from opskit.sidecar.exporter_server import call_tables
+    from opskit.sidecar.proxy import start_proxy
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def on_stdin() -> None:
+        try:
+            gone = not os.read(0, 4096)
+        except OSError:
+            gone = True
+        if gone:  # the exporter died: stop with it
+            loop.remove_reader(0)
+            stop.set()
+
+    loop.add_reader(0, on_stdin)
+    cfg = config.load(orders["config_file"], orders["target_url"])
+    store = shared_counts.Store(shared_counts.Segment(orders["fd"]))
+    extra = {k: tuple(v) for k, v in orders["extra_models"].items()}
+    metrics = call_metrics.CallMetrics(store, *call_tables(cfg, extra))
+    refused = call_metrics.make(catalog.CONNECTIONS_REFUSED, store).labels("proxy")
+    proxy = await start_proxy(orders["host"], orders["port"], orders["upstream"], orders["target"], metrics,
+                              max_body_bytes=orders["max_body_bytes"], timeout_s=orders["timeout_s"],
+                              limits=Limits(**orders["limits"]), on_refused=refused.inc, reuse_port=True)
+    gc.freeze()  # long-lived server: keep start-up objects out of the collector's scans (DESIGN.md)
+    store.serving()
+    await stop.wait()
+    await proxy.close(orders["drain_s"])
+
+
+def main() -> None:
+    orders = json.loads(sys.stdin.readline())
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s %(name)s[worker {orders['index']}]: %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    try:
+        (uvloop.run if uvloop is not None else asyncio.run)(serve(orders))
+    except OSError as exc:
+        log.error("proxy worker %d cannot listen: %s", orders["index"], exc.strerror or exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
