@@ -50,18 +50,26 @@ class CallMetrics:
         self.rl_requests = make(catalog.LLM_RL_REQUESTS, registry)
         self.rl_tokens = make(catalog.LLM_RL_TOKENS, registry)
         self._series: dict[tuple[str, str, str], _Series] = {}
+        self._in_flight: dict[tuple[str, str], object] = {}
 
     def model_label(self, target: str, model: str | None) -> str:
         """`model` capped to the target's configured models, else `other`."""
         return catalog.cap_model(model, self._models.get(target, frozenset()))
 
     def started(self, target: str, source: str) -> None:
-        self.in_flight.labels(target, source).inc()
+        self._flight(target, source).inc()
 
     def finished(self, record: CallRecord) -> None:
         """Account a finished call that was announced with started()."""
-        self.in_flight.labels(record.target, record.source).dec()
+        self._flight(record.target, record.source).dec()
         self.observe(record)
+
+    def _flight(self, target: str, source: str):
+        """The in-flight child, looked up once (`labels()` hashes and locks on every call)."""
+        child = self._in_flight.get((target, source))
+        if child is None:
+            child = self._in_flight[(target, source)] = self.in_flight.labels(target, source)
+        return child
 
     def observe(self, r: CallRecord) -> None:
         """Account a finished call."""

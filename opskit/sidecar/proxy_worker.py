@@ -53,6 +53,7 @@ async def serve(orders: dict) -> None:
                               max_body_bytes=orders["max_body_bytes"], timeout_s=orders["timeout_s"],
                               limits=Limits(**orders["limits"]), on_refused=refused.inc, reuse_port=True)
     gc.freeze()  # long-lived server: keep start-up objects out of the collector's scans (DESIGN.md)
+    gc.set_threshold(200_000, 50, 100)  # as the exporter's (opskit.sidecar.exporter.GC_THRESHOLDS)
     store.serving()
     await stop.wait()
     await proxy.close(orders["drain_s"])
