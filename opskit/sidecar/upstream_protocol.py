@@ -220,7 +220,7 @@ class Conn(asyncio.Protocol):
         self.buf = b""
         self._framing(status, headers, version)
         ex.status, ex.reason, ex.headers = status, reason, headers
-        ex.head.set_result(ex)
+        ex.head.set_result(None)  # not `ex`: a future holding the exchange that holds it is a cycle for the GC
         if self.mode == _NONE or (self.mode == _LENGTH and self.remaining == 0):
             self._complete(ex)
         return buf
