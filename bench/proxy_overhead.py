@@ -364,7 +364,8 @@ def report(f: dict[str, dict], args, pinned: bool, load: tuple[float, float], sa
     if sat:
         lines += ["", f"Saturation ({sat['streams']} streams at ITL 0, proxy cores {sat['cores']}): chunks/s "
                   f"1 worker {fmt3(sat['w1'], '', 0)}, 2 workers {fmt3(sat['w2'], '', 0)}, scaling ratio "
-                  f"{sat['w2'][0] / sat['w1'][0]:.2f}; direct {fmt3(sat['direct'], '', 0)}"]
+                  f"{sat['w2'][0] / sat['w1'][0]:.2f}; direct {fmt3(sat['direct'], '', 0)}. Proxy CPU per chunk (all "
+                  f"its processes): 1 worker {fmt3(sat['cpu_w1'], ' us')}, 2 workers {fmt3(sat['cpu_w2'], ' us')}"]
     return "\n".join(lines)
 
 
@@ -379,6 +380,19 @@ How to read it:
 - History: the first version used aiohttp's client for the upstream: 62-94 us per chunk (gross),
   330-490 us per request. opskit.sidecar.upstream_client pushes each chunk from `data_received`
   instead, and a body that is complete with its head goes out in one write.
+- Where opskit's CPU goes (py-spy --native on the proxy, this benchmark's load). Per chunk: the
+  `write`, `read` and `epoll_pwait` syscalls ~75 % of the samples; opskit's own Python ~5 us a chunk
+  (of which metering, the SSE parse and one json.loads per event, ~3.3 us); the rest is uvloop calling
+  into Python. Per non-streamed request: syscalls ~30 %, aiohttp's server side (request parsing,
+  StreamResponse, its handler task) ~35 %, opskit's handler ~30 % (upstream head parse, response
+  JSON for `usage`, metrics). Removed on the way: young GC collections (a reference cycle per call,
+  exchange <-> its futures and sink: ~3 % of CPU, ~20 % once the threshold was raised), a getpid()
+  syscall per exchange (Python 3.11's get_running_loop), a regex with lookarounds over each response
+  head. Reaching nginx's per-request cost would take replacing aiohttp's server side with a
+  push-parsed one like the upstream side; not done.
+- Saturation on a 2-core machine cannot show scaling: the mock and the client need a core of their
+  own, so the 2 workers share cores with them (and with whatever else runs). CPU per chunk with 1 and
+  with 2 workers says what each added core buys; give the proxy free cores with --sat-cores.
 """
 
 
@@ -397,7 +411,7 @@ def saturation(args, mock: dict, tmp: str, pinned: bool) -> dict:
     cores = args.sat_cores
     admin(mock["admin_url"], "latency", {"ttft_ms": 0, "ttft_jitter_ms": 0, "itl_ms": 0, "itl_jitter_ms": 0,
                                          "output_tokens_mean": 200, "output_tokens_spread": 0})
-    out = {"streams": args.sat_streams, "cores": cores, "w1": [], "w2": [], "direct": []}
+    out = {"streams": args.sat_streams, "cores": cores, "w1": [], "w2": [], "direct": [], "cpu_w1": [], "cpu_w2": []}
     procs = {}
     for w in (1, 2):
         procs[w] = spawn([sys.executable, "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--no-gpu",
@@ -408,8 +422,12 @@ def saturation(args, mock: dict, tmp: str, pinned: bool) -> dict:
         for i in range(args.rounds):
             for key, url in (("w1", procs[1][1]["proxy_url"]), ("w2", procs[2][1]["proxy_url"]),
                              ("direct", mock["url"]))[::1 if i % 2 == 0 else -1]:
+                pid = procs[int(key[1])][1]["pid"] if key != "direct" else None
+                cpu0 = tree_cpu_seconds(pid) if pid else 0.0
                 res = asyncio.run(load(url, "streams", args.sat_streams, args.seconds, 200))
                 out[key].append(res["events"] / res["elapsed"])
+                if pid:  # the exporter and its workers: CPU per chunk says what one more core buys
+                    out["cpu_" + key].append((tree_cpu_seconds(pid) - cpu0) / max(1, res["events"]) * 1e6)
     finally:
         for p, _ in procs.values():
             p.send_signal(signal.SIGTERM)
