@@ -2,9 +2,10 @@
 
 It reads its orders as one JSON line on stdin, loads the same config as the exporter, serves the
 metering proxy on the exporter's port (SO_REUSEPORT) and counts its calls into the shared segment it
-was handed (opskit.sidecar.shared_counts). On SIGTERM or SIGINT it stops accepting, drains its calls
-for up to the exporter's `--drain-s` and exits 0; it also stops when its stdin reaches EOF, which
-means the exporter is gone: a worker never outlives it. Run by the exporter only.
+was handed (opskit.sidecar.shared_counts). On SIGTERM it stops accepting, drains its calls for up to
+the exporter's `--drain-s` and exits 0 (SIGINT is left to the exporter, which sends SIGTERM); it also
+stops when its stdin reaches EOF, which means the exporter is gone: a worker never outlives it.
+Run by the exporter only.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ async def serve(orders: dict) -> None:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches the whole process group: the exporter stops the workers itself (SIGTERM), and a
+    # worker that left on its own before that would look like a crash to restart.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_stdin() -> None:
         try:

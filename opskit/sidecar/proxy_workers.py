@@ -138,6 +138,7 @@ class WorkerPool:
             code = await processes.wait_exit(proc)
             if self._closing:
                 return
+            proc.stdin.close()
             delay = backoff.after(time.monotonic() - started)
             log.warning("proxy worker %d (pid %d) exited with status %s: starting it again%s", i, proc.pid, code,
                         f" in {delay:g}s" if delay else "")
@@ -168,7 +169,7 @@ class WorkerPool:
                     proc.kill()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        for proc in live:
+        for proc, _ in filter(None, self.procs):
             if proc.stdin is not None:
                 proc.stdin.close()
         if self._sock is not None:

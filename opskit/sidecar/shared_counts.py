@@ -21,7 +21,8 @@ Layout of a segment (native byte order; one writer, so no locks): a header of 8 
 of entries, pid of the worker once it serves, number of starts), an append-only index of entries
 (key offset, key length, value offset, kind << 32 | value count), the keys (JSON `[name, *label
 values]`), and float64 values. An entry is written before the count that publishes it, and its values
-are only touched after that, so a reader never sees a half-made entry. Each value is one aligned 8-byte
+are only touched after that, so a reader never sees a half-made entry (one it cannot read yet, on
+a CPU that reorders stores, it reads at the next scrape). Each value is one aligned 8-byte
 store. Capacity: MAX_ENTRIES label sets per worker (the catalogue's labels are bounded far below that);
 a label set beyond it is not counted and is logged once.
 """
@@ -102,6 +103,8 @@ class Segment:
     def entry(self, i: int) -> tuple[tuple[str, ...], int, int, int]:
         """(key, kind, value offset, value count) of entry i."""
         ko, kl, vo, kn = self.index[i * ENTRY_WORDS:(i + 1) * ENTRY_WORDS]
+        if not kl or ko + kl > KEY_BYTES or vo + (kn & 0xFFFFFFFF) > MAX_VALUES:
+            raise ValueError("entry not written yet")
         return tuple(json.loads(bytes(self.keys[ko:ko + kl]))), kn >> 32, vo, kn & 0xFFFFFFFF
 
     def before_start(self) -> None:
@@ -200,7 +203,7 @@ class _Add:
     def __init__(self, values, off: int) -> None:
         self.v, self.off = values, off
 
-    def inc(self, amount: float = 1.0) -> None:
+    def inc(self, amount: float = 1.0, exemplar=None) -> None:
         self.v[self.off] += amount
 
     def dec(self, amount: float = 1.0) -> None:
@@ -236,7 +239,7 @@ class _Hist:
 class _Dropped:
     """The child of a label set the full segment has no room for."""
 
-    def inc(self, amount: float = 1.0) -> None: pass
+    def inc(self, amount: float = 1.0, exemplar=None) -> None: pass
     def dec(self, amount: float = 1.0) -> None: pass
     def set(self, value: float) -> None: pass
     def observe(self, amount: float, exemplar=None) -> None: pass
@@ -260,7 +263,11 @@ class Merger:
         merged: dict[tuple[str, ...], tuple[int, list[float]]] = {}
         for seg, known in zip(self.segments, self._entries, strict=True):
             for i in range(len(known), seg.count):  # append-only: parse each entry once
-                known.append(seg.entry(i))
+                try:
+                    entry = seg.entry(i)
+                except (ValueError, TypeError):  # not all visible yet (a CPU that reorders stores): next scrape
+                    break
+                known.append(entry)
             values = seg.values
             for key, kind, off, n in known:
                 vals = values[off:off + n].tolist()
