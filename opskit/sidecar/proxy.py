@@ -146,11 +146,8 @@ class ProxyServer:
         return len(server.connections) if server is not None else 0
 
     async def close(self, grace_s: float = 10) -> None:
-        """Stop accepting, let in-flight calls finish for up to `grace_s`, cut the rest, close.
-
-        Calls cut at the deadline are recorded as stream_broken: the client sees its stream break.
-        Closing twice is harmless.
-        """
+        """Stop accepting, let in-flight calls finish for up to `grace_s`, cut the rest, close. Calls cut
+        at the deadline are recorded as stream_broken: the client sees its stream break. Twice is harmless."""
         if self._closed:
             return
         self._closed = True
@@ -185,6 +182,7 @@ class _Proxy:
         self.limits = limits
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
         self._throttle = Throttle()
+        self.loop = asyncio.get_running_loop()
 
     def _log_failure(self, exc: Exception) -> None:
         """At most one line per LOG_EVERY_S, with a count of the failures since: with the upstream down,
@@ -205,7 +203,7 @@ class _Proxy:
         if request.method != "POST" or not request.path.endswith(METERED_SUFFIXES):
             return await self._forward(request, None)
         call = MeteredCall(t0)
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)  # with the loop: no getpid() syscall on Python 3.11
         self.tasks.add(task)
         try:
             return await self._forward(request, call)
@@ -382,9 +380,8 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
     a stream may last longer as long as it keeps sending. An https upstream is verified against the
     system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given. `limits`
     bound what a client may hold (opskit.sidecar.http_guard); `on_refused()` is called for each
-    connection refused at the cap. `reuse_port`: share the port with other processes (SO_REUSEPORT),
-    as the exporter's proxy workers do.
-    """
+    connection refused at the cap. `reuse_port`: share the port with other processes (SO_REUSEPORT,
+    as the exporter's proxy workers do)."""
     limits = limits or Limits()
     proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits)
     # auto_decompress off: a compressed request body is forwarded as sent, with its Content-Encoding
