@@ -297,3 +297,31 @@ def test_workers_do_not_outlive_a_killed_exporter(start_mock, tmp_path):
     alive = [p for p in workers if Path(f"/proc/{p}/stat").exists()
              and Path(f"/proc/{p}/stat").read_text().rpartition(") ")[2][:1] not in ("Z", "X")]
     assert alive == [], "workers outlived the exporter"
+
+
+@pytest.mark.slow
+def test_a_taken_proxy_port_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "opskit", "exporter", "--no-gpu", "--listen", "127.0.0.1:0",
+                              "--proxy-listen", f"127.0.0.1:{port}", "--upstream", "http://127.0.0.1:9",
+                              "--proxy-workers", "2"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1 and "cannot listen" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_a_second_exporter_cannot_join_the_first_ones_proxy_port(start_mock, tmp_path):
+    mock = start_mock(*FAST)
+    exp = Exporter(tmp_path, mock.url)
+    try:
+        port = exp.proxy.rsplit(":", 1)[1]
+        out = subprocess.run([sys.executable, "-m", "opskit", "exporter", "--no-gpu", "--listen", "127.0.0.1:0",
+                              "--proxy-listen", f"127.0.0.1:{port}", "--upstream", mock.url, "--proxy-workers", "2"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert out.returncode == 1 and "cannot listen" in out.stderr, out.stderr
+    finally:
+        stop(exp.proc)

@@ -59,9 +59,15 @@ def available_cpus(affinity: set[int] | None = None, cgroup: Path = Path("/sys/f
 
 
 def _reserve(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port with SO_REUSEPORT that never listens: it holds the port."""
+    """A socket bound to host:port with SO_REUSEPORT that never listens: it holds the port. A port
+    already in use fails here, even by another process's SO_REUSEPORT group (a second exporter on the
+    same port must not silently share its traffic)."""
     family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                                       flags=socket.AI_PASSIVE)[0]
+    if port:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+            probe.bind(addr)  # OSError (address in use) when anyone holds the port
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
