@@ -190,7 +190,7 @@ def test_cli_help():
     assert r.exit_code == 0
     for flag in ("--listen", "--proxy-listen", "--upstream", "--proxy-target", "--probe", "--no-gpu", "--nvml-lib",
                  "--ready-file", "--max-body-bytes", "--client-header-timeout-s", "--client-body-timeout-s",
-                 "--client-idle-timeout-s", "--max-connections", "--metrics-linger-s"):
+                 "--client-idle-timeout-s", "--max-connections", "--metrics-linger-s", "--proxy-workers"):
         assert flag in r.output
 
 

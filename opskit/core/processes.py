@@ -204,3 +204,60 @@ def stop(child: Child, timeout: float = 10.0) -> bool:
     # Members of the group that outlived its leader (a worker the leader forked) get SIGKILL too.
     _signal_group(child.pid, signal.SIGKILL)
     return True
+
+
+def start_attached(argv: list[str], orders: bytes, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start `argv` as a child that shares this process's group and stderr and never outlives it.
+
+    Its stdin is a pipe that only this process holds open: `orders` are written to it first, and the
+    child sees EOF there once its parent is gone, however the parent died (the child must stop on that
+    EOF). `pass_fds` are inherited (such as a shared memory segment); no other descriptor is.
+    """
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=pass_fds)
+    except OSError as exc:
+        raise SuperviseError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    try:
+        proc.stdin.write(orders)
+        proc.stdin.flush()
+    except OSError:  # it died at once: its exit status tells the caller
+        pass
+    return proc
+
+
+async def wait_exit(proc: subprocess.Popen) -> int:
+    """The exit status of a child, awaited on the running event loop (a pidfd where Linux has one,
+    else a thread blocked in wait)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd here, or already reaped
+        return await loop.run_in_executor(None, proc.wait)
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return proc.wait()
+
+
+class Backoff:
+    """The delay before restarting a child that exited: none after a run of `stable_s` or more, else
+    `first`, doubling for each quick exit in a row up to `most` (a child that cannot start must not
+    spin the CPU)."""
+
+    def __init__(self, first: float = 0.5, most: float = 30.0, stable_s: float = 60.0) -> None:
+        self.first, self.most, self.stable_s = first, most, stable_s
+        self.delay = 0.0
+
+    def after(self, ran_s: float) -> float:
+        """The delay before the next start of a child that ran `ran_s` seconds."""
+        if ran_s >= self.stable_s:
+            self.delay = 0.0
+        else:
+            self.delay = self.first if self.delay == 0 else min(self.most, self.delay * 2)
+        return self.delay

@@ -125,6 +125,7 @@ class CallLog:
         dropped = make(catalog.CALL_LOG_DROPPED, registry)
         self._dropped_full, self._dropped_write = dropped.labels("queue_full"), dropped.labels("write_error")
         self._written = make(catalog.CALL_LOG_RECORDS, registry)
+        self.counters = (dropped, self._written)  # proxy workers' counts merge into the exporter's
         self._full_log, self._write_log = Throttle(), Throttle()
         self._stop = threading.Event()
         self._file = None

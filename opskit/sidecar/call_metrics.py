@@ -22,8 +22,11 @@ from opskit.core.sse import MAX_ID_CHARS
 
 
 def make(metric: Metric, registry: CollectorRegistry, labels: Iterable[str] | None = None):
-    """A prometheus_client metric for a catalogue entry, registered in `registry`."""
+    """A prometheus_client metric for a catalogue entry, registered in `registry`; or, in a proxy
+    worker process, a metric counting into shared memory (`registry` is a shared_counts.Store)."""
     labelnames = tuple(metric.labels if labels is None else labels)
+    if not isinstance(registry, CollectorRegistry):
+        return registry.make(metric, labelnames)
     kw = {"registry": registry, "labelnames": labelnames}
     if metric.type == catalog.COUNTER:
         return Counter(metric.name, metric.help, **kw)
@@ -50,18 +53,26 @@ class CallMetrics:
         self.rl_requests = make(catalog.LLM_RL_REQUESTS, registry)
         self.rl_tokens = make(catalog.LLM_RL_TOKENS, registry)
         self._series: dict[tuple[str, str, str], _Series] = {}
+        self._in_flight: dict[tuple[str, str], object] = {}
 
     def model_label(self, target: str, model: str | None) -> str:
         """`model` capped to the target's configured models, else `other`."""
         return catalog.cap_model(model, self._models.get(target, frozenset()))
 
     def started(self, target: str, source: str) -> None:
-        self.in_flight.labels(target, source).inc()
+        self._flight(target, source).inc()
 
     def finished(self, record: CallRecord) -> None:
         """Account a finished call that was announced with started()."""
-        self.in_flight.labels(record.target, record.source).dec()
+        self._flight(record.target, record.source).dec()
         self.observe(record)
+
+    def _flight(self, target: str, source: str):
+        """The in-flight child, looked up once (`labels()` hashes and locks on every call)."""
+        child = self._in_flight.get((target, source))
+        if child is None:
+            child = self._in_flight[(target, source)] = self.in_flight.labels(target, source)
+        return child
 
     def observe(self, r: CallRecord) -> None:
         """Account a finished call."""
@@ -108,8 +119,8 @@ def _observe(child, value: float, ex: tuple[dict[str, str], float] | None) -> No
     """Histogram.observe, with the exemplar set as Histogram.observe(value, exemplar) would set it, less
     its per-call label validation (the one label is fixed and its value cut to fit) and clock read."""
     child.observe(value)
-    if ex is not None:
-        bounds = child._upper_bounds
+    bounds = getattr(child, "_upper_bounds", None)  # None: a proxy worker's shared-memory histogram,
+    if ex is not None and bounds is not None:        # which keeps no exemplars
         i = bisect.bisect_left(bounds, value)
         if i < len(bounds) and value <= bounds[i]:  # (NaN lands in no bucket)
             child._buckets[i].set_exemplar(Exemplar(ex[0], value, ex[1]))

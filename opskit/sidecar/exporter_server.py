@@ -28,7 +28,7 @@ import concurrent.futures
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -71,6 +71,9 @@ class Options:
     limits: Limits = Limits()
     metrics_linger_s: float = 15.0
     call_log: CallLogOptions | None = None  # --call-log: a JSON line per proxied call (needs the proxy)
+    proxy_workers: int = 1               # >1: that many processes serve the proxy port (proxy_workers)
+    config_file: str | None = None       # what the config was loaded from, for proxy workers to load it too
+    target_url: str | None = None
 
 
 def local_url(host: str, port: int) -> str:
@@ -141,10 +144,14 @@ def build_registry(cfg: config.Config, gpu_collector=None,
             budget.labels(t.name, t.prices.currency).set(t.prices.daily_budget)
     if gpu_collector is not None:
         registry.register(gpu_collector)
+    return registry, CallMetrics(registry, *call_tables(cfg, extra_models))
+
+
+def call_tables(cfg: config.Config, extra_models: Mapping[str, tuple[str, ...]] | None = None) -> tuple[dict, dict]:
+    """(models by target, prices by target) for CallMetrics; proxy workers build theirs from these too."""
     models = {t.name: t.models for t in cfg.targets}
     models.update(extra_models or {})
-    prices = {t.name: t.prices for t in cfg.targets if t.prices is not None}
-    return registry, CallMetrics(registry, models, prices)
+    return models, {t.name: t.prices for t in cfg.targets if t.prices is not None}
 
 
 class Exporter:
@@ -158,7 +165,7 @@ class Exporter:
 
             self.gpu = GpuCollector(lib_path=opts.nvml_lib, visible=opts.visible_devices)
         self.proxy_target: tuple[str, str] | None = None
-        extra = {}
+        extra = self._extra = {}
         if opts.proxy_listen is not None:
             self.proxy_target = proxy_target(cfg, opts.upstream, opts.proxy_target)
             if self.proxy_target[0] not in {t.name for t in cfg.targets}:
@@ -179,8 +186,11 @@ class Exporter:
         self._scraped = asyncio.Event()   # set at each scrape (the linger after the drain waits on it)
         self._proxy = None
         self.call_log = None
-        if opts.call_log is not None and self.proxy_target is not None:  # CallLogError: one line, exit 1
+        # CallLogError: one line, exit 1. With proxy workers each worker writes its own files; this one
+        # checks the directory and key up front and holds the counters the workers' counts merge into.
+        if opts.call_log is not None and self.proxy_target is not None:
             self.call_log = CallLog(opts.call_log, redact_url(self.proxy_target[1]), self.registry)
+        self._workers = None  # a proxy_workers.WorkerPool with --proxy-workers > 1
         self._probe_tasks: list[asyncio.Task] = []
         self.port = 0
         self.proxy_port: int | None = None
@@ -207,6 +217,9 @@ class Exporter:
 
         name, upstream = self.proxy_target
         host, port = self.opts.proxy_listen
+        if self.opts.proxy_workers > 1:
+            await self._start_workers(name, upstream, host, port)
+            return
         if self.call_log is not None:
             self.call_log.start()
         self._proxy = await start_proxy(host, port, upstream, name, self.metrics,
@@ -214,6 +227,26 @@ class Exporter:
                                         timeout_s=self.opts.upstream_timeout_s, limits=self.opts.limits,
                                         on_refused=self._refused.labels("proxy").inc, call_log=self.call_log)
         self.proxy_port = self._proxy.port
+
+    async def _start_workers(self, name: str, upstream: str, host: str, port: int) -> None:
+        from prometheus_client.metrics import MetricWrapperBase
+
+        from opskit.sidecar.proxy_workers import WorkerPool
+
+        o = self.opts
+        orders = {"host": host, "upstream": upstream, "target": name, "config_file": o.config_file,
+                  "target_url": o.target_url, "extra_models": {k: list(v) for k, v in self._extra.items()},
+                  "max_body_bytes": o.max_body_bytes, "timeout_s": o.upstream_timeout_s, "drain_s": o.drain_s,
+                  "limits": asdict(o.limits), "call_log": None}
+        counters = ()
+        if self.call_log is not None:  # each worker writes its own files (suffix -w<index>), same key
+            counters = self.call_log.counters
+            orders["call_log"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(o.call_log).items()}
+        metrics = {m._name: m for m in (*vars(self.metrics).values(), self._refused, *counters)
+                   if isinstance(m, MetricWrapperBase)}
+        self._proxy = self._workers = WorkerPool(o.proxy_workers, host, port, orders, metrics)
+        await self._workers.start()
+        self.proxy_port = self._workers.port
 
     def _start_probers(self) -> None:
         from opskit.sidecar.probe import Prober
@@ -237,6 +270,8 @@ class Exporter:
         if self._runner is not None:
             await self._runner.cleanup()
         self._pool.shutdown(wait=True)
+        if self._workers is not None:
+            self._workers.release()
         if self.gpu is not None:
             self.gpu.close()
 
@@ -274,7 +309,8 @@ class Exporter:
             parts.append(f"gpu on ({self.opts.nvml_lib or 'libnvidia-ml.so.1'})")
         if self.proxy_target is not None:
             name, upstream = self.proxy_target
-            parts.append(f"proxy {local_url(self.opts.proxy_listen[0], self.proxy_port)} -> "
+            workers = f" ({self.opts.proxy_workers} worker processes)" if self._workers is not None else ""
+            parts.append(f"proxy {local_url(self.opts.proxy_listen[0], self.proxy_port)}{workers} -> "
                          f"{redact_url(upstream)} as target {name}")
             if self.call_log is not None:
                 parts.append(f"call log {self.opts.call_log.directory}"
@@ -296,17 +332,23 @@ class Exporter:
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         loop = asyncio.get_running_loop()
-        seen = self._proxy.finished_calls if self._proxy is not None else 0  # all in this render
         try:
             # Prometheus asks for OpenMetrics first: that page carries the latency buckets' exemplars
             om = "application/openmetrics-text" in request.headers.get("Accept", "")
-            body = await loop.run_in_executor(self._pool, self._renderer.render, om)
+            seen, body = await loop.run_in_executor(self._pool, self._render, om)
         except Exception as exc:  # a collector bug: one line in the log, a 500 to Prometheus (up stays 1)
             log.error("rendering /metrics failed: %s: %s", type(exc).__name__, exc)
             return web.Response(status=500, text="metrics rendering failed\n")
         self._scraped_calls = max(self._scraped_calls, seen)
         self._scraped.set()
         return web.Response(body=body, headers={"Content-Type": OM_CONTENT_TYPE if om else CONTENT_TYPE_PLAIN_0_0_4})
+
+    def _render(self, openmetrics: bool) -> tuple[int, bytes]:
+        """(proxy calls counted, exposition): every call in that count is in the exposition."""
+        seen = self._proxy.finished_calls if self._proxy is not None else 0
+        if self._workers is not None:
+            self._workers.merge()
+        return seen, self._renderer.render(openmetrics)
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:
         return web.Response(text="ok")

@@ -159,7 +159,11 @@ class MeteredCall:
             self.decoder = self.parser = self.meter = self.body = None
 
     def fail(self, error_type: str) -> None:
-        """The call failed after its headers; the first failure seen is the one recorded."""
+        """The call failed after its headers; the first failure seen is the one recorded. A client that
+        hangs up after `data: [DONE]` (SDKs close at it, before the chunked body's last bytes) got the
+        whole stream: that is no failure."""
+        if error_type == records.CLIENT_DISCONNECT and self.meter is not None and self.meter.done:
+            return
         if self.error_type == records.OK:
             self.error_type = error_type
 

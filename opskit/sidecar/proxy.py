@@ -37,15 +37,13 @@ forwarded but not metered, because it is not a model call and would skew latency
   The path and body are forwarded byte for byte (a compressed request body too), so HMAC-signed
   requests stay valid, as long as the upstream URL has no path prefix (a prefix is prepended to every
   path, changing what was signed).
-- For metered calls `Accept-Encoding` is narrowed to gzip/deflate/identity so that the proxy can decode
-  a copy of a compressed body for metering (bounded: opskit.sidecar.metering); the bytes sent to the
-  client stay the upstream's.
-- Not proxied: WebSocket upgrades (Upgrade is hop-by-hop). Every client is bounded by http_guard:
-  header and idle timeouts, a connection cap, and a throttled log for malformed requests.
-
-Speed: opskit.sidecar.upstream_client (connections: upstream_protocol) pushes each body piece from
-`data_received` straight through `_sink` (write to the client, then meter), no task switch per chunk; a
-body complete with its head goes out with the headers in one write (cost: bench/proxy_overhead.py).
+- Metered calls get `Accept-Encoding` narrowed to gzip/deflate/identity, so a copy of a compressed body
+  can be decoded for metering (bounded: opskit.sidecar.metering); the client gets the upstream's bytes.
+- Not proxied: WebSocket upgrades (hop-by-hop). Every client is bounded by http_guard (header and idle
+  timeouts, a connection cap, a throttled log for malformed requests).
+Speed: opskit.sidecar.upstream_client pushes each body piece from `data_received` through `_sink` (write
+to the client, then meter), no task switch per chunk; a body complete with its head goes out in one write
+with the headers; no reference cycle per call (the GC finds none). Cost: bench/proxy_overhead.py.
 """
 
 from __future__ import annotations
@@ -146,11 +144,8 @@ class ProxyServer:
         return len(server.connections) if server is not None else 0
 
     async def close(self, grace_s: float = 10) -> None:
-        """Stop accepting, let in-flight calls finish for up to `grace_s`, cut the rest, close.
-
-        Calls cut at the deadline are recorded as stream_broken: the client sees its stream break.
-        Closing twice is harmless.
-        """
+        """Stop accepting, let in-flight calls finish for up to `grace_s`, cut the rest, close. Calls cut
+        at the deadline are recorded as stream_broken: the client sees its stream break. Twice is harmless."""
         if self._closed:
             return
         self._closed = True
@@ -185,6 +180,7 @@ class _Proxy:
         self.limits, self.call_log = limits, call_log
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
         self._throttle = Throttle()
+        self.loop = asyncio.get_running_loop()
 
     def _log_failure(self, exc: Exception) -> None:
         """At most one line per LOG_EVERY_S, with a count of the failures since: with the upstream down,
@@ -205,7 +201,7 @@ class _Proxy:
         if request.method != "POST" or not request.path.endswith(METERED_SUFFIXES):
             return await self._forward(request, None)
         call = MeteredCall(t0, self.call_log.capture if self.call_log is not None else 0)
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)  # with the loop: no getpid() syscall on Python 3.11
         self.tasks.add(task)
         try:
             return await self._forward(request, call)
@@ -304,7 +300,10 @@ class _Proxy:
         # aiohttp picks chunked framing at prepare() (HTTP/1.1, no length) and says so in the headers
         chunked = "chunked" in resp.headers.get("Transfer-Encoding", "")
         ex.attach(_sink(transport, chunked, feed, ex))
-        return await self._stream(request, ex, resp, call)
+        try:
+            return await self._stream(request, ex, resp, call)
+        finally:
+            ex.sink = None  # its closure holds the exchange: no cycle left for the GC to find
 
     async def _stream(self, request, ex: Exchange, resp: web.StreamResponse, call: MeteredCall | None):
         """Wait while the upstream connection pushes the body to the client; then finish the response."""
@@ -374,7 +373,8 @@ def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
 async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,
                       max_body_bytes: int = 10 * 1024 * 1024, timeout_s: float = 300,
                       connect_timeout_s: float = 10, ssl_context: ssl.SSLContext | None = None,
-                      limits: Limits | None = None, on_refused=None, call_log=None) -> ProxyServer:
+                      limits: Limits | None = None, on_refused=None, call_log=None,
+                      reuse_port: bool = False) -> ProxyServer:
     """Start the metering proxy on host:port (0 = a free port) in the running event loop.
 
     `timeout_s` bounds the wait for the upstream's response head and every silence in its body;
@@ -382,7 +382,7 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
     system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given. `limits`
     bound what a client may hold (opskit.sidecar.http_guard); `on_refused()` is called for each
     connection refused at the cap; `call_log` (opskit.sidecar.call_log) records each metered call.
-    """
+    `reuse_port`: share the port with other processes (SO_REUSEPORT, as the proxy workers do)."""
     limits = limits or Limits()
     proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits,
                    call_log)
@@ -391,7 +391,7 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
     runner = web.ServerRunner(server, shutdown_timeout=1.0)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
     except BaseException:
         await runner.cleanup()

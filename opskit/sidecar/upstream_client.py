@@ -78,7 +78,8 @@ class Pool:
             watch(ex)
         self.busy.add(conn)
         try:
-            return await ex.head
+            await ex.head
+            return ex
         except asyncio.CancelledError:
             ex.abort()
             raise
