@@ -4,9 +4,10 @@ It runs inside Locust processes (gevent), on geventhttpclient's connection pool 
 Locust's FastHttpUser) and, for the mock's WebSocket transport, on websocket-client. It does not import
 locust, so Locust only sees what `users` reports to it.
 
-Streams are read line by line as they arrive and fed to opskit.core.sse's incremental parser; each event
-is stamped with the perf_counter reading taken when its line came out of the socket. All times are
-measured from `t_sched`: the scheduled send time for open-loop load, the send time otherwise.
+Streams are read as they arrive and fed to opskit.core.sse's incremental parser; each event is stamped
+with the kernel's receive time of the read that brought it (opskit.loadtest.stamped: a late wake-up of
+this process adds nothing to TTFT or ITL), as a perf_counter reading. All times are measured from
+`t_sched`: the scheduled send time for open-loop load, the send time otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from geventhttpclient import HTTPClient
 from opskit.core import records
 from opskit.core.auth import AuthError
 from opskit.core.sse import SSEParser, StreamMeter, completion_usage
+from opskit.loadtest.stamped import body_reads
 
 perf = time.perf_counter
 GROUND_TRUTH = (("x-mock-ttft-ms", "mock_ttft_ms", float), ("x-mock-queue-ms", "mock_queue_ms", float),
@@ -71,33 +73,6 @@ def _gaps(meter: StreamMeter) -> list[float]:
     _, out, from_usage = meter.tokens
     per_chunk = out / meter.text_chunks if from_usage and meter.text_chunks and out else 1.0
     return [round(g / per_chunk, 7) for g in gaps]
-
-
-def _body_reads(resp):
-    """Yield the response body as it comes off the socket: one item per read, however many events.
-
-    geventhttpclient's public readline() costs two calls and two parser feeds per SSE event; this
-    reads the socket once per arrival and hands everything decoded so far (chunked encoding undone)
-    to the SSE parser at once. Falls back to readline() if the library's internals change.
-    """
-    buf, sock = getattr(resp, "_body_buffer", None), getattr(resp, "_sock", None)
-    if not isinstance(buf, bytearray) or not hasattr(resp, "message_complete"):
-        yield from iter(lambda: resp.readline(b"\n"), b"")
-        return
-    while True:
-        if buf:
-            data = bytes(buf)
-            del buf[:]
-            yield data
-        if resp.message_complete:
-            return
-        sock = resp._sock
-        if sock is None:
-            raise ConnectionError("connection closed mid-body")
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("connection closed mid-body")
-        resp.feed(data)
 
 
 class ChatClient:
@@ -190,11 +165,11 @@ class ChatClient:
         meter, parser = StreamMeter(t0, keep_gaps=True), SSEParser()
         nbytes = 0
         now = perf()
-        for data in _body_reads(resp):
-            now = perf()
+        on_data, feed = meter.on_data, parser.feed
+        for data, now in body_reads(resp):
             nbytes += len(data)
-            for payload in parser.feed(data):
-                meter.on_data(payload, now)
+            for payload in feed(data):
+                on_data(payload, now)
         for payload in parser.close():
             meter.on_data(payload, now)
         self._stream_row(meter, now, nbytes, row)
