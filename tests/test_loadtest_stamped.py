@@ -158,3 +158,21 @@ def test_users_start_ten_ms_apart_within_the_first_second():
             "print(d(0, 100), d(1, 100), d(99, 100), d(1, 1000), d(999, 1000), d(5, 10), d(1, 1000, 4))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert [float(x) for x in out.stdout.split()] == pytest.approx([0, 0.01, 0.99, 0.001, 0.999, 0.05, 0.004])
+
+
+def test_reusing_a_pooled_connection_neither_yields_nor_takes_a_closed_one():
+    import gevent
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    conn = socket.create_connection(srv.getsockname())
+    peer, _ = srv.accept()
+    srv.close()
+    try:
+        ran: list[int] = []
+        gevent.spawn(ran.append, 1)  # runs at the next yield to the hub
+        assert client_mod._alive(conn) and ran == []  # idle and open; the request goes out before others run
+        peer.close()
+        time.sleep(0.05)
+        assert not client_mod._alive(conn)  # the server closed it: a new connection is made instead
+    finally:
+        conn.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import gevent
+import gevent.monkey
 from geventhttpclient import HTTPClient
 
 from opskit.core import records
@@ -32,6 +33,20 @@ GROUND_TRUTH = (("x-mock-ttft-ms", "mock_ttft_ms", float), ("x-mock-queue-ms", "
 
 PROXY_ERROR_TYPE = "x-opskit-error-type"   # opskit.sidecar.proxy.ERROR_TYPE_HEADER
 AuthFn = Callable[[str, str, bytes], dict]
+
+
+_select_now = gevent.monkey.get_original("select", "select")  # the OS's select, even in Locust's patched world
+
+
+def _alive(sock) -> bool:
+    """geventhttpclient's check of a pooled connection before reuse, without its yield: it polls with
+    gevent's select(), which also runs every other ready greenlet first, so a request waited behind
+    them after its send time was taken. Readable while idle means closed (or garbage): not reused."""
+    try:
+        fd = sock.fileno()
+        return fd >= 0 and not _select_now([fd], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
 
 
 def _no_auth(method: str, path: str, body: bytes) -> dict:
@@ -93,6 +108,9 @@ class ChatClient:
         # no per-read network timeout (each would arm a timer per chunk): call() bounds the whole request
         self.http = HTTPClient.from_url(base_url, concurrency=pool_size, connection_timeout=min(10.0, timeout_s),
                                         network_timeout=None)
+        pool = getattr(self.http, "_connection_pool", None)
+        if callable(getattr(pool, "_is_socket_alive", None)):
+            pool._is_socket_alive = _alive
 
     def close(self) -> None:
         """Close every pooled connection."""
