@@ -176,3 +176,22 @@ def test_reusing_a_pooled_connection_neither_yields_nor_takes_a_closed_one():
         assert not client_mod._alive(conn)  # the server closed it: a new connection is made instead
     finally:
         conn.close()
+
+
+@pytest.mark.skipif(placement._SCHED_SETATTR is None, reason="sched_setattr numbers known for x86_64/aarch64")
+def test_placed_processes_ask_for_a_short_scheduler_slice():
+    import ctypes
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert placement.pin(child.pid, frozenset(os.sched_getaffinity(0)))
+        buf = ctypes.create_string_buffer(placement._SCHED_ATTR.size)
+        getattr_nr = placement._SCHED_SETATTR + 1  # sched_getattr follows sched_setattr on both
+        assert ctypes.CDLL(None).syscall(getattr_nr, child.pid, buf, placement._SCHED_ATTR.size, 0) == 0
+        size, policy, _, nice, _, runtime, *_ = placement._SCHED_ATTR.unpack(buf.raw)
+        assert (policy, nice) == (0, os.getpriority(os.PRIO_PROCESS, child.pid))  # SCHED_OTHER, nice kept
+        if runtime:  # kernels before 6.12 report no slice of SCHED_OTHER tasks
+            assert runtime == placement.SLICE_NS
+    finally:
+        child.kill()
+        child.wait()
