@@ -138,6 +138,12 @@ def test_the_embedded_mock_runs_on_its_own_core_and_locust_is_told_the_rest(tmp_
         target.close()
     # a real target and no proxy: Locust runs alone, so it is left where the OS puts it
     assert runner.open_target(runner.Options(proxy=False), tmp_path / "real", "http://127.0.0.1:9").load_cpus is None
+    # more Locust processes than the cores left to them: they may use every core
+    target = runner.open_target(runner.Options(proxy=False, processes=len(plan.load) + 1), tmp_path / "many", None)
+    try:
+        assert os.sched_getaffinity(target.children[0].pid) == plan.helpers and target.load_cpus is None
+    finally:
+        target.close()
 
 
 def test_pin_confines_a_child_and_survives_one_that_is_gone():

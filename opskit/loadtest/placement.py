@@ -8,7 +8,9 @@ and ITL, but not in the mock's ground truth. On separate cores each side only wa
 
 Placement uses `os.sched_setaffinity` on the child right after it starts (before it runs any thread
 of its own; threads inherit their creator's set). It is skipped with fewer than two usable cores,
-where the OS cannot set affinity, and when nothing but Locust runs (a real target without proxy).
+where the OS cannot set affinity, and when nothing but Locust runs (a real target without proxy);
+Locust is left unconfined when it runs more processes than the cores left to it (runner.open_target).
+A helper that forks workers of its own (the exporter's proxy workers) hands them its one core.
 
 Each placed process also asks for a short scheduler slice (`short_slice`): on a machine shared with
 other busy processes, a woken mock or Locust otherwise waited out a neighbour's whole slice (~1.4 ms,

@@ -145,7 +145,9 @@ def open_target(opts: Options, run_dir: Path, target_url: str | None) -> Target:
     except BaseException:  # interrupted (SIGTERM, Ctrl-C) while starting: the caller has no Target to close
         t.close()
         raise
-    if place is not None and t.children:  # nothing to keep apart from when Locust runs alone
+    # nothing to keep apart from when Locust runs alone; and more Locust processes than the cores left
+    # to them need every core (the helpers' too) more than they need to be kept off the helpers' one
+    if place is not None and t.children and opts.processes <= len(place.load):
         t.load_cpus = place.load
     return t
 
