@@ -79,7 +79,7 @@ SCENARIO_DEFAULTS = {
 
 
 # What one Locust process does on one core (bench/README.md, "loadgen"): it keeps an open-loop rate within
-# 1 % up to 2,500 req/s, and reads 1,000 concurrent streams with its own loop lag p99 ~20 ms. Beyond these a
+# 1 % up to 2,500 req/s, and reads 1,000 concurrent streams with its own loop lag p99 ~3 ms (quiet core). Beyond these a
 # run measures the generator rather than the target, and far beyond them (`--rate 1e12`, `--users 1000000`)
 # it never ended. More load: more processes, or more machines (distributed Locust).
 MAX_RATE_PER_PROCESS = 2500
