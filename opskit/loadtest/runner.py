@@ -79,9 +79,9 @@ SCENARIO_DEFAULTS = {
 
 
 # What one Locust process does on one core (bench/README.md, "loadgen"): it keeps an open-loop rate within
-# 1 % up to 2,500 req/s, and reads 1,000 concurrent streams with its own loop lag p99 ~3 ms (quiet core). Beyond these a
-# run measures the generator rather than the target, and far beyond them (`--rate 1e12`, `--users 1000000`)
-# it never ended. More load: more processes, or more machines (distributed Locust).
+# 1 % up to 2,500 req/s, and reads 1,000 concurrent streams with its own loop lag p99 ~3 ms (a quiet core).
+# Beyond these a run measures the generator rather than the target, and far beyond them (`--rate 1e12`,
+# `--users 1000000`) it never ended. More load: more processes, or more machines (distributed Locust).
 MAX_RATE_PER_PROCESS = 2500
 MAX_USERS_PER_PROCESS = 1000
 MAX_PROCESSES = 64
