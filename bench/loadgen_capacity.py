@@ -8,10 +8,14 @@ Prints three tables (figures recorded in bench/README.md, section "loadgen"):
    process's own event-loop lag (how late it wakes a sleeping greenlet: what it adds to every token
    it reads) and the measured TTFT minus the mock's schedule (which also contains the mock's own
    lateness); the most streams held while the generator's own lag p99 stays <= 5 ms;
-3. accuracy at 100 streams: TTFT, ITL and duration against the mock's ground truth, and token counts.
+3. accuracy at 100 streams: TTFT, ITL and duration against the mock's ground truth, and token counts;
+4. (--part=truth) the product's own run, `opskit loadtest streaming --users 100 --no-proxy --duration 20`
+   with its embedded mock and default placement, three times: the report's "vs mock ground truth"
+   TTFT |error| p50/p99, the Locust process's own lag, and how long the OS kept it waiting for a CPU
+   (other processes' share of the machine: the noise in every figure here).
 
 The mock and Locust are pinned to different cores with taskset when there are two or more.
-Usage: .venv/bin/python bench/loadgen_capacity.py [--quick] [--part=open|streams] [--no-pin]
+Usage: .venv/bin/python bench/loadgen_capacity.py [--quick] [--part=open|streams|truth] [--no-pin]
 """
 
 from __future__ import annotations
@@ -111,9 +115,35 @@ def streams(tmp: Path, url: str, users: list[int], duration: int) -> list[dict]:
                       "--output-tokens", "40", "--output-spread", "0")
         lag = results.client_lag(df.attrs["run_dir"], "streaming") or {}
         rows.append({"streams": n, "own_lag_p50_ms": round(1000 * lag.get("p50", 0), 2),
-                     "own_lag_p99_ms": round(1000 * lag.get("p99", 0), 2), **stream_errors(df, 0.050, 20)})
+                     "own_lag_p99_ms": round(1000 * lag.get("p99", 0), 2), **stream_errors(df, 0.050, 20),
+                     "cpu_pct": round(100 * lag.get("cpu_s", 0) / duration), "cpu_wait_pct": waited(lag, duration)})
         print(_row_text(rows[-1]), flush=True)
     return rows
+
+
+def waited(lag: dict, seconds: float) -> float:
+    """How long the Locust process was runnable but kept off every CPU, as % of the run."""
+    return round(100 * lag.get("cpu_wait_s", 0) / seconds, 1)
+
+
+def truth_part(tmp: Path, runs: int = 3) -> None:
+    """The product's own 100-stream run, as a user starts it (embedded mock, default placement)."""
+    print("\n# opskit loadtest streaming --users 100 --no-proxy --duration 20 (embedded mock, default placement)",
+          flush=True)
+    for i in range(runs):
+        load = os.getloadavg()[0]
+        out = tmp / f"truth-{i}"
+        subprocess.run([sys.executable, "-m", "opskit", "loadtest", "streaming", "--users", "100", "--no-proxy",
+                        "--duration", "20", "--out", str(out)], cwd=ROOT, capture_output=True, timeout=300)
+        run = sorted(out.glob("*/"))[-1]
+        s = json.loads((run / "summary.json").read_text())["scenarios"]["streaming"]
+        g, lag = s["ground_truth"], s.get("client_lag_s") or {}
+        print(_row_text({"run": i + 1, "requests": g["requests"],
+                         "ttft_abs_err_p50_ms": round(1000 * g["ttft_abs_err_p50_s"], 2),
+                         "ttft_abs_err_p99_ms": round(1000 * g["ttft_abs_err_p99_s"], 2),
+                         "own_lag_p99_ms": round(1000 * lag.get("p99", 0), 2),
+                         "own_lag_max_ms": round(1000 * lag.get("max", 0), 2),
+                         "cpu_wait_pct": waited(lag, 20), "load_before": round(load, 1)}), flush=True)
 
 
 def main() -> None:
@@ -127,6 +157,8 @@ def main() -> None:
             open_part(tmp, quick)
         if part in ("all", "streams"):
             streams_part(tmp, quick)
+        if part in ("all", "truth"):
+            truth_part(tmp, 1 if quick else 3)
 
 
 def open_part(tmp: Path, quick: bool) -> None:

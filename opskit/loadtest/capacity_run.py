@@ -63,7 +63,7 @@ def run(opts: runner.Options, by: str, plan: SearchPlan, slo_file: str | None, e
             replace(opts, users=int(round(load)), duration=duration)
         params = runner.scenario_params(lopts, scenario, level_dir, target, model)
         echo(f"[capacity] level {n}: {load:g} {'req/s' if by == 'rate' else 'users'} for {duration:.0f} s")
-        runner.run_locust(params, locustfile, level_dir, progress)
+        runner.run_locust(params, locustfile, level_dir, progress, cpus=target.load_cpus)
         df = results.load(level_dir)
         df = df[df["scenario"] == scenario] if len(df) else df
         level = measure_level(df, runner.meta_for(params), load, objectives)

@@ -75,6 +75,8 @@ class ScenariosOrCapacity(click.Command):
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="JSONL file of prompts instead.")
 @click.option("--mock-args", default="", help='Flags for the embedded mock, e.g. "--error-rate 500=0.05".')
 @click.option("--proxy/--no-proxy", default=True, show_default=True, help="Route through opskit's metering proxy.")
+@click.option("--placement/--no-placement", default=True, show_default=True,
+              help="With 2+ cores: the embedded mock and the proxy on one core, Locust on the others.")
 @click.option("--limit-requests", type=FiniteRange(min=1), help="throttling: requests the target allows per window.")
 @click.option("--limit-window-s", type=FiniteRange(min=0.1), help="throttling: the limit's window (default 60).")
 @click.option("--overdrive", type=FiniteRange(min=1.0), default=2.0, show_default=True,
@@ -101,7 +103,7 @@ class ScenariosOrCapacity(click.Command):
 def loadtest(scenarios, target_url, config_file, target_name, duration, rate, arrival, users, processes, stream,
              transport, model, input_tokens, input_spread, output_tokens, output_spread, prompts_file, mock_args,
              proxy, limit_requests, limit_window_s, overdrive, turns, keep_turns, timeout_s, seed, out_dir, slo_file,
-             scenario_dir, engine_metrics, baseline, tolerance, prices_file) -> None:
+             scenario_dir, engine_metrics, baseline, tolerance, prices_file, placement) -> None:
     """Run load-test scenarios against a target and gate on SLOs.
 
     \b
@@ -155,6 +157,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
                           window_s=limit_window_s, overdrive=overdrive, turns=turns, keep_turns=keep_turns,
                           timeout_s=timeout_s, seed=seed, out_dir=out_dir,
                           engine_metrics=engine_metrics, prices=load_prices(prices_file) if prices_file else None,
+                          placement=placement,
                           **({"locustfiles": scenario_dir} if scenario_dir else {}))
     if problem := runner.capacity_problem(opts):  # refused before anything starts: it could not end on time
         raise click.UsageError(problem)

@@ -4,9 +4,10 @@ It runs inside Locust processes (gevent), on geventhttpclient's connection pool 
 Locust's FastHttpUser) and, for the mock's WebSocket transport, on websocket-client. It does not import
 locust, so Locust only sees what `users` reports to it.
 
-Streams are read line by line as they arrive and fed to opskit.core.sse's incremental parser; each event
-is stamped with the perf_counter reading taken when its line came out of the socket. All times are
-measured from `t_sched`: the scheduled send time for open-loop load, the send time otherwise.
+Streams are read as they arrive and fed to opskit.core.sse's incremental parser; each event is stamped
+with the kernel's receive time of the read that brought it (opskit.loadtest.stamped: a late wake-up of
+this process adds nothing to TTFT or ITL), as a perf_counter reading. All times are measured from
+`t_sched`: the scheduled send time for open-loop load, the send time otherwise.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import gevent
+import gevent.monkey
 from geventhttpclient import HTTPClient
 
 from opskit.core import records
 from opskit.core.auth import AuthError
 from opskit.core.sse import SSEParser, StreamMeter, completion_usage
+from opskit.loadtest.stamped import body_reads
 
 perf = time.perf_counter
 GROUND_TRUTH = (("x-mock-ttft-ms", "mock_ttft_ms", float), ("x-mock-queue-ms", "mock_queue_ms", float),
@@ -30,6 +33,20 @@ GROUND_TRUTH = (("x-mock-ttft-ms", "mock_ttft_ms", float), ("x-mock-queue-ms", "
 
 PROXY_ERROR_TYPE = "x-opskit-error-type"   # opskit.sidecar.proxy.ERROR_TYPE_HEADER
 AuthFn = Callable[[str, str, bytes], dict]
+
+
+_select_now = gevent.monkey.get_original("select", "select")  # the OS's select, even in Locust's patched world
+
+
+def _alive(sock) -> bool:
+    """geventhttpclient's check of a pooled connection before reuse, without its yield: it polls with
+    gevent's select(), which also runs every other ready greenlet first, so a request waited behind
+    them after its send time was taken. Readable while idle means closed (or garbage): not reused."""
+    try:
+        fd = sock.fileno()
+        return fd >= 0 and not _select_now([fd], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
 
 
 def _no_auth(method: str, path: str, body: bytes) -> dict:
@@ -73,33 +90,6 @@ def _gaps(meter: StreamMeter) -> list[float]:
     return [round(g / per_chunk, 7) for g in gaps]
 
 
-def _body_reads(resp):
-    """Yield the response body as it comes off the socket: one item per read, however many events.
-
-    geventhttpclient's public readline() costs two calls and two parser feeds per SSE event; this
-    reads the socket once per arrival and hands everything decoded so far (chunked encoding undone)
-    to the SSE parser at once. Falls back to readline() if the library's internals change.
-    """
-    buf, sock = getattr(resp, "_body_buffer", None), getattr(resp, "_sock", None)
-    if not isinstance(buf, bytearray) or not hasattr(resp, "message_complete"):
-        yield from iter(lambda: resp.readline(b"\n"), b"")
-        return
-    while True:
-        if buf:
-            data = bytes(buf)
-            del buf[:]
-            yield data
-        if resp.message_complete:
-            return
-        sock = resp._sock
-        if sock is None:
-            raise ConnectionError("connection closed mid-body")
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("connection closed mid-body")
-        resp.feed(data)
-
-
 class ChatClient:
     """Sends chat completions to one base URL. One per Locust process; safe across greenlets."""
 
@@ -118,6 +108,9 @@ class ChatClient:
         # no per-read network timeout (each would arm a timer per chunk): call() bounds the whole request
         self.http = HTTPClient.from_url(base_url, concurrency=pool_size, connection_timeout=min(10.0, timeout_s),
                                         network_timeout=None)
+        pool = getattr(self.http, "_connection_pool", None)
+        if callable(getattr(pool, "_is_socket_alive", None)):
+            pool._is_socket_alive = _alive
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -190,11 +183,11 @@ class ChatClient:
         meter, parser = StreamMeter(t0, keep_gaps=True), SSEParser()
         nbytes = 0
         now = perf()
-        for data in _body_reads(resp):
-            now = perf()
+        on_data, feed = meter.on_data, parser.feed
+        for data, now in body_reads(resp):
             nbytes += len(data)
-            for payload in parser.feed(data):
-                meter.on_data(payload, now)
+            for payload in feed(data):
+                on_data(payload, now)
         for payload in parser.close():
             meter.on_data(payload, now)
         self._stream_row(meter, now, nbytes, row)

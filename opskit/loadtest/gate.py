@@ -93,7 +93,8 @@ def _scenario(opts: runner.Options, name: str, run_dir: Path, target: runner.Tar
     before = _proxy_counts(target) if metered else {}
     sampler = _engine_sampler(opts, target)
     try:
-        rc = runner.run_locust(params, locustfile, run_dir, progress, Breaker.for_scenario(name, thresholds.load()))
+        rc = runner.run_locust(params, locustfile, run_dir, progress, Breaker.for_scenario(name, thresholds.load()),
+                               cpus=target.load_cpus)
     finally:
         if sampler is not None:
             sampler.stop()

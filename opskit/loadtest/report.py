@@ -113,7 +113,7 @@ def key_numbers(summary: dict) -> list[tuple[str, str]]:
         lag = s["client_lag_s"]
         rows.append(("load generator's own loop lag p50/p99/max ms",
                      f"{_ms(lag['p50'])} / {_ms(lag['p99'])} / {_ms(lag['max'])}"
-                     + ("  (overloaded: its timings are inflated by this much)" if lag["p99"] > 0.005 else "")))
+                     + ("  (overloaded: sends may leave up to this much late; reads carry the kernel's receive time)" if lag["p99"] > 0.005 else "")))
     if s.get("by_turn"):
         rows.append(("input tokens by turn", ", ".join(f"{k}: {v['input_tokens_mean']:.0f}"
                                                        for k, v in s["by_turn"].items())))

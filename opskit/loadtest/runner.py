@@ -27,7 +27,7 @@ from pathlib import Path
 
 from opskit.core import processes
 from opskit.core.processes import Child
-from opskit.loadtest import services, shapes
+from opskit.loadtest import placement, services, shapes
 from opskit.loadtest.breaker import Breaker, read_counts
 from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.shipped import folder
@@ -69,6 +69,7 @@ class Options:
     engine_metrics: str | None = None  # a model server's /metrics URL sampled during each scenario
     prices: object | None = None       # opskit.core.pricing.Prices for the run's cost (--prices), else the target's
     ignore_eos: bool = False           # replay: ask vLLM/SGLang for exactly the recorded output length
+    placement: bool = True             # helpers and Locust on different cores (opskit.loadtest.placement)
 
 
 # Defaults per scenario, sized so all four run in well under make loadtest's 3 minutes on 2 cores.
@@ -81,9 +82,9 @@ SCENARIO_DEFAULTS = {
 
 
 # What one Locust process does on one core (bench/README.md, "loadgen"): it keeps an open-loop rate within
-# 1 % up to 2,500 req/s, and reads 1,000 concurrent streams with its own loop lag p99 ~20 ms. Beyond these a
-# run measures the generator rather than the target, and far beyond them (`--rate 1e12`, `--users 1000000`)
-# it never ended. More load: more processes, or more machines (distributed Locust).
+# 1 % up to 2,500 req/s, and reads 1,000 concurrent streams with its own loop lag p99 ~3 ms (a quiet core).
+# Beyond these a run measures the generator rather than the target, and far beyond them (`--rate 1e12`,
+# `--users 1000000`) it never ended. More load: more processes, or more machines (distributed Locust).
 MAX_RATE_PER_PROCESS = 2500
 MAX_USERS_PER_PROCESS = 1000
 MAX_PROCESSES = 64
@@ -120,6 +121,7 @@ class Target:
     metrics_url: str | None = None
     children: list[Child] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    load_cpus: frozenset[int] | None = None  # where Locust runs when helpers were placed apart from it
 
     def close(self) -> None:
         """Stop the helpers this target started (exporter first, then the mock)."""
@@ -130,20 +132,26 @@ class Target:
 def open_target(opts: Options, run_dir: Path, target_url: str | None) -> Target:
     """Start the embedded mock when there is no target, then the metering proxy in front of it."""
     t = Target(url=target_url or "", send_url=target_url or "")
+    place = placement.plan() if opts.placement else None
+    helpers = place.helpers if place else None
     try:  # each helper is listed in t.children as it starts, so an interruption stops it
         if target_url is None:
-            _, info = services.start_mock(run_dir, opts.mock_args, into=t.children)
+            _, info = services.start_mock(run_dir, opts.mock_args, into=t.children, cpus=helpers)
             t.url = t.send_url = info["url"]
             t.admin_url = info["admin_url"]
         if opts.proxy and opts.transport != "ws":  # the proxy meters HTTP; a WebSocket run never passes it
             try:
-                _, info = services.start_exporter(run_dir, t.url, opts.config, into=t.children)
+                _, info = services.start_exporter(run_dir, t.url, opts.config, into=t.children, cpus=helpers)
                 t.send_url, t.metrics_url = info["proxy_url"], info["url"]
             except processes.SuperviseError as exc:
                 t.notes.append(f"metering proxy unavailable, going direct ({exc})")
     except BaseException:  # interrupted (SIGTERM, Ctrl-C) while starting: the caller has no Target to close
         t.close()
         raise
+    # nothing to keep apart from when Locust runs alone; and more Locust processes than the cores left
+    # to them need every core (the helpers' too) more than they need to be kept off the helpers' one
+    if place is not None and t.children and opts.processes <= len(place.load):
+        t.load_cpus = place.load
     return t
 
 
@@ -199,10 +207,11 @@ def _locust_argv(p: RunParams, locustfile: Path, prefix: Path, role: list[str]) 
 
 
 def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable[[str], None],
-               breaker: Breaker | None = None) -> int:
+               breaker: Breaker | None = None, cpus: frozenset[int] | None = None) -> int:
     """Run one scenario's Locust processes to the end; returns the master's exit status, or raises
     RunError with the line a Locust process wrote when it could not go on (it is stopped early).
-    With a breaker, the run stops early when it opens (circuit_reason then says why)."""
+    With a breaker, the run stops early when it opens (circuit_reason then says why); with `cpus`,
+    every Locust process runs there (Target.load_cpus)."""
     ldir = run_dir / "locust"
     prefix = ldir / p.scenario
     env = dict(os.environ)
@@ -226,6 +235,8 @@ def run_locust(p: RunParams, locustfile: Path, run_dir: Path, progress: Callable
                                                        "--worker", "--master-host", "127.0.0.1", "--master-port",
                                                        str(port), "--loglevel", "WARNING"],
                                 ldir / f"{p.scenario}-worker{i}.log", wenv, into=children)
+        for c in children:
+            placement.pin(c.pid, cpus)
         _watch(master, proc, p, prefix, progress, run_dir, breaker)
         if fatal := fatal_reason(run_dir, p.scenario):  # refused credentials: a config error, not a verdict
             raise RunError(f"[{p.scenario}] {fatal}")

@@ -14,17 +14,20 @@ from pathlib import Path
 
 from opskit.core import processes
 from opskit.core.processes import Child, SuperviseError
+from opskit.loadtest import placement
 
 OPSKIT = [sys.executable, "-m", "opskit"]
 
 
-def _start(name: str, argv: list[str], run_dir: Path, into: list[Child]) -> tuple[Child, dict]:
+def _start(name: str, argv: list[str], run_dir: Path, into: list[Child],
+           cpus: frozenset[int] | None = None) -> tuple[Child, dict]:
     """Start a helper detached, listed in `into` at once (the list its caller stops: one started but not
-    yet listed outlived an interrupted run), and wait for its ready file; SuperviseError naming its last
-    log line."""
+    yet listed outlived an interrupted run), confined to `cpus` when given, and wait for its ready file;
+    SuperviseError naming its last log line."""
     ready = run_dir / f"{name}-ready.json"
     child, proc = processes.spawn(f"opskit {name}", [*argv, "--ready-file", str(ready)], run_dir / f"{name}.log",
                                   into=into)
+    placement.pin(proc.pid, cpus)
     try:
         return child, processes.wait_ready_file(child, proc, ready, timeout=30.0)
     except SuperviseError:
@@ -32,21 +35,24 @@ def _start(name: str, argv: list[str], run_dir: Path, into: list[Child]) -> tupl
         raise
 
 
-def start_mock(run_dir: Path, extra: list[str], into: list[Child]) -> tuple[Child, dict]:
-    """`opskit mock` on a free loopback port, listed in `into`; returns the child and {url, admin_url}."""
-    return _start("mock", [*OPSKIT, "mock", "--listen", "127.0.0.1:0", *extra], run_dir, into)
+def start_mock(run_dir: Path, extra: list[str], into: list[Child],
+               cpus: frozenset[int] | None = None) -> tuple[Child, dict]:
+    """`opskit mock` on a free loopback port, listed in `into` (on `cpus` when given); returns the child
+    and {url, admin_url}."""
+    return _start("mock", [*OPSKIT, "mock", "--listen", "127.0.0.1:0", *extra], run_dir, into, cpus)
 
 
-def start_exporter(run_dir: Path, upstream: str, config: str | None, into: list[Child]) -> tuple[Child, dict]:
-    """`opskit exporter` with its metering proxy in front of `upstream`, listed in `into`; returns the
-    child and {url, proxy_url}."""
+def start_exporter(run_dir: Path, upstream: str, config: str | None, into: list[Child],
+                   cpus: frozenset[int] | None = None) -> tuple[Child, dict]:
+    """`opskit exporter` with its metering proxy in front of `upstream`, listed in `into` (on `cpus` when
+    given); returns the child and {url, proxy_url}."""
     # a short drain: at the end of a run only calls the client already gave up on can be in flight;
     # no linger: the gate has scraped its counts before it stops the exporter
     argv = [*OPSKIT, "exporter", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--upstream", upstream,
             "--no-gpu", "--drain-s", "2", "--metrics-linger-s", "0"]
     if config:
         argv += ["--config", config]
-    child, info = _start("exporter", argv, run_dir, into)
+    child, info = _start("exporter", argv, run_dir, into, cpus)
     if not info.get("proxy_url"):
         processes.stop(child)
         raise SuperviseError("opskit exporter did not start its proxy")

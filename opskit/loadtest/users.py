@@ -15,10 +15,8 @@ longer than the pacing interval, which is the very case a release gate must see.
 
 from __future__ import annotations
 
-import collections
 import gc
 import itertools
-import json
 import logging
 import os
 import random
@@ -34,6 +32,7 @@ from opskit.core import records
 from opskit.loadtest import shapes
 from opskit.loadtest.client import ChatClient, auth_for
 from opskit.loadtest.log import RequestLog
+from opskit.loadtest.loopwatch import LoopWatch
 from opskit.loadtest.params import ENV, FATAL_PREFIX, RunParams
 from opskit.loadtest.prompts import PromptSource, PromptSpec, conversation_messages, filler
 
@@ -72,6 +71,13 @@ gc.freeze()
 gc.set_threshold(100_000, 50, 1000)
 
 perf = time.perf_counter
+# Locust starts all of a process's users in the same instant, so their first requests left as one burst:
+# the client built and sent 100 requests while the first ones' clocks ran, and the target met 100
+# connections at once (in the mock's ground truth, every first TTFT of a 100-user run was 20-60 ms off,
+# 3 % of a 20 s run's requests). Users start one after another instead, START_GAP_S apart, all within
+# START_SPREAD_S; each still sends back to back from then on.
+START_GAP_S = 0.010
+START_SPREAD_S = 1.0
 # an overloaded scheduler stops this long after the end (Locust's own run time is >= 1 s longer): a
 # little lateness at the end is normal on a busy machine and must not cost the last arrivals
 END_GRACE_S = 0.5
@@ -127,7 +133,7 @@ class Process:
 
 
 _PROC: Process | None = None
-_LAG: collections.deque[float] = collections.deque(maxlen=360_000)  # the last hour of 10 ms samples
+_WATCH: LoopWatch | None = None
 
 
 def proc(host: str | None = None, scenario: str | None = None) -> Process:
@@ -135,37 +141,22 @@ def proc(host: str | None = None, scenario: str | None = None) -> Process:
 
     `host` (Locust's --host or the web UI's host field) is the target when the runner passed no params.
     """
-    global _PROC
+    global _PROC, _WATCH
     if _PROC is None:
         params = RunParams.from_env()
         if ENV not in os.environ:  # run by hand: the locustfile names the scenario, --host the target
             params = replace(params, base_url=(host or params.base_url).rstrip("/"),
                              scenario=scenario or params.scenario)
         _PROC = Process(params)
-        gevent.spawn(_lag_monitor)
+        _WATCH = LoopWatch()
+        _WATCH.start()
     return _PROC
 
 
-def _lag_monitor(interval: float = 0.01) -> None:
-    """How late this process's event loop wakes a sleeping greenlet: the generator's own lag.
-
-    Every token a stream reads waits for the loop the same way, so this is what the client itself
-    adds to TTFT and ITL when it is overloaded (or starved of CPU by its neighbours).
-    """
-    while True:
-        t = perf()
-        gevent.sleep(interval)
-        _LAG.append(perf() - t - interval)
-
-
 def _write_lag() -> None:
-    if _PROC is None or not _LAG:
-        return
-    lag = sorted(_LAG)
-    pick = lambda q: lag[min(len(lag) - 1, int(q * len(lag)))]  # noqa: E731
-    path = os.path.join(_PROC.params.run_dir, "log", f"lag-{_PROC.params.scenario}-{_PROC.params.worker}.json")
-    with open(path, "w") as fh:
-        json.dump({"samples": len(lag), "p50": pick(0.5), "p99": pick(0.99), "max": lag[-1]}, fh)
+    if _PROC is not None and _WATCH is not None:
+        name = f"lag-{_PROC.params.scenario}-{_PROC.params.worker}.json"
+        _WATCH.write(os.path.join(_PROC.params.run_dir, "log", name))
 
 
 @events.test_stop.add_listener
@@ -193,6 +184,13 @@ def report(environment, row: dict, name: str) -> None:
                                     response_length=row.get("bytes") or 0, exception=exc, context={})
 
 
+def start_delay(uid: int, users: int, workers: int = 1) -> float:
+    """When the `uid`-th user of a process starts, after the first: START_GAP_S apart, closer when the
+    process has more users than fit in START_SPREAD_S that way."""
+    per_process = max(1, -(-users // max(1, workers)))
+    return uid * min(START_GAP_S, START_SPREAD_S / per_process)
+
+
 class ChatUser(User):
     """Base user: builds a request body from the prompt source and sends it through the shared client."""
 
@@ -208,6 +206,7 @@ class ChatUser(User):
         self.prompts = PromptSource(PromptSpec(**self.p.params.prompt), seed=seed)
         self.rng = random.Random(seed)
         self.seq = 0
+        gevent.sleep(start_delay(self.uid, self.p.params.users, self.p.params.workers))
 
     def body(self, messages: list[dict], max_tokens: int) -> dict:
         """A chat/completions request body (streamed with include_usage unless --no-stream)."""
