@@ -133,3 +133,33 @@ def fake_nvml(tmp_path_factory) -> Path:
     if not (shutil.which("gcc") or shutil.which("cc")):
         pytest.skip("gcc not installed (needed to build the fake NVML library)")
     return build_fake_nvml(tmp_path_factory.mktemp("fakenvml"))
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    """Path of this test's fake-NVML state file, exported to the fake through $FAKE_NVML_STATE."""
+    path = tmp_path / "gpus.state"
+    monkeypatch.setenv("FAKE_NVML_STATE", str(path))
+    return path
+
+
+@pytest.fixture
+def collect(fake_nvml):
+    """Factory: collect(**kw) -> (registry, collector) on the fake library, closed at teardown."""
+    from prometheus_client import CollectorRegistry
+
+    from opskit.sidecar import gpu
+
+    made = []
+
+    def make(**kw):
+        kw.setdefault("lib_path", str(fake_nvml))
+        c = gpu.GpuCollector(**kw)
+        reg = CollectorRegistry()
+        reg.register(c)
+        made.append(c)
+        return reg, c
+
+    yield make
+    for c in made:
+        c.close()

@@ -24,31 +24,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    """Path of this test's fake-NVML state file, exported to the fake through $FAKE_NVML_STATE."""
-    path = tmp_path / "gpus.state"
-    monkeypatch.setenv("FAKE_NVML_STATE", str(path))
-    return path
-
-
-@pytest.fixture
-def collect(fake_nvml):
-    """Factory: collect(**kw) -> (registry, collector) on the fake library, closed at teardown."""
-    made = []
-
-    def make(**kw):
-        kw.setdefault("lib_path", str(fake_nvml))
-        c = gpu.GpuCollector(**kw)
-        reg = CollectorRegistry()
-        reg.register(c)
-        made.append(c)
-        return reg, c
-
-    yield make
-    for c in made:
-        c.close()
-
 
 def val(reg: CollectorRegistry, metric: str, index: int | None = None, **labels) -> float | None:
     if index is not None:

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 
 from opskit.live.fakenvml import (
     NOT_SUPPORTED,
@@ -19,31 +19,8 @@ from opskit.live.fakenvml import (
     uuid_for,
     write_state,
 )
-from opskit.sidecar import gpu, gpu_health
+from opskit.sidecar import gpu_health
 from tests.test_gpu import promtool_check
-
-
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    path = tmp_path / "gpus.state"
-    monkeypatch.setenv("FAKE_NVML_STATE", str(path))
-    return path
-
-
-@pytest.fixture
-def collect(fake_nvml):
-    made = []
-
-    def make(**kw):
-        c = gpu.GpuCollector(lib_path=str(fake_nvml), **kw)
-        reg = CollectorRegistry()
-        reg.register(c)
-        made.append(c)
-        return reg, c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def val(reg, metric: str, index: int, **labels) -> float | None:

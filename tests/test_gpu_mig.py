@@ -8,7 +8,6 @@ import ctypes
 
 import pynvml
 import pytest
-from prometheus_client import CollectorRegistry
 
 from opskit.live.fakenvml import GIB, NOT_SUPPORTED, FakeMig, fake_gpus, mig_uuid_for, uuid_for, write_state
 from opskit.sidecar import gpu
@@ -16,28 +15,6 @@ from tests.test_gpu import promtool_check
 
 MEM_USED, MEM_TOTAL = "opskit_gpu_memory_used_bytes", "opskit_gpu_memory_total_bytes"
 
-
-@pytest.fixture
-def state(tmp_path, monkeypatch):
-    path = tmp_path / "gpus.state"
-    monkeypatch.setenv("FAKE_NVML_STATE", str(path))
-    return path
-
-
-@pytest.fixture
-def collect(fake_nvml):
-    made = []
-
-    def make(**kw):
-        c = gpu.GpuCollector(lib_path=str(fake_nvml), **kw)
-        reg = CollectorRegistry()
-        reg.register(c)
-        made.append(c)
-        return reg, c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def mig_state(state, **gpu1):

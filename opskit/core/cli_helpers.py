@@ -85,3 +85,17 @@ def sigterm_unwinds(say: Callable[[], None] | None = None) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def embedded_mock_args(mock_args: str, target_url: str | None, config_file: str | None) -> list[str]:
+    """`--mock-args` split as a shell would; a usage error when unparsable or when a target is given
+    (they apply only to the embedded mock)."""
+    import shlex
+
+    try:
+        extra = shlex.split(mock_args)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--mock-args") from None
+    if extra and (target_url or config_file):
+        raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    return extra

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from opskit.core.cli_helpers import CONTEXT, FiniteRange, sigterm_unwinds
+from opskit.core.cli_helpers import CONTEXT, FiniteRange, embedded_mock_args, sigterm_unwinds
 
 
 @click.command(context_settings=CONTEXT)
@@ -60,12 +59,7 @@ def capacity(by, target_url, config_file, target_name, model, mock_args, start, 
     from opskit.loadtest import capacity as cap
     from opskit.loadtest import capacity_report, capacity_run, runner
 
-    try:
-        extra = shlex.split(mock_args)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--mock-args") from None
-    if extra and (target_url or config_file):
-        raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    extra = embedded_mock_args(mock_args, target_url, config_file)
     def echo(line: str) -> None:
         click.echo(line, err=True)
 

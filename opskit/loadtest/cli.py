@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from opskit.core.cli_helpers import FiniteRange, sigterm_unwinds
+from opskit.core.cli_helpers import FiniteRange, embedded_mock_args, sigterm_unwinds
 from opskit.core.config import ENV_TARGET_URL, ConfigError
 
 
@@ -124,12 +123,7 @@ def loadtest(scenarios, target_url, config_file, target_name, duration, rate, ar
 
     if prompts_file:
         load_file(prompts_file)  # a bad file is a config error now, not in every Locust process
-    try:
-        extra = shlex.split(mock_args)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--mock-args") from None
-    if extra and (target_url or config_file):
-        raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    extra = embedded_mock_args(mock_args, target_url, config_file)
     if engine_metrics == "mock":
         if target_url or config_file:
             raise click.UsageError("--engine-metrics mock needs the embedded mock (no --target/--config); "

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import click
 
-from opskit.core.cli_helpers import CONTEXT, FiniteRange, sigterm_unwinds
+from opskit.core.cli_helpers import CONTEXT, FiniteRange, embedded_mock_args, sigterm_unwinds
 
 DEFAULT_MAX_DURATION = 600.0
 # read this far past the last arrival that --window/--max-duration could replay: a call log's lines are
@@ -92,12 +91,7 @@ def replay(trace_path, fmt, speed, window, max_requests, max_duration, target_ur
         lo, hi = replay_plan.parse_window(window)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--window") from None
-    try:
-        extra = shlex.split(mock_args)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--mock-args") from None
-    if extra and (target_url or config_file):
-        raise click.UsageError("--mock-args applies only to the embedded mock (no --target/--config)")
+    extra = embedded_mock_args(mock_args, target_url, config_file)
     if target_name and not config_file:
         raise click.UsageError("--target-name picks one of the targets of --config; give --config")
     try:
