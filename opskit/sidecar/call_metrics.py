@@ -43,6 +43,8 @@ class CallMetrics:
         self._models = {t: frozenset(ms) for t, ms in models.items()}
         self._prices = dict(prices or {})  # target -> its prices; no spend for a target without
         self._clock = clock                # wall clock (UTC), for off-peak windows
+        # exemplars live in prometheus_client's buckets; a proxy worker's shared-memory counts keep none
+        self._exemplars = isinstance(registry, CollectorRegistry)
         self.requests = make(catalog.LLM_REQUESTS, registry)
         self.duration = make(catalog.LLM_DURATION, registry)
         self.ttft = make(catalog.LLM_TTFT, registry)
@@ -89,7 +91,9 @@ class CallMetrics:
         # Latency of successful calls only (a fast 429 is no fast answer); TTFT/TPOT of streamed ones.
         # The call's request id is the bucket's exemplar (OpenMetrics): a slow bucket leads to its calls.
         if r.ok:
-            ex = ({"request_id": r.request_id[:MAX_ID_CHARS]}, time.time()) if r.request_id else None
+            ex = None
+            if r.request_id and self._exemplars:
+                ex = ({"request_id": r.request_id[:MAX_ID_CHARS]}, time.time())
             _observe(series.duration_of(r.streamed), r.duration_s, ex)
             if r.streamed and r.ttft_s is not None:
                 _observe(series.ttft, r.ttft_s, ex)
@@ -119,8 +123,8 @@ def _observe(child, value: float, ex: tuple[dict[str, str], float] | None) -> No
     """Histogram.observe, with the exemplar set as Histogram.observe(value, exemplar) would set it, less
     its per-call label validation (the one label is fixed and its value cut to fit) and clock read."""
     child.observe(value)
-    bounds = getattr(child, "_upper_bounds", None)  # None: a proxy worker's shared-memory histogram,
-    if ex is not None and bounds is not None:        # which keeps no exemplars
+    if ex is not None:
+        bounds = child._upper_bounds
         i = bisect.bisect_left(bounds, value)
         if i < len(bounds) and value <= bounds[i]:  # (NaN lands in no bucket)
             child._buckets[i].set_exemplar(Exemplar(ex[0], value, ex[1]))
