@@ -9,18 +9,11 @@ import warnings
 import pytest
 
 from opskit.loadtest import capacity_report, plots, report, results, slo
+from tests.test_loadtest_units import row
 
 DASHED_SLO = re.compile(r"stroke-dasharray: [0-9.,]+; stroke-dashoffset: 0; stroke: #c00000")
 
 
-def row(scenario="streaming", t=0.0, dur=0.5, ttft=0.1, out=11, status=200, err="", **kw):
-    base = {"scenario": scenario, "worker": 0, "user": 0, "seq": 1, "t_sched": t, "t_sent": t,
-            "t_end": t + dur, "duration_s": dur, "ttft_s": ttft if not err else None, "ttfot_s": ttft,
-            "itl": [0.04] * (out - 1) if not err else None, "status": status, "error_type": err,
-            "input_tokens": 20, "output_tokens": out if not err else 0, "tokens_from_usage": True,
-            "streamed": True}
-    base.update(kw)
-    return base
 
 
 def page_for(rows, meta: dict, limits: dict[str, float] | None = None) -> tuple[str, dict]:

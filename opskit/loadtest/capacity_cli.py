@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from opskit.core.cli_helpers import CONTEXT, FiniteRange, embedded_mock_args, sigterm_unwinds
+from opskit.loadtest.cli_options import output_options, proxy_option, target_options
 
 
 @click.command(context_settings=CONTEXT)
 @click.option("--by", type=click.Choice(["rate", "users"]), default="rate", show_default=True,
               help="rate: open-loop qps levels (req/s); users: closed-loop streaming levels (concurrent users).")
-@click.option("--target", "target_url", help="API root of the target (else $OPSKIT_TARGET_URL, else the embedded mock).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config with targets and auth.")
-@click.option("--target-name", help="Which configured target (default: the first).")
+@target_options
 @click.option("--model", help="Model name (default: the target's first model).")
 @click.option("--mock-args", default="", help='Flags for the embedded mock, e.g. "--capacity 8 --itl-ms 20".')
 @click.option("--start", type=FiniteRange(min=0.1), default=8.0, show_default=True, help="First level's load.")
@@ -31,13 +29,11 @@ from opskit.core.cli_helpers import CONTEXT, FiniteRange, embedded_mock_args, si
 @click.option("--processes", type=click.IntRange(min=1, max=64), default=1, show_default=True,
               help="Locust processes per level (>1: a master and this many workers).")
 @click.option("--stream/--no-stream", default=True, show_default=True, help="Streamed (SSE) or plain JSON responses.")
-@click.option("--proxy/--no-proxy", default=True, show_default=True, help="Route through opskit's metering proxy.")
+@proxy_option
 @click.option("--timeout", "timeout_s", type=FiniteRange(min=0.1), default=30.0, show_default=True,
               help="Per-request timeout, seconds.")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
-              show_default=True, help="Run directories go under here.")
-@click.option("--slo", "slo_file", type=click.Path(dir_okay=False), help="SLO override file (default loadtests/slo.yaml).")
+@output_options
 @click.option("--planned-rate", type=FiniteRange(min=0, min_open=True),
               help="The load production will offer; with --min-headroom, exit 1 when capacity is short of it.")
 @click.option("--min-headroom", type=FiniteRange(min=1), default=1.5, show_default=True,

@@ -10,6 +10,7 @@ import click
 
 from opskit.core.cli_helpers import FiniteRange, embedded_mock_args, sigterm_unwinds
 from opskit.core.config import ENV_TARGET_URL, ConfigError
+from opskit.loadtest.cli_options import output_options, proxy_option, target_options
 
 
 def _progress_printer():
@@ -53,9 +54,7 @@ class ScenariosOrCapacity(click.Command):
 
 @click.command(cls=ScenariosOrCapacity)
 @click.argument("scenarios", nargs=-1)
-@click.option("--target", "target_url", help="API root of the target (else $OPSKIT_TARGET_URL, else the embedded mock).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config with targets and auth.")
-@click.option("--target-name", help="Which configured target (default: the first).")
+@target_options
 @click.option("--duration", type=FiniteRange(min=1), default=20.0, show_default=True, help="Seconds per scenario.")
 @click.option("--rate", type=FiniteRange(min=0.01), help="qps: offered requests/s (default 20).")
 @click.option("--arrival", type=click.Choice(["fixed", "poisson", "ramp"]), default="fixed", show_default=True,
@@ -73,7 +72,7 @@ class ScenariosOrCapacity(click.Command):
 @click.option("--output-spread", type=click.IntRange(min=0), default=16, show_default=True)
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="JSONL file of prompts instead.")
 @click.option("--mock-args", default="", help='Flags for the embedded mock, e.g. "--error-rate 500=0.05".')
-@click.option("--proxy/--no-proxy", default=True, show_default=True, help="Route through opskit's metering proxy.")
+@proxy_option
 @click.option("--placement/--no-placement", default=True, show_default=True,
               help="With 2+ cores: the embedded mock and the proxy on one core, Locust on the others.")
 @click.option("--limit-requests", type=FiniteRange(min=1), help="throttling: requests the target allows per window.")
@@ -86,9 +85,7 @@ class ScenariosOrCapacity(click.Command):
 @click.option("--timeout", "timeout_s", type=FiniteRange(min=0.1), default=30.0, show_default=True,
               help="Per-request timeout, seconds.")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
-              show_default=True, help="Run directories go under here.")
-@click.option("--slo", "slo_file", type=click.Path(dir_okay=False), help="SLO override file (default loadtests/slo.yaml).")
+@output_options
 @click.option("--scenario-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Your own Locust files (<scenario>.py, e.g. an edited copy of the shipped loadtests/).")
 @click.option("--engine-metrics", metavar="URL|mock",

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from opskit.core.cli_helpers import CONTEXT, FiniteRange, embedded_mock_args, sigterm_unwinds
+from opskit.loadtest.cli_options import output_options, proxy_option, target_options
 
 DEFAULT_MAX_DURATION = 600.0
 # read this far past the last arrival that --window/--max-duration could replay: a call log's lines are
@@ -39,16 +40,14 @@ def _model_mapper(force: str | None, served: tuple[str, ...] | None, fallback: s
 @click.option("--max-requests", type=click.IntRange(min=1), help="Replay at most this many requests (the first).")
 @click.option("--max-duration", type=FiniteRange(min=1), default=DEFAULT_MAX_DURATION, show_default=True,
               help="Replay at most this many seconds of arrivals (after --speed); the report says what was cut.")
-@click.option("--target", "target_url", help="API root of the target (else $OPSKIT_TARGET_URL, else the embedded mock).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML config with targets and auth.")
-@click.option("--target-name", help="Which configured target (default: the first).")
+@target_options
 @click.option("--model", help="Send every request as this model (default: as recorded, see --help).")
 @click.option("--stream/--no-stream", default=None, help="Override the recorded stream flag (Mooncake and Azure "
               "record none: streamed unless --no-stream).")
 @click.option("--ignore-eos", is_flag=True, help="Ask the server for exactly the recorded output length "
               "(vLLM/SGLang's ignore_eos; other APIs may refuse the field).")
 @click.option("--mock-args", default="", help='Flags for the embedded mock, e.g. "--itl-ms 20".')
-@click.option("--proxy/--no-proxy", default=True, show_default=True, help="Route through opskit's metering proxy.")
+@proxy_option
 @click.option("--processes", type=click.IntRange(min=1, max=64), default=1, show_default=True,
               help="Locust processes, each sending every N-th request of the trace.")
 @click.option("--timeout", "timeout_s", type=FiniteRange(min=0.1), default=60.0, show_default=True,
@@ -57,9 +56,7 @@ def _model_mapper(force: str | None, served: tuple[str, ...] | None, fallback: s
               help="Fail when a model's replayed p95 duration exceeds the recorded one by more than this "
                    "fraction (0.1: 10 %%); opskit call logs only.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the synthetic prompt text.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
-              show_default=True, help="Run directories go under here.")
-@click.option("--slo", "slo_file", type=click.Path(dir_okay=False), help="SLO override file (default loadtests/slo.yaml).")
+@output_options
 def replay(trace_path, fmt, speed, window, max_requests, max_duration, target_url, config_file, target_name, model,
            stream, ignore_eos, mock_args, proxy, processes, timeout_s, max_slowdown, seed, out_dir, slo_file) -> None:
     """Replay a recorded trace against a target: each request at its recorded offset (open loop), with the
