@@ -91,7 +91,7 @@ def test_calls_split_over_two_workers_merge_into_the_series_of_one_registry():
     # the gauge of the last value: the worker that set it most recently
     last = calls[-1].ratelimit_remaining_requests
     assert got[("opskit_llm_ratelimit_remaining_requests", (("source", "proxy"), ("target", "t")))] == last
-    merger.merge()  # merging again sets, never adds
+    assert merger.merge("opskit_llm_requests") == len(calls)  # merging again sets, never adds
     assert _samples(merged_registry) == got
 
 

@@ -345,9 +345,10 @@ class Exporter:
 
     def _render(self, openmetrics: bool) -> tuple[int, bytes]:
         """(proxy calls counted, exposition): every call in that count is in the exposition."""
-        seen = self._proxy.finished_calls if self._proxy is not None else 0
-        if self._workers is not None:
-            self._workers.merge()
+        if self._workers is not None:  # one read of the workers' segments: the count is what is rendered
+            seen = self._workers.merge()
+        else:
+            seen = self._proxy.finished_calls if self._proxy is not None else 0
         return seen, self._renderer.render(openmetrics)
 
     async def _healthz(self, request: web.BaseRequest) -> web.Response:

@@ -97,9 +97,10 @@ class WorkerPool:
         """Metered calls the workers counted so far (each once): their requests counters summed."""
         return int(self.merger.total(series_name(catalog.LLM_REQUESTS)))
 
-    def merge(self) -> None:
-        """Put every worker's counts into the exporter's registry (call before rendering it)."""
-        self.merger.merge()
+    def merge(self) -> int:
+        """Put every worker's counts into the exporter's registry (call before rendering it); returns the
+        metered calls in them, from the same read."""
+        return int(self.merger.merge(series_name(catalog.LLM_REQUESTS)))
 
     async def start(self) -> None:
         """Reserve the port, start every worker and wait until each serves. OSError (WorkerError for a

@@ -290,13 +290,17 @@ class Merger:
         """The sum over workers and label sets of one counter (by series_name)."""
         return sum(vals[0] for key, (_, vals) in self._read().items() if key[0] == name)
 
-    def merge(self) -> None:
-        """Set every worker-counted series in the registry to its merged value."""
+    def merge(self, count: str = "") -> float:
+        """Set every worker-counted series in the registry to its merged value; returns the merged sum of
+        the counter named `count` (by series_name), read in the same pass."""
         with self._lock:
-            self._merge_locked()
+            return self._merge_locked(count)
 
-    def _merge_locked(self) -> None:
+    def _merge_locked(self, count: str) -> float:
+        total = 0.0
         for key, (kind, vals) in self._read_locked().items():
+            if key[0] == count:
+                total += vals[0]
             child = self._children.get(key)
             if child is None:
                 metric = self.metrics.get(key[0])
@@ -312,3 +316,4 @@ class Merger:
                     child._value.set(vals[0])
             else:
                 child._value.set(vals[0])
+        return total
