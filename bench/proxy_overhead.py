@@ -263,7 +263,6 @@ def python_per_chunk_us(n: int = 50_000) -> tuple[float, float]:
     """The proxy's own Python work per SSE chunk, in-process with no I/O: chunked decoding, framing
     for the client, metering (and without metering). What is left of the CPU per chunk measured on the
     real process is the event loop's wake-up, recv and send."""
-    from multidict import CIMultiDict
 
     from opskit.sidecar.metering import MeteredCall
     from opskit.sidecar.proxy import _sink
@@ -286,7 +285,7 @@ def python_per_chunk_us(n: int = 50_000) -> tuple[float, float]:
         ex = conn.send("POST", b"")
         conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         call = MeteredCall(time.perf_counter())
-        call.begin(200, CIMultiDict(ex.headers))
+        call.begin(200, {k.lower(): v for k, v in ex.headers})
         out = []
         for feed in (call.feed, None):
             ex.sink = _sink(Null(), True, feed, ex)

@@ -22,8 +22,6 @@ import math
 import zlib
 from time import perf_counter
 
-from multidict import CIMultiDict
-
 from opskit.core import records
 from opskit.core.records import CallRecord
 from opskit.core.sse import MAX_ID_CHARS, SSEParser, StreamMeter, completion_usage_and_id
@@ -89,22 +87,22 @@ class MeteredCall:
         self.in_flight = False  # announced to CallMetrics.started (once its request went upstream)
         self.rl_requests = self.rl_tokens = None
 
-    def begin(self, status: int, h: CIMultiDict) -> None:
-        """Response headers arrived: pick the meter for the body."""
+    def begin(self, status: int, h: dict[str, str]) -> None:
+        """Response headers arrived (`h`: by lower-case name): pick the meter for the body."""
         self.code = status
         self.error_type = records.error_type_for_status(status)
         self.rl_requests = _float_header(h, "x-ratelimit-remaining-requests")
         self.rl_tokens = _float_header(h, "x-ratelimit-remaining-tokens")
         rid = h.get("x-request-id")
         self.request_id = rid[:MAX_ID_CHARS] if rid else None
-        coding = h.get("Content-Encoding", "identity").strip().lower()
+        coding = h.get("content-encoding", "identity").strip().lower()
         if coding in ("gzip", "x-gzip"):
             self.decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif coding == "deflate":
             self.decoder = zlib.decompressobj()
         elif coding != "identity":
             return  # a coding the meter cannot read: the bytes still pass, tokens stay unknown
-        if h.get("Content-Type", "").startswith("text/event-stream"):
+        if h.get("content-type", "").startswith("text/event-stream"):
             self.streamed = True
             self.parser, self.meter = SSEParser(), StreamMeter(self.t0)
             self.inflate_cap = STREAM_INFLATE_CAP

@@ -25,12 +25,11 @@ forwarded but not metered, because it is not a model call and would skew latency
   connection too, so the client sees the break it would have seen directly. Whatever status the client
   gets is the one counted, and each call is counted exactly once, whatever its body holds.
 - The client's faults are the client's (client_error / client_disconnect, which the SLO alerts leave
-  out): a body over `max_body_bytes` -> 413, not received within the body timeout -> 408 (see
-  opskit.sidecar.request_body); a client hanging up, or the drain cutting it, before its body is in
-  -> 0/client_disconnect, and nothing is sent upstream. A body the proxy cannot parse (not JSON, nested
-  too deep) is forwarded as it is: the upstream judges it.
+  out): a body over `max_body_bytes` -> 413, not in within the body timeout -> 408 (opskit.sidecar.
+  proxy_request's `read_body`); a client hanging up, or the drain cutting it, before its body is in ->
+  0/client_disconnect, nothing sent upstream. A body that is not JSON is forwarded: the upstream judges it.
 - A client that hangs up while the upstream is silent (before the head, or between chunks) is noticed
-  by its connection (opskit.sidecar.http_guard's `on_lost`): the upstream connection is closed at once
+  by its connection (opskit.sidecar.proxy_http's `on_lost`): the upstream connection is closed at once
   and the call ends client_disconnect, instead of both waiting out `timeout_s`.
 - Authorization and every other header pass through untouched; headers are never logged (a call log,
   opskit.sidecar.call_log, gets each finished call off the loop and keeps a keyed hash of Authorization).
@@ -39,12 +38,12 @@ forwarded but not metered, because it is not a model call and would skew latency
   path, changing what was signed).
 - Metered calls get `Accept-Encoding` narrowed to gzip/deflate/identity, so a copy of a compressed body
   can be decoded for metering (bounded: opskit.sidecar.metering); the client gets the upstream's bytes.
-- Not proxied: WebSocket upgrades (hop-by-hop). Every client is bounded by http_guard (header and idle
-  timeouts, a connection cap, a throttled log for malformed requests).
-Speed: opskit.sidecar.upstream_client pushes each body piece from `data_received` through `_sink` (write
-to the client, then meter), no task switch per chunk; a body complete with its head goes out in one write
-with the headers; no reference cycle per call (the GC finds none). Cost: bench/proxy_overhead.py.
-"""
+- Not proxied: WebSocket upgrades (hop-by-hop: the request goes on as a plain one, and the connection
+  closes after its answer). Every client is bounded by opskit.sidecar.proxy_http (strict parsing,
+  header and idle timeouts, a connection cap, a throttled log for malformed requests).
+Speed: clients (opskit.sidecar.proxy_http) and upstream (opskit.sidecar.upstream_client) are push-parsed
+protocols; each body piece goes from the upstream's `data_received` through `_sink` (write, then meter),
+no task switch per chunk; one task per request, no reference cycle per call. Cost: bench/proxy_overhead.py."""
 
 from __future__ import annotations
 
@@ -52,17 +51,16 @@ import asyncio
 import json
 import logging
 import ssl
+from http import HTTPStatus
 from time import perf_counter
 from urllib.parse import urlsplit
 
-from aiohttp import web
-from multidict import CIMultiDict
-
 from opskit.core import records
-from opskit.sidecar import request_body
 from opskit.sidecar.call_metrics import CallMetrics
-from opskit.sidecar.http_guard import GuardedServer, Limits, Throttle
+from opskit.sidecar.http_guard import Limits, Throttle
 from opskit.sidecar.metering import SOURCE, MeteredCall, model_of
+from opskit.sidecar.proxy_http import Server
+from opskit.sidecar.proxy_request import BodyError, Request
 from opskit.sidecar.upstream_client import Pool
 from opskit.sidecar.upstream_protocol import (
     HIGH_WATER,
@@ -83,14 +81,14 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
+ERROR_TYPE_HEADER = "X-Opskit-Error-Type"
 
 
-def _dropped(headers, base: frozenset[str]) -> frozenset[str]:
+def _dropped(connection: str | None, base: frozenset[str]) -> frozenset[str]:
     """Hop-by-hop names plus any the Connection header lists (RFC 9110 7.6.1)."""
-    conn = headers.get("Connection")
-    if not conn:
+    if not connection:
         return base
-    return base | {t.strip().lower() for t in conn.split(",")}
+    return base | {t.strip().lower() for t in connection.split(",")}
 
 
 def _accept_encoding(value: str) -> str:
@@ -99,32 +97,38 @@ def _accept_encoding(value: str) -> str:
     return ",".join(keep).strip() or "identity"
 
 
-ERROR_TYPE_HEADER = "X-Opskit-Error-Type"
+def _head(status: int, reason: str, headers: list[tuple[str, str]], extra: str) -> bytes:
+    """A response head: status line, the headers as given, then `extra` (framing, Connection)."""
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return f"HTTP/1.1 {status} {reason}\r\n{lines}{extra}\r\n".encode("utf-8", "surrogateescape")
 
 
-def _error(status: int, message: str, kind: str, close: bool = False, error_type: str | None = None) -> web.Response:
-    """A small OpenAI-style error body produced by the proxy itself. On its own 502/504 the header
-    ERROR_TYPE_HEADER names the error type the exporter counts (connection, timeout, server_error), so
-    the client sees why without the exporter's log."""
-    body = json.dumps({"error": {"message": message, "type": kind, "source": "opskit-proxy"}})
-    resp = web.Response(status=status, text=body, content_type="application/json",
-                        headers={ERROR_TYPE_HEADER: error_type} if error_type else None)
-    if close:
-        resp.force_close()
-    return resp
+_JSON = [("Content-Type", "application/json; charset=utf-8")]
 
 
-class _WholeResponse(web.StreamResponse):
-    """A response whose body is complete before it is sent: headers and body go out in one write."""
-
-    _send_headers_immediately = False  # what aiohttp's own web.Response does
+def _error(req: Request, status: int, message: str, kind: str, close: bool = False,
+           error_type: str | None = None) -> bool:
+    """Answer with a small OpenAI-style error body produced by the proxy itself; whether the connection
+    may carry another request. On its own 502/504 the header ERROR_TYPE_HEADER names the error type the
+    exporter counts (connection, timeout, server_error), so the client sees why without the exporter's log."""
+    body = json.dumps({"error": {"message": message, "type": kind, "source": "opskit-proxy"}}).encode()
+    keep = not close and req.keep_alive
+    extra = (f"{ERROR_TYPE_HEADER}: {error_type}\r\n" if error_type else "") + f"Content-Length: {len(body)}\r\n"
+    head = _head(status, HTTPStatus(status).phrase, _JSON, extra + _connection(req, keep))
+    if not keep:
+        req.conn.answer(head + body)  # half-closed; what the client still sends is read and dropped
+        return False
+    transport = req.conn.transport
+    if transport is not None:
+        transport.write(head + body)
+    return True
 
 
 class ProxyServer:
     """A running proxy. `port` is the bound port; `close()` drains and stops it."""
 
-    def __init__(self, proxy: _Proxy, runner: web.ServerRunner, port: int) -> None:
-        self._proxy, self._runner, self.port = proxy, runner, port
+    def __init__(self, proxy: _Proxy, server: Server, port: int) -> None:
+        self._proxy, self._server, self.port = proxy, server, port
         self._closed = False
 
     @property
@@ -135,23 +139,21 @@ class ProxyServer:
     @property
     def open_calls(self) -> int:
         """Metered calls being handled now: uploading, waiting for the upstream or relaying."""
-        return len(self._proxy.tasks)
+        return self._proxy.open
 
     @property
     def open_connections(self) -> int:
         """Client connections open now (what the connection cap counts)."""
-        server = self._runner.server
-        return len(server.connections) if server is not None else 0
+        return len(self._server.conns)
 
     async def close(self, grace_s: float = 10) -> None:
-        """Stop accepting, let in-flight calls finish for up to `grace_s`, cut the rest, close. Calls cut
-        at the deadline are recorded as stream_broken: the client sees its stream break. Twice is harmless."""
+        """Stop accepting, let in-flight requests finish for up to `grace_s`, cut the rest, close. Calls
+        cut at the deadline are recorded as stream_broken: the client sees its stream break. Twice is harmless."""
         if self._closed:
             return
         self._closed = True
-        for site in list(self._runner.sites):
-            await site.stop()
-        tasks = set(self._proxy.tasks)
+        await self._server.stop_accepting()
+        tasks = self._server.tasks()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace_s)
             self._proxy.closing = True
@@ -159,7 +161,7 @@ class ProxyServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        await self._runner.cleanup()
+        await self._server.close()
         await self._proxy.pool.close()
 
 
@@ -174,13 +176,12 @@ class _Proxy:
             raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
         self.prefix = url.path.rstrip("/")  # an upstream path prefix is prepended to every request path
         self.target, self.metrics, self.max_body = target, metrics, max_body_bytes
-        self.tasks: set[asyncio.Task] = set()
+        self.open = 0  # metered calls being handled
         self.closing = False
         self.finished = 0  # metered calls counted so far (the exporter lingers until a scrape has them all)
         self.limits, self.call_log = limits, call_log
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
         self._throttle = Throttle()
-        self.loop = asyncio.get_running_loop()
 
     def _log_failure(self, exc: Exception) -> None:
         """At most one line per LOG_EVERY_S, with a count of the failures since: with the upstream down,
@@ -190,168 +191,171 @@ class _Proxy:
             since = f" ({held} more since the last such line)" if held else ""
             log.warning("upstream of %s failed: %s%s", self.target, exc, since)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Entry point for every request the proxy receives."""
-        t0 = perf_counter()
-        if request.method == "CONNECT":
-            return _error(405, "CONNECT is not supported: this is a reverse proxy", "method_not_allowed", True)
-        if not request.raw_path.startswith("/"):
-            return _error(400, "absolute-form request targets are refused: this proxy forwards only to its "
+    async def handle(self, req: Request) -> bool:
+        """Entry point for every request the proxy receives; whether the connection may be kept."""
+        if req.method == "CONNECT":
+            return _error(req, 405, "CONNECT is not supported: this is a reverse proxy", "method_not_allowed", True)
+        if not req.target.startswith("/"):
+            return _error(req, 400, "absolute-form request targets are refused: this proxy forwards only to its "
                           "configured upstream", "invalid_request", True)
-        if request.method != "POST" or not request.path.endswith(METERED_SUFFIXES):
-            return await self._forward(request, None)
-        call = MeteredCall(t0, self.call_log.capture if self.call_log is not None else 0)
-        task = asyncio.current_task(self.loop)  # with the loop: no getpid() syscall on Python 3.11
-        self.tasks.add(task)
+        if req.method != "POST" or not req.target.partition("?")[0].endswith(METERED_SUFFIXES):
+            return await self._forward(req, None)
+        call = MeteredCall(req.t0, self.call_log.capture if self.call_log is not None else 0)
+        self.open += 1
         try:
-            return await self._forward(request, call)
+            return await self._forward(req, call)
         except asyncio.CancelledError:  # close() cut it wherever it was; a relayed stream says more
             call.fail(records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT)
             raise
         finally:
-            request.protocol.on_lost = None  # the connection may carry another call: not this one's exchange
-            self.tasks.discard(task)
+            self.open -= 1
             rec = call.record(self.target, self.metrics.model_label(self.target, call.model))
             (self.metrics.finished if call.in_flight else self.metrics.observe)(rec)
             if self.call_log is not None:
-                self.call_log.submit(rec, call, request.headers.get("Authorization"))
+                self.call_log.submit(rec, call, req.header("authorization"))
             self.finished += 1
 
-    async def _forward(self, request: web.BaseRequest, call: MeteredCall | None) -> web.StreamResponse:
+    async def _forward(self, req: Request, call: MeteredCall | None) -> bool:
         try:
-            body = await request_body.read(request, self.max_body, self.limits.body_timeout_s)
-        except request_body.NoBody as exc:  # the client's error, counted as one; nothing reached the API
+            body = await req.read_body(self.max_body, self.limits.body_timeout_s)
+        except BodyError as exc:  # the client's error, counted as one; nothing reached the API
             if call is not None:
                 call.end = perf_counter()
                 if exc.status:  # else: code 0 / client_disconnect, as the call started
                     call.code, call.error_type = exc.status, records.CLIENT_ERROR
-            return _error(exc.status or 400, str(exc), exc.kind, True)
-        transport = request.transport
-        if transport is None or transport.is_closing():  # the client left with its upload: nothing to send
+            return _error(req, exc.status or 400, str(exc), exc.kind, True)
+        conn = req.conn
+        if conn.transport is None or conn.transport.is_closing():  # the client left with its upload
             if call is not None:
                 call.end = perf_counter()
-            return _error(400, "client went away", "client_disconnect", True)
-        drop = _dropped(request.headers, REQUEST_DROP)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
+            return False
+        drop = _dropped(req.connection, REQUEST_DROP)
+        headers = [(k, v) for k, v in req.headers if k.lower() not in drop]
         if call is not None:
             call.model, call.request_body = model_of(body), body
             headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
             call.error_type = records.CONNECTION  # from here, ending with no response is the upstream's
             call.in_flight = True  # in flight: waiting on the API (an upload in progress is not)
             self.metrics.started(self.target, SOURCE)
-        wire = self.pool.request_bytes(request.method, self.prefix + request.raw_path, headers, body)
-        proto = request.protocol  # a client that hangs up on a silent upstream ends the upstream side too
-        try:
-            ex = await self.pool.send(request.method, wire, lambda ex: setattr(proto, "on_lost", ex.client_gone))
+        wire = self.pool.request_bytes(req.method, self.prefix + req.target, headers, body)
+        try:  # a client that hangs up on a silent upstream ends the upstream side too
+            ex = await self.pool.send(req.method, wire, lambda ex: setattr(conn, "on_lost", ex.client_gone))
         except ClientGone:
-            return self._failed(call, 0, records.CLIENT_DISCONNECT, "client went away", "client_disconnect")
+            return self._failed(req, call, 0, records.CLIENT_DISCONNECT, "client went away", "client_disconnect")
         except UpstreamTimeout as exc:
-            return self._failed(call, 504, records.TIMEOUT, "upstream did not answer in time", "upstream_timeout",
-                                exc)
+            return self._failed(req, call, 504, records.TIMEOUT, "upstream did not answer in time",
+                                "upstream_timeout", exc)
         except BadResponse as exc:
             self._log_failure(exc)
             # no detail: a head parse error may quote the peer's bytes
-            return self._failed(call, 502, records.SERVER_ERROR, "bad upstream response", "bad_upstream_response")
+            return self._failed(req, call, 502, records.SERVER_ERROR, "bad upstream response",
+                                "bad_upstream_response")
         except UpstreamError as exc:
             self._log_failure(exc)
-            return self._failed(call, 502, records.CONNECTION, "upstream unreachable", "upstream_unreachable", exc)
-        return await self._relay(request, ex, call)
+            return self._failed(req, call, 502, records.CONNECTION, "upstream unreachable",
+                                "upstream_unreachable", exc)
+        return await self._relay(req, ex, call)
 
-    def _failed(self, call: MeteredCall | None, status: int, error_type: str, msg: str, kind: str,
-                exc: Exception | None = None) -> web.Response:
+    @staticmethod
+    def _failed(req: Request, call: MeteredCall | None, status: int, error_type: str, msg: str, kind: str,
+                exc: Exception | None = None) -> bool:
         if call is not None:
             call.code, call.error_type, call.end = status, error_type, perf_counter()
         # connection and timeout texts are fixed phrases and exception class names: no secret, no peer bytes
         detail = f"{msg}: {exc}" if exc is not None and str(exc) else msg
-        return _error(status, detail, kind, error_type=error_type if status else None)
+        return _error(req, status or 400, detail, kind, close=not status, error_type=error_type if status else None)
 
-    async def _relay(self, request: web.BaseRequest, ex: Exchange, call: MeteredCall | None) -> web.StreamResponse:
+    async def _relay(self, req: Request, ex: Exchange, call: MeteredCall | None) -> bool:
         """Pass the upstream response on: in one write if it is already complete, else chunk by chunk."""
-        up = CIMultiDict(ex.headers)
-        drop = _dropped(up, RESPONSE_DROP)
-        out = CIMultiDict((k, v) for k, v in ex.headers if k.lower() not in drop)
-        length = up.get("Content-Length")
-        length = int(length) if length and length.isdigit() and "chunked" not in up.get("Transfer-Encoding", "") \
-            else None
+        connection, length, chunked_up, low = None, None, False, {}
+        for k, v in ex.headers:
+            lk = k.lower()
+            if lk not in low:
+                low[lk] = v
+            if lk == "connection":
+                connection = v
+            elif lk == "transfer-encoding":
+                chunked_up = chunked_up or "chunked" in v.lower()
+        drop = _dropped(connection, RESPONSE_DROP)
+        out = [(k, v) for k, v in ex.headers if k.lower() not in drop]
+        cl = low.get("content-length", "").strip()
+        if cl.isdigit() and not chunked_up:
+            length = int(cl)
         feed = None
         if call is not None:
-            call.begin(ex.status, up)
+            call.begin(ex.status, low)
             if call.parser is not None or call.body is not None:
                 feed = call.feed
-        try:
-            resp = (_WholeResponse if ex.complete else web.StreamResponse)(status=ex.status, reason=ex.reason,
-                                                                            headers=out)
-            if length is not None:
-                resp.content_length = length
-            if ex.complete:
-                return await self._whole(request, ex, resp, call, feed)
-            await resp.prepare(request)
-        except ConnectionError:
-            ex.abort()
-            return self._cut(call, records.CLIENT_DISCONNECT, None, None)
-        except (ValueError, TypeError) as exc:  # a head aiohttp will not write (UnicodeError is a ValueError)
-            ex.abort()
-            self._log_failure(exc)
-            return self._failed(call, 502, records.SERVER_ERROR, "bad upstream response", "bad_upstream_response")
-        transport = request.transport
+        conn = req.conn
+        transport = conn.transport
         if transport is None or transport.is_closing():
             ex.abort()
-            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
-        # aiohttp picks chunked framing at prepare() (HTTP/1.1, no length) and says so in the headers
-        chunked = "chunked" in resp.headers.get("Transfer-Encoding", "")
+            return self._cut(call, records.CLIENT_DISCONNECT, None)
+        keep = req.keep_alive and not conn.closing
+        bodyless = req.method == "HEAD" or ex.status in (204, 304)
+        if ex.complete:  # headers and body in one write
+            pieces = ex.pending
+            if feed is not None:
+                for data, now in pieces:
+                    feed(data, now)
+            body = b"" if bodyless else pieces[0][0] if len(pieces) == 1 else b"".join(d for d, _ in pieces)
+            if bodyless:
+                extra = f"Content-Length: {length}\r\n" if length is not None and ex.status != 204 else ""
+            else:
+                extra = f"Content-Length: {len(body)}\r\n"
+            transport.write(_head(ex.status, ex.reason, out, extra + _connection(req, keep)) + body)
+            if call is not None:
+                call.end = perf_counter()
+            return keep
+        if length is not None:
+            chunked, extra = False, f"Content-Length: {length}\r\n"
+        elif req.version == "1.1":
+            chunked, extra = True, "Transfer-Encoding: chunked\r\n"
+        else:  # an HTTP/1.0 client: the end of the body is the end of the connection
+            chunked, extra, keep = False, "", False
+        transport.write(_head(ex.status, ex.reason, out, extra + _connection(req, keep)))
         ex.attach(_sink(transport, chunked, feed, ex))
         try:
-            return await self._stream(request, ex, resp, call)
+            return await self._stream(req, ex, call, chunked, keep)
         finally:
             ex.sink = None  # its closure holds the exchange: no cycle left for the GC to find
 
-    async def _stream(self, request, ex: Exchange, resp: web.StreamResponse, call: MeteredCall | None):
+    async def _stream(self, req: Request, ex: Exchange, call: MeteredCall | None, chunked: bool, keep: bool) -> bool:
         """Wait while the upstream connection pushes the body to the client; then finish the response."""
         try:
             await ex.done
         except ClientGone:
-            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+            return self._cut(call, records.CLIENT_DISCONNECT, None)
         except UpstreamTimeout:
-            return self._cut(call, records.TIMEOUT, request, resp)
+            return self._cut(call, records.TIMEOUT, req)
         except UpstreamError:
-            return self._cut(call, records.STREAM_BROKEN, request, resp)
-        except asyncio.CancelledError:
-            # only close() cancels a handler (aiohttp's handler_cancellation is off)
+            return self._cut(call, records.STREAM_BROKEN, req)
+        except asyncio.CancelledError:  # only close() cancels a handler
             ex.abort()
-            self._cut(call, records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT, request, resp)
+            self._cut(call, records.STREAM_BROKEN if self.closing else records.CLIENT_DISCONNECT, req)
             raise
-        try:
-            await resp.write_eof()
-        except ConnectionError:
-            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)
+        transport = req.conn.transport
+        if transport is None or transport.is_closing():
+            return self._cut(call, records.CLIENT_DISCONNECT, None)
+        if chunked:
+            transport.write(b"0\r\n\r\n")
         if call is not None:
             call.end = perf_counter()
-        return resp
-
-    async def _whole(self, request, ex: Exchange, resp: web.StreamResponse, call: MeteredCall | None, feed):
-        pieces = ex.pending
-        if feed is not None:
-            for data, now in pieces:
-                feed(data, now)
-        try:
-            await resp.prepare(request)
-            await resp.write_eof(pieces[0][0] if len(pieces) == 1 else b"".join(d for d, _ in pieces))
-        except ConnectionError:
-            return self._cut(call, records.CLIENT_DISCONNECT, None, resp)  # (other errors: see _relay)
-        if call is not None:
-            call.end = perf_counter()
-        return resp
+        return keep
 
     @staticmethod
-    def _cut(call: MeteredCall | None, error_type: str, request, resp: web.StreamResponse | None):
-        """End a relayed call early; with `request`, also drop the client's connection."""
+    def _cut(call: MeteredCall | None, error_type: str, req: Request | None) -> bool:
+        """End a relayed call early; with `req`, also drop the client's connection."""
         if call is not None:
             call.fail(error_type)
             call.end = perf_counter()
-        transport = request.transport if request is not None else None
-        if transport is not None:
-            transport.close()  # flushes what was written, then FIN: the client sees an unfinished body
-        return resp if resp is not None else web.Response(status=400)  # (nobody reads it)
+        if req is not None:
+            req.conn.close()  # flushes what was written, then FIN: the client sees an unfinished body
+        return False
+
+
+def _connection(req: Request, keep: bool) -> str:
+    return "Connection: close\r\n" if not keep else "Connection: keep-alive\r\n" if req.version == "1.0" else ""
 
 
 def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
@@ -380,21 +384,17 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
     `timeout_s` bounds the wait for the upstream's response head and every silence in its body;
     a stream may last longer as long as it keeps sending. An https upstream is verified against the
     system's CAs, or against `ssl_context` (e.g. a private cluster's CA) when one is given. `limits`
-    bound what a client may hold (opskit.sidecar.http_guard); `on_refused()` is called for each
+    bound what a client may hold (opskit.sidecar.proxy_http); `on_refused()` is called for each
     connection refused at the cap; `call_log` (opskit.sidecar.call_log) records each metered call.
     `reuse_port`: share the port with other processes (SO_REUSEPORT, as the proxy workers do)."""
     limits = limits or Limits()
     proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits,
                    call_log)
-    # auto_decompress off: a compressed request body is forwarded as sent, with its Content-Encoding
-    server = GuardedServer(proxy.handle, limits, log, "proxy", on_refused, auto_decompress=False)
-    runner = web.ServerRunner(server, shutdown_timeout=1.0)
+    server = Server(proxy.handle, limits, log, "proxy", on_refused, max_body_bytes)
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
-        await site.start()
+        bound = await server.start(host, port, reuse_port)
     except BaseException:
-        await runner.cleanup()
+        await server.close()
         await proxy.pool.close()
         raise
-    return ProxyServer(proxy, runner, site._server.sockets[0].getsockname()[1])
+    return ProxyServer(proxy, server, bound)
