@@ -160,7 +160,7 @@ def test_client_gone_aborts_upstream():
 
 def test_request_bytes():
     pool = Pool("https://api.example.com", 1.0, 5.0)
-    wire = pool.request_bytes("POST", "/v1/chat/completions?x=1", [("Authorization", "Bearer k")], b"{}")
+    wire = pool.request_bytes("POST", "/v1/chat/completions?x=1", [(b"Authorization", b"Bearer k")], b"{}")
     assert wire == (b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: api.example.com\r\nAuthorization: Bearer k"
                     b"\r\nContent-Length: 2\r\n\r\n{}")
     assert Pool("http://127.0.0.1:8080/v1", 1, 1).host_header == "127.0.0.1:8080"

@@ -34,6 +34,16 @@ def _loads(payload: str):
     return obj
 
 
+def loads_utf8(data: bytes):
+    """json.loads of a UTF-8 body without json.loads' encoding sniffing (~2 us a call); other encodings
+    and a BOM go through json.loads as before. ValueError / RecursionError as json.loads."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return json.loads(data)
+    return json.loads(data) if text[:1] == "\ufeff" else _loads(text)
+
+
 class SSEParser:
     """Feed raw bytes, get back the `data` payloads of each completed event, in order."""
 
@@ -283,7 +293,7 @@ def completion_usage(body: bytes) -> BodyUsage:
 def completion_usage_and_id(body: bytes) -> tuple[BodyUsage, str]:
     """completion_usage and the response's `id` ("" when none), from one parse. Never raises."""
     try:
-        obj = json.loads(body)
+        obj = loads_utf8(body)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than the stack
         return BodyUsage(0, 0, False, False), ""
     if not isinstance(obj, dict):

@@ -91,15 +91,16 @@ class CallMetrics:
         # Latency of successful calls only (a fast 429 is no fast answer); TTFT/TPOT of streamed ones.
         # The call's request id is the bucket's exemplar (OpenMetrics): a slow bucket leads to its calls.
         if r.ok:
+            observe = _observe if self._exemplars else _observe_shared
             ex = None
             if r.request_id and self._exemplars:
                 ex = ({"request_id": r.request_id[:MAX_ID_CHARS]}, time.time())
-            _observe(series.duration_of(r.streamed), r.duration_s, ex)
+            observe(series.duration_of(r.streamed), r.duration_s, ex)
             if r.streamed and r.ttft_s is not None:
-                _observe(series.ttft, r.ttft_s, ex)
+                observe(series.ttft, r.ttft_s, ex)
             tpot = r.tpot_s
             if tpot is not None:
-                _observe(series.tpot, tpot, ex)
+                observe(series.tpot, tpot, ex)
         if r.input_tokens:
             series.tokens_in.inc(r.input_tokens)
         if r.output_tokens:
@@ -120,14 +121,21 @@ class CallMetrics:
 
 
 def _observe(child, value: float, ex: tuple[dict[str, str], float] | None) -> None:
-    """Histogram.observe, with the exemplar set as Histogram.observe(value, exemplar) would set it, less
-    its per-call label validation (the one label is fixed and its value cut to fit) and clock read."""
-    child.observe(value)
-    if ex is not None:
-        bounds = child._upper_bounds
-        i = bisect.bisect_left(bounds, value)
-        if i < len(bounds) and value <= bounds[i]:  # (NaN lands in no bucket)
-            child._buckets[i].set_exemplar(Exemplar(ex[0], value, ex[1]))
+    """prometheus_client's Histogram.observe(value, exemplar), less what it does per call that the proxy
+    does not need: a Python loop over the buckets (a bisect here), the observability check and the
+    exemplar's label validation (the one label is fixed and its value cut to fit)."""
+    child._sum.inc(value)
+    bounds = child._upper_bounds
+    i = bisect.bisect_left(bounds, value)
+    if i < len(bounds) and value <= bounds[i]:  # (NaN lands in no bucket, as with observe())
+        bucket = child._buckets[i]
+        bucket.inc(1)
+        if ex is not None:
+            bucket.set_exemplar(Exemplar(ex[0], value, ex[1]))
+
+
+def _observe_shared(child, value: float, ex) -> None:
+    child.observe(value)  # a proxy worker's shared-memory histogram (no exemplars)
 
 
 class _Series:

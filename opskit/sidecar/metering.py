@@ -17,14 +17,13 @@ on such an event too). The client gets the upstream's bytes unchanged in every c
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from time import perf_counter
 
 from opskit.core import records
 from opskit.core.records import CallRecord
-from opskit.core.sse import MAX_ID_CHARS, SSEParser, StreamMeter, completion_usage_and_id
+from opskit.core.sse import MAX_ID_CHARS, SSEParser, StreamMeter, completion_usage_and_id, loads_utf8
 
 SOURCE = "proxy"
 JSON_METER_CAP = 4 * 1024 * 1024      # non-streamed bodies bigger than this are passed but not metered
@@ -48,7 +47,7 @@ def model_of(body: bytes) -> str | None:
     """The `model` of a JSON request body, or None (not JSON, nested too deep, no string model):
     the body is forwarded as it is either way, and the upstream judges it."""
     try:
-        obj = json.loads(body)
+        obj = loads_utf8(body)
     except (ValueError, RecursionError):
         return None
     model = obj.get("model") if isinstance(obj, dict) else None

@@ -78,23 +78,24 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 # Also dropped from requests: opskit.sidecar.upstream_client writes Host and Content-Length itself, and it sends the
 # body at once, so an Expect: 100-continue (the proxy already answered it) must not reach the upstream.
-REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+REQUEST_DROP = frozenset(n.encode() for n in HOP_BY_HOP | {"host", "content-length", "expect"})  # (request
+# headers stay bytes, as sent)
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
-DECODABLE = {"gzip", "x-gzip", "deflate", "identity"}
+DECODABLE = {b"gzip", b"x-gzip", b"deflate", b"identity"}
 ERROR_TYPE_HEADER = "X-Opskit-Error-Type"
 
 
-def _dropped(connection: str | None, base: frozenset[str]) -> frozenset[str]:
-    """Hop-by-hop names plus any the Connection header lists (RFC 9110 7.6.1)."""
+def _dropped(connection, base: frozenset):
+    """Hop-by-hop names plus any the Connection header lists (RFC 9110 7.6.1); str or bytes alike."""
     if not connection:
         return base
-    return base | {t.strip().lower() for t in connection.split(",")}
+    return base | {t.strip().lower() for t in connection.split("," if isinstance(connection, str) else b",")}
 
 
-def _accept_encoding(value: str) -> str:
+def _accept_encoding(value: bytes) -> bytes:
     """The codings of an Accept-Encoding value the meter can decode (identity if none)."""
-    keep = [t for t in value.split(",") if t.split(";")[0].strip().lower() in DECODABLE]
-    return ",".join(keep).strip() or "identity"
+    keep = [t for t in value.split(b",") if t.split(b";")[0].strip().lower() in DECODABLE]
+    return b",".join(keep).strip() or b"identity"
 
 
 def _head(status: int, reason: str, headers: list[tuple[str, str]], extra: str) -> bytes:
@@ -212,7 +213,7 @@ class _Proxy:
             rec = call.record(self.target, self.metrics.model_label(self.target, call.model))
             (self.metrics.finished if call.in_flight else self.metrics.observe)(rec)
             if self.call_log is not None:
-                self.call_log.submit(rec, call, req.header("authorization"))
+                self.call_log.submit(rec, call, req.header(b"authorization"))
             self.finished += 1
 
     async def _forward(self, req: Request, call: MeteredCall | None) -> bool:
@@ -233,7 +234,7 @@ class _Proxy:
         headers = [(k, v) for k, v in req.headers if k.lower() not in drop]
         if call is not None:
             call.model, call.request_body = model_of(body), body
-            headers = [(k, _accept_encoding(v) if k.lower() == "accept-encoding" else v) for k, v in headers]
+            headers = [(k, _accept_encoding(v) if k.lower() == b"accept-encoding" else v) for k, v in headers]
             call.error_type = records.CONNECTION  # from here, ending with no response is the upstream's
             call.in_flight = True  # in flight: waiting on the API (an upload in progress is not)
             self.metrics.started(self.target, SOURCE)
@@ -267,20 +268,19 @@ class _Proxy:
 
     async def _relay(self, req: Request, ex: Exchange, call: MeteredCall | None) -> bool:
         """Pass the upstream response on: in one write if it is already complete, else chunk by chunk."""
-        connection, length, chunked_up, low = None, None, False, {}
+        low: dict[str, str] = {}  # by lower-case name: the first value (what metering and framing read)
+        out = []
         for k, v in ex.headers:
             lk = k.lower()
             if lk not in low:
                 low[lk] = v
-            if lk == "connection":
-                connection = v
-            elif lk == "transfer-encoding":
-                chunked_up = chunked_up or "chunked" in v.lower()
-        drop = _dropped(connection, RESPONSE_DROP)
-        out = [(k, v) for k, v in ex.headers if k.lower() not in drop]
+            if lk not in RESPONSE_DROP:
+                out.append((k, v))
+        if "connection" in low:  # the names it lists are hop-by-hop too
+            drop = _dropped(low["connection"], RESPONSE_DROP)
+            out = [(k, v) for k, v in out if k.lower() not in drop]
         cl = low.get("content-length", "").strip()
-        if cl.isdigit() and not chunked_up:
-            length = int(cl)
+        length = int(cl) if cl.isdigit() and "chunked" not in low.get("transfer-encoding", "").lower() else None
         feed = None
         if call is not None:
             call.begin(ex.status, low)

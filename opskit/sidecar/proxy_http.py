@@ -231,16 +231,14 @@ class Conn(asyncio.Protocol):
         if req.in_body:
             return  # a trailer field of a chunked body: not forwarded (the body goes on with a length)
         self.head_size += len(name) + len(value) + 4
-        k = name.decode("ascii", "surrogateescape")  # llhttp admits only token characters in a name
-        v = value.decode("utf-8", "surrogateescape")
-        req.headers.append((k, v))
+        req.headers.append((name, value))  # forwarded as sent: llhttp admits only tokens in a name, no CR/LF/NUL
         n = len(name)
         if n == 14 and name.lower() == b"content-length":
             req.length = int(value)  # llhttp checked it is digits, and that there is only one
         elif n == 6 and name.lower() == b"expect":
             req.expect = value.strip().lower() == b"100-continue"
         elif n == 10 and name.lower() == b"connection":
-            req.connection = v
+            req.connection = value
         elif n == 4 and name.lower() == b"host":
             req.hosts += 1
 

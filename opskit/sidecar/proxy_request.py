@@ -37,7 +37,7 @@ class ClientLeft(BodyError):
 
 
 class Request:
-    """One request as parsed: method, raw target, version, headers (str pairs, as sent) and its body."""
+    """One request as parsed: method, raw target, version, headers (bytes pairs, as sent) and its body."""
 
     __slots__ = ("conn", "method", "target", "version", "headers", "parts", "size", "length", "complete",
                  "keep_alive", "expect", "connection", "waiter", "failure", "t0", "hosts", "in_body")
@@ -45,24 +45,24 @@ class Request:
     def __init__(self, conn: Conn, t0: float) -> None:
         self.conn, self.t0 = conn, t0
         self.method, self.target, self.version = "GET", "", "1.1"
-        self.headers: list[tuple[str, str]] = []
+        self.headers: list[tuple[bytes, bytes]] = []
         self.parts: list[bytes] = []
         self.size = 0
         self.length: int | None = None      # Content-Length as sent
         self.complete = False                # the whole body is in
         self.keep_alive = True
         self.expect = False                  # Expect: 100-continue
-        self.connection = ""                 # the Connection header (its tokens are hop-by-hop too)
+        self.connection = b""                # the Connection header (its tokens are hop-by-hop too)
         self.waiter: asyncio.Future | None = None
         self.failure: BodyError | None = None
         self.hosts = 0                       # Host fields seen (HTTP/1.1 needs exactly one)
         self.in_body = False                 # head done: fields now are trailers (dropped)
 
-    def header(self, lname: str) -> str | None:
-        """The first value of a header by its lower-case name."""
+    def header(self, lname: bytes) -> str | None:
+        """The first value of a header by its lower-case name (bytes as sent, decoded losslessly)."""
         for k, v in self.headers:
             if k.lower() == lname:
-                return v
+                return v.decode("utf-8", "surrogateescape")
         return None
 
     async def read_body(self, max_bytes: int, timeout_s: float) -> bytes:

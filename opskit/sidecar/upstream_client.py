@@ -48,14 +48,11 @@ class Pool:
         self.busy: set[Conn] = set()
         self._watchdog: asyncio.Task | None = None
 
-    def request_bytes(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
-        """The request as it goes on the wire (Host and Content-Length set here)."""
-        parts = [f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
-        parts.extend(f"{k}: {v}\r\n" for k, v in headers)
-        if body or method in ("POST", "PUT", "PATCH"):
-            parts.append(f"Content-Length: {len(body)}\r\n")
-        parts.append("\r\n")
-        return "".join(parts).encode("utf-8", "surrogateescape") + body
+    def request_bytes(self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+        """The request as it goes on the wire (Host and Content-Length set here; headers as the client sent)."""
+        length = f"Content-Length: {len(body)}\r\n" if body or method in ("POST", "PUT", "PATCH") else ""
+        return b"".join((f"{method} {target} HTTP/1.1\r\nHost: {self.host_header}\r\n".encode("utf-8", "surrogateescape"),
+                         *[b"%b: %b\r\n" % kv for kv in headers], f"{length}\r\n".encode(), body))
 
     async def send(self, method: str, request: bytes, watch: Callable[[Exchange], None] | None = None) -> Exchange:
         """Send a request; returns its Exchange once the response head is in. Raises UpstreamError, or
