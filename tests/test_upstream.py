@@ -125,10 +125,13 @@ def test_broken_responses():
             await ex.head
 
     async def bad_chunk_size():
-        ex, _, _, conn = await _exchange([CHUNKED.split(b"\r\n\r\n")[0] + b"\r\n\r\nzz\r\nabc"])
-        with pytest.raises(UpstreamError, match="chunked"):
-            await ex.done
-        assert conn.transport.aborted
+        # not hex, and what int(x, 16) would take but a chunk size is not: a 0x prefix, a sign, an underscore
+        for size in (b"zz", b"0x3", b"+3", b"0_3", b" 3"):
+            for pieces in ([size + b"\r\nabc\r\n"], [size + b"\r\nab", b"c\r\n"]):  # whole chunk, or not
+                ex, seen, _, conn = await _exchange([CHUNKED.split(b"\r\n\r\n")[0] + b"\r\n\r\n", *pieces])
+                with pytest.raises(UpstreamError, match="chunked"):
+                    await ex.done
+                assert conn.transport.aborted and seen == b"", size
 
     async def bad_head():
         pool = Pool("http://127.0.0.1:1", 1.0, 5.0)

@@ -22,6 +22,7 @@ LOW_WATER = 64 * 1024     # ...until it is below this again
 _CONTROLS = bytes([*range(0x09), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f])
 _STATUS = re.compile("[1-5][0-9][0-9]")
 _TOKEN = re.compile("[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEX = re.compile(b"[0-9A-Fa-f]{1,15}")
 _TOKENS_SEEN: set[str] = set()  # header names already checked against _TOKEN (bounded)
 
 if TYPE_CHECKING:
@@ -289,6 +290,13 @@ class Conn(asyncio.Protocol):
 
     def _chunked(self, ex: Exchange, data: bytes, now: float) -> None:
         """Decode the chunked transfer coding; the data of one read goes to the sink in one piece."""
+        if self.cstate == _SIZE and not self.buf:  # fast path: a read that is exactly one whole chunk (an SSE event)
+            end = data.find(b"\r\n", 0, 18)
+            if end > 0 and _HEX.fullmatch(data, 0, end):
+                size = int(data[:end], 16)
+                if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
+                    self._emit(ex, data[end + 2:-2], now)
+                    return
         out: list[bytes] = []
         if self.buf:
             data, self.buf = self.buf + data, b""
@@ -313,7 +321,10 @@ class Conn(asyncio.Protocol):
                 line = data[pos:end]
                 pos = end + 2
                 if state == _SIZE:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
+                    digits = line.split(b";", 1)[0].rstrip(b" \t")
+                    if not _HEX.fullmatch(digits):
+                        raise ValueError("bad chunk size")
+                    size = int(digits, 16)
                     self.remaining, self.cstate = size, (_DATA if size else _TRAILER)
                 elif state == _CRLF:
                     if line:
