@@ -364,7 +364,9 @@ def report(f: dict[str, dict], args, pinned: bool, load: tuple[float, float], sa
         lines += ["", f"Saturation ({sat['streams']} streams at ITL 0, proxy cores {sat['cores']}): chunks/s "
                   f"1 worker {fmt3(sat['w1'], '', 0)}, 2 workers {fmt3(sat['w2'], '', 0)}, scaling ratio "
                   f"{sat['w2'][0] / sat['w1'][0]:.2f}; direct {fmt3(sat['direct'], '', 0)}. Proxy CPU per chunk (all "
-                  f"its processes): 1 worker {fmt3(sat['cpu_w1'], ' us')}, 2 workers {fmt3(sat['cpu_w2'], ' us')}"]
+                  f"its processes): 1 worker {fmt3(sat['cpu_w1'], ' us')}, 2 workers {fmt3(sat['cpu_w2'], ' us')}"
+                  + (f". nginx: chunks/s {fmt3(sat['nginx'], '', 0)}, CPU per chunk {fmt3(sat['cpu_nginx'], ' us')} "
+                     f"(opskit/nginx {sat['cpu_w1'][0] / sat['cpu_nginx'][0]:.2f}x)" if sat["nginx"] else "")]
     return "\n".join(lines)
 
 
@@ -405,12 +407,14 @@ def write_readme(text: str, command: str) -> None:
     README.write_text(new)
 
 
-def saturation(args, mock: dict, tmp: str, pinned: bool) -> dict:
-    """chunks/s at saturation through opskit with 1 and with 2 proxy workers (and direct)."""
+def saturation(args, mock: dict, tmp: str, pinned: bool, nginx: dict | None) -> dict:
+    """chunks/s at saturation through opskit with 1 and with 2 proxy workers, through nginx (on the first
+    of the proxy cores) and direct; CPU per chunk of each proxy, where every read carries several events."""
     cores = args.sat_cores
     admin(mock["admin_url"], "latency", {"ttft_ms": 0, "ttft_jitter_ms": 0, "itl_ms": 0, "itl_jitter_ms": 0,
                                          "output_tokens_mean": 200, "output_tokens_spread": 0})
-    out = {"streams": args.sat_streams, "cores": cores, "w1": [], "w2": [], "direct": [], "cpu_w1": [], "cpu_w2": []}
+    out = {"streams": args.sat_streams, "cores": cores, "w1": [], "w2": [], "direct": [], "cpu_w1": [], "cpu_w2": [],
+           "nginx": [], "cpu_nginx": []}
     procs = {}
     for w in (1, 2):
         procs[w] = spawn([sys.executable, "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--no-gpu",
@@ -419,9 +423,11 @@ def saturation(args, mock: dict, tmp: str, pinned: bool) -> dict:
                          cores if pinned else None, Path(tmp, f"sat{w}.json"))
     try:
         for i in range(args.rounds):
-            for key, url in (("w1", procs[1][1]["proxy_url"]), ("w2", procs[2][1]["proxy_url"]),
-                             ("direct", mock["url"]))[::1 if i % 2 == 0 else -1]:
-                pid = procs[int(key[1])][1]["pid"] if key != "direct" else None
+            sides = [("w1", procs[1][1]["proxy_url"], procs[1][1]["pid"]),
+                     ("w2", procs[2][1]["proxy_url"], procs[2][1]["pid"]), ("direct", mock["url"], None)]
+            if nginx is not None:
+                sides.append(("nginx", nginx["url"], nginx["pid"]))
+            for key, url, pid in sides[::1 if i % 2 == 0 else -1]:
                 cpu0 = tree_cpu_seconds(pid) if pid else 0.0
                 res = asyncio.run(load(url, "streams", args.sat_streams, args.seconds, 200))
                 out[key].append(res["events"] / res["elapsed"])
@@ -431,7 +437,7 @@ def saturation(args, mock: dict, tmp: str, pinned: bool) -> dict:
         for p, _ in procs.values():
             p.send_signal(signal.SIGTERM)
             p.wait(30)
-    return {k: med_spread(v) if isinstance(v, list) else v for k, v in out.items()}
+    return {k: med_spread(v) if isinstance(v, list) and v else v for k, v in out.items()}
 
 
 def main() -> None:
@@ -483,7 +489,7 @@ def main() -> None:
             admin(mock["admin_url"], "latency", {"ttft_ms": 0, "ttft_jitter_ms": 0, "itl_ms": 0})
             short = run_phase("short", args, sides)
             if args.saturation:
-                sat = saturation(args, mock, tmp, pinned)
+                sat = saturation(args, mock, tmp, pinned, nginx[1] if nginx is not None else None)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
