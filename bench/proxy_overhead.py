@@ -14,7 +14,8 @@ nginx measured in the same run.
   and again; each side's TTFT relative to the mock's ground truth (`x-mock-ttft-ms`); added TTFT is
   proxied minus direct per pair, at p50 and p99, for opskit and for nginx in alternating rounds.
 - saturation (--saturation): streams at the mock's ITL 0 through opskit with 1 and with 2 proxy
-  workers (`--proxy-workers 2`, given --sat-cores): chunks/s delivered, and the scaling ratio.
+  workers (`--proxy-workers 2`, given --sat-cores) and through nginx: chunks/s delivered, the scaling
+  ratio, and each proxy's CPU per chunk when every read carries several events (a busy server).
 
 Without nginx (`apt-get install nginx-light`) the nginx columns are left out. Medians over rounds are
 printed with the spread (min-max) and the machine's load average.
