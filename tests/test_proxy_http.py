@@ -264,6 +264,33 @@ def test_connection_close_from_client_closes_after_the_response(upstream, proxy_
         assert c.closed()
 
 
+def test_garbage_pipelined_after_a_request_is_answered_400_after_it(scripted, proxy_factory):  # noqa: F811
+    """The valid request in flight is answered first; the 400 for what follows it comes after, then the close."""
+    up = scripted(lambda head: [_ok(), b""])  # the answer comes 10 ms later: the garbage is parsed meanwhile
+    p = proxy_factory(up.url)
+    with Client(p.server.port) as c:
+        c.send(_get("/first") + b"GET /x HTTP/1.1\r\nHost: proxy\r\nNot a header\r\n\r\n")
+        first, second = c.response(), c.response()
+        assert c.closed()
+    assert (first.status, first.body, second.status) == (200, b"{}", 400)
+    assert up.paths == [b"/first"]
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "1.2"])
+def test_http_versions_other_than_1x_are_refused(scripted, proxy_factory, version):  # noqa: F811
+    up = scripted(lambda head: _ok())
+    p = proxy_factory(up.url)
+    with Client(p.server.port) as c:
+        c.send(_get("/v", version=version))
+        try:
+            r = c.response()
+        except EOFError:  # refused by the parser itself, without an answer: also fine
+            r = None
+        assert r is None or r.status in (400, 505)
+        assert c.closed()
+    assert up.paths == []
+
+
 def test_request_pipelined_after_connection_close_is_discarded(scripted, proxy_factory):  # noqa: F811
     """RFC 9112 9.6: the request carrying `close` is answered, then the connection closed; what follows
     it is dropped (not a 400 for the whole connection, which would lose the valid first request)."""
