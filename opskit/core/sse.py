@@ -155,7 +155,7 @@ class StreamMeter:
         self.response_id: str | None = None  # the first chunk's `id` ("" once a chunk had none)
 
     def on_data(self, payload: str, now: float) -> None:
-        """Account one event payload received at `now`."""
+        """Account one event payload received at `now` (the proxy's per-chunk hot spot: kept flat)."""
         if payload == DONE:
             self.done = True
             return
@@ -164,40 +164,41 @@ class StreamMeter:
         except ValueError:  # json.JSONDecodeError is a ValueError
             self.malformed += 1
             return
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:  # (json makes plain dicts)
             self.malformed += 1
             return
         if self.response_id is None:
             self.response_id = response_id(obj)
-        if "error" in obj and obj["error"]:
-            err = obj["error"]
+        err = obj.get("error")
+        if err:
             self.stream_error = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
         content = reasoning = None
-        for choice in _choices(obj):
-            if not isinstance(choice, dict):
-                continue
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                content = content or delta.get("content")
-                reasoning = reasoning or delta.get("reasoning_content")
-            elif choice.get("text"):  # /v1/completions streams carry `text`
-                content = content or choice["text"]
-        if content or reasoning:
-            self._text(now, bool(content))
-        usage = _usage(obj.get("usage"))
+        choices = obj.get("choices")
+        if type(choices) is list:
+            for choice in choices:
+                if type(choice) is not dict:
+                    continue
+                delta = choice.get("delta")
+                if type(delta) is dict:
+                    content = content or delta.get("content")
+                    reasoning = reasoning or delta.get("reasoning_content")
+                elif choice.get("text"):  # /v1/completions streams carry `text`
+                    content = content or choice["text"]
+        if content or reasoning:  # a text chunk
+            if self.first_token is None:
+                self.first_token = now
+            elif self.gaps is not None and self.last_text is not None:
+                self.gaps.append(now - self.last_text)
+            if content and self.first_output is None:
+                self.first_output = now
+            self.last_text = now
+            self.text_chunks += 1
+        usage = obj.get("usage")
         if usage is not None:
-            self.usage_seen = True
-            self.input_tokens, self.output_tokens, self.cached_tokens, self.reasoning_tokens = usage
-
-    def _text(self, now: float, is_output: bool) -> None:
-        if self.first_token is None:
-            self.first_token = now
-        elif self.gaps is not None and self.last_text is not None:
-            self.gaps.append(now - self.last_text)
-        if is_output and self.first_output is None:
-            self.first_output = now
-        self.last_text = now
-        self.text_chunks += 1
+            usage = _usage(usage)
+            if usage is not None:
+                self.usage_seen = True
+                self.input_tokens, self.output_tokens, self.cached_tokens, self.reasoning_tokens = usage
 
     @property
     def ttft(self) -> float | None:

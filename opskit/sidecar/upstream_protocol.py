@@ -167,7 +167,10 @@ class Conn(asyncio.Protocol):
             if data is None:
                 return
         if data:
-            self._body(ex, data, now)
+            if self.mode == _CHUNKED:  # (the usual stream: one call less per chunk)
+                self._chunked(ex, data, now)
+            else:
+                self._body(ex, data, now)
 
     # ------------------------------------------------------------------ request
     def send(self, method: str, request: bytes) -> Exchange:
@@ -283,10 +286,13 @@ class Conn(asyncio.Protocol):
         try:
             sink(data, now)
         except ClientGone as exc:
-            self.ex = None
-            self.abort()
-            if not ex.done.done():
-                ex.done.set_exception(exc)
+            self._gone(ex, exc)
+
+    def _gone(self, ex: Exchange, exc: ClientGone) -> None:
+        self.ex = None
+        self.abort()
+        if not ex.done.done():
+            ex.done.set_exception(exc)
 
     def _chunked(self, ex: Exchange, data: bytes, now: float) -> None:
         """Decode the chunked transfer coding; the data of one read goes to the sink in one piece."""
@@ -295,7 +301,14 @@ class Conn(asyncio.Protocol):
             if end > 0 and _HEX.fullmatch(data, 0, end):
                 size = int(data[:end], 16)
                 if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
-                    self._emit(ex, data[end + 2:-2], now)
+                    sink = ex.sink
+                    if sink is None:
+                        self._emit(ex, data[end + 2:-2], now)
+                        return
+                    try:
+                        sink(data[end + 2:-2], now)
+                    except ClientGone as exc:
+                        self._gone(ex, exc)
                     return
         out: list[bytes] = []
         if self.buf:
