@@ -347,10 +347,11 @@ def fmt3(t: tuple[float, float, float], unit: str = "", digits: int = 1) -> str:
 def report(f: dict[str, dict], args, pinned: bool, load: tuple[float, float], sat: dict | None) -> str:
     ok = {True: "ok", False: "MISSED"}
     o, n = f["opskit"], f.get("nginx")
+    errors = ", ".join(f"{k} {x['errors']}" for k, x in f.items() if isinstance(x, dict) and "errors" in x)
     lines = [
         f"Streams: {args.streams} concurrent, {args.tokens} tokens each at the mock's itl {args.itl_ms} ms; TTFT pairs: "
         f"{args.ttft_streams} streams; short: {args.short_concurrency} concurrent non-streamed; {args.rounds} rounds of "
-        f"{args.seconds:g} s; pinned: {pinned}; errors: {sum(x['errors'] for x in f.values() if isinstance(x, dict))}; load average (1 min) "
+        f"{args.seconds:g} s; pinned: {pinned}; errors: {errors}; load average (1 min) "
         f"before/after: {load[0]:.1f}/{load[1]:.1f} on {os.cpu_count()} CPUs. Median (min-max over rounds).",
         "",
         "| figure | opskit | nginx | ratio opskit/nginx | target |",
