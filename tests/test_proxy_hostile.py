@@ -30,16 +30,15 @@ LABELS = {"target": TARGET, "source": "proxy", "model": MODEL}
 
 # ---------------------------------------------------------------- an upstream that sends scripted bytes
 
-async def _read_request(reader: asyncio.StreamReader) -> bytes:
-    """Read one request (head and Content-Length body); its head."""
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """Read one request: (its head, its Content-Length body)."""
     head = await reader.readuntil(b"\r\n\r\n")
     length = 0
-    for line in head.split(b"\r\n"):
+    for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
-    await reader.readexactly(length)
-    return head
+    return head, await reader.readexactly(length)
 
 
 @pytest.fixture
@@ -51,7 +50,7 @@ def raw_upstream(loop_thread):  # noqa: F811
     def start(respond) -> str:
         async def handle(reader, writer):
             try:
-                await _read_request(reader)
+                await read_request(reader)
                 await respond(reader, writer)
                 await writer.drain()
             except (ConnectionError, asyncio.IncompleteReadError):

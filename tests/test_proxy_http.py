@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.test_proxy import MODEL, loop_thread, proxy_factory, upstream  # noqa: F401 (fixtures)
+from tests.test_proxy_hostile import read_request
 
 TIMEOUT_S = 3.0
 
@@ -165,13 +166,8 @@ def scripted(loop_thread):  # noqa: F811
 
         async def handle(reader, writer):
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                seen.append((head, await reader.readexactly(length)))
+                head, body = await read_request(reader)
+                seen.append((head, body))
                 out = reply(head)
                 for i, piece in enumerate(out if isinstance(out, list) else [out]):
                     if i:

@@ -35,15 +35,15 @@ LINGER_S = 1.0      # after an early answer, what the client still sends is read
 
 
 
-def _plain(status: str, text: str, extra: str = "") -> bytes:
+def plain(status: str, text: str, extra: str = "") -> bytes:
     """A whole closing response, written straight to a transport (no request object exists for it)."""
     body = text.encode()
     return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n{extra}"
             f"Connection: close\r\n\r\n").encode() + body
 
 
-_REFUSED = _plain("503 Service Unavailable", "too many connections\n", "Retry-After: 1\r\n")
-_HEAD_TIMEOUT = _plain("408 Request Timeout", "request head not received in time\n")
+REFUSED = plain("503 Service Unavailable", "too many connections\n", "Retry-After: 1\r\n")
+HEAD_TIMEOUT = plain("408 Request Timeout", "request head not received in time\n")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class GuardedServer(web.Server):
         """False (after answering 503 and closing) when the cap is reached."""
         if len(self._connections) < self.limits.max_connections:
             return True
-        transport.write(_REFUSED)
+        transport.write(REFUSED)
         transport.close()
         if self.on_refused is not None:
             self.on_refused()
@@ -158,7 +158,7 @@ class GuardedHandler(RequestHandler):
         if (self._request_count != self._head_count or self._request_in_progress or self._messages
                 or self.transport is None):
             return  # the head did arrive (and perhaps its response went out): nothing is late
-        self.transport.write(_HEAD_TIMEOUT)
+        self.transport.write(HEAD_TIMEOUT)
         self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:

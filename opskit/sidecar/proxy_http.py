@@ -33,21 +33,12 @@ from time import perf_counter
 
 import httptools
 
-from opskit.sidecar.http_guard import LINGER_S, Limits, Throttle
+from opskit.sidecar.http_guard import HEAD_TIMEOUT, LINGER_S, REFUSED, Limits, Throttle, plain
 from opskit.sidecar.proxy_request import BodyError, ClientLeft, Request, TooLarge
 
 MAX_HEAD = 64 * 1024  # request line and headers; more is answered 431
 
 
-def plain(status: str, text: str, extra: str = "") -> bytes:
-    """A whole closing response written by the HTTP layer itself (no handler runs for it)."""
-    body = text.encode()
-    return (f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n{extra}"
-            f"Connection: close\r\n\r\n").encode() + body
-
-
-REFUSED = plain("503 Service Unavailable", "too many connections\n", "Retry-After: 1\r\n")
-HEAD_TIMEOUT = plain("408 Request Timeout", "request head not received in time\n")
 BAD_REQUEST = plain("400 Bad Request", "malformed request\n")
 HEAD_TOO_LARGE = plain("431 Request Header Fields Too Large", "request head too large\n")
 BAD_VERSION = plain("505 HTTP Version Not Supported", "only HTTP/1.0 and HTTP/1.1 are served\n")
