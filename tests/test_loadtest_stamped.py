@@ -98,6 +98,13 @@ def test_stamp_is_the_packets_age_before_now_and_ignores_nonsense():
     srv.close()
     try:
         assert stamped.enable(b)
+        # The kernel turns receive stamps on for the whole stack lazily (a deferred static key) when the
+        # first socket asks: packets right after may come unstamped (read as "now" by stamp()). Wait for it.
+        for _ in range(100):
+            a.sendall(b"w")
+            if b.recvmsg(16, stamped._ANC)[1]:
+                break
+            time.sleep(0.01)
         sent = time.perf_counter()
         a.sendall(b"x")
         time.sleep(0.05)

@@ -641,3 +641,42 @@ def test_upgrade_request_is_forwarded_as_a_plain_request(upstream, proxy_factory
         assert r.get("Upgrade") is None
         c.send(_get("/echo/after"))  # RFC 9110 7.8: the Upgrade was ignored, so the connection stays HTTP/1.1
         assert c.response().json()["path"] == "/echo/after"
+
+
+def test_a_handler_that_fails_closes_its_connection_with_one_line_and_no_traceback(loop_thread, caplog):  # noqa: F811
+    """A bug in the handler (not a peer's doing) must not take the listener down or log what was sent."""
+    import logging
+
+    from opskit.sidecar.http_guard import Limits
+    from opskit.sidecar.proxy_http import Server
+
+    calls = []
+
+    async def handler(req):
+        calls.append(req.target)
+        if req.target == "/boom":
+            raise KeyError("secret-value-from-the-request")
+        req.conn.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        return True
+
+    log = logging.getLogger("opskit.test.proxy_http")
+    caplog.set_level(logging.DEBUG, logger=log.name)
+
+    async def start():
+        server = Server(handler, Limits(), log, "proxy")
+        return server, await server.start("127.0.0.1", 0)
+
+    server, port = loop_thread.run(start())
+    try:
+        with Client(port) as c:
+            c.send(_get("/boom"))
+            assert c.closed()  # nothing half-written is left for the client to misread
+        with Client(port) as c:  # the listener still serves
+            c.send(_get("/fine"))
+            assert c.response().status == 204
+        lines = [r for r in caplog.records if r.name == log.name]
+        assert len(lines) == 1 and lines[0].exc_info is None
+        assert "KeyError" in lines[0].getMessage() and "secret-value" not in lines[0].getMessage()
+        assert calls == ["/boom", "/fine"]
+    finally:
+        loop_thread.run(server.close())

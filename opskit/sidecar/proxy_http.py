@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from time import perf_counter
 
 import httptools
@@ -80,6 +82,15 @@ class Server:
         if held is not None:
             since = f" ({held} more since the last such line)" if held else ""
             self.log.warning("%s: malformed request: %s%s", self.what, " ".join(why.split())[:200], since)
+
+    def failed(self, exc: Exception) -> None:
+        held = self._throttle.take()
+        if held is not None:
+            since = f" ({held} more since the last such line)" if held else ""
+            where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+            at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+            # the type and the place only: a message may hold what the peer sent
+            self.log.error("%s: handler failed: %s%s%s", self.what, type(exc).__name__, at, since)
 
     def tasks(self) -> list[asyncio.Task]:
         return [c.task for c in self.conns if c.task is not None]
@@ -280,6 +291,8 @@ class Conn(asyncio.Protocol):
         keep = False
         try:
             keep = await self.server.handler(req)
+        except Exception as exc:  # a bug, not a peer's doing: one line, and the connection is closed
+            self.server.failed(exc)
         finally:
             self.on_lost = None
             self._finished(req, keep)
