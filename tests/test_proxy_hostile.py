@@ -43,14 +43,16 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 @pytest.fixture
 def raw_upstream(loop_thread):  # noqa: F811
-    """Factory: raw_upstream(respond) -> root URL of a server that, for each request, awaits
-    respond(reader, writer) and then closes the connection."""
+    """Factory: raw_upstream(respond, seen=None) -> root URL of a server that, for each request, appends
+    (head, body) to `seen` if given, awaits respond(reader, writer) and then closes the connection."""
     servers = []
 
-    def start(respond) -> str:
+    def start(respond, seen: list | None = None) -> str:
         async def handle(reader, writer):
             try:
-                await read_request(reader)
+                request = await read_request(reader)
+                if seen is not None:
+                    seen.append(request)
                 await respond(reader, writer)
                 await writer.drain()
             except (ConnectionError, asyncio.IncompleteReadError):
@@ -59,7 +61,7 @@ def raw_upstream(loop_thread):  # noqa: F811
                 writer.close()
 
         async def serve():
-            return await asyncio.start_server(handle, "127.0.0.1", 0)
+            return await asyncio.start_server(handle, "127.0.0.1", 0, limit=1 << 20)  # (heads up to 1 MiB)
 
         server = loop_thread.run(serve())
         servers.append(server)

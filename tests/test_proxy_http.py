@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.test_proxy import MODEL, loop_thread, proxy_factory, upstream  # noqa: F401 (fixtures)
-from tests.test_proxy_hostile import read_request
+from tests.test_proxy_hostile import raw_upstream  # noqa: F401 (fixture)
 
 TIMEOUT_S = 3.0
 
@@ -156,39 +156,24 @@ class Scripted:
 
 
 @pytest.fixture
-def scripted(loop_thread):  # noqa: F811
+def scripted(raw_upstream):  # noqa: F811
     """Factory: scripted(reply) -> Scripted. For each request, reply(head) gives the bytes to send (a list:
     sent piece by piece, 10 ms apart); then the connection is closed."""
-    servers = []
 
     def start(reply) -> Scripted:
         seen: list[tuple[bytes, bytes]] = []
 
-        async def handle(reader, writer):
-            try:
-                head, body = await read_request(reader)
-                seen.append((head, body))
-                out = reply(head)
-                for i, piece in enumerate(out if isinstance(out, list) else [out]):
-                    if i:
-                        await asyncio.sleep(0.01)
-                    writer.write(piece)
-                    await writer.drain()
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
+        async def respond(reader, writer):
+            out = reply(seen[-1][0])
+            for i, piece in enumerate(out if isinstance(out, list) else [out]):
+                if i:
+                    await asyncio.sleep(0.01)
+                writer.write(piece)
+                await writer.drain()
 
-        async def serve():
-            return await asyncio.start_server(handle, "127.0.0.1", 0, limit=1 << 20)
+        return Scripted(raw_upstream(respond, seen), seen)
 
-        server = loop_thread.run(serve())
-        servers.append(server)
-        return Scripted(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen)
-
-    yield start
-    for server in servers:
-        loop_thread.loop.call_soon_threadsafe(server.close)
+    return start
 
 
 def _ok(body: bytes = b"{}", extra: bytes = b"") -> bytes:

@@ -169,18 +169,17 @@ class ProxyServer:
 class _Proxy:
     """The request handler and its upstream connection pool."""
 
-    def __init__(self, upstream: str, target: str, metrics: CallMetrics, max_body_bytes: int,
-                 timeout_s: float, connect_timeout_s: float, ssl_context: ssl.SSLContext | None,
-                 limits: Limits, call_log=None) -> None:
+    def __init__(self, upstream: str, target: str, metrics: CallMetrics, timeout_s: float,
+                 connect_timeout_s: float, ssl_context: ssl.SSLContext | None, call_log=None) -> None:
         url = urlsplit(upstream)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
         self.prefix = url.path.rstrip("/")  # an upstream path prefix is prepended to every request path
-        self.target, self.metrics, self.max_body = target, metrics, max_body_bytes
+        self.target, self.metrics = target, metrics
         self.open = 0  # metered calls being handled
         self.closing = False
         self.finished = 0  # metered calls counted so far (the exporter lingers until a scrape has them all)
-        self.limits, self.call_log = limits, call_log
+        self.call_log = call_log
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
         self._throttle = Throttle()
 
@@ -218,7 +217,7 @@ class _Proxy:
 
     async def _forward(self, req: Request, call: MeteredCall | None) -> bool:
         try:
-            body = await req.read_body(self.max_body, self.limits.body_timeout_s)
+            body = await req.read_body()
         except BodyError as exc:  # the client's error, counted as one; nothing reached the API
             if call is not None:
                 call.end = perf_counter()
@@ -279,8 +278,7 @@ class _Proxy:
         if "connection" in low:  # the names it lists are hop-by-hop too
             drop = _dropped(low["connection"], RESPONSE_DROP)
             out = [(k, v) for k, v in out if k.lower() not in drop]
-        cl = low.get("content-length", "").strip()
-        length = int(cl) if cl.isdigit() and "chunked" not in low.get("transfer-encoding", "").lower() else None
+        length = ex.length
         feed = None
         if call is not None:
             call.begin(ex.status, low)
@@ -387,10 +385,8 @@ async def start_proxy(host: str, port: int, upstream: str, target: str, metrics:
     bound what a client may hold (opskit.sidecar.proxy_http); `on_refused()` is called for each
     connection refused at the cap; `call_log` (opskit.sidecar.call_log) records each metered call.
     `reuse_port`: share the port with other processes (SO_REUSEPORT, as the proxy workers do)."""
-    limits = limits or Limits()
-    proxy = _Proxy(upstream, target, metrics, max_body_bytes, timeout_s, connect_timeout_s, ssl_context, limits,
-                   call_log)
-    server = Server(proxy.handle, limits, log, "proxy", on_refused, max_body_bytes)
+    proxy = _Proxy(upstream, target, metrics, timeout_s, connect_timeout_s, ssl_context, call_log)
+    server = Server(proxy.handle, limits or Limits(), log, "proxy", on_refused, max_body_bytes)
     try:
         bound = await server.start(host, port, reuse_port)
     except BaseException:

@@ -147,7 +147,6 @@ class Conn(asyncio.Protocol):
         self.head_size = 0     # bytes of the head being parsed, as the parser hands them over
         self.head_raw = 0      # bytes read while that head stayed incomplete
         self.idle_at = perf_counter()
-        self.max_body = server.max_body
         self.closing = False   # answered for good: read and drop the rest
         self.lingering = False  # half-closed after an answer; closed LINGER_S later
         self.paused = False
@@ -268,9 +267,9 @@ class Conn(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         req = self.parsing
         req.size += len(body)
-        if req.size > self.max_body:
+        if req.size > self.server.max_body:
             if req.failure is None:
-                req._wake(TooLarge(f"request body over {self.max_body} bytes"))
+                req._wake(TooLarge(f"request body over {self.server.max_body} bytes"))
             req.parts.clear()
             return
         req.parts.append(body)

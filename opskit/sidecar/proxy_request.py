@@ -65,19 +65,19 @@ class Request:
                 return v.decode("utf-8", "surrogateescape")
         return None
 
-    async def read_body(self, max_bytes: int, timeout_s: float) -> bytes:
-        """The whole body, or BodyError (TooLarge, TooSlow, ClientLeft, or a malformed framing)."""
+    async def read_body(self) -> bytes:
+        """The whole body, or BodyError (TooLarge, TooSlow, ClientLeft, or a malformed framing), within the
+        listener's body limit (the connection counts what arrives against it) and body timeout."""
+        conn = self.conn
+        max_bytes = conn.server.max_body
         if self.length is not None and self.length > max_bytes:  # said up front: no 100 Continue, no upload
             raise TooLarge(f"request body over {max_bytes} bytes")
-        conn = self.conn
-        if self.size > max_bytes and self.failure is None:
-            self.failure = TooLarge(f"request body over {max_bytes} bytes")
         if not self.complete and self.failure is None:
             if self.expect and self.version == "1.1" and conn.transport is not None:
                 conn.transport.write(CONTINUE)
             self.waiter = conn.loop.create_future()
             try:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout(conn.server.limits.body_timeout_s):
                     await self.waiter
             except TimeoutError:
                 raise TooSlow(TooSlow.message) from None

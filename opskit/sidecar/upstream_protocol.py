@@ -51,7 +51,7 @@ class ClientGone(Exception):
 class Exchange:
     """One request/response on a connection: the head future, then body pieces to the sink."""
 
-    __slots__ = ("head", "done", "pending", "sink", "status", "reason", "headers", "complete", "conn")
+    __slots__ = ("head", "done", "pending", "sink", "status", "reason", "headers", "length", "complete", "conn")
 
     def __init__(self, conn: Conn) -> None:
         loop = conn.loop  # not asyncio.get_running_loop(): on Python 3.11 that is a getpid() syscall each time
@@ -60,6 +60,7 @@ class Exchange:
         self.pending: list[tuple[bytes, float]] = []   # body that arrived before a sink was attached
         self.sink: Sink | None = None
         self.status, self.reason, self.headers = 0, "", []
+        self.length: int | None = None  # the head's Content-Length, unless chunked (a HEAD's too: no body follows)
         self.complete = False
         self.conn = conn
 
@@ -222,7 +223,7 @@ class Conn(asyncio.Protocol):
                 continue  # interim response (100 Continue, 103 Early Hints): the real one follows
             break
         self.buf = b""
-        self._framing(status, headers, version)
+        ex.length = self._framing(status, headers, version)
         ex.status, ex.reason, ex.headers = status, reason, headers
         ex.head.set_result(None)  # not `ex`: a future holding the exchange that holds it is a cycle for the GC
         if self.mode == _NONE or (self.mode == _LENGTH and self.remaining == 0):
@@ -235,7 +236,8 @@ class Conn(asyncio.Protocol):
         self.abort()
         return None
 
-    def _framing(self, status: int, headers: list[tuple[str, str]], version: str) -> None:
+    def _framing(self, status: int, headers: list[tuple[str, str]], version: str) -> int | None:
+        """Set how the body ends; the Content-Length the head states (None: none, or chunked)."""
         te = cl = conn = ""
         for k, v in headers:
             lk = k.lower()
@@ -246,14 +248,16 @@ class Conn(asyncio.Protocol):
             elif lk == "connection":
                 conn = v.lower()
         self.keep_alive = "close" not in conn and (version == "HTTP/1.1" or "keep-alive" in conn)
+        length = int(cl) if cl.isdigit() and "chunked" not in te else None
         if self.method == "HEAD" or status in (204, 304):
             self.mode = _NONE
         elif "chunked" in te:
             self.mode, self.cstate = _CHUNKED, _SIZE
-        elif cl.isdigit():
-            self.mode, self.remaining = _LENGTH, int(cl)
+        elif length is not None:
+            self.mode, self.remaining = _LENGTH, length
         else:
             self.mode, self.keep_alive = _CLOSE, False
+        return length
 
     # ------------------------------------------------------------------ response body
     def _body(self, ex: Exchange, data: bytes, now: float) -> None:
@@ -286,13 +290,10 @@ class Conn(asyncio.Protocol):
         try:
             sink(data, now)
         except ClientGone as exc:
-            self._gone(ex, exc)
-
-    def _gone(self, ex: Exchange, exc: ClientGone) -> None:
-        self.ex = None
-        self.abort()
-        if not ex.done.done():
-            ex.done.set_exception(exc)
+            self.ex = None
+            self.abort()
+            if not ex.done.done():
+                ex.done.set_exception(exc)
 
     def _chunked(self, ex: Exchange, data: bytes, now: float) -> None:
         """Decode the chunked transfer coding; the data of one read goes to the sink in one piece."""
@@ -301,14 +302,7 @@ class Conn(asyncio.Protocol):
             if end > 0 and _HEX.fullmatch(data, 0, end):
                 size = int(data[:end], 16)
                 if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
-                    sink = ex.sink
-                    if sink is None:
-                        self._emit(ex, data[end + 2:-2], now)
-                        return
-                    try:
-                        sink(data[end + 2:-2], now)
-                    except ClientGone as exc:
-                        self._gone(ex, exc)
+                    self._emit(ex, data[end + 2:-2], now)
                     return
         out: list[bytes] = []
         if self.buf:
