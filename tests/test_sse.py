@@ -199,3 +199,52 @@ def test_garbage_token_details_are_unknown_and_keep_the_rest(value):
     m.on_data('{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1, "prompt_tokens_details": '
               '{"cached_tokens": 2}, "prompt_cache_hit_tokens": ' + value + "}}", 0.2)
     assert m.details == (0, 0)
+
+
+# Payloads of every shape: the fast decode (`_Chunk`) must leave the meter exactly as the full parse does.
+SHAPES = [chunk(content="hi"), chunk(reasoning="think"), chunk(role="assistant", content=""), chunk(content=""),
+          chunk(usage={"prompt_tokens": 5, "completion_tokens": 3, "prompt_cache_hit_tokens": 2,
+                       "completion_tokens_details": {"reasoning_tokens": 1}}),
+          '{"choices": [{"index": 0, "text": "hi"}]}', '{"choices": [{"delta": null, "text": "t"}]}',
+          '{"choices": [{"delta": {"content": "a"}, "text": "b"}]}', '{"choices": [{"delta": "s"}]}',
+          '{"choices": [1, {"delta": {"content": "x"}}]}', '{"choices": "abc"}', '{"choices": null, "id": 7}',
+          '{"id": "first", "id": "second", "choices": []}', '{"id": "' + "i" * 300 + '"}',
+          '{"error": {"code": 429}}', '{"error": "boom"}', '{"error": {}}', '{"error": null}',
+          '{"usage": {"prompt_tokens": NaN, "completion_tokens": 1}}', '{"usage": {"prompt_tokens": 1e400}}',
+          '{"usage": {"prompt_tokens": 100000000000000000000000, "completion_tokens": 1}}',
+          '{"choices": [{"delta": {"content": ["list"]}}]}', '{"choices": [{"delta": {"content": "\\ud800"}}]}',
+          ' {"choices": []} ', '{"choices": []} x', "", "null", "[1]", '"text"', "{not json", '{"a": Infinity}']
+
+
+@pytest.mark.parametrize("payload", SHAPES)
+def test_fast_decode_accounts_as_the_full_parse(payload):
+    fast, full = StreamMeter(t0=0.0, keep_gaps=True), StreamMeter(t0=0.0, keep_gaps=True)
+    for now in (0.1, 0.2):
+        fast.on_data(payload, now)
+        full._on_other(payload, now)
+    assert {k: getattr(fast, k) for k in StreamMeter.__slots__} == {k: getattr(full, k) for k in StreamMeter.__slots__}
+
+
+BODIES = [b'{"id": "r1", "choices": [{"message": {"role": "assistant", "content": "hi"}}], "usage": {"prompt_tokens": 3, '
+          b'"completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 2}}}',
+          b'{"choices": [{"message": {"content": ""}, "text": "t"}]}', b'{"choices": [{"message": {"reasoning_content": "r"}}]}',
+          b'{"choices": [{"message": "s"}]}', b'{"choices": [1, {"text": "x"}]}', b'{"choices": 5, "usage": {"prompt_tokens": 0}}',
+          b'{"id": 5, "choices": null}', b'{"usage": {"prompt_tokens": NaN, "completion_tokens": 1}}', b"[1]", b"null",
+          b"not json", b"", b"\xef\xbb\xbf{\"id\": \"bom\"}", '{"id": "utf16"}'.encode("utf-16"), b"[" * 100_000]
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_fast_body_decode_reads_as_the_full_parse(body):
+    from opskit.core.sse import _usage_and_id_of_any, completion_usage_and_id
+
+    assert completion_usage_and_id(body) == _usage_and_id_of_any(body)
+
+
+@pytest.mark.parametrize("body, model", [(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}', "m"),
+                                         (b'{"model": 5}', None), (b'[{"model": "m"}]', None), (b"{bad", None),
+                                         (b'{"model": "a", "model": "b"}', "b"), (b'{"model": "m", "n": NaN}', "m"),
+                                         ('{"model": "u16"}'.encode("utf-16"), "u16"), (b"", None)])
+def test_model_of_request_bodies(body, model):
+    from opskit.sidecar.metering import model_of
+
+    assert model_of(body) == model

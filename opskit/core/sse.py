@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 from json.scanner import make_scanner
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import msgspec
 
 DONE = "[DONE]"
 MAX_LINE = 1024 * 1024    # an SSE line (or event) longer than this ends the parse: no real chunk is near it
+MAX_ID_CHARS = 100        # a response id longer than this is cut (it labels an exemplar: 128 characters at most)
 MAX_TOKENS = 10 ** 9      # a usage count above this is garbage (no context window is within 1000x of it)
 _scan = make_scanner(json.JSONDecoder())  # the C scanner without json.loads' wrappers (per chunk)
 
@@ -42,6 +45,28 @@ def loads_utf8(data: bytes):
     except UnicodeDecodeError:
         return json.loads(data)
     return json.loads(data) if text[:1] == "\ufeff" else _loads(text)
+
+
+class _Delta(msgspec.Struct, gc=False):
+    content: Any = None
+    reasoning_content: Any = None
+
+
+class _Choice(msgspec.Struct, gc=False):
+    delta: _Delta | None = None
+    text: Any = None  # /v1/completions streams carry `text`
+
+
+class _Chunk(msgspec.Struct, gc=False):  # (no cycles in decoded JSON: untracked)
+    """The fields of a stream chunk that metering reads; the others are checked as JSON and skipped."""
+
+    id: Any = None
+    choices: list[_Choice] | None = None
+    usage: Any = None
+    error: Any = None
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
 
 
 class SSEParser:
@@ -155,10 +180,31 @@ class StreamMeter:
         self.response_id: str | None = None  # the first chunk's `id` ("" once a chunk had none)
 
     def on_data(self, payload: str, now: float) -> None:
-        """Account one event payload received at `now` (the proxy's per-chunk hot spot: kept flat)."""
+        """Account one event payload received at `now` (the proxy's per-chunk hot spot). The payload is
+        decoded into `_Chunk`, which reads only the fields metering needs (~4x cheaper than a full
+        json parse); one that does not fit that shape (not JSON, NaN, `choices` not a list of objects,
+        ...) goes through the full parse, which decides as before."""
         if payload == DONE:
             self.done = True
             return
+        try:
+            chunk = _decode_chunk(payload)
+        except msgspec.MsgspecError:
+            self._on_other(payload, now)
+            return
+        content = reasoning = None
+        if chunk.choices:
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta is not None:
+                    content = content or delta.content
+                    reasoning = reasoning or delta.reasoning_content
+                elif choice.text:
+                    content = content or choice.text
+        self._account(chunk.id, chunk.error, content, reasoning, chunk.usage, now)
+
+    def _on_other(self, payload: str, now: float) -> None:
+        """A payload `_Chunk` does not describe: parsed in full, any shape accepted, as json.loads reads it."""
         try:
             obj = _loads(payload)
         except ValueError:  # json.JSONDecodeError is a ValueError
@@ -167,11 +213,6 @@ class StreamMeter:
         if type(obj) is not dict:  # (json makes plain dicts)
             self.malformed += 1
             return
-        if self.response_id is None:
-            self.response_id = response_id(obj)
-        err = obj.get("error")
-        if err:
-            self.stream_error = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
         content = reasoning = None
         choices = obj.get("choices")
         if type(choices) is list:
@@ -184,6 +225,14 @@ class StreamMeter:
                     reasoning = reasoning or delta.get("reasoning_content")
                 elif choice.get("text"):  # /v1/completions streams carry `text`
                     content = content or choice["text"]
+        self._account(obj.get("id"), obj.get("error"), content, reasoning, obj.get("usage"), now)
+
+    def _account(self, rid, err, content, reasoning, usage, now: float) -> None:
+        """What one chunk says: its id, a stream error, its text (content / reasoning), its usage."""
+        if self.response_id is None:
+            self.response_id = rid[:MAX_ID_CHARS] if isinstance(rid, str) else ""
+        if err:
+            self.stream_error = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
         if content or reasoning:  # a text chunk
             if self.first_token is None:
                 self.first_token = now
@@ -193,7 +242,6 @@ class StreamMeter:
                 self.first_output = now
             self.last_text = now
             self.text_chunks += 1
-        usage = obj.get("usage")
         if usage is not None:
             usage = _usage(usage)
             if usage is not None:
@@ -265,9 +313,6 @@ def _choices(obj: dict) -> list:
     return choices if isinstance(choices, list) else []
 
 
-MAX_ID_CHARS = 100  # a response id longer than this is cut (it labels an exemplar: 128 characters at most)
-
-
 def response_id(obj: dict) -> str:
     """The `id` of a response object or chunk ("" when it has no string id), cut to MAX_ID_CHARS."""
     rid = obj.get("id")
@@ -291,8 +336,52 @@ def completion_usage(body: bytes) -> BodyUsage:
     return completion_usage_and_id(body)[0]
 
 
+class _Message(msgspec.Struct, gc=False):
+    content: Any = None
+    reasoning_content: Any = None
+
+
+class _BodyChoice(msgspec.Struct, gc=False):
+    message: _Message | None = None
+    text: Any = None
+
+
+class _Body(msgspec.Struct, gc=False):
+    """The fields of a non-streamed response that metering reads (the others are checked and skipped)."""
+
+    id: Any = None
+    choices: list[_BodyChoice] | None = None
+    usage: Any = None
+
+
+_decode_body = msgspec.json.Decoder(_Body).decode
+
+
 def completion_usage_and_id(body: bytes) -> tuple[BodyUsage, str]:
-    """completion_usage and the response's `id` ("" when none), from one parse. Never raises."""
+    """completion_usage and the response's `id` ("" when none), from one parse. Never raises. The body
+    is decoded into `_Body` (only what is read is built); one of another shape is parsed in full."""
+    try:
+        obj = _decode_body(body)
+    except msgspec.MsgspecError:
+        return _usage_and_id_of_any(body)
+    has_text = False
+    for choice in obj.choices or ():
+        msg = choice.message
+        if msg is not None and (msg.content or msg.reasoning_content) or choice.text:
+            has_text = True
+    rid = obj.id[:MAX_ID_CHARS] if isinstance(obj.id, str) else ""
+    return _body_usage(obj.usage, has_text), rid
+
+
+def _body_usage(usage, has_text: bool) -> BodyUsage:
+    usage = _usage(usage)
+    if usage is not None:
+        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3])
+    return BodyUsage(0, 0, False, has_text)
+
+
+def _usage_and_id_of_any(body: bytes) -> tuple[BodyUsage, str]:
+    """completion_usage_and_id of a body `_Body` does not describe, parsed in full as json.loads reads it."""
     try:
         obj = loads_utf8(body)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than the stack
@@ -305,7 +394,4 @@ def completion_usage_and_id(body: bytes) -> tuple[BodyUsage, str]:
             msg = choice.get("message")
             if isinstance(msg, dict) and (msg.get("content") or msg.get("reasoning_content")) or choice.get("text"):
                 has_text = True
-    usage = _usage(obj.get("usage"))
-    if usage is not None:
-        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3]), response_id(obj)
-    return BodyUsage(0, 0, False, has_text), response_id(obj)
+    return _body_usage(obj.get("usage"), has_text), response_id(obj)

@@ -20,6 +20,9 @@ from __future__ import annotations
 import math
 import zlib
 from time import perf_counter
+from typing import Any
+
+import msgspec
 
 from opskit.core import records
 from opskit.core.records import CallRecord
@@ -43,14 +46,25 @@ def _float_header(headers, name: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
+class _Request(msgspec.Struct, gc=False):
+    model: Any = None
+
+
+_decode_request = msgspec.json.Decoder(_Request).decode
+
+
 def model_of(body: bytes) -> str | None:
     """The `model` of a JSON request body, or None (not JSON, nested too deep, no string model):
-    the body is forwarded as it is either way, and the upstream judges it."""
+    the body is forwarded as it is either way, and the upstream judges it. Only `model` is built (a
+    prompt's messages are checked and skipped); a body of another shape is parsed in full."""
     try:
-        obj = loads_utf8(body)
-    except (ValueError, RecursionError):
-        return None
-    model = obj.get("model") if isinstance(obj, dict) else None
+        model = _decode_request(body).model
+    except msgspec.MsgspecError:
+        try:
+            obj = loads_utf8(body)
+        except (ValueError, RecursionError):
+            return None
+        model = obj.get("model") if isinstance(obj, dict) else None
     return model if isinstance(model, str) else None
 
 
