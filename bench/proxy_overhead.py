@@ -310,7 +310,7 @@ def python_per_chunk_us(n: int = 50_000, woken: int = 3_000) -> tuple[float, flo
                                b"Transfer-Encoding: chunked\r\n\r\n")
             call = MeteredCall(time.perf_counter())
             call.begin(200, {"content-type": "text/event-stream"})
-            ex.sink = _sink(Null(), True, call.feed if metered else None, ex)
+            ex.sink, ex.whole = _sink(Null(), True, call.feed if metered else None, ex)
             conns.append(conn)
         return conns
 

@@ -508,6 +508,25 @@ def test_upstream_chunked_is_relayed_chunked_to_http11(scripted, proxy_factory):
             assert r.framing == "chunked" if path == "/pieces" else r.framing in ("chunked", "length")
 
 
+def test_whole_upstream_chunks_go_to_the_client_as_they_came_and_are_metered(scripted, proxy_factory):  # noqa: F811
+    """A read that is one whole chunk is written on with the upstream's own framing (upper-case hex,
+    leading zeros: valid as they are); the client reads the body intact and the call is metered."""
+    events = [b'data: {"id": "c1", "choices": [{"delta": {"content": "Hel"}}]}\n\n',
+              b'data: {"choices": [{"delta": {"content": "lo"}}]}\n\n',
+              b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}\n\n', b"data: [DONE]\n\n"]
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    framed = [b"%04X\r\n%b\r\n" % (len(e), e) for e in events]
+    up = scripted(lambda h: [head, *framed, b"0\r\n\r\n"])
+    p = proxy_factory(up.url)
+    with Client(p.server.port) as c:
+        c.send(_chat("stream"))
+        r = c.response()
+    assert r.status == 200 and r.framing == "chunked" and r.body == b"".join(events)
+    assert p.settle(1) == 1 and p.count(200) == 1
+    rec = p.metrics.records[0]
+    assert (rec.ok, rec.text_chunks, rec.input_tokens, rec.output_tokens, rec.request_id) == (True, 2, 4, 2, "c1")
+
+
 def test_upstream_chunked_is_not_chunked_to_http10(scripted, proxy_factory):  # noqa: F811
     pieces = [b"alpha ", b"beta ", b"gamma"]
     up = scripted(lambda h: _chunked(pieces))

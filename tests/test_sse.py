@@ -216,12 +216,29 @@ SHAPES = [chunk(content="hi"), chunk(reasoning="think"), chunk(role="assistant",
           ' {"choices": []} ', '{"choices": []} x', "", "null", "[1]", '"text"', "{not json", '{"a": Infinity}']
 
 
-@pytest.mark.parametrize("payload", SHAPES)
-def test_fast_decode_accounts_as_the_full_parse(payload):
-    fast, full = StreamMeter(t0=0.0, keep_gaps=True), StreamMeter(t0=0.0, keep_gaps=True)
+class FullParse(StreamMeter):
+    """A meter that reads every payload with the full parse (what the fast decode must agree with)."""
+
+    __slots__ = ()
+
+    def _slow(self, payload, now):
+        from unittest import mock
+
+        import msgspec
+
+        def refuse(_):
+            raise msgspec.DecodeError("forced")
+        with mock.patch("opskit.core.sse._decode_chunk", refuse):
+            self.on_data(payload, now)
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+@pytest.mark.parametrize("payload", SHAPES + ["[DONE]", '{"choices": [{"delta": {"content": "\xe9t\xe9"}}]}'])
+def test_fast_decode_accounts_as_the_full_parse(payload, as_bytes):
+    fast, full = StreamMeter(t0=0.0, keep_gaps=True), FullParse(t0=0.0, keep_gaps=True)
     for now in (0.1, 0.2):
-        fast.on_data(payload, now)
-        full._on_other(payload, now)
+        fast.on_data(payload.encode() if as_bytes else payload, now)
+        full._slow(payload, now)
     assert {k: getattr(fast, k) for k in StreamMeter.__slots__} == {k: getattr(full, k) for k in StreamMeter.__slots__}
 
 
@@ -248,3 +265,13 @@ def test_model_of_request_bodies(body, model):
     from opskit.sidecar.metering import model_of
 
     assert model_of(body) == model
+
+
+def test_payload_bytes_that_are_not_utf8_read_as_their_replaced_text():
+    raw = b'{"choices": [{"delta": {"content": "\xff"}}]}'
+    as_bytes, as_text = StreamMeter(t0=0.0), StreamMeter(t0=0.0)
+    as_bytes.on_data(raw, 0.1)
+    as_text.on_data(raw.decode("utf-8", "replace"), 0.1)
+    assert as_bytes.text_chunks == as_text.text_chunks == 1 and not as_bytes.malformed
+    as_bytes.on_data(b'{"choices": [\xff]}', 0.2)
+    assert as_bytes.malformed == 1

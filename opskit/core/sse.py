@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 DONE = "[DONE]"
+DONE_BYTES = b"[DONE]"
 MAX_LINE = 1024 * 1024    # an SSE line (or event) longer than this ends the parse: no real chunk is near it
 MAX_ID_CHARS = 100        # a response id longer than this is cut (it labels an exemplar: 128 characters at most)
 MAX_TOKENS = 10 ** 9      # a usage count above this is garbage (no context window is within 1000x of it)
@@ -69,6 +70,23 @@ class _Chunk(msgspec.Struct, gc=False):  # (no cycles in decoded JSON: untracked
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 
 
+def _chunk_of_any(payload: str) -> _Chunk | None:
+    """A payload `_Chunk` does not describe, parsed in full as json.loads reads it, as the `_Chunk` it
+    amounts to (choices that are not objects skipped, a `delta` that is not an object read as none);
+    None when it is not JSON or not an object."""
+    try:
+        obj = _loads(payload)
+    except ValueError:  # json.JSONDecodeError is a ValueError
+        return None
+    if type(obj) is not dict:  # (json makes plain dicts)
+        return None
+    choices = obj.get("choices")
+    choices = [_Choice(_Delta(d.get("content"), d.get("reasoning_content")) if type(d) is dict else None,
+                       c.get("text"))
+               for c in choices if type(c) is dict for d in (c.get("delta"),)] if type(choices) is list else None
+    return _Chunk(obj.get("id"), choices, obj.get("usage"), obj.get("error"))
+
+
 class SSEParser:
     """Feed raw bytes, get back the `data` payloads of each completed event, in order."""
 
@@ -83,12 +101,19 @@ class SSEParser:
         self.max_line = max_line
         self.too_long = False     # a line or event went past max_line: nothing more is parsed
 
+    def one_event(self, chunk: bytes) -> bytes | None:
+        """The payload of `chunk` when it is exactly one whole `data: ...` event and nothing is pending
+        (a stream's usual read: the per-chunk fast path, for `feed` and for callers that take bytes)."""
+        if (chunk[:6] == b"data: " and chunk[-2:] == b"\n\n" and chunk.find(10, 6) == len(chunk) - 2
+                and 13 not in chunk and not self._tail and not self._data and not self._pending_cr
+                and len(chunk) <= self.max_line):  # (10, 13: LF, CR; an int needle is a memchr)
+            return chunk[6:-2]
+        return None
+
     def feed(self, chunk: bytes) -> list[str]:
-        # Fast path (a proxy's per-chunk hot spot): exactly one whole `data: ...` event, nothing pending.
-        if (chunk[:6] == b"data: " and chunk[-2:] == b"\n\n" and chunk.find(b"\n", 6) == len(chunk) - 2
-                and not self._tail and not self._data and not self._pending_cr and b"\r" not in chunk
-                and len(chunk) <= self.max_line):
-            return [chunk[6:-2].decode("utf-8", "replace")]
+        payload = self.one_event(chunk)
+        if payload is not None:
+            return [payload.decode("utf-8", "replace")]
         if not chunk or self.too_long:
             return []
         if self._pending_cr and chunk[:1] == b"\n":
@@ -179,19 +204,27 @@ class StreamMeter:
         self.gaps: list[float] | None = [] if keep_gaps else None
         self.response_id: str | None = None  # the first chunk's `id` ("" once a chunk had none)
 
-    def on_data(self, payload: str, now: float) -> None:
-        """Account one event payload received at `now` (the proxy's per-chunk hot spot). The payload is
-        decoded into `_Chunk`, which reads only the fields metering needs (~4x cheaper than a full
-        json parse); one that does not fit that shape (not JSON, NaN, `choices` not a list of objects,
-        ...) goes through the full parse, which decides as before."""
-        if payload == DONE:
+    def on_data(self, payload: str | bytes, now: float) -> None:
+        """Account one event payload received at `now` (the proxy's per-chunk hot spot: kept flat), as
+        text or as the UTF-8 bytes it came in. It is decoded into `_Chunk`, which reads only the fields
+        metering needs (~4x cheaper than a full json parse); one that does not fit that shape (NaN,
+        `choices` not a list of objects, not UTF-8, not JSON, ...) goes through the full parse."""
+        if payload in (DONE_BYTES, DONE):
             self.done = True
             return
         try:
             chunk = _decode_chunk(payload)
         except msgspec.MsgspecError:
-            self._on_other(payload, now)
-            return
+            chunk = _chunk_of_any(payload if type(payload) is str else payload.decode("utf-8", "replace"))
+            if chunk is None:  # not JSON, or not an object
+                self.malformed += 1
+                return
+        if self.response_id is None:
+            rid = chunk.id
+            self.response_id = rid[:MAX_ID_CHARS] if isinstance(rid, str) else ""
+        err = chunk.error
+        if err:
+            self.stream_error = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
         content = reasoning = None
         if chunk.choices:
             for choice in chunk.choices:
@@ -201,38 +234,6 @@ class StreamMeter:
                     reasoning = reasoning or delta.reasoning_content
                 elif choice.text:
                     content = content or choice.text
-        self._account(chunk.id, chunk.error, content, reasoning, chunk.usage, now)
-
-    def _on_other(self, payload: str, now: float) -> None:
-        """A payload `_Chunk` does not describe: parsed in full, any shape accepted, as json.loads reads it."""
-        try:
-            obj = _loads(payload)
-        except ValueError:  # json.JSONDecodeError is a ValueError
-            self.malformed += 1
-            return
-        if type(obj) is not dict:  # (json makes plain dicts)
-            self.malformed += 1
-            return
-        content = reasoning = None
-        choices = obj.get("choices")
-        if type(choices) is list:
-            for choice in choices:
-                if type(choice) is not dict:
-                    continue
-                delta = choice.get("delta")
-                if type(delta) is dict:
-                    content = content or delta.get("content")
-                    reasoning = reasoning or delta.get("reasoning_content")
-                elif choice.get("text"):  # /v1/completions streams carry `text`
-                    content = content or choice["text"]
-        self._account(obj.get("id"), obj.get("error"), content, reasoning, obj.get("usage"), now)
-
-    def _account(self, rid, err, content, reasoning, usage, now: float) -> None:
-        """What one chunk says: its id, a stream error, its text (content / reasoning), its usage."""
-        if self.response_id is None:
-            self.response_id = rid[:MAX_ID_CHARS] if isinstance(rid, str) else ""
-        if err:
-            self.stream_error = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
         if content or reasoning:  # a text chunk
             if self.first_token is None:
                 self.first_token = now
@@ -242,6 +243,7 @@ class StreamMeter:
                 self.first_output = now
             self.last_text = now
             self.text_chunks += 1
+        usage = chunk.usage
         if usage is not None:
             usage = _usage(usage)
             if usage is not None:

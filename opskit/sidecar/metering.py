@@ -132,10 +132,14 @@ class MeteredCall:
                 if self.capture is not None and self.capture_left > 0:
                     self.capture.append(chunk[:self.capture_left])
                     self.capture_left -= len(chunk)
-                on_data = self.meter.on_data
-                for payload in self.parser.feed(chunk):
+                parser, on_data = self.parser, self.meter.on_data
+                payload = parser.one_event(chunk)
+                if payload is not None:  # the usual read: one whole event, metered from its bytes
                     on_data(payload, now)
-                if self.parser.too_long:
+                    return
+                for payload in parser.feed(chunk):
+                    on_data(payload, now)
+                if parser.too_long:
                     self.overlong, self.parser, self.decoder = True, None, None
             elif self.body is not None:
                 self.body_len += len(chunk)

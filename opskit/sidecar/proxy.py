@@ -33,17 +33,13 @@ forwarded but not metered, because it is not a model call and would skew latency
   and the call ends client_disconnect, instead of both waiting out `timeout_s`.
 - Authorization and every other header pass through untouched; headers are never logged (a call log,
   opskit.sidecar.call_log, gets each finished call off the loop and keeps a keyed hash of Authorization).
-  The path and body are forwarded byte for byte (a compressed request body too), so HMAC-signed
-  requests stay valid, as long as the upstream URL has no path prefix (a prefix is prepended to every
-  path, changing what was signed).
+  Path and body go byte for byte (a compressed body too): HMAC-signed requests stay valid unless the
+  upstream URL has a path prefix (it is prepended to every path, changing what was signed).
 - Metered calls get `Accept-Encoding` narrowed to gzip/deflate/identity, so a copy of a compressed body
   can be decoded for metering (bounded: opskit.sidecar.metering); the client gets the upstream's bytes.
-- Not proxied: WebSocket upgrades (hop-by-hop: the request goes on as a plain one, and the connection
-  closes after its answer). Every client is bounded by opskit.sidecar.proxy_http (strict parsing,
-  header and idle timeouts, a connection cap, a throttled log for malformed requests).
-Speed: clients (opskit.sidecar.proxy_http) and upstream (opskit.sidecar.upstream_client) are push-parsed
-protocols; each body piece goes from the upstream's `data_received` through `_sink` (write, then meter),
-no task switch per chunk; one task per request, no reference cycle per call. Cost: bench/proxy_overhead.py."""
+- Not proxied: WebSocket upgrades (the request goes on as a plain one). Clients are bounded by
+  opskit.sidecar.proxy_http. Speed: both sides are push-parsed; a body piece goes from the upstream's
+  `data_received` through `_sink` (write, then meter). Cost: bench/proxy_overhead.py."""
 
 from __future__ import annotations
 
@@ -175,11 +171,9 @@ class _Proxy:
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"upstream must be an http:// or https:// URL, got scheme {url.scheme!r}")
         self.prefix = url.path.rstrip("/")  # an upstream path prefix is prepended to every request path
-        self.target, self.metrics = target, metrics
+        self.target, self.metrics, self.call_log, self.closing = target, metrics, call_log, False
         self.open = 0  # metered calls being handled
-        self.closing = False
         self.finished = 0  # metered calls counted so far (the exporter lingers until a scrape has them all)
-        self.call_log = call_log
         self.pool = Pool(upstream, connect_timeout_s, timeout_s, ssl_context)
         self._throttle = Throttle()
 
@@ -229,11 +223,11 @@ class _Proxy:
             if call is not None:
                 call.end = perf_counter()
             return False
-        drop = _dropped(req.connection, REQUEST_DROP)
-        headers = [(k, v) for k, v in req.headers if k.lower() not in drop]
+        drop, metered = _dropped(req.connection, REQUEST_DROP), call is not None
+        headers = [(k, _accept_encoding(v) if metered and lk == b"accept-encoding" else v)
+                   for k, v in req.headers if (lk := k.lower()) not in drop]
         if call is not None:
             call.model, call.request_body = model_of(body), body
-            headers = [(k, _accept_encoding(v) if k.lower() == b"accept-encoding" else v) for k, v in headers]
             call.error_type = records.CONNECTION  # from here, ending with no response is the upstream's
             call.in_flight = True  # in flight: waiting on the API (an upload in progress is not)
             self.metrics.started(self.target, SOURCE)
@@ -312,11 +306,11 @@ class _Proxy:
         else:  # an HTTP/1.0 client: the end of the body is the end of the connection
             chunked, extra, keep = False, "", False
         transport.write(_head(ex.status, ex.reason, out, extra + _connection(req, keep)))
-        ex.attach(_sink(transport, chunked, feed, ex))
+        ex.attach(*_sink(transport, chunked, feed, ex))
         try:
             return await self._stream(req, ex, call, chunked, keep)
         finally:
-            ex.sink = None  # its closure holds the exchange: no cycle left for the GC to find
+            ex.sink = ex.whole = None  # their closures hold the exchange: no cycle left for the GC to find
 
     async def _stream(self, req: Request, ex: Exchange, call: MeteredCall | None, chunked: bool, keep: bool) -> bool:
         """Wait while the upstream connection pushes the body to the client; then finish the response."""
@@ -357,8 +351,9 @@ def _connection(req: Request, keep: bool) -> str:
 
 
 def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
-    """The per-chunk path: write to the client (framed if chunked), then meter. Runs inside the
-    upstream connection's data_received, so nothing here may block or raise but ClientGone."""
+    """The per-chunk path, (sink, whole) for Exchange.attach: write to the client, then meter; `whole` (for
+    chunked clients) writes a read that is one whole upstream chunk as it came, framing and all. Runs in
+    the upstream's data_received: nothing here may block or raise but ClientGone."""
     write, closing, buffered = transport.write, transport.is_closing, transport.get_write_buffer_size
 
     def sink(data: bytes, now: float) -> None:
@@ -369,7 +364,16 @@ def _sink(transport: asyncio.WriteTransport, chunked: bool, feed, ex: Exchange):
             feed(data, now)
         if buffered() > HIGH_WATER:
             ex.pause(transport)
-    return sink
+
+    def whole(framed: bytes, start: int, now: float) -> None:
+        if closing():
+            raise ClientGone
+        write(framed)
+        if feed is not None:
+            feed(framed[start:-2], now)
+        if buffered() > HIGH_WATER:
+            ex.pause(transport)
+    return sink, whole if chunked else None
 
 
 async def start_proxy(host: str, port: int, upstream: str, target: str, metrics: CallMetrics,

@@ -24,11 +24,13 @@ _STATUS = re.compile("[1-5][0-9][0-9]")
 _TOKEN = re.compile("[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX = re.compile(b"[0-9A-Fa-f]{1,15}")
 _TOKENS_SEEN: set[str] = set()  # header names already checked against _TOKEN (bounded)
+_SIZES: dict[bytes, int] = {}   # chunk size lines already checked against _HEX (bounded)
 
 if TYPE_CHECKING:
     from opskit.sidecar.upstream_client import Pool
 
 Sink = Callable[[bytes, float], None]
+Whole = Callable[[bytes, int, float], None]
 
 
 class UpstreamError(Exception):
@@ -51,7 +53,8 @@ class ClientGone(Exception):
 class Exchange:
     """One request/response on a connection: the head future, then body pieces to the sink."""
 
-    __slots__ = ("head", "done", "pending", "sink", "status", "reason", "headers", "length", "complete", "conn")
+    __slots__ = ("head", "done", "pending", "sink", "whole", "status", "reason", "headers", "length", "complete",
+                 "conn")
 
     def __init__(self, conn: Conn) -> None:
         loop = conn.loop  # not asyncio.get_running_loop(): on Python 3.11 that is a getpid() syscall each time
@@ -59,15 +62,18 @@ class Exchange:
         self.done: asyncio.Future = loop.create_future()
         self.pending: list[tuple[bytes, float]] = []   # body that arrived before a sink was attached
         self.sink: Sink | None = None
-        self.status, self.reason, self.headers = 0, "", []
+        self.whole: Whole | None = None  # see attach()
+        self.status, self.reason, self.headers, self.complete = 0, "", [], False  # status: 0 until the head is in
         self.length: int | None = None  # the head's Content-Length, unless chunked (a HEAD's too: no body follows)
-        self.complete = False
         self.conn = conn
 
-    def attach(self, sink: Sink) -> None:
-        """Deliver body pieces to `sink` from now on, starting with those already received."""
+    def attach(self, sink: Sink, whole: Whole | None = None) -> None:
+        """Deliver body pieces to `sink(data, now)` from now on, starting with those already received.
+        With `whole`, a read that is exactly one chunk of a chunked body goes to `whole(framed, start,
+        now)` instead: the chunk as it came, its data `framed[start:-2]` (a proxy relaying to a chunked
+        client writes it as it is)."""
         pending, self.pending = self.pending, []
-        self.sink = sink
+        self.sink, self.whole = sink, whole
         conn = self.conn
         try:
             for data, now in pending:
@@ -110,10 +116,8 @@ class Exchange:
             self.conn.abort()
 
 
-# body modes
-_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)
-# chunked decoder states
-_SIZE, _DATA, _CRLF, _TRAILER = range(4)
+_NONE, _LENGTH, _CHUNKED, _CLOSE = range(4)  # body modes
+_SIZE, _DATA, _CRLF, _TRAILER = range(4)    # chunked decoder states
 
 
 class Conn(asyncio.Protocol):
@@ -124,18 +128,10 @@ class Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ex: Exchange | None = None
-        self.buf = b""
-        self.method = "GET"
-        self.mode = _NONE
-        self.remaining = 0
-        self.cstate = _SIZE
-        self.keep_alive = True
-        self.got_bytes = False
-        self.last = perf_counter()
-        self.paused = False
-        self.held = False
-        self.timed_out = False
-        self.closed = False
+        self.buf, self.method = b"", "GET"
+        self.mode, self.remaining, self.cstate = _NONE, 0, _SIZE  # body mode, bytes left, chunked decoder state
+        self.keep_alive, self.got_bytes, self.last = True, False, perf_counter()
+        self.paused = self.held = self.timed_out = self.closed = False
 
     # ------------------------------------------------------------------ asyncio.Protocol
     def connection_made(self, transport) -> None:
@@ -163,15 +159,12 @@ class Conn(asyncio.Protocol):
         if ex is None:  # bytes nobody asked for: the connection is unusable
             self.abort()
             return
-        if not ex.head.done():
+        if not ex.status:
             data = self._head(ex, data)
             if data is None:
                 return
-        if data:
-            if self.mode == _CHUNKED:  # (the usual stream: one call less per chunk)
-                self._chunked(ex, data, now)
-            else:
-                self._body(ex, data, now)
+        if data:  # (chunked, the usual stream, first: one call less per chunk)
+            self._chunked(ex, data, now) if self.mode == _CHUNKED else self._body(ex, data, now)
 
     # ------------------------------------------------------------------ request
     def send(self, method: str, request: bytes) -> Exchange:
@@ -290,20 +283,34 @@ class Conn(asyncio.Protocol):
         try:
             sink(data, now)
         except ClientGone as exc:
-            self.ex = None
-            self.abort()
-            if not ex.done.done():
-                ex.done.set_exception(exc)
+            self._gone(ex, exc)
+
+    def _gone(self, ex: Exchange, exc: ClientGone) -> None:
+        self.ex = None
+        self.abort()
+        if not ex.done.done():
+            ex.done.set_exception(exc)
 
     def _chunked(self, ex: Exchange, data: bytes, now: float) -> None:
         """Decode the chunked transfer coding; the data of one read goes to the sink in one piece."""
         if self.cstate == _SIZE and not self.buf:  # fast path: a read that is exactly one whole chunk (an SSE event)
             end = data.find(b"\r\n", 0, 18)
-            if end > 0 and _HEX.fullmatch(data, 0, end):
-                size = int(data[:end], 16)
-                if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
+            line = data[:end] if end > 0 else b""
+            size = _SIZES.get(line)  # (the few sizes a stream's events have, checked once)
+            if size is None and end > 0 and _HEX.fullmatch(line):
+                size = int(line, 16)
+                if len(_SIZES) < 4096:
+                    _SIZES[line] = size
+            if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
+                whole = ex.whole
+                if whole is None:
                     self._emit(ex, data[end + 2:-2], now)
-                    return
+                else:
+                    try:
+                        whole(data, end + 2, now)
+                    except ClientGone as exc:
+                        self._gone(ex, exc)
+                return
         out: list[bytes] = []
         if self.buf:
             data, self.buf = self.buf + data, b""
