@@ -435,21 +435,21 @@ How to read it:
   330-490 us per request. opskit.sidecar.upstream_client pushes each chunk from `data_received`
   instead, and a body that is complete with its head goes out in one write.
 - Where opskit's CPU goes. The floor (a bare Python relay on uvloop) costs what nginx costs, per chunk
-  and per request: Python and uvloop are not the limit; opskit's own work is. Per chunk, by
-  elimination in one run (a build that skips parts of the metering; not shipped): floor 22.3 us,
-  opskit without per-chunk metering 30.7 (HTTP framing, chunked decoding, its share of the per-request
-  work), with the SSE parse 34.5, with the JSON parse and the meter 39.0. In process and hot that
-  Python is ~5 us a chunk; in the running proxy, with one event per read and the loop asleep between
-  reads, it costs ~3x that (perf: libpython ~45 % of the samples, the kernel ~44 %; perf stat: opskit
-  makes fewer syscalls per event than nginx, 1.8 vs 2.7, and fewer context switches, 0.05 vs 0.34).
+  and per request: Python and uvloop are not the limit; opskit's own work is. Split by a fit over
+  runs of 40- and 4-token streams (200 streams; a one-off script, not this one): a streamed call costs
+  opskit ~147 us once (request and response heads, the call's record and series) and ~31.5 us per
+  event; nginx ~14 us and ~22.2 us. At 40 tokens a stream the once-per-call part is ~3.3 us of each
+  chunk (nginx ~0.3). The per-event Python is ~2.6 us in process and hot, but runs cold in the proxy
+  (one event per read, the loop asleep between reads: the bench's "thread asleep" line), ~3x that;
+  perf: the kernel ~49 % of the proxy's samples, libpython ~38 %, uvloop ~6 %, msgspec ~2.5 %.
   At saturation, where each read carries several events, opskit costs ~9 us a chunk against nginx's
-  ~7 (~1.3x). Per non-streamed request: the client side is a push-parsed protocol
-  (opskit.sidecar.proxy_http, llhttp through httptools) since aiohttp's server side cost ~35 % of
-  the request; what is left is ~50 us of Python spread thin (request and response heads, one JSON
-  parse each way, the call's record and its series). Removed on the way: young GC collections (a
-  reference cycle per call), a getpid() syscall per exchange (Python 3.11's get_running_loop), a
-  regex with lookarounds over each response head, json.loads' encoding sniffing, prometheus_client's
-  loop over histogram buckets. Tried and dropped: metering in batches off the relay path, 10 ms
+  ~7 (~1.3-1.4x). Removed on the way: aiohttp's server side (~35 % of a request; now llhttp through
+  httptools), young GC collections (a reference cycle per call), a getpid() syscall per exchange
+  (Python 3.11's get_running_loop), a regex with lookarounds over each response head, json.loads'
+  encoding sniffing, prometheus_client's loop over histogram buckets; then a full JSON parse per event
+  (msgspec now decodes only the fields metering reads: ~0.6 us instead of ~1.7), the re-framing of
+  each relayed chunk (a whole upstream chunk goes to a chunked client as it came), three passes over
+  each response head (one now). Tried and dropped: metering in batches off the relay path, 10 ms
   behind (no gain measured side by side: 41.7 -> 39.4 us, then 40.2 -> 40.2).
 - Added TTFT in bursts is mostly the load client's queueing: all 50 workers start at once and stay in
   step, so streams start in waves, and each round opens 100 new connections at once from a client

@@ -58,6 +58,7 @@ from opskit.sidecar.metering import SOURCE, MeteredCall, model_of
 from opskit.sidecar.proxy_http import Server
 from opskit.sidecar.proxy_request import BodyError, Request
 from opskit.sidecar.upstream_client import Pool
+from opskit.sidecar.upstream_head import HOP_BY_HOP, NOT_RELAYED
 from opskit.sidecar.upstream_protocol import (
     HIGH_WATER,
     BadResponse,
@@ -70,13 +71,10 @@ from opskit.sidecar.upstream_protocol import (
 log = logging.getLogger("opskit.sidecar.proxy")
 
 METERED_SUFFIXES = ("/chat/completions", "/completions")
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 # Also dropped from requests: opskit.sidecar.upstream_client writes Host and Content-Length itself, and it sends the
 # body at once, so an Expect: 100-continue (the proxy already answered it) must not reach the upstream.
 REQUEST_DROP = frozenset(n.encode() for n in HOP_BY_HOP | {"host", "content-length", "expect"})  # (request
 # headers stay bytes, as sent)
-RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 DECODABLE = {b"gzip", b"x-gzip", b"deflate", b"identity"}
 ERROR_TYPE_HEADER = "X-Opskit-Error-Type"
 
@@ -94,13 +92,13 @@ def _accept_encoding(value: bytes) -> bytes:
     return b",".join(keep).strip() or b"identity"
 
 
-def _head(status: int, reason: str, headers: list[tuple[str, str]], extra: str) -> bytes:
-    """A response head: status line, the headers as given, then `extra` (framing, Connection)."""
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
-    return f"HTTP/1.1 {status} {reason}\r\n{lines}{extra}\r\n".encode("utf-8", "surrogateescape")
+def _head(status: int, reason: str, lines: list[str], extra: str) -> bytes:
+    """A response head: status line, the header lines as given, then `extra` (framing, Connection)."""
+    fields = "\r\n".join(lines) + "\r\n" if lines else ""
+    return f"HTTP/1.1 {status} {reason}\r\n{fields}{extra}\r\n".encode("utf-8", "surrogateescape")
 
 
-_JSON = [("Content-Type", "application/json; charset=utf-8")]
+_JSON = ["Content-Type: application/json; charset=utf-8"]
 
 
 def _error(req: Request, status: int, message: str, kind: str, close: bool = False,
@@ -261,17 +259,10 @@ class _Proxy:
 
     async def _relay(self, req: Request, ex: Exchange, call: MeteredCall | None) -> bool:
         """Pass the upstream response on: in one write if it is already complete, else chunk by chunk."""
-        low: dict[str, str] = {}  # by lower-case name: the first value (what metering and framing read)
-        out = []
-        for k, v in ex.headers:
-            lk = k.lower()
-            if lk not in low:
-                low[lk] = v
-            if lk not in RESPONSE_DROP:
-                out.append((k, v))
+        low, out = ex.low, ex.lines  # (out: the end-to-end header lines, as they came)
         if "connection" in low:  # the names it lists are hop-by-hop too
-            drop = _dropped(low["connection"], RESPONSE_DROP)
-            out = [(k, v) for k, v in out if k.lower() not in drop]
+            drop = _dropped(low["connection"], NOT_RELAYED)
+            out = [line for line in out if line.partition(":")[0].lower() not in drop]
         length = ex.length
         feed = None
         if call is not None:

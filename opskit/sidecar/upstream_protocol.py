@@ -1,9 +1,10 @@
 """One keep-alive HTTP/1.1 connection to the proxy's upstream: request out, response parsed push-style.
 
-`Conn` is the asyncio Protocol: it parses the response head, then the body (Content-Length, chunked or
-until close) inside `data_received` and hands each body piece straight to the `Exchange`'s sink (the
-proxy writes it to its client and meters it) in the same call: no task switch per chunk. The pool that
-owns these connections (connect, reuse, retry, timeouts) is opskit.sidecar.upstream_client.
+`Conn` is the asyncio Protocol: it parses the response head (opskit.sidecar.upstream_head), then the
+body (Content-Length, chunked or until close) inside `data_received` and hands each body piece straight
+to the `Exchange`'s sink (the proxy writes it to its client and meters it) in the same call: no task
+switch per chunk. The pool that owns these connections (connect, reuse, retry, timeouts) is
+opskit.sidecar.upstream_client.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from opskit.sidecar.upstream_head import parse_head
+
 MAX_HEAD = 64 * 1024      # a response head bigger than this is a protocol error
 HIGH_WATER = 256 * 1024   # client write buffer above this pauses reading from the upstream...
 LOW_WATER = 64 * 1024     # ...until it is below this again
 
-# What may not appear in a head: control characters but tab, CR and LF (those only as CRLF line ends).
-_CONTROLS = bytes([*range(0x09), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f])
-_STATUS = re.compile("[1-5][0-9][0-9]")
-_TOKEN = re.compile("[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX = re.compile(b"[0-9A-Fa-f]{1,15}")
-_TOKENS_SEEN: set[str] = set()  # header names already checked against _TOKEN (bounded)
 _SIZES: dict[bytes, int] = {}   # chunk size lines already checked against _HEX (bounded)
 
 if TYPE_CHECKING:
@@ -53,7 +51,7 @@ class ClientGone(Exception):
 class Exchange:
     """One request/response on a connection: the head future, then body pieces to the sink."""
 
-    __slots__ = ("head", "done", "pending", "sink", "whole", "status", "reason", "headers", "length", "complete",
+    __slots__ = ("head", "done", "pending", "sink", "whole", "status", "reason", "low", "lines", "length", "complete",
                  "conn")
 
     def __init__(self, conn: Conn) -> None:
@@ -63,7 +61,9 @@ class Exchange:
         self.pending: list[tuple[bytes, float]] = []   # body that arrived before a sink was attached
         self.sink: Sink | None = None
         self.whole: Whole | None = None  # see attach()
-        self.status, self.reason, self.headers, self.complete = 0, "", [], False  # status: 0 until the head is in
+        self.status, self.reason, self.complete = 0, "", False  # status: 0 until the head is in
+        self.low: dict[str, str] = {}  # each header's first value, by lower-case name
+        self.lines: list[str] = []     # the end-to-end header lines as they came (not NOT_RELAYED ones)
         self.length: int | None = None  # the head's Content-Length, unless chunked (a HEAD's too: no body follows)
         self.conn = conn
 
@@ -208,7 +208,7 @@ class Conn(asyncio.Protocol):
                 self.buf = buf
                 return None
             try:
-                status, reason, headers, version = _parse_head(buf[:end])
+                status, reason, version, low, lines, framing = parse_head(buf[:end])
             except ValueError as exc:
                 return self._refuse(ex, f"bad response head: {exc}")
             buf = buf[end + 4:]
@@ -216,8 +216,8 @@ class Conn(asyncio.Protocol):
                 continue  # interim response (100 Continue, 103 Early Hints): the real one follows
             break
         self.buf = b""
-        ex.length = self._framing(status, headers, version)
-        ex.status, ex.reason, ex.headers = status, reason, headers
+        ex.length = self._framing(status, framing, version)
+        ex.status, ex.reason, ex.low, ex.lines = status, reason, low, lines
         ex.head.set_result(None)  # not `ex`: a future holding the exchange that holds it is a cycle for the GC
         if self.mode == _NONE or (self.mode == _LENGTH and self.remaining == 0):
             self._complete(ex)
@@ -229,17 +229,10 @@ class Conn(asyncio.Protocol):
         self.abort()
         return None
 
-    def _framing(self, status: int, headers: list[tuple[str, str]], version: str) -> int | None:
+    def _framing(self, status: int, framing: dict[str, str], version: str) -> int | None:
         """Set how the body ends; the Content-Length the head states (None: none, or chunked)."""
-        te = cl = conn = ""
-        for k, v in headers:
-            lk = k.lower()
-            if lk == "transfer-encoding":
-                te = v.lower()
-            elif lk == "content-length":
-                cl = v.strip()
-            elif lk == "connection":
-                conn = v.lower()
+        te, cl = framing.get("transfer-encoding", "").lower(), framing.get("content-length", "")
+        conn = framing.get("connection", "").lower()
         self.keep_alive = "close" not in conn and (version == "HTTP/1.1" or "keep-alive" in conn)
         length = int(cl) if cl.isdigit() and "chunked" not in te else None
         if self.method == "HEAD" or status in (204, 304):
@@ -368,32 +361,3 @@ class Conn(asyncio.Protocol):
             self.pool.release(self)
         elif not self.closed:
             self.transport.close()
-
-
-def _parse_head(head: bytes) -> tuple[int, str, list[tuple[str, str]], str]:
-    """(status, reason, headers, version) of a response head without its final CRLFCRLF.
-
-    Strict where a lenient parse would relay something else than what was sent: a bare LF or CR (a
-    header smuggled inside another one's value), any other control character, bytes that are not
-    UTF-8, a header name that is not a token, a status that is not three digits in 100-599.
-    ValueError (UnicodeDecodeError is one) for any of those."""
-    crlf = head.count(b"\r\n")  # C loops over bytes: a regex with lookarounds here cost ~3 % of a request
-    if head.count(b"\r") != crlf or head.count(b"\n") != crlf or len(head.translate(None, _CONTROLS)) != len(head):
-        raise ValueError("bare LF/CR or control character")
-    text = head.decode("utf-8")
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not _STATUS.fullmatch(parts[1]):
-        raise ValueError("status line")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if name not in _TOKENS_SEEN:  # an upstream sends the same few names again and again
-            if not sep or not _TOKEN.fullmatch(name):
-                raise ValueError("header line")
-            if len(_TOKENS_SEEN) < 1024:
-                _TOKENS_SEEN.add(name)
-        elif not sep:
-            raise ValueError("header line")
-        headers.append((name, value.strip(" \t")))
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers, parts[0]
