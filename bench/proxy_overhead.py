@@ -16,6 +16,8 @@ share core 0. Figures are ratios to nginx measured in the same run.
   proxied minus direct per pair, at p50 and p99, for opskit and for nginx in alternating rounds. Steady
   state (the target's figure): the workers' starts spread over one pair's length, each worker's first
   pair (new connections) not counted. Then one round in bursts: all N start at once and stay in step.
+- compare (--compare REV): the proxy as of git revision REV (run from a temporary worktree) is one more
+  side in the streams, short and TTFT phases: what a change bought, measured side by side.
 - saturation (--saturation): streams at the mock's ITL 0 through opskit with 1 and with 2 proxy
   workers (`--proxy-workers 2`, given --sat-cores) and through nginx: chunks/s delivered, the scaling
   ratio, and each proxy's CPU per chunk when every read carries several events (a busy server).
@@ -24,7 +26,7 @@ Without nginx (`apt-get install nginx-light`) the nginx columns are left out. Me
 printed with the spread (min-max) and the machine's load average.
 
 Usage: python bench/proxy_overhead.py [--streams 200] [--ttft-streams 50] [--ttft-tokens 10] [--seconds 5] [--rounds 3]
-       [--saturation] [--no-pin] [--write-readme]
+       [--saturation] [--compare REV] [--no-pin] [--write-readme]
 Targets: <= 1.5x nginx's CPU per chunk at 200 streams, <= 2.5x per non-streamed request, added TTFT
 p99 <= nginx's + 1 ms at 50 streams.
 """
@@ -67,10 +69,11 @@ def runqueue_wait_s(pid: int) -> float:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
 
 
-def spawn(args: list[str], core: int | None, ready: Path) -> tuple[subprocess.Popen, dict]:
-    """Start a process (pinned to `core` when taskset exists) and wait for its ready file."""
+def spawn(args: list[str], core: int | None, ready: Path, cwd: Path = ROOT) -> tuple[subprocess.Popen, dict]:
+    """Start a process (pinned to `core` when taskset exists) and wait for its ready file. `python -m
+    opskit` runs the opskit of `cwd` (the current directory comes first on the module path)."""
     prefix = ["taskset", "-c", str(core)] if core is not None and shutil.which("taskset") else []
-    proc = subprocess.Popen(prefix + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(prefix + args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if ready.exists() and ready.stat().st_size:
@@ -413,6 +416,13 @@ def report(f: dict[str, dict], args, pinned: bool, load: tuple[float, float], sa
                   f"parsing, no metering) costs {fmt3(fl['cpu_chunk_us'], ' us')} per chunk and "
                   f"{fmt3(fl['cpu_request_us'], ' us', 0)} per non-streamed request: the rest of opskit's figures is "
                   f"opskit's own work."]
+    for name, c in f.items():
+        if name.startswith("opskit@") and n is not None:
+            lines += ["", f"Side by side with {name} (same run; ratios to nginx): CPU per chunk {c['cpu_chunk_us'][0]:.1f} "
+                      f"-> {o['cpu_chunk_us'][0]:.1f} us ({c['cpu_chunk_us'][0] / n['cpu_chunk_us'][0]:.2f}x -> {rc:.2f}x), "
+                      f"per request {c['cpu_request_us'][0]:.0f} -> {o['cpu_request_us'][0]:.0f} us "
+                      f"({c['cpu_request_us'][0] / n['cpu_request_us'][0]:.2f}x -> {rr:.2f}x), added TTFT p99 steady "
+                      f"{c['ttft_p99_ms']:.2f} -> {o['ttft_p99_ms']:.2f} ms (nginx {n['ttft_p99_ms']:.2f})."]
     if sat:
         lines += ["", f"Saturation ({sat['streams']} streams at ITL 0, proxy cores {sat['cores']}): chunks/s "
                   f"1 worker {fmt3(sat['w1'], '', 0)}, 2 workers {fmt3(sat['w2'], '', 0)}, scaling ratio "
@@ -522,6 +532,8 @@ def main() -> None:
     ap.add_argument("--sat-cores", default="1", help="cores (taskset list) for the proxy in the saturation phase")
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="do not pin (when neighbours keep the cores busy, pinning only adds run-queue waits)")
+    ap.add_argument("--compare", metavar="REV", help="also run the proxy as of git revision REV (from a temporary "
+                    "worktree) in every phase: what a change bought, measured side by side")
     ap.add_argument("--write-readme", action="store_true", help="put the figures into bench/README.md")
     args = ap.parse_args()
     try:
@@ -547,6 +559,15 @@ def main() -> None:
                                1 if pinned else None, Path(tmp, "floor.json"))
         procs.append(floor_p)
         sides["floor"] = floor
+        if args.compare:
+            rev = Path(tmp, "rev")
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(rev), args.compare], check=True,
+                           capture_output=True)
+            old_p, old = spawn([sys.executable, "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--no-gpu",
+                                "--metrics-linger-s", "0", "--proxy-listen", "127.0.0.1:0", "--upstream", mock["url"],
+                                "--ready-file", f"{tmp}/old.json"], 1 if pinned else None, Path(tmp, "old.json"), rev)
+            procs.append(old_p)
+            sides["opskit@" + args.compare] = {"url": old["proxy_url"], "pid": old["pid"]}
         nginx = start_nginx(tmp, mock["url"], 1 if pinned else None)
         if nginx is not None:
             procs.insert(0, nginx[0])
@@ -567,6 +588,8 @@ def main() -> None:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
+            if args.compare:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(rev)], capture_output=True)
     figures = summarize(streams, short, diffs, bursts)
     figures["py_chunk_us"], figures["py_chunk_nometer_us"], figures["py_chunk_woken_us"] = python_per_chunk_us()
     text = report(figures, args, pinned, (load_before, float(Path("/proc/loadavg").read_text().split()[0])), sat)
