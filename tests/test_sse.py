@@ -252,9 +252,17 @@ BODIES = [b'{"id": "r1", "choices": [{"message": {"role": "assistant", "content"
 
 @pytest.mark.parametrize("body", BODIES)
 def test_fast_body_decode_reads_as_the_full_parse(body):
-    from opskit.core.sse import _usage_and_id_of_any, completion_usage_and_id
+    from unittest import mock
 
-    assert completion_usage_and_id(body) == _usage_and_id_of_any(body)
+    import msgspec
+
+    from opskit.core.sse import completion_usage_and_id
+
+    def refuse(_):
+        raise msgspec.DecodeError("forced")
+    fast = completion_usage_and_id(body)
+    with mock.patch("opskit.core.sse._decode_body", refuse):
+        assert completion_usage_and_id(body) == fast
 
 
 @pytest.mark.parametrize("body, model", [(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}', "m"),

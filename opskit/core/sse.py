@@ -48,13 +48,15 @@ def loads_utf8(data: bytes):
     return json.loads(data) if text[:1] == "\ufeff" else _loads(text)
 
 
-class _Delta(msgspec.Struct, gc=False):
+class _Text(msgspec.Struct, gc=False):
+    """A chunk's `delta` or a response's `message`: the text metering looks for."""
+
     content: Any = None
     reasoning_content: Any = None
 
 
 class _Choice(msgspec.Struct, gc=False):
-    delta: _Delta | None = None
+    delta: _Text | None = None
     text: Any = None  # /v1/completions streams carry `text`
 
 
@@ -81,10 +83,19 @@ def _chunk_of_any(payload: str) -> _Chunk | None:
     if type(obj) is not dict:  # (json makes plain dicts)
         return None
     choices = obj.get("choices")
-    choices = [_Choice(_Delta(d.get("content"), d.get("reasoning_content")) if type(d) is dict else None,
-                       c.get("text"))
-               for c in choices if type(c) is dict for d in (c.get("delta"),)] if type(choices) is list else None
+    choices = [_Choice(_text_of(c.get("delta")), c.get("text")) for c in choices if type(c) is dict] \
+        if type(choices) is list else None
     return _Chunk(obj.get("id"), choices, obj.get("usage"), obj.get("error"))
+
+
+def _text_of(obj) -> _Text | None:
+    """A full parse's `delta` or `message` as `_Text` (none when it is not an object)."""
+    return _Text(obj.get("content"), obj.get("reasoning_content")) if type(obj) is dict else None
+
+
+def _cut_id(rid) -> str:
+    """A response id as an exemplar label may carry it: cut to MAX_ID_CHARS; "" when it is no string."""
+    return rid[:MAX_ID_CHARS] if isinstance(rid, str) else ""
 
 
 class SSEParser:
@@ -114,6 +125,10 @@ class SSEParser:
         payload = self.one_event(chunk)
         if payload is not None:
             return [payload.decode("utf-8", "replace")]
+        return self.feed_lines(chunk)
+
+    def feed_lines(self, chunk: bytes) -> list[str]:
+        """`feed` without the one-event fast path (for a caller that tried `one_event` already)."""
         if not chunk or self.too_long:
             return []
         if self._pending_cr and chunk[:1] == b"\n":
@@ -220,8 +235,7 @@ class StreamMeter:
                 self.malformed += 1
                 return
         if self.response_id is None:
-            rid = chunk.id
-            self.response_id = rid[:MAX_ID_CHARS] if isinstance(rid, str) else ""
+            self.response_id = _cut_id(chunk.id)
         err = chunk.error
         if err:
             self.stream_error = str(err.get("type") or err.get("code") or "error") if isinstance(err, dict) else "error"
@@ -309,18 +323,6 @@ def _usage(usage) -> tuple[int, int, int, int] | None:
     return inp, out, cached, reasoning
 
 
-def _choices(obj: dict) -> list:
-    """`choices` when it is a list, else none (a string or a number is not a list of choices)."""
-    choices = obj.get("choices")
-    return choices if isinstance(choices, list) else []
-
-
-def response_id(obj: dict) -> str:
-    """The `id` of a response object or chunk ("" when it has no string id), cut to MAX_ID_CHARS."""
-    rid = obj.get("id")
-    return rid[:MAX_ID_CHARS] if isinstance(rid, str) else ""
-
-
 class BodyUsage(NamedTuple):
     """What a non-streamed JSON response says about its tokens (see `completion_usage`)."""
 
@@ -338,13 +340,8 @@ def completion_usage(body: bytes) -> BodyUsage:
     return completion_usage_and_id(body)[0]
 
 
-class _Message(msgspec.Struct, gc=False):
-    content: Any = None
-    reasoning_content: Any = None
-
-
 class _BodyChoice(msgspec.Struct, gc=False):
-    message: _Message | None = None
+    message: _Text | None = None
     text: Any = None
 
 
@@ -365,35 +362,30 @@ def completion_usage_and_id(body: bytes) -> tuple[BodyUsage, str]:
     try:
         obj = _decode_body(body)
     except msgspec.MsgspecError:
-        return _usage_and_id_of_any(body)
+        obj = _body_of_any(body)
+        if obj is None:  # not JSON, or not an object
+            return BodyUsage(0, 0, False, False), ""
     has_text = False
     for choice in obj.choices or ():
         msg = choice.message
         if msg is not None and (msg.content or msg.reasoning_content) or choice.text:
             has_text = True
-    rid = obj.id[:MAX_ID_CHARS] if isinstance(obj.id, str) else ""
-    return _body_usage(obj.usage, has_text), rid
-
-
-def _body_usage(usage, has_text: bool) -> BodyUsage:
-    usage = _usage(usage)
+    usage = _usage(obj.usage)
     if usage is not None:
-        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3])
-    return BodyUsage(0, 0, False, has_text)
+        return BodyUsage(usage[0], usage[1], True, has_text, usage[2], usage[3]), _cut_id(obj.id)
+    return BodyUsage(0, 0, False, has_text), _cut_id(obj.id)
 
 
-def _usage_and_id_of_any(body: bytes) -> tuple[BodyUsage, str]:
-    """completion_usage_and_id of a body `_Body` does not describe, parsed in full as json.loads reads it."""
+def _body_of_any(body: bytes) -> _Body | None:
+    """A body `_Body` does not describe, parsed in full as json.loads reads it, as the `_Body` it amounts
+    to (choices that are not objects skipped); None when it is not JSON or not an object."""
     try:
         obj = loads_utf8(body)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than the stack
-        return BodyUsage(0, 0, False, False), ""
+        return None
     if not isinstance(obj, dict):
-        return BodyUsage(0, 0, False, False), ""
-    has_text = False
-    for choice in _choices(obj):
-        if isinstance(choice, dict):
-            msg = choice.get("message")
-            if isinstance(msg, dict) and (msg.get("content") or msg.get("reasoning_content")) or choice.get("text"):
-                has_text = True
-    return _body_usage(obj.get("usage"), has_text), response_id(obj)
+        return None
+    choices = obj.get("choices")
+    choices = [_BodyChoice(_text_of(c.get("message")), c.get("text")) for c in choices if type(c) is dict] \
+        if isinstance(choices, list) else None
+    return _Body(obj.get("id"), choices, obj.get("usage"))

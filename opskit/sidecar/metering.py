@@ -137,7 +137,7 @@ class MeteredCall:
                 if payload is not None:  # the usual read: one whole event, metered from its bytes
                     on_data(payload, now)
                     return
-                for payload in parser.feed(chunk):
+                for payload in parser.feed_lines(chunk):
                     on_data(payload, now)
                 if parser.too_long:
                     self.overlong, self.parser, self.decoder = True, None, None
