@@ -208,6 +208,14 @@ http {{
 """
 
 
+def start_proxy(upstream: str, ready: Path, core: int | None, workers: int = 1,
+                cwd: Path = ROOT) -> tuple[subprocess.Popen, dict]:
+    """opskit's exporter with its metering proxy in front of `upstream` (its code: that of `cwd`)."""
+    return spawn([sys.executable, "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--no-gpu",
+                  "--metrics-linger-s", "0", "--proxy-listen", "127.0.0.1:0", "--upstream", upstream,
+                  "--proxy-workers", str(workers), "--ready-file", str(ready)], core, ready, cwd)
+
+
 def start_nginx(tmp: str, upstream_url: str, core: int | None) -> tuple[subprocess.Popen, dict] | None:
     """Debian's nginx as a one-process reverse proxy to the mock, or None where it is not installed."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -494,10 +502,7 @@ def saturation(args, mock: dict, tmp: str, pinned: bool, nginx: dict | None) -> 
            "nginx": [], "cpu_nginx": []}
     procs = {}
     for w in (1, 2):
-        procs[w] = spawn([sys.executable, "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--no-gpu",
-                          "--metrics-linger-s", "0", "--proxy-listen", "127.0.0.1:0", "--upstream", mock["url"],
-                          "--proxy-workers", str(w), "--ready-file", f"{tmp}/sat{w}.json"],
-                         cores if pinned else None, Path(tmp, f"sat{w}.json"))
+        procs[w] = start_proxy(mock["url"], Path(tmp, f"sat{w}.json"), cores if pinned else None, workers=w)
     try:
         for i in range(args.rounds):
             sides = [("w1", procs[1][1]["proxy_url"], procs[1][1]["pid"]),
@@ -549,9 +554,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mock_p, mock = spawn([sys.executable, "-m", "opskit", "mock", "--listen", "127.0.0.1:0", "--ready-file",
                               f"{tmp}/mock.json"], 0 if pinned else None, Path(tmp, "mock.json"))
-        proxy_p, proxy = spawn([sys.executable, "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--no-gpu",
-                                "--metrics-linger-s", "0", "--proxy-listen", "127.0.0.1:0", "--upstream", mock["url"],
-                                "--ready-file", f"{tmp}/proxy.json"], 1 if pinned else None, Path(tmp, "proxy.json"))
+        proxy_p, proxy = start_proxy(mock["url"], Path(tmp, "proxy.json"), 1 if pinned else None)
         procs = [proxy_p, mock_p]
         sides = {"direct": {"url": mock["url"]}, "opskit": {"url": proxy["proxy_url"], "pid": proxy["pid"]}}
         host, port = mock["url"].split("//", 1)[1].rsplit(":", 1)
@@ -561,11 +564,13 @@ def main() -> None:
         sides["floor"] = floor
         if args.compare:
             rev = Path(tmp, "rev")
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(rev), args.compare], check=True,
-                           capture_output=True)
-            old_p, old = spawn([sys.executable, "-m", "opskit", "exporter", "--listen", "127.0.0.1:0", "--no-gpu",
-                                "--metrics-linger-s", "0", "--proxy-listen", "127.0.0.1:0", "--upstream", mock["url"],
-                                "--ready-file", f"{tmp}/old.json"], 1 if pinned else None, Path(tmp, "old.json"), rev)
+            added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(rev), args.compare],
+                                   capture_output=True, text=True)
+            if added.returncode:
+                for p in procs:
+                    p.send_signal(signal.SIGTERM)
+                sys.exit(f"--compare {args.compare}: {(added.stderr.strip().splitlines() or ['git failed'])[-1]}")
+            old_p, old = start_proxy(mock["url"], Path(tmp, "old.json"), 1 if pinned else None, cwd=rev)
             procs.append(old_p)
             sides["opskit@" + args.compare] = {"url": old["proxy_url"], "pid": old["pid"]}
         nginx = start_nginx(tmp, mock["url"], 1 if pinned else None)
