@@ -17,7 +17,7 @@ from prometheus_client.samples import Exemplar
 from opskit.core import catalog
 from opskit.core.catalog import Metric
 from opskit.core.pricing import Prices
-from opskit.core.records import CallRecord
+from opskit.core.records import OK, CallRecord
 from opskit.core.sse import MAX_ID_CHARS
 
 
@@ -55,26 +55,32 @@ class CallMetrics:
         self.rl_requests = make(catalog.LLM_RL_REQUESTS, registry)
         self.rl_tokens = make(catalog.LLM_RL_TOKENS, registry)
         self._series: dict[tuple[str, str, str], _Series] = {}
-        self._in_flight: dict[tuple[str, str], object] = {}
+        self._in_flight: dict[tuple[str, str], Callable[[float], None]] = {}
 
     def model_label(self, target: str, model: str | None) -> str:
         """`model` capped to the target's configured models, else `other`."""
         return catalog.cap_model(model, self._models.get(target, frozenset()))
 
     def started(self, target: str, source: str) -> None:
-        self._flight(target, source).inc()
+        self._flight(target, source)(1)
 
     def finished(self, record: CallRecord) -> None:
         """Account a finished call that was announced with started()."""
-        self._flight(record.target, record.source).dec()
+        self._flight(record.target, record.source)(-1)
         self.observe(record)
 
     def _flight(self, target: str, source: str):
-        """The in-flight child, looked up once (`labels()` hashes and locks on every call)."""
-        child = self._in_flight.get((target, source))
-        if child is None:
-            child = self._in_flight[(target, source)] = self.in_flight.labels(target, source)
-        return child
+        """The in-flight gauge's adder, looked up once (`labels()` hashes and locks on every call)."""
+        add = self._in_flight.get((target, source))
+        if add is None:
+            add = self._in_flight[(target, source)] = self.adder(self.in_flight.labels(target, source))
+        return add
+
+    def adder(self, child):
+        """`add(amount)` for a counter or gauge child, as cheap as it gets: prometheus_client's value
+        itself (the child's own `inc` re-checks, on every call, what cannot change: three frames of
+        ~five), or a shared-memory child's `inc`."""
+        return child._value.inc if self._exemplars else child.inc
 
     def observe(self, r: CallRecord) -> None:
         """Account a finished call."""
@@ -84,13 +90,13 @@ class CallMetrics:
         if series is None:
             series = self._series[base] = _Series(self, base)
         key = (r.code, r.error_type)
-        counter = series.requests.get(key)
-        if counter is None:
-            counter = series.requests[key] = self.requests.labels(*base, str(r.code), r.error_type)
-        counter.inc()
+        count = series.requests.get(key)
+        if count is None:
+            count = series.requests[key] = self.adder(self.requests.labels(*base, str(r.code), r.error_type))
+        count(1)
         # Latency of successful calls only (a fast 429 is no fast answer); TTFT/TPOT of streamed ones.
         # The call's request id is the bucket's exemplar (OpenMetrics): a slow bucket leads to its calls.
-        if r.ok:
+        if r.error_type == OK:
             observe = _observe if self._exemplars else _observe_shared
             ex = None
             if r.request_id and self._exemplars:
@@ -98,17 +104,17 @@ class CallMetrics:
             observe(series.duration_of(r.streamed), r.duration_s, ex)
             if r.streamed and r.ttft_s is not None:
                 observe(series.ttft, r.ttft_s, ex)
-            tpot = r.tpot_s
-            if tpot is not None:
-                observe(series.tpot, tpot, ex)
+                tpot = r.tpot_s
+                if tpot is not None:
+                    observe(series.tpot, tpot, ex)
         if r.input_tokens:
-            series.tokens_in.inc(r.input_tokens)
+            series.tokens_in(r.input_tokens)
         if r.output_tokens:
-            series.tokens_out.inc(r.output_tokens)
+            series.tokens_out(r.output_tokens)
         if r.cached_input_tokens:
-            series.part("cached_input").inc(r.cached_input_tokens)
+            series.part("cached_input")(r.cached_input_tokens)
         if r.reasoning_tokens:
-            series.part("reasoning").inc(r.reasoning_tokens)
+            series.part("reasoning")(r.reasoning_tokens)
         prices = self._prices.get(r.target)
         if prices is not None and (r.input_tokens or r.output_tokens):
             cost = prices.cost(r.model, r.input_tokens, r.cached_input_tokens, r.output_tokens, self._clock())
@@ -140,19 +146,20 @@ def _observe_shared(child, value: float, ex) -> None:
 
 class _Series:
     """The labelled children of one (target, source, model), looked up once: `labels()` hashes and
-    locks on every call, and the proxy accounts every request through here."""
+    locks on every call, and the proxy accounts every request through here. Counters are held as
+    adders (CallMetrics.adder), histograms as children."""
 
     __slots__ = ("m", "base", "requests", "durations", "ttft", "tpot", "tokens_in", "tokens_out", "parts")
 
     def __init__(self, m: CallMetrics, base: tuple[str, str, str]) -> None:
-        self.requests: dict[tuple[int, str], object] = {}
+        self.requests: dict[tuple[int, str], Callable[[float], None]] = {}
         self.m, self.base = m, base
         self.durations: dict[bool, object] = {}  # by streamed; made when first seen (a proxy may see one kind)
         self.ttft = m.ttft.labels(*base)
         self.tpot = m.tpot.labels(*base)
-        self.tokens_in = m.tokens.labels(*base, "input")
-        self.tokens_out = m.tokens.labels(*base, "output")
-        self.parts: dict[str, object] = {}  # cached_input, reasoning: made when a usage first states them
+        self.tokens_in = m.adder(m.tokens.labels(*base, "input"))
+        self.tokens_out = m.adder(m.tokens.labels(*base, "output"))
+        self.parts: dict[str, Callable[[float], None]] = {}  # cached_input, reasoning: when a usage first states them
 
     def duration_of(self, streamed: bool):
         """The duration histogram child of streamed (stream="true") or non-streamed calls."""
@@ -161,9 +168,9 @@ class _Series:
             child = self.durations[streamed] = self.m.duration.labels(*self.base, "true" if streamed else "false")
         return child
 
-    def part(self, token_type: str):
-        """The token counter of a part of input or output (cached_input, reasoning)."""
-        child = self.parts.get(token_type)
-        if child is None:
-            child = self.parts[token_type] = self.m.tokens.labels(*self.base, token_type)
-        return child
+    def part(self, token_type: str) -> Callable[[float], None]:
+        """The token counter's adder for a part of input or output (cached_input, reasoning)."""
+        add = self.parts.get(token_type)
+        if add is None:
+            add = self.parts[token_type] = self.m.adder(self.m.tokens.labels(*self.base, token_type))
+        return add

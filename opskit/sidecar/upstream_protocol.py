@@ -62,7 +62,7 @@ class Exchange:
         self.sink: Sink | None = None
         self.whole: Whole | None = None  # see attach()
         self.status, self.reason, self.complete = 0, "", False  # status: 0 until the head is in
-        self.low: dict[str, str] = {}  # each header's first value, by lower-case name
+        self.low: dict[str, str] = {}  # the first value of each field the proxy reads (upstream_head.READ)
         self.lines: list[str] = []     # the end-to-end header lines as they came (not NOT_RELAYED ones)
         self.length: int | None = None  # the head's Content-Length, unless chunked (a HEAD's too: no body follows)
         self.conn = conn
