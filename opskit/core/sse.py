@@ -20,6 +20,7 @@ import msgspec
 DONE = "[DONE]"
 DONE_BYTES = b"[DONE]"
 MAX_LINE = 1024 * 1024    # an SSE line (or event) longer than this ends the parse: no real chunk is near it
+ONE_EVENT_MAX = 16 * 1024  # a longer read is parsed line by line (not copied whole first: reads of many events)
 MAX_ID_CHARS = 100        # a response id longer than this is cut (it labels an exemplar: 128 characters at most)
 MAX_TOKENS = 10 ** 9      # a usage count above this is garbage (no context window is within 1000x of it)
 _scan = make_scanner(json.JSONDecoder())  # the C scanner without json.loads' wrappers (per chunk)
@@ -115,11 +116,12 @@ class SSEParser:
     def one_event(self, chunk: bytes) -> bytes | None:
         """The payload of `chunk` when it is exactly one whole `data: ...` event and nothing is pending
         (a stream's usual read: the per-chunk fast path, for `feed` and for callers that take bytes)."""
-        if (chunk[:6] == b"data: " and chunk[-2:] == b"\n\n" and chunk.find(10, 6) == len(chunk) - 2
-                and 13 not in chunk and not self._tail and not self._data and not self._pending_cr
-                and len(chunk) <= self.max_line):  # (10, 13: LF, CR; an int needle is a memchr)
-            return chunk[6:-2]
-        return None
+        n = len(chunk)
+        if (n > ONE_EVENT_MAX or n > self.max_line or chunk[-2:] != b"\n\n" or chunk[:6] != b"data: " or self._tail
+                or self._data or self._pending_cr):
+            return None
+        payload = chunk[6:-2]  # (10, 13: LF, CR; `in` with an int is a memchr, and parses no arguments)
+        return payload if 10 not in payload and 13 not in payload else None
 
     def feed(self, chunk: bytes) -> list[str]:
         payload = self.one_event(chunk)
@@ -224,7 +226,7 @@ class StreamMeter:
         text or as the UTF-8 bytes it came in. It is decoded into `_Chunk`, which reads only the fields
         metering needs (~4x cheaper than a full json parse); one that does not fit that shape (NaN,
         `choices` not a list of objects, not UTF-8, not JSON, ...) goes through the full parse."""
-        if payload in (DONE_BYTES, DONE):
+        if len(payload) == 6 and payload in (DONE_BYTES, DONE):  # (a length first: most payloads are not)
             self.done = True
             return
         try:

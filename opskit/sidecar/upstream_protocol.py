@@ -163,8 +163,31 @@ class Conn(asyncio.Protocol):
             data = self._head(ex, data)
             if data is None:
                 return
-        if data:  # (chunked, the usual stream, first: one call less per chunk)
-            self._chunked(ex, data, now) if self.mode == _CHUNKED else self._body(ex, data, now)
+        if not data:
+            return
+        if self.mode != _CHUNKED:
+            self._body(ex, data, now)
+        elif self.cstate == _SIZE and not self.buf:  # the usual read of a stream: one whole chunk (an event)
+            end = data.find(b"\r\n", 0, 18)
+            line = data[:end] if end > 0 else b""
+            size = _SIZES.get(line)  # (the few sizes a stream's events have, checked once)
+            if size is None and end > 0 and _HEX.fullmatch(line):
+                size = int(line, 16)
+                if len(_SIZES) < 4096:
+                    _SIZES[line] = size
+            if not size or len(data) != end + size + 4 or not data.endswith(b"\r\n"):
+                self._chunked(ex, data, now)
+                return
+            whole = ex.whole
+            if whole is None:
+                self._emit(ex, data[end + 2:-2], now)
+                return
+            try:
+                whole(data, end + 2, now)
+            except ClientGone as exc:
+                self._gone(ex, exc)
+        else:
+            self._chunked(ex, data, now)
 
     # ------------------------------------------------------------------ request
     def send(self, method: str, request: bytes) -> Exchange:
@@ -247,10 +270,9 @@ class Conn(asyncio.Protocol):
 
     # ------------------------------------------------------------------ response body
     def _body(self, ex: Exchange, data: bytes, now: float) -> None:
+        """A body framed by its length or by the end of the connection (chunked: data_received, _chunked)."""
         mode = self.mode
-        if mode == _CHUNKED:
-            self._chunked(ex, data, now)
-        elif mode == _LENGTH:
+        if mode == _LENGTH:
             take = data if len(data) <= self.remaining else data[:self.remaining]
             self.remaining -= len(take)
             self._emit(ex, take, now)
@@ -285,25 +307,8 @@ class Conn(asyncio.Protocol):
             ex.done.set_exception(exc)
 
     def _chunked(self, ex: Exchange, data: bytes, now: float) -> None:
-        """Decode the chunked transfer coding; the data of one read goes to the sink in one piece."""
-        if self.cstate == _SIZE and not self.buf:  # fast path: a read that is exactly one whole chunk (an SSE event)
-            end = data.find(b"\r\n", 0, 18)
-            line = data[:end] if end > 0 else b""
-            size = _SIZES.get(line)  # (the few sizes a stream's events have, checked once)
-            if size is None and end > 0 and _HEX.fullmatch(line):
-                size = int(line, 16)
-                if len(_SIZES) < 4096:
-                    _SIZES[line] = size
-            if size and len(data) == end + size + 4 and data.endswith(b"\r\n"):
-                whole = ex.whole
-                if whole is None:
-                    self._emit(ex, data[end + 2:-2], now)
-                else:
-                    try:
-                        whole(data, end + 2, now)
-                    except ClientGone as exc:
-                        self._gone(ex, exc)
-                return
+        """Decode the chunked transfer coding; the data of one read goes to the sink in one piece. (A read
+        that is exactly one whole chunk, a stream's usual one, is taken in data_received.)"""
         out: list[bytes] = []
         if self.buf:
             data, self.buf = self.buf + data, b""
