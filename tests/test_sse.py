@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from opskit.core.sse import DONE, SSEParser, StreamMeter, completion_usage
+from opskit.core.sse import DONE, ONE_EVENT_MAX, SSEParser, StreamMeter, completion_usage
 
 
 def chunk(content=None, reasoning=None, role=None, usage=None, finish=None):
@@ -156,6 +156,22 @@ def test_line_over_the_limit_ends_the_parse_in_small_pieces():
     pieces = [b"data: " + b"a" * 400, b"b" * 400, b"c" * 100 + b"\n", b"\n"]  # 906 bytes: under the limit
     assert [e for piece in pieces for e in ok.feed(piece)] == ["a" * 400 + "b" * 400 + "c" * 100]
     assert not ok.too_long
+
+
+def test_one_event_fast_path_and_what_it_leaves_to_the_line_parser():
+    p = SSEParser()
+    event = b"data: " + chunk(content="hi").encode() + b"\n\n"
+    assert p.one_event(event) == event[6:-2]
+    for read in (event + event,                      # two events in one read
+                 event.replace(b": {", b": {\n", 1),  # a line break inside: two lines, not one payload
+                 event.replace(b"\n\n", b"\r\n\r\n"),  # other line ends
+                 b"data: " + b"x" * (ONE_EVENT_MAX + 1) + b"\n\n",  # one event, longer than the fast path takes
+                 b"", b"\n\n", b"data:\n\n", b"event: x\n\n"):
+        assert p.one_event(read) is None, read[:40]
+        assert SSEParser().feed(read) == parse_all([read])  # (and feed() still parses it, line by line)
+    assert SSEParser().feed(b"data: " + b"x" * (ONE_EVENT_MAX + 1) + b"\n\n") == ["x" * (ONE_EVENT_MAX + 1)]
+    held = SSEParser()
+    assert held.feed(b"data: {") == [] and held.one_event(event) is None  # an event is pending: not alone
 
 
 def test_event_of_many_short_data_lines_is_bounded_too():
