@@ -208,14 +208,16 @@ class _Proxy:
             self.finished += 1
 
     async def _forward(self, req: Request, call: MeteredCall | None) -> bool:
-        try:
-            body = await req.read_body()
-        except BodyError as exc:  # the client's error, counted as one; nothing reached the API
-            if call is not None:
-                call.end = perf_counter()
-                if exc.status:  # else: code 0 / client_disconnect, as the call started
-                    call.code, call.error_type = exc.status, records.CLIENT_ERROR
-            return _error(req, exc.status or 400, str(exc), exc.kind, True)
+        body = req.body_if_in()
+        if body is None:
+            try:
+                body = await req.read_body()
+            except BodyError as exc:  # the client's error, counted as one; nothing reached the API
+                if call is not None:
+                    call.end = perf_counter()
+                    if exc.status:  # else: code 0 / client_disconnect, as the call started
+                        call.code, call.error_type = exc.status, records.CLIENT_ERROR
+                return _error(req, exc.status or 400, str(exc), exc.kind, True)
         conn = req.conn
         if conn.transport is None or conn.transport.is_closing():  # the client left with its upload
             if call is not None:

@@ -65,6 +65,14 @@ class Request:
                 return v.decode("utf-8", "surrogateescape")
         return None
 
+    def body_if_in(self) -> bytes | None:
+        """The whole body when it is already in and within the limit (a request's usual state when its
+        handler starts: no wait and no coroutine); None: `read_body` says what else."""
+        if self.complete and self.failure is None and (self.length is None or self.length <= self.conn.server.max_body):
+            parts = self.parts
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        return None
+
     async def read_body(self) -> bytes:
         """The whole body, or BodyError (TooLarge, TooSlow, ClientLeft, or a malformed framing), within the
         listener's body limit (the connection counts what arrives against it) and body timeout."""

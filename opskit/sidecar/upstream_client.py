@@ -60,26 +60,25 @@ class Pool:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         conn = self._idle_conn()
-        if conn is not None:
+        fresh = conn is None
+        while True:  # (one coroutine for both tries: a frame and a coroutine object less per call)
+            if conn is None:
+                conn = await self._connect()
+            ex = conn.send(method, request)
+            if watch is not None:
+                watch(ex)
+            self.busy.add(conn)
             try:
-                return await self._exchange(conn, method, request, watch)
+                await ex.head
+                return ex
+            except asyncio.CancelledError:
+                ex.abort()
+                raise
             except UpstreamError:
-                if conn.got_bytes or conn.timed_out:
+                if fresh or conn.got_bytes or conn.timed_out:
                     raise
                 # the server closed the idle connection as we reused it: once more on a fresh one
-        return await self._exchange(await self._connect(), method, request, watch)
-
-    async def _exchange(self, conn: Conn, method: str, request: bytes, watch) -> Exchange:
-        ex = conn.send(method, request)
-        if watch is not None:
-            watch(ex)
-        self.busy.add(conn)
-        try:
-            await ex.head
-            return ex
-        except asyncio.CancelledError:
-            ex.abort()
-            raise
+                conn, fresh = None, True
 
     def _idle_conn(self) -> Conn | None:
         now = perf_counter()
