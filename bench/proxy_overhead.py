@@ -471,15 +471,15 @@ How to read it:
   value's own `inc`), a frame per event (a whole chunk is taken in data_received). Tried and dropped: metering in batches off the relay path, 10 ms
   behind (no gain measured side by side: 41.7 -> 39.4 us, then 40.2 -> 40.2).
 - Instructions are not where most of the time goes. bench/proxy_instructions.py counts them in the
-  proxy process itself (cachegrind; start and stop subtracted): a non-streamed call ~293k, a relayed
-  event ~24k, with ~8,300 and ~900 simulated first-level instruction-cache misses. The same call is
+  proxy process itself (cachegrind; start and stop subtracted): a non-streamed call ~291k, a relayed
+  event ~23k, with ~8,300 and ~900 simulated first-level instruction-cache misses. The same call is
   ~38 us of Python in process and hot, ~100 us of user time in the proxy, which sleeps between
   reads: about one instruction per cycle; each miss costs ~10-40 cycles. The last trims (fewer frames
-  per event and per counter, field values cut only for the fields read) took 8-9 % of the
-  instructions of a request and of an event, but only 3 % of a request's cache misses (13 % of an
-  event's): side by side (--compare, three runs) CPU per chunk fell 3.5 and 5.5 % in two runs and
-  rose 2 % in one, and CPU per request did not fall (+2 to +9 %, within its noise). A proxy woken for
-  each read pays for the code it touches, not only for the instructions it runs: user time per
+  per event, per counter and per call, field values cut only for the fields read) took 9 % of a
+  request's instructions and 13 % of an event's, but only 3 % of a request's cache misses (12 % of an
+  event's); side by side (--compare, four runs) CPU per chunk fell in two runs (3.5, 5.5 %) and rose
+  in two (2, 17 %), CPU per request moved -1.5 to +9 %: nothing the noise lets through. A proxy woken
+  for each read pays for the code it touches, not only for the instructions it runs: user time per
   request at 4 / 32 / 128 concurrent calls (a one-off run): 151 / 99 / 89 us (nginx 20 / 15 / 14).
 - Added TTFT in bursts is mostly the load client's queueing: all 50 workers start at once and stay in
   step, so streams start in waves, and each round opens 100 new connections at once from a client
