@@ -89,11 +89,6 @@ class CallMetrics:
         series = self._series.get(base)
         if series is None:
             series = self._series[base] = _Series(self, base)
-        key = (r.code, r.error_type)
-        count = series.requests.get(key)
-        if count is None:
-            count = series.requests[key] = self.adder(self.requests.labels(*base, str(r.code), r.error_type))
-        count(1)
         # Latency of successful calls only (a fast 429 is no fast answer); TTFT/TPOT of streamed ones.
         # The call's request id is the bucket's exemplar (OpenMetrics): a slow bucket leads to its calls.
         if r.error_type == OK:
@@ -124,6 +119,13 @@ class CallMetrics:
             self.rl_requests.labels(r.target, r.source).set(r.ratelimit_remaining_requests)
         if r.ratelimit_remaining_tokens is not None:
             self.rl_tokens.labels(r.target, r.source).set(r.ratelimit_remaining_tokens)
+        # Counted last: a reader that sees the call counted (a scrape, a test in another thread) finds
+        # the rest of it in place too, and the spend was priced at the clock of its own call.
+        key = (r.code, r.error_type)
+        count = series.requests.get(key)
+        if count is None:
+            count = series.requests[key] = self.adder(self.requests.labels(*base, str(r.code), r.error_type))
+        count(1)
 
 
 def _observe(child, value: float, ex: tuple[dict[str, str], float] | None) -> None:
