@@ -71,9 +71,7 @@ def cachegrind(cwd: Path, upstream: str, tmp: Path, kind: str, calls: int, token
 
 
 async def _drive(url: str, kind: str, calls: int, tokens: int) -> dict:
-    body = json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "bench"}],
-                       "max_tokens": tokens, "stream": kind == "streams", "seed": 1,
-                       **({"stream_options": {"include_usage": True}} if kind == "streams" else {})}).encode()
+    body = po.call_body(kind == "streams", tokens)
     out = {"overhead": [], "events": 0, "requests": 0, "errors": 0}
     call = po.one_stream if kind == "streams" else po.one_short
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
@@ -120,19 +118,16 @@ def main() -> None:
         sides = {"opskit": ROOT}
         try:
             if args.compare:
-                rev = tmp / "rev"
-                added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(rev), args.compare],
-                                       capture_output=True, text=True)
-                if added.returncode:
-                    sys.exit(f"--compare {args.compare}: {(added.stderr.strip().splitlines() or ['git failed'])[-1]}")
-                sides["opskit@" + args.compare] = rev
+                why = po.add_worktree(args.compare, tmp / "rev")
+                if why is not None:
+                    sys.exit(f"--compare {args.compare}: {why}")
+                sides["opskit@" + args.compare] = tmp / "rev"
             results = {side: measure(cwd, mock, tmp, args) for side, cwd in sides.items()}
         finally:
             mock_p.send_signal(signal.SIGTERM)
             mock_p.wait(30)
             if args.compare:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "rev")],
-                               capture_output=True)
+                po.remove_worktree(tmp / "rev")
     print(f"{args.requests} non-streamed calls, {args.streams} streamed calls of 10 and of 40 tokens; "
           "cachegrind's counts in the proxy process, its start and stop subtracted.\n")
     print("| per | side | instructions | I1 misses | D1 misses |\n|---|---|---|---|---|")

@@ -119,12 +119,28 @@ async def one_short(session, url: str, body: bytes, out: dict) -> None:
         out["requests" if r.status == 200 else "errors"] += 1
 
 
+def call_body(stream: bool, tokens: int) -> bytes:
+    """The request body of every call the bench makes."""
+    return json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "bench"}],
+                       "max_tokens": tokens, "stream": stream, "seed": 1,
+                       **({"stream_options": {"include_usage": True}} if stream else {})}).encode()
+
+
+def add_worktree(rev: str, path: Path) -> str | None:
+    """A temporary git worktree of this repository at `rev` (for --compare); the reason when there is none."""
+    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev],
+                           capture_output=True, text=True)
+    return (added.stderr.strip().splitlines() or ["git failed"])[-1] if added.returncode else None
+
+
+def remove_worktree(path: Path) -> None:
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
 async def load(base: str, kind: str, concurrency: int, seconds: float, tokens: int) -> dict:
     """Closed-loop load for `seconds`; returns counts, TTFT overheads and elapsed time."""
     stream = kind == "streams"
-    body = json.dumps({"model": "deepseek-chat", "messages": [{"role": "user", "content": "bench"}],
-                       "max_tokens": tokens, "stream": stream, "seed": 1,
-                       **({"stream_options": {"include_usage": True}} if stream else {})}).encode()
+    body = call_body(stream, tokens)
     out = {"overhead": [], "events": 0, "requests": 0, "errors": 0}
     call = one_stream if stream else one_short
     url = base + "/v1/chat/completions"
@@ -576,12 +592,11 @@ def main() -> None:
         sides["floor"] = floor
         if args.compare:
             rev = Path(tmp, "rev")
-            added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(rev), args.compare],
-                                   capture_output=True, text=True)
-            if added.returncode:
+            why = add_worktree(args.compare, rev)
+            if why is not None:
                 for p in procs:
                     p.send_signal(signal.SIGTERM)
-                sys.exit(f"--compare {args.compare}: {(added.stderr.strip().splitlines() or ['git failed'])[-1]}")
+                sys.exit(f"--compare {args.compare}: {why}")
             old_p, old = start_proxy(mock["url"], Path(tmp, "old.json"), 1 if pinned else None, cwd=rev)
             procs.append(old_p)
             sides["opskit@" + args.compare] = {"url": old["proxy_url"], "pid": old["pid"]}
@@ -606,7 +621,7 @@ def main() -> None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
             if args.compare:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(rev)], capture_output=True)
+                remove_worktree(rev)
     figures = summarize(streams, short, diffs, bursts)
     figures["py_chunk_us"], figures["py_chunk_nometer_us"], figures["py_chunk_woken_us"] = python_per_chunk_us()
     text = report(figures, args, pinned, (load_before, float(Path("/proc/loadavg").read_text().split()[0])), sat)

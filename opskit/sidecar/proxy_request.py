@@ -69,8 +69,7 @@ class Request:
         """The whole body when it is already in and within the limit (a request's usual state when its
         handler starts: no wait and no coroutine); None: `read_body` says what else."""
         if self.complete and self.failure is None and (self.length is None or self.length <= self.conn.server.max_body):
-            parts = self.parts
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return self._joined()
         return None
 
     async def read_body(self) -> bytes:
@@ -93,6 +92,9 @@ class Request:
                 self.waiter = None
         if self.failure is not None:
             raise self.failure
+        return self._joined()
+
+    def _joined(self) -> bytes:
         parts = self.parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
