@@ -52,7 +52,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from opskit.core.sse import SSEParser, StreamMeter  # noqa: E402
+from opskit.core.sse import SSEParser  # noqa: E402
+from opskit.core.stream_meter import StreamMeter  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 README = ROOT / "bench" / "README.md"

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from opskit.core.sse import StreamMeter
+from opskit.core.stream_meter import StreamMeter
 from opskit.loadtest import client as client_mod
 from opskit.loadtest import placement, runner, stamped
 from opskit.loadtest.client import ChatClient

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from opskit.core.sse import DONE, ONE_EVENT_MAX, SSEParser, StreamMeter, completion_usage
+from opskit.core.llm_json import completion_usage
+from opskit.core.sse import DONE, ONE_EVENT_MAX, SSEParser
+from opskit.core.stream_meter import StreamMeter
 
 
 def chunk(content=None, reasoning=None, role=None, usage=None, finish=None):
@@ -244,7 +246,7 @@ class FullParse(StreamMeter):
 
         def refuse(_):
             raise msgspec.DecodeError("forced")
-        with mock.patch("opskit.core.sse._decode_chunk", refuse):
+        with mock.patch("opskit.core.stream_meter.decode_chunk", refuse):
             self.on_data(payload, now)
 
 
@@ -272,12 +274,12 @@ def test_fast_body_decode_reads_as_the_full_parse(body):
 
     import msgspec
 
-    from opskit.core.sse import completion_usage_and_id
+    from opskit.core.llm_json import completion_usage_and_id
 
     def refuse(_):
         raise msgspec.DecodeError("forced")
     fast = completion_usage_and_id(body)
-    with mock.patch("opskit.core.sse._decode_body", refuse):
+    with mock.patch("opskit.core.llm_json._decode_body", refuse):
         assert completion_usage_and_id(body) == fast
 
 

@@ -24,7 +24,9 @@ from geventhttpclient import HTTPClient
 
 from opskit.core import records
 from opskit.core.auth import AuthError
-from opskit.core.sse import SSEParser, StreamMeter, completion_usage
+from opskit.core.llm_json import completion_usage
+from opskit.core.sse import SSEParser
+from opskit.core.stream_meter import StreamMeter
 from opskit.loadtest.stamped import body_reads
 
 perf = time.perf_counter

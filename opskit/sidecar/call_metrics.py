@@ -16,9 +16,9 @@ from prometheus_client.samples import Exemplar
 
 from opskit.core import catalog
 from opskit.core.catalog import Metric
+from opskit.core.llm_json import MAX_ID_CHARS
 from opskit.core.pricing import Prices
 from opskit.core.records import OK, CallRecord
-from opskit.core.sse import MAX_ID_CHARS
 
 
 def make(metric: Metric, registry: CollectorRegistry, labels: Iterable[str] | None = None):

@@ -25,8 +25,10 @@ from typing import Any
 import msgspec
 
 from opskit.core import records
+from opskit.core.llm_json import MAX_ID_CHARS, completion_usage_and_id, loads_utf8
 from opskit.core.records import CallRecord
-from opskit.core.sse import MAX_ID_CHARS, SSEParser, StreamMeter, completion_usage_and_id, loads_utf8
+from opskit.core.sse import SSEParser
+from opskit.core.stream_meter import StreamMeter
 
 SOURCE = "proxy"
 JSON_METER_CAP = 4 * 1024 * 1024      # non-streamed bodies bigger than this are passed but not metered
@@ -73,7 +75,7 @@ class MeteredCall:
 
     __slots__ = ("t0", "model", "code", "error_type", "end", "streamed", "parser", "meter", "body",
                  "body_len", "decoder", "inflated", "inflate_cap", "overlong", "in_flight", "rl_requests",
-                 "rl_tokens", "request_body", "request_id", "capture", "capture_left")
+                 "rl_tokens", "request_body", "request_id", "capture", "capture_left", "idle")
 
     def __init__(self, t0: float, capture: int = 0) -> None:
         self.t0 = t0
@@ -90,6 +92,7 @@ class MeteredCall:
         self.end: float | None = None
         self.streamed = False
         self.parser: SSEParser | None = None
+        self.idle = True  # the parser holds nothing of an earlier read (a read may be one whole event)
         self.meter: StreamMeter | None = None
         self.body: list[bytes] | None = None
         self.body_len = 0
@@ -117,7 +120,7 @@ class MeteredCall:
             return  # a coding the meter cannot read: the bytes still pass, tokens stay unknown
         if h.get("content-type", "").startswith("text/event-stream"):
             self.streamed = True
-            self.parser, self.meter = SSEParser(), StreamMeter(self.t0)
+            self.parser, self.meter = SSEParser(), StreamMeter(self.t0, templates=True)
             self.inflate_cap = STREAM_INFLATE_CAP
         else:
             self.body = []
@@ -132,13 +135,17 @@ class MeteredCall:
                 if self.capture is not None and self.capture_left > 0:
                     self.capture.append(chunk[:self.capture_left])
                     self.capture_left -= len(chunk)
-                parser, on_data = self.parser, self.meter.on_data
+                meter = self.meter
+                if meter.templates and self.idle and meter.on_event(chunk, now):
+                    return  # the usual read: one whole event, a text chunk of the stream's template
+                parser, on_data = self.parser, meter.on_data
                 payload = parser.one_event(chunk)
-                if payload is not None:  # the usual read: one whole event, metered from its bytes
+                if payload is not None:  # one whole event, metered from its bytes
                     on_data(payload, now)
                     return
                 for payload in parser.feed_lines(chunk):
                     on_data(payload, now)
+                self.idle = parser.idle()
                 if parser.too_long:
                     self.overlong, self.parser, self.decoder = True, None, None
             elif self.body is not None:

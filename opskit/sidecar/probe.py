@@ -35,8 +35,10 @@ from prometheus_client import CollectorRegistry, Gauge
 from opskit.core import catalog, records
 from opskit.core.auth import Authenticator
 from opskit.core.config import ProbeConfig, Target
+from opskit.core.llm_json import completion_usage
 from opskit.core.records import CallRecord
-from opskit.core.sse import SSEParser, StreamMeter, completion_usage
+from opskit.core.sse import SSEParser
+from opskit.core.stream_meter import StreamMeter
 from opskit.sidecar.call_metrics import CallMetrics, make
 
 log = logging.getLogger("opskit.sidecar.probe")
