@@ -9,7 +9,6 @@ import pytest
 from opskit.core import stream_meter
 from opskit.core.sse import SSEParser
 from opskit.core.stream_meter import StreamMeter
-from opskit.sidecar import metering
 from opskit.sidecar.metering import MeteredCall
 
 HEAD = '{"id":"chatcmpl-7","object":"chat.completion.chunk","created":1764612345,"model":"deepseek-chat",'
@@ -86,7 +85,6 @@ def _metered(events: list[bytes], t0: float) -> MeteredCall:
     call.begin(200, {"content-type": "text/event-stream"})
     for i, event in enumerate(events):
         call.feed(event, t0 + 0.01 * (i + 1))
-    call.flush()  # (reads are held and metered HOLD at a time; record() and fail() flush first)
     return call
 
 
@@ -156,30 +154,3 @@ def test_gaps_are_kept_on_the_template_path():
         if not meter.on_event(event, now):
             meter.on_data(event[6:-2], now)
     assert meter.gaps == ref.gaps and len(meter.gaps) == 5
-
-
-def test_held_reads_are_metered_before_the_meter_is_read():
-    from opskit.core import records
-
-    events = STREAMS["chat"]
-    assert len(events) < metering.HOLD  # all of them held until something reads the meter
-    ended = MeteredCall(5.0)
-    ended.begin(200, {"content-type": "text/event-stream"})
-    for i, event in enumerate(events):
-        ended.feed(event, 5.0 + 0.01 * (i + 1))
-    assert ended.meter.text_chunks == 0 and len(ended.held) == len(events)
-    ended.fail(records.CLIENT_DISCONNECT)  # after [DONE]: the client had the whole stream
-    rec = ended.record("t", "m")
-    assert rec.error_type == records.OK and rec.text_chunks == 6 and rec.output_tokens == 4
-    assert rec.ttft_s == pytest.approx(0.02)
-
-
-def test_a_long_read_is_metered_at_once_with_what_was_held_before_it():
-    call = MeteredCall(0.0)
-    call.begin(200, {"content-type": "text/event-stream"})
-    call.feed(text("a"), 0.1)
-    call.feed(b": " + b"k" * metering.HOLD_PIECE + b"\n\n", 0.2)
-    assert call.held == [] and call.meter.text_chunks == 1
-    for _ in range(metering.HOLD):
-        call.feed(text("b"), 0.3)
-    assert call.held == [] and call.meter.text_chunks == 1 + metering.HOLD

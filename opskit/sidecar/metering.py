@@ -35,8 +35,6 @@ JSON_METER_CAP = 4 * 1024 * 1024      # non-streamed bodies bigger than this are
 INFLATE_PER_PIECE = 256 * 1024        # decoded bytes per body piece at most (asyncio reads up to 256 KiB)
 STREAM_INFLATE_CAP = 64 * 1024 * 1024  # decoded bytes of one compressed stream metered at most
 FINISH_INFLATE = JSON_METER_CAP       # decoded at the end from what the per-piece bound left waiting
-HOLD = 16           # reads of a stream held, then metered in one go (see MeteredCall.feed)
-HOLD_PIECE = 4096   # a read longer than this is metered at once, with what was held before it
 
 
 def _float_header(headers, name: str) -> float | None:
@@ -77,7 +75,7 @@ class MeteredCall:
 
     __slots__ = ("t0", "model", "code", "error_type", "end", "streamed", "parser", "meter", "body",
                  "body_len", "decoder", "inflated", "inflate_cap", "overlong", "in_flight", "rl_requests",
-                 "rl_tokens", "request_body", "request_id", "capture", "capture_left", "idle", "held")
+                 "rl_tokens", "request_body", "request_id", "capture", "capture_left", "idle")
 
     def __init__(self, t0: float, capture: int = 0) -> None:
         self.t0 = t0
@@ -95,7 +93,6 @@ class MeteredCall:
         self.streamed = False
         self.parser: SSEParser | None = None
         self.idle = True  # the parser holds nothing of an earlier read (a read may be one whole event)
-        self.held: list[tuple[bytes, float]] | None = None  # a stream's reads not metered yet
         self.meter: StreamMeter | None = None
         self.body: list[bytes] | None = None
         self.body_len = 0
@@ -124,33 +121,13 @@ class MeteredCall:
         if h.get("content-type", "").startswith("text/event-stream"):
             self.streamed = True
             self.parser, self.meter = SSEParser(), StreamMeter(self.t0, templates=True)
-            self.inflate_cap, self.held = STREAM_INFLATE_CAP, []
+            self.inflate_cap = STREAM_INFLATE_CAP
         else:
             self.body = []
 
     def feed(self, chunk: bytes, now: float) -> None:
         """Account one chunk that arrived at `now` (already written to the client). Never raises:
-        it runs inside the upstream connection's data_received.
-
-        A stream's reads are held (with their arrival times) and metered HOLD at a time: the proxy wakes
-        for each event of each stream, and metering one event at a wake-up runs its code with cold caches;
-        HOLD of them in a row run it warm. What is held is bounded (HOLD reads of at most HOLD_PIECE
-        bytes) and metered before anything reads the meter (`fail`, `record`)."""
-        held = self.held
-        if held is None:
-            self._meter(chunk, now)
-            return
-        held.append((chunk, now))
-        if len(held) >= HOLD or len(chunk) > HOLD_PIECE:
-            self.flush()
-
-    def flush(self) -> None:
-        """Meter the reads held so far."""
-        held, self.held = self.held, []
-        for chunk, now in held or ():
-            self._meter(chunk, now)
-
-    def _meter(self, chunk: bytes, now: float) -> None:
+        it runs inside the upstream connection's data_received."""
         try:
             if self.decoder is not None:
                 chunk = self._inflate(chunk)
@@ -197,7 +174,7 @@ class MeteredCall:
         budget = self.inflated + FINISH_INFLATE
         while self.decoder is not None and self.decoder.unconsumed_tail and self.inflated < budget:
             before = self.inflated
-            self._meter(b"", now)
+            self.feed(b"", now)
             if self.inflated == before:  # no progress (cannot happen with zlib; never loop on it)
                 break
         if self.decoder is not None and self.decoder.unconsumed_tail:  # more than that: not metered
@@ -207,10 +184,8 @@ class MeteredCall:
         """The call failed after its headers; the first failure seen is the one recorded. A client that
         hangs up after `data: [DONE]` (SDKs close at it, before the chunked body's last bytes) got the
         whole stream: that is no failure."""
-        if error_type == records.CLIENT_DISCONNECT and self.meter is not None:
-            self.flush()
-            if self.meter is not None and self.meter.done:
-                return
+        if error_type == records.CLIENT_DISCONNECT and self.meter is not None and self.meter.done:
+            return
         if self.error_type == records.OK:
             self.error_type = error_type
 
@@ -232,8 +207,6 @@ class MeteredCall:
         return rec
 
     def _result(self, rec: CallRecord, end: float) -> None:
-        if self.held:
-            self.flush()
         if self.decoder is not None:
             self._finish(end)
         if self.meter is not None:
