@@ -61,8 +61,13 @@ README = ROOT / "bench" / "README.md"
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc (the process's own accounting)."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process: its own code (an interpreter's, for opskit) and the kernel's for it."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def runqueue_wait_s(pid: int) -> float:
@@ -264,12 +269,18 @@ def start_nginx(tmp: str, upstream_url: str, core: int | None) -> tuple[subproce
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of a process and its live children (the exporter and its proxy workers)."""
-    total = cpu_seconds(pid)
+    return sum(tree_cpu_split(pid))
+
+
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its live children."""
+    user, system = cpu_split(pid)
     with contextlib.suppress(OSError):
         for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
             with contextlib.suppress(OSError, IndexError):
-                total += cpu_seconds(int(child))
-    return total
+                u, k = cpu_split(int(child))
+                user, system = user + u, system + k
+    return user, system
 
 
 def run_phase(kind: str, args, sides: dict[str, dict]) -> dict[str, list[dict]]:
@@ -282,10 +293,11 @@ def run_phase(kind: str, args, sides: dict[str, dict]) -> dict[str, list[dict]]:
         for name in names[i % len(names):] + names[:i % len(names)]:
             side = sides[name]
             pid = side.get("pid")
-            cpu0 = tree_cpu_seconds(pid) if pid else 0.0
+            cpu0 = tree_cpu_split(pid) if pid else (0.0, 0.0)
             wait0 = runqueue_wait_s(pid) if pid else 0.0
             res = asyncio.run(load(side["url"], kind, concurrency, args.seconds, tokens))
-            res["cpu_s"] = tree_cpu_seconds(pid) - cpu0 if pid else 0.0
+            cpu1 = tree_cpu_split(pid) if pid else (0.0, 0.0)
+            res["user_s"], res["cpu_s"] = cpu1[0] - cpu0[0], sum(cpu1) - sum(cpu0)
             res["wait_s"] = runqueue_wait_s(pid) - wait0 if pid else 0.0
             rounds[name].append(res)
     return rounds
@@ -379,6 +391,9 @@ def summarize(streams: dict, short: dict, diffs: dict, bursts: dict) -> dict[str
             continue
         f["cpu_chunk_us"] = med_spread([r["cpu_s"] / max(1, r["events"]) * 1e6 for r in streams[name]])
         f["cpu_request_us"] = med_spread([r["cpu_s"] / max(1, r["requests"] + r["errors"]) * 1e6 for r in short[name]])
+        f["user_chunk_us"] = statistics.median([r["user_s"] / max(1, r["events"]) * 1e6 for r in streams[name]])
+        f["user_request_us"] = statistics.median([r["user_s"] / max(1, r["requests"] + r["errors"]) * 1e6
+                                                  for r in short[name]])
         f["wait_share_short"] = statistics.median([r["wait_s"] / r["elapsed"] for r in short[name]])
         d = diffs.get(name, [])
         f["ttft_p50_ms"], f["ttft_p99_ms"], f["pairs"] = pct(d, .5) * 1e3, pct(d, .99) * 1e3, len(d)
@@ -417,6 +432,9 @@ def report(f: dict[str, dict], args, pinned: bool, load: tuple[float, float], sa
             f"{fmt3(n['cpu_chunk_us'], ' us')} | {rc:.2f}x | <= 1.5x ({ok[rc <= 1.5]}) |",
             f"| CPU per non-streamed request | {fmt3(o['cpu_request_us'], ' us', 0)} | "
             f"{fmt3(n['cpu_request_us'], ' us', 0)} | {rr:.2f}x | <= 2.5x ({ok[rr <= 2.5]}) |",
+            f"| of which user time (the process's own code; the rest is the kernel's: recv, send, epoll), chunk / "
+            f"request | {o['user_chunk_us']:.1f} / {o['user_request_us']:.0f} us | {n['user_chunk_us']:.1f} / "
+            f"{n['user_request_us']:.0f} us | | |",
             f"| added TTFT p50, {args.ttft_streams} streams, steady ({o['pairs']} / {n['pairs']} pairs) | "
             f"{o['ttft_p50_ms']:.2f} ms | {n['ttft_p50_ms']:.2f} ms | | |",
             f"| added TTFT p99, steady | {o['ttft_p99_ms']:.2f} ms | {n['ttft_p99_ms']:.2f} ms | "
@@ -446,7 +464,8 @@ def report(f: dict[str, dict], args, pinned: bool, load: tuple[float, float], sa
             lines += ["", f"Side by side with {name} (same run; ratios to nginx): CPU per chunk {c['cpu_chunk_us'][0]:.1f} "
                       f"-> {o['cpu_chunk_us'][0]:.1f} us ({c['cpu_chunk_us'][0] / n['cpu_chunk_us'][0]:.2f}x -> {rc:.2f}x), "
                       f"per request {c['cpu_request_us'][0]:.0f} -> {o['cpu_request_us'][0]:.0f} us "
-                      f"({c['cpu_request_us'][0] / n['cpu_request_us'][0]:.2f}x -> {rr:.2f}x), added TTFT p99 steady "
+                      f"({c['cpu_request_us'][0] / n['cpu_request_us'][0]:.2f}x -> {rr:.2f}x), user time per chunk "
+                      f"{c['user_chunk_us']:.1f} -> {o['user_chunk_us']:.1f} us, added TTFT p99 steady "
                       f"{c['ttft_p99_ms']:.2f} -> {o['ttft_p99_ms']:.2f} ms (nginx {n['ttft_p99_ms']:.2f})."]
     if sat:
         lines += ["", f"Saturation ({sat['streams']} streams at ITL 0, proxy cores {sat['cores']}): chunks/s "
@@ -463,7 +482,10 @@ How to read it:
 
 - CPU figures are each proxy's whole CPU time (/proc, user + system) over what it relayed: per SSE
   event in the streams phase, per request in the short phase. nginx does the same work per event in C:
-  wake up, one `recv` from the upstream, one `send` to the client.
+  wake up, one `recv` from the upstream, one `send` to the client. The user-time row splits it: the
+  system time (the kernel's recv, send and epoll for the process) is the same for both proxies, and
+  opskit makes fewer system calls a request than nginx (strace -c, a one-off run: 2 read, 2 write,
+  0.36 epoll_pwait; nginx 2 recvfrom, 2 writev, 1 getsockopt, 0.39 epoll_wait); the gap is user time.
 - Added TTFT is paired, so the mock's own lateness cancels, but the extra hop is one more process
   that must be scheduled: with a load average above the CPU count, run-queue waits dominate p99.
 - History: the first version used aiohttp's client for the upstream: 62-94 us per chunk (gross),
@@ -485,8 +507,12 @@ How to read it:
   (msgspec now decodes only the fields metering reads: ~0.6 us instead of ~1.7), the re-framing of
   each relayed chunk (a whole upstream chunk goes to a chunked client as it came), three passes over
   each response head (one now), prometheus_client's checks per counter update (an adder now: the
-  value's own `inc`), a frame per event (a whole chunk is taken in data_received). Tried and dropped: metering in batches off the relay path, 10 ms
-  behind (no gain measured side by side: 41.7 -> 39.4 us, then 40.2 -> 40.2).
+  value's own `inc`), a frame per event (a whole chunk is taken in data_received), then the JSON
+  decode of most text events (a stream's chunk template, learned and proven from its first text chunk,
+  accounts the others: opskit.core.stream_meter). Tried and dropped: metering in batches off the relay
+  path, 10 ms behind (no gain measured side by side: 41.7 -> 39.4 us, then 40.2 -> 40.2); holding a
+  stream's reads and metering 16 at a time (user time per event 16.1 vs 17.6 us in one rotated A/B of
+  6 rounds, 17.0 vs 16.9 in the next of 8).
 - Instructions are not where most of the time goes. bench/proxy_instructions.py counts them in the
   proxy process itself (cachegrind; start and stop subtracted): a non-streamed call ~291k, a relayed
   event ~23k, with ~8,300 and ~900 simulated first-level instruction-cache misses. The same call is
@@ -498,6 +524,12 @@ How to read it:
   in two (2, 17 %), CPU per request moved -1.5 to +9 %: nothing the noise lets through. A proxy woken
   for each read pays for the code it touches, not only for the instructions it runs: user time per
   request at 4 / 32 / 128 concurrent calls (a one-off run): 151 / 99 / 89 us (nginx 20 / 15 / 14).
+  The templates then took an event from ~23k instructions to ~14k (I1 misses ~900 -> ~620, D1 ~500 ->
+  ~240) and metering in process from 1.3 to 0.6 us an event, hot; in the proxy, user time per event
+  (rotated A/B runs of 6-10 rounds, one-off script) was 15.0-17.2 us with templates, 15.7-19.1 us with
+  a decode per event, 13.1-13.4 us with streams not metered at all, nginx 4.0-5.7 us; at 10 ms between
+  tokens (up to 20,000 events/s, busier, warmer) 10.2 vs 11.2 us. Metering an event costs ~3-4 us of
+  user time in the woken proxy for ~3,500 instructions: cold code and data again.
 - Added TTFT in bursts is mostly the load client's queueing: all 50 workers start at once and stay in
   step, so streams start in waves, and each round opens 100 new connections at once from a client
   that shares its core with the mock. Pair by pair (a probe timing each pair within its round, one

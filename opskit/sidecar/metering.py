@@ -3,9 +3,10 @@
 The proxy writes every body piece to its client first and then hands it to `MeteredCall.feed`, the
 per-chunk path: it decodes a copy of a compressed body, parses an event stream with the shared SSE
 parser (opskit.core.sse) or keeps a non-streamed JSON body up to `JSON_METER_CAP`, and never raises
-(it runs inside the upstream connection's data_received). `MeteredCall.record` then turns what was
-seen into the CallRecord, with the error type the client's outcome implies; it never raises either,
-so whatever a response holds, the call is counted exactly once.
+(it runs inside the upstream connection's data_received). A text chunk that fills its stream's learned
+template is accounted without a JSON parse (opskit.core.stream_meter), exactly as a parse accounts it.
+`MeteredCall.record` then turns what was seen into the CallRecord, with the error type the client's
+outcome implies; it never raises either, so whatever a response holds, the call is counted exactly once.
 
 Everything here reads a peer's bytes, so everything is bounded (DESIGN.md): a compressed piece is
 decoded to at most `INFLATE_PER_PIECE` bytes (a gzip bomb costs a read no more than the largest
