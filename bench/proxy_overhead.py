@@ -59,13 +59,9 @@ TICK = os.sysconf("SC_CLK_TCK")
 README = ROOT / "bench" / "README.md"
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (the process's own accounting)."""
-    return sum(cpu_split(pid))
-
-
 def cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process: its own code (an interpreter's, for opskit) and the kernel's for it."""
+    """(utime, stime) of a process, from /proc (the process's own accounting): its own code (an
+    interpreter's, for opskit) and the kernel's work for it."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICK, int(fields[12]) / TICK
 

@@ -66,12 +66,7 @@ class StreamMeter:
                 text = event[lh:n - lt]
                 if text.translate(_FLAG) is not text:
                     break  # a quote, a backslash, a control character: the full parse decides
-                if not text:
-                    return True
-                if self.first_output is not None and self.gaps is None:  # (what _text does, in short)
-                    self.last_text = now
-                    self.text_chunks += 1
-                else:
+                if text:
                     self._text(now, output)
                 return True
         self.misses += 1

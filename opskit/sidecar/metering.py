@@ -76,7 +76,7 @@ class MeteredCall:
 
     __slots__ = ("t0", "model", "code", "error_type", "end", "streamed", "parser", "meter", "body",
                  "body_len", "decoder", "inflated", "inflate_cap", "overlong", "in_flight", "rl_requests",
-                 "rl_tokens", "request_body", "request_id", "capture", "capture_left", "idle")
+                 "rl_tokens", "request_body", "request_id", "capture", "capture_left")
 
     def __init__(self, t0: float, capture: int = 0) -> None:
         self.t0 = t0
@@ -93,7 +93,6 @@ class MeteredCall:
         self.end: float | None = None
         self.streamed = False
         self.parser: SSEParser | None = None
-        self.idle = True  # the parser holds nothing of an earlier read (a read may be one whole event)
         self.meter: StreamMeter | None = None
         self.body: list[bytes] | None = None
         self.body_len = 0
@@ -136,17 +135,16 @@ class MeteredCall:
                 if self.capture is not None and self.capture_left > 0:
                     self.capture.append(chunk[:self.capture_left])
                     self.capture_left -= len(chunk)
-                meter = self.meter
-                if meter.templates and self.idle and meter.on_event(chunk, now):
+                parser, meter = self.parser, self.meter
+                if meter.templates and parser.idle() and meter.on_event(chunk, now):
                     return  # the usual read: one whole event, a text chunk of the stream's template
-                parser, on_data = self.parser, meter.on_data
+                on_data = meter.on_data
                 payload = parser.one_event(chunk)
                 if payload is not None:  # one whole event, metered from its bytes
                     on_data(payload, now)
                     return
                 for payload in parser.feed_lines(chunk):
                     on_data(payload, now)
-                self.idle = parser.idle()
                 if parser.too_long:
                     self.overlong, self.parser, self.decoder = True, None, None
             elif self.body is not None:
