@@ -520,8 +520,8 @@ How to read it:
   in two (2, 17 %), CPU per request moved -1.5 to +9 %: nothing the noise lets through. A proxy woken
   for each read pays for the code it touches, not only for the instructions it runs: user time per
   request at 4 / 32 / 128 concurrent calls (a one-off run): 151 / 99 / 89 us (nginx 20 / 15 / 14).
-  The templates then took an event from ~23k instructions to ~14k (I1 misses ~900 -> ~620, D1 ~500 ->
-  ~240) and metering in process from 1.3 to 0.6 us an event, hot; in the proxy, user time per event
+  The templates then took an event from ~24k instructions to ~19k (I1 misses ~900 -> ~680, D1 ~480 ->
+  ~260) and the in-process Python per chunk from 2.0 to 1.3-1.7 us, hot; in the proxy, user time per event
   (rotated A/B runs of 6-10 rounds, one-off script) was 15.0-17.2 us with templates, 15.7-19.1 us with
   a decode per event, 13.1-13.4 us with streams not metered at all, nginx 4.0-5.7 us; at 10 ms between
   tokens (up to 20,000 events/s, busier, warmer) 10.2 vs 11.2 us. Metering an event costs ~3-4 us of

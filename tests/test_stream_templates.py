@@ -154,3 +154,12 @@ def test_gaps_are_kept_on_the_template_path():
         if not meter.on_event(event, now):
             meter.on_data(event[6:-2], now)
     assert meter.gaps == ref.gaps and len(meter.gaps) == 5
+
+
+def test_reads_of_several_events_do_not_count_against_the_templates():
+    events = STREAMS["chat"]
+    texts = [text(w) for w in "abcdefghij" * 4]
+    glued = [events[0], events[1]] + [texts[i] + texts[i + 1] for i in range(0, len(texts), 2)] + events[-3:]
+    call = _metered(glued, 5.0)
+    assert call.meter.templates and call.meter.misses == 3  # FINISH, USAGE, [DONE]: one event each
+    assert _accounting(call.meter) == _accounting(_reference(glued, 5.0))
