@@ -525,7 +525,7 @@ How to read it:
   (rotated A/B runs of 6-10 rounds, one-off script) was 15.0-17.2 us with templates, 15.7-19.1 us with
   a decode per event, 13.1-13.4 us with streams not metered at all, nginx 4.0-5.7 us; at 10 ms between
   tokens (up to 20,000 events/s, busier, warmer) 10.2 vs 11.2 us. Metering an event costs ~3-4 us of
-  user time in the woken proxy for ~3,500 instructions: cold code and data again.
+  user time in the woken proxy for ~6,000 instructions: cold code and data again.
 - Added TTFT in bursts is mostly the load client's queueing: all 50 workers start at once and stay in
   step, so streams start in waves, and each round opens 100 new connections at once from a client
   that shares its core with the mock. Pair by pair (a probe timing each pair within its round, one
